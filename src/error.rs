@@ -1,0 +1,271 @@
+//! Typed errors of the payment workflow.
+//!
+//! Every variant has a stable name ([`PaymentError::name`]) because Step Functions matches
+//! `Retry`/`Catch` on the Lambda `errorType`; the message says what to fix.
+
+use crate::money::AtomicAmount;
+
+/// A boxed source error, kept so the chain reaches the logs.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// One precise complaint about one field of a payment request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldProblem {
+    /// JSON-ish path of the field, e.g. `challenge.x402.accepts[0].payTo`.
+    pub field: String,
+    /// What arrived, shortened for display.
+    pub received: String,
+    /// What would have been accepted.
+    pub expected: String,
+}
+
+impl FieldProblem {
+    pub fn new(field: impl Into<String>, received: impl Into<String>, expected: impl Into<String>) -> Self {
+        Self { field: field.into(), received: shorten(received.into()), expected: expected.into() }
+    }
+
+    /// The field was absent.
+    pub fn missing(field: impl Into<String>, expected: impl Into<String>) -> Self {
+        Self::new(field, "nothing", expected)
+    }
+
+    /// Prefixes the field path, e.g. `payTo` becomes `accepts[0].payTo`.
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = format!("{parent}.{}", self.field);
+        self
+    }
+}
+
+impl std::fmt::Display for FieldProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: received {}, expected {}", self.field, self.received, self.expected)
+    }
+}
+
+fn shorten(value: String) -> String {
+    const MAX: usize = 120;
+    if value.chars().count() <= MAX {
+        value
+    } else {
+        let cut: String = value.chars().take(MAX).collect();
+        format!("{cut}… ({} chars)", value.chars().count())
+    }
+}
+
+/// The request cannot be paid as sent; nothing was claimed, reserved or signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidPaymentRequest {
+    pub problems: Vec<FieldProblem>,
+}
+
+impl InvalidPaymentRequest {
+    pub fn field(field: impl Into<String>, received: impl Into<String>, expected: impl Into<String>) -> Self {
+        FieldProblem::new(field, received, expected).into()
+    }
+}
+
+impl From<FieldProblem> for InvalidPaymentRequest {
+    fn from(problem: FieldProblem) -> Self {
+        Self { problems: vec![problem] }
+    }
+}
+
+impl std::fmt::Display for InvalidPaymentRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("invalid payment request: ")?;
+        for (index, problem) in self.problems.iter().enumerate() {
+            if index > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for InvalidPaymentRequest {}
+
+/// Which spend limit a denial is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LimitKind {
+    PerTransaction,
+    Rolling24Hours,
+}
+
+impl std::fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LimitKind::PerTransaction => "per-transaction limit",
+            LimitKind::Rolling24Hours => "rolling 24-hour limit",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PaymentError {
+    #[error(transparent)]
+    InvalidPaymentRequest(#[from] InvalidPaymentRequest),
+
+    #[error(
+        "idempotency key {key:?} was already used for a different request (stored fingerprint {stored}, this request {received}); use a new key for a new payment"
+    )]
+    IdempotencyKeyReused { key: String, stored: String, received: String },
+
+    #[error(
+        "a payment with idempotency key {key:?} is already in flight in execution {execution_id} (lease until {lease_expires_at}); wait for it, or retry after the lease expires"
+    )]
+    PaymentInFlight { key: String, execution_id: String, lease_expires_at: String },
+
+    #[error("policy denied the payment for agent {agent}: {reason}")]
+    PolicyDenied { agent: String, reason: String },
+
+    #[error(
+        "{limit} exceeded for agent {agent}: amount {amount}, limit {cap}, already spent {spent}, remaining {remaining} (atomic units)"
+    )]
+    SpendLimitExceeded {
+        agent: String,
+        limit: LimitKind,
+        amount: AtomicAmount,
+        cap: AtomicAmount,
+        spent: AtomicAmount,
+        remaining: AtomicAmount,
+    },
+
+    #[error(
+        "transaction rate limit exceeded for agent {agent}: {count} payments in the last hour, limit {limit} per hour"
+    )]
+    RateLimitExceeded { agent: String, count: u32, limit: u32 },
+
+    #[error("agent {agent} is paused (kill switch): every payment is denied until it is resumed with `agentpay policy resume {agent}`")]
+    AgentPaused { agent: String },
+
+    #[error("payment provider {provider} is unavailable: {message}")]
+    ProviderUnavailable {
+        provider: &'static str,
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    #[error("payment provider {provider} rejected the payment: {message}")]
+    ProviderRejected { provider: &'static str, message: String },
+
+    #[error("store unavailable during {operation}")]
+    StoreUnavailable {
+        operation: &'static str,
+        #[source]
+        source: BoxError,
+    },
+
+    #[error("ledger of agent {agent} changed under {attempts} consecutive attempts; retry the step")]
+    LedgerConflict { agent: String, attempts: u32 },
+
+    /// The store holds something that contradicts the workflow (e.g. a reservation that
+    /// was never made). Not retryable: a person has to look.
+    #[error("ledger inconsistency: {0}")]
+    LedgerInconsistent(String),
+}
+
+impl PaymentError {
+    /// Stable error name, used as the Lambda `errorType` and in ASL `ErrorEquals`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PaymentError::InvalidPaymentRequest(_) => "InvalidPaymentRequest",
+            PaymentError::IdempotencyKeyReused { .. } => "IdempotencyKeyReused",
+            PaymentError::PaymentInFlight { .. } => "PaymentInFlight",
+            PaymentError::PolicyDenied { .. } => "PolicyDenied",
+            PaymentError::SpendLimitExceeded { .. } => "SpendLimitExceeded",
+            PaymentError::RateLimitExceeded { .. } => "RateLimitExceeded",
+            PaymentError::AgentPaused { .. } => "AgentPaused",
+            PaymentError::ProviderUnavailable { .. } => "ProviderUnavailable",
+            PaymentError::ProviderRejected { .. } => "ProviderRejected",
+            PaymentError::StoreUnavailable { .. } => "StoreUnavailable",
+            PaymentError::LedgerConflict { .. } => "LedgerConflict",
+            PaymentError::LedgerInconsistent(_) => "LedgerInconsistent",
+        }
+    }
+
+    /// Whether a later attempt of the same step may succeed (the ASL retries exactly these).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            PaymentError::ProviderUnavailable { .. }
+                | PaymentError::StoreUnavailable { .. }
+                | PaymentError::LedgerConflict { .. }
+        )
+    }
+
+    /// A policy said no (as opposed to a fault): the idempotency record becomes DENIED.
+    pub fn is_denial(&self) -> bool {
+        matches!(
+            self,
+            PaymentError::PolicyDenied { .. }
+                | PaymentError::SpendLimitExceeded { .. }
+                | PaymentError::RateLimitExceeded { .. }
+                | PaymentError::AgentPaused { .. }
+        )
+    }
+
+    /// The full message including the source chain, for causes and logs.
+    pub fn chain_message(&self) -> String {
+        let mut message = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        message
+    }
+
+    pub fn store(operation: &'static str, source: impl Into<BoxError>) -> Self {
+        PaymentError::StoreUnavailable { operation, source: source.into() }
+    }
+}
+
+/// Every error name the workflow can produce, for docs and the ASL consistency test.
+pub const ERROR_NAMES: &[&str] = &[
+    "InvalidPaymentRequest",
+    "IdempotencyKeyReused",
+    "PaymentInFlight",
+    "PolicyDenied",
+    "SpendLimitExceeded",
+    "RateLimitExceeded",
+    "AgentPaused",
+    "ProviderUnavailable",
+    "ProviderRejected",
+    "StoreUnavailable",
+    "LedgerConflict",
+    "LedgerInconsistent",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_request_message_names_field_received_and_expected() {
+        let error = PaymentError::from(InvalidPaymentRequest::field("accepts[0].amount", "\"-5\"", "a positive integer"));
+        assert_eq!(error.name(), "InvalidPaymentRequest");
+        assert_eq!(
+            error.to_string(),
+            "invalid payment request: accepts[0].amount: received \"-5\", expected a positive integer"
+        );
+        assert!(!error.is_retryable());
+    }
+
+    #[test]
+    fn long_received_values_are_shortened() {
+        let problem = FieldProblem::new("x", "a".repeat(500), "short");
+        assert!(problem.received.len() < 200);
+        assert!(problem.received.ends_with("(500 chars)"));
+    }
+
+    #[test]
+    fn chain_message_keeps_the_source() {
+        let error = PaymentError::store("claim", std::io::Error::other("disk full"));
+        assert_eq!(error.chain_message(), "store unavailable during claim: disk full");
+        assert!(error.is_retryable());
+    }
+}

@@ -1,0 +1,8 @@
+//! agentpay: the layer under agent payments — idempotency, a spend ledger across sessions,
+//! compensation and an audit trail — as five step functions chained by one state machine.
+
+pub mod clock;
+pub mod error;
+pub mod money;
+pub mod samples;
+pub mod x402;

@@ -1,0 +1,492 @@
+//! x402 challenges: parsing and validation before any money is touched.
+//!
+//! Wire types are hand-written rather than taken from `x402-types`: that crate deserialises
+//! with serde and reports the first mismatch as a serde message, while a payment system must
+//! say, per field, what it received and what it expected (and keep the accepted entry
+//! byte-for-byte to echo it back in the v2 `PaymentPayload`). The shapes follow the x402 v1
+//! and v2 specifications.
+
+use alloy_primitives::Address;
+use base64::Engine;
+use serde_json::{Map, Value};
+
+use crate::error::{FieldProblem, InvalidPaymentRequest, PaymentError};
+use crate::money::{AmountError, AtomicAmount};
+
+/// Networks agentpay can pay on, with their canonical USDC deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Network {
+    #[serde(rename = "eip155:8453")]
+    Base,
+    #[serde(rename = "eip155:84532")]
+    BaseSepolia,
+}
+
+/// The EIP-712 domain and address of a network's USDC contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsdcDeployment {
+    pub address: Address,
+    /// EIP-712 domain `name`: a wrong one fails silently as a bad signature.
+    pub eip712_name: &'static str,
+    pub eip712_version: &'static str,
+    pub decimals: u32,
+}
+
+impl Network {
+    pub const ALL: [Network; 2] = [Network::Base, Network::BaseSepolia];
+
+    pub fn caip2(self) -> &'static str {
+        match self {
+            Network::Base => "eip155:8453",
+            Network::BaseSepolia => "eip155:84532",
+        }
+    }
+
+    /// x402 v1 network name.
+    pub fn v1_name(self) -> &'static str {
+        match self {
+            Network::Base => "base",
+            Network::BaseSepolia => "base-sepolia",
+        }
+    }
+
+    pub fn chain_id(self) -> u64 {
+        match self {
+            Network::Base => 8453,
+            Network::BaseSepolia => 84532,
+        }
+    }
+
+    pub fn usdc(self) -> UsdcDeployment {
+        match self {
+            Network::Base => UsdcDeployment {
+                address: alloy_primitives::address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
+                eip712_name: "USD Coin",
+                eip712_version: "2",
+                decimals: 6,
+            },
+            Network::BaseSepolia => UsdcDeployment {
+                address: alloy_primitives::address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+                eip712_name: "USDC",
+                eip712_version: "2",
+                decimals: 6,
+            },
+        }
+    }
+
+    pub fn from_caip2(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|n| n.caip2() == text)
+    }
+
+    pub fn from_v1_name(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|n| n.v1_name() == text)
+    }
+
+    fn known_list(version: X402Version) -> String {
+        Self::ALL
+            .iter()
+            .map(|n| match version {
+                X402Version::V1 => format!("{:?}", n.v1_name()),
+                X402Version::V2 => format!("{:?}", n.caip2()),
+            })
+            .collect::<Vec<_>>()
+            .join(" or ")
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.caip2())
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::from_caip2(text).or_else(|| Self::from_v1_name(text)).ok_or_else(|| {
+            format!("unknown network {text:?}: expected {}", Self::known_list(X402Version::V2))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum X402Version {
+    #[serde(rename = "1")]
+    V1,
+    #[serde(rename = "2")]
+    V2,
+}
+
+impl X402Version {
+    pub fn number(self) -> u8 {
+        match self {
+            X402Version::V1 => 1,
+            X402Version::V2 => 2,
+        }
+    }
+
+    /// The request header that carries the payment proof back to the resource server.
+    pub fn payment_header_name(self) -> &'static str {
+        match self {
+            X402Version::V1 => "X-PAYMENT",
+            X402Version::V2 => "PAYMENT-SIGNATURE",
+        }
+    }
+}
+
+/// Bounds on `maxTimeoutSeconds`: the signed authorization is valid this long. Zero cannot be
+/// paid in time; more than an hour leaves a bearer instrument lying around for no reason.
+pub const MAX_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=3600;
+
+/// A parsed challenge: structurally sound, entries not yet validated.
+#[derive(Debug, Clone)]
+pub struct Challenge {
+    pub version: X402Version,
+    /// v2 `resource` object (v1 carries the resource inside each entry).
+    pub resource: Option<Value>,
+    pub accepts: Vec<Value>,
+    pub extensions: Option<Value>,
+    /// Where the challenge sits in the request, for error paths (`challenge.x402`).
+    pub origin: &'static str,
+}
+
+/// One validated `accepts[]` entry the workflow can pay.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentRequirement {
+    pub x402_version: X402Version,
+    /// Index in `accepts[]`.
+    pub index: usize,
+    pub network: Network,
+    pub asset: Address,
+    pub pay_to: Address,
+    pub amount: AtomicAmount,
+    pub max_timeout_seconds: u64,
+    /// The entry exactly as the server sent it: v2 echoes it as `accepted`.
+    pub accepted: Value,
+    /// v2 top-level `resource`, echoed in the payment payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extensions: Option<Value>,
+}
+
+impl PaymentRequirement {
+    pub fn usdc(&self) -> UsdcDeployment {
+        self.network.usdc()
+    }
+}
+
+/// What the agent's policy allows, for choosing an entry.
+#[derive(Debug, Clone, Default)]
+pub struct Allowlist {
+    pub networks: Vec<Network>,
+    /// Empty: any payee.
+    pub payees: Vec<Address>,
+}
+
+impl Challenge {
+    /// Decodes an x402 v2 `PAYMENT-REQUIRED` header value (base64 of the PaymentRequired JSON).
+    pub fn from_v2_header(header: &str) -> Result<Self, InvalidPaymentRequest> {
+        const ORIGIN: &str = "challenge.x402";
+        let trimmed = header.trim();
+        if trimmed.is_empty() {
+            return Err(InvalidPaymentRequest::field(ORIGIN, "an empty string", "the base64 PAYMENT-REQUIRED header value"));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(trimmed)
+            .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(trimmed))
+            .map_err(|e| {
+                InvalidPaymentRequest::field(
+                    ORIGIN,
+                    format!("text that is not base64 ({e})"),
+                    "the base64-encoded PaymentRequired JSON from the PAYMENT-REQUIRED header",
+                )
+            })?;
+        let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            InvalidPaymentRequest::field(
+                ORIGIN,
+                format!("base64 of something that is not JSON ({e})"),
+                "base64 of a PaymentRequired JSON object",
+            )
+        })?;
+        Self::from_body(body, X402Version::V2, ORIGIN)
+    }
+
+    /// Reads an x402 v1 402 response body.
+    pub fn from_v1_body(body: Value) -> Result<Self, InvalidPaymentRequest> {
+        Self::from_body(body, X402Version::V1, "challenge.x402v1")
+    }
+
+    fn from_body(body: Value, expected: X402Version, origin: &'static str) -> Result<Self, InvalidPaymentRequest> {
+        let Value::Object(mut body) = body else {
+            return Err(InvalidPaymentRequest::field(origin, describe(&body), "a PaymentRequired JSON object"));
+        };
+        let field = |name: &str| format!("{origin}.{name}");
+        match body.get("x402Version") {
+            Some(Value::Number(n)) if n.as_u64() == Some(u64::from(expected.number())) => {}
+            Some(other) => {
+                let hint = match expected {
+                    X402Version::V2 => "2 (a PAYMENT-REQUIRED header is x402 v2; pass a v1 402 body as challenge.x402v1)",
+                    X402Version::V1 => "1 (a v1 402 body; pass a v2 PAYMENT-REQUIRED header value as challenge.x402)",
+                };
+                return Err(InvalidPaymentRequest::field(field("x402Version"), describe(other), hint));
+            }
+            None => {
+                return Err(FieldProblem::missing(field("x402Version"), format!("{}", expected.number())).into());
+            }
+        }
+        let accepts = match body.remove("accepts") {
+            Some(Value::Array(entries)) if !entries.is_empty() => entries,
+            Some(Value::Array(_)) => {
+                return Err(InvalidPaymentRequest::field(field("accepts"), "an empty array", "at least one payment requirement"));
+            }
+            Some(other) => {
+                return Err(InvalidPaymentRequest::field(field("accepts"), describe(&other), "an array of payment requirements"));
+            }
+            None => return Err(FieldProblem::missing(field("accepts"), "an array of payment requirements").into()),
+        };
+        let resource = body.remove("resource").filter(|r| !r.is_null());
+        if expected == X402Version::V2
+            && let Some(resource) = &resource
+            && !resource.get("url").is_some_and(Value::is_string)
+        {
+            return Err(InvalidPaymentRequest::field(field("resource"), describe(resource), "an object with a string \"url\""));
+        }
+        Ok(Self {
+            version: expected,
+            resource,
+            accepts,
+            extensions: body.remove("extensions").filter(|e| !e.is_null()),
+            origin,
+        })
+    }
+
+    /// Chooses the first entry that is valid and that the policy allows.
+    ///
+    /// Malformed entries are `InvalidPaymentRequest` (every problem listed); well-formed entries
+    /// that the policy does not allow are `PolicyDenied`.
+    pub fn select(&self, allow: &Allowlist, agent: &str) -> Result<PaymentRequirement, PaymentError> {
+        let mut problems = Vec::new();
+        let mut disallowed = Vec::new();
+        for (index, entry) in self.accepts.iter().enumerate() {
+            let path = format!("{}.accepts[{index}]", self.origin);
+            match self.validate_entry(index, entry) {
+                Err(entry_problems) => problems.extend(entry_problems.into_iter().map(|p| p.within(&path))),
+                Ok(requirement) => {
+                    if !allow.networks.contains(&requirement.network) {
+                        disallowed.push(format!(
+                            "{path}: network {} is not in the allowlist [{}]",
+                            requirement.network,
+                            allow.networks.iter().map(|n| n.caip2()).collect::<Vec<_>>().join(", ")
+                        ));
+                    } else if !allow.payees.is_empty() && !allow.payees.contains(&requirement.pay_to) {
+                        disallowed.push(format!("{path}: payee {} is not in the payee allowlist", requirement.pay_to));
+                    } else {
+                        return Ok(requirement);
+                    }
+                }
+            }
+        }
+        if disallowed.is_empty() {
+            Err(InvalidPaymentRequest { problems }.into())
+        } else {
+            Err(PaymentError::PolicyDenied { agent: agent.to_owned(), reason: disallowed.join("; ") })
+        }
+    }
+
+    fn validate_entry(&self, index: usize, entry: &Value) -> Result<PaymentRequirement, Vec<FieldProblem>> {
+        let Value::Object(fields) = entry else {
+            return Err(vec![FieldProblem::new("", describe(entry), "a payment requirement object")]);
+        };
+        let mut problems = Vec::new();
+        let version = self.version;
+
+        match fields.get("scheme") {
+            Some(Value::String(s)) if s == "exact" => {}
+            Some(other) => problems.push(FieldProblem::new("scheme", describe(other), "\"exact\" (the only scheme agentpay pays)")),
+            None => problems.push(FieldProblem::missing("scheme", "\"exact\"")),
+        }
+
+        let network = match fields.get("network") {
+            Some(Value::String(name)) => {
+                let found = match version {
+                    X402Version::V1 => Network::from_v1_name(name),
+                    X402Version::V2 => Network::from_caip2(name),
+                };
+                if found.is_none() {
+                    let hint = match (version, Network::from_caip2(name).or_else(|| Network::from_v1_name(name))) {
+                        (X402Version::V2, Some(n)) => format!(" (x402 v2 uses CAIP-2: {:?})", n.caip2()),
+                        (X402Version::V1, Some(n)) => format!(" (x402 v1 uses network names: {:?})", n.v1_name()),
+                        _ => String::new(),
+                    };
+                    problems.push(FieldProblem::new(
+                        "network",
+                        format!("{name:?}"),
+                        format!("{}{hint}", Network::known_list(version)),
+                    ));
+                }
+                found
+            }
+            Some(other) => {
+                problems.push(FieldProblem::new("network", describe(other), Network::known_list(version)));
+                None
+            }
+            None => {
+                problems.push(FieldProblem::missing("network", Network::known_list(version)));
+                None
+            }
+        };
+
+        let amount_field = match version {
+            X402Version::V1 => "maxAmountRequired",
+            X402Version::V2 => "amount",
+        };
+        let amount = match fields.get(amount_field) {
+            Some(Value::String(text)) => match AtomicAmount::parse_positive(text) {
+                Ok(amount) => Some(amount),
+                Err(error) => {
+                    problems.push(FieldProblem::new(amount_field, format!("{text:?}"), amount_expectation(&error)));
+                    None
+                }
+            },
+            Some(other) => {
+                problems.push(FieldProblem::new(amount_field, describe(other), "a decimal string of atomic units, e.g. \"10000\""));
+                None
+            }
+            None => {
+                problems.push(FieldProblem::missing(amount_field, "a decimal string of atomic units, e.g. \"10000\""));
+                None
+            }
+        };
+
+        let asset = address_field(fields, "asset", &mut problems);
+        if let (Some(asset), Some(network)) = (asset, network)
+            && asset != network.usdc().address
+        {
+            problems.push(FieldProblem::new(
+                "asset",
+                asset.to_checksum(None),
+                format!("{} (the canonical USDC contract on {network})", network.usdc().address.to_checksum(None)),
+            ));
+        }
+
+        let pay_to = address_field(fields, "payTo", &mut problems);
+        if pay_to == Some(Address::ZERO) {
+            problems.push(FieldProblem::new("payTo", "the zero address", "the address of the payee"));
+        }
+
+        let max_timeout_seconds = match fields.get("maxTimeoutSeconds") {
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|s| MAX_TIMEOUT_SECONDS.contains(&s)) => n.as_u64(),
+            Some(other) => {
+                problems.push(FieldProblem::new(
+                    "maxTimeoutSeconds",
+                    describe(other),
+                    format!("a whole number of seconds from {} to {}", MAX_TIMEOUT_SECONDS.start(), MAX_TIMEOUT_SECONDS.end()),
+                ));
+                None
+            }
+            None => {
+                problems.push(FieldProblem::missing("maxTimeoutSeconds", "a whole number of seconds"));
+                None
+            }
+        };
+
+        if let Some(network) = network {
+            let usdc = network.usdc();
+            let extra = fields.get("extra");
+            for (key, wanted) in [("name", usdc.eip712_name), ("version", usdc.eip712_version)] {
+                let expected = format!("{wanted:?} (the EIP-712 domain {key} of USDC on {network})");
+                match extra.and_then(|e| e.get(key)) {
+                    Some(Value::String(s)) if s == wanted => {}
+                    Some(other) => problems.push(FieldProblem::new(format!("extra.{key}"), describe(other), expected)),
+                    None => problems.push(FieldProblem::missing(format!("extra.{key}"), expected)),
+                }
+            }
+        }
+
+        match (network, amount, asset, pay_to, max_timeout_seconds) {
+            (Some(network), Some(amount), Some(asset), Some(pay_to), Some(max_timeout_seconds)) if problems.is_empty() => {
+                Ok(PaymentRequirement {
+                    x402_version: version,
+                    index,
+                    network,
+                    asset,
+                    pay_to,
+                    amount,
+                    max_timeout_seconds,
+                    accepted: entry.clone(),
+                    resource: self.resource.clone(),
+                    extensions: self.extensions.clone(),
+                })
+            }
+            _ => Err(problems),
+        }
+    }
+}
+
+fn amount_expectation(error: &AmountError) -> String {
+    format!("{error} (a positive decimal string, e.g. \"10000\" for 0.01 USDC)")
+}
+
+/// Reads a 0x address; mixed case must carry a correct EIP-55 checksum, all-lowercase is
+/// accepted as unchecksummed.
+fn address_field(fields: &Map<String, Value>, name: &str, problems: &mut Vec<FieldProblem>) -> Option<Address> {
+    let text = match fields.get(name) {
+        Some(Value::String(text)) => text,
+        Some(other) => {
+            problems.push(FieldProblem::new(name, describe(other), "a 0x-prefixed 20-byte hex address"));
+            return None;
+        }
+        None => {
+            problems.push(FieldProblem::missing(name, "a 0x-prefixed 20-byte hex address"));
+            return None;
+        }
+    };
+    match parse_address(text) {
+        Ok(address) => Some(address),
+        Err(expected) => {
+            problems.push(FieldProblem::new(name, format!("{text:?}"), expected));
+            None
+        }
+    }
+}
+
+/// Parses an EVM address strictly; the error is the "expected …" text.
+pub fn parse_address(text: &str) -> Result<Address, String> {
+    let Some(hex_part) = text.strip_prefix("0x") else {
+        return Err("a 0x-prefixed 20-byte hex address".into());
+    };
+    if hex_part.len() != 40 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("a 0x-prefixed 20-byte hex address (40 hex digits)".into());
+    }
+    let address: Address = text.parse().map_err(|e| format!("a 20-byte hex address ({e})"))?;
+    let has_upper = hex_part.bytes().any(|b| b.is_ascii_uppercase());
+    if has_upper && address.to_checksum(None) != text {
+        return Err(format!(
+            "a correct EIP-55 checksum ({}), or the address in all lowercase",
+            address.to_checksum(None)
+        ));
+    }
+    Ok(address)
+}
+
+/// Short description of a JSON value for "received …".
+pub fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("the boolean {b}"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) => format!("{s:?}"),
+        Value::Array(a) => format!("an array of {} items", a.len()),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+/// Encodes a PaymentRequired body as a v2 header value (used by tests, samples and the demo).
+pub fn encode_v2_header(body: &Value) -> String {
+    base64::engine::general_purpose::STANDARD.encode(body.to_string())
+}
+
+#[cfg(test)]
+mod tests;
