@@ -6,3 +6,8 @@ pub mod error;
 pub mod money;
 pub mod samples;
 pub mod x402;
+pub mod executions;
+pub mod policy;
+pub mod provider;
+pub mod request;
+pub mod store;

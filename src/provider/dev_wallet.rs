@@ -1,0 +1,276 @@
+//! The local dev wallet: signs x402 `exact` payments itself, as a real x402 client does.
+//!
+//! It answers a challenge with an EIP-3009 `TransferWithAuthorization` signed under the
+//! EIP-712 domain of the selected USDC contract, with a fresh random nonce and a validity
+//! window from `maxTimeoutSeconds`. The key comes from configuration and is never logged
+//! (`Debug` shows the address only). Meant for testnets and local runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy_primitives::{Address, B256, U256};
+use alloy_signer::SignerSync;
+use alloy_signer_local::PrivateKeySigner;
+use alloy_sol_types::{Eip712Domain, SolStruct, sol};
+use async_trait::async_trait;
+use base64::Engine;
+use serde_json::{Value, json};
+
+use super::{IssuedProofs, PaymentHeader, PaymentOrder, PaymentProof, PaymentProvider};
+use crate::clock::{Clock, Timestamp};
+use crate::error::PaymentError;
+use crate::request::derived_id;
+use crate::x402::{PaymentRequirement, X402Version};
+
+sol! {
+    /// EIP-3009, as USDC implements it.
+    #[derive(Debug, PartialEq)]
+    struct TransferWithAuthorization {
+        address from;
+        address to;
+        uint256 value;
+        uint256 validAfter;
+        uint256 validBefore;
+        bytes32 nonce;
+    }
+}
+
+/// Tolerance for the payee's clock: the authorization is valid from slightly in the past.
+const VALID_AFTER_SKEW: Duration = Duration::from_secs(600);
+
+pub struct DevWallet {
+    signer: PrivateKeySigner,
+    issued: Arc<dyn IssuedProofs>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for DevWallet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevWallet").field("address", &self.address()).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("dev wallet key is not a 32-byte hex private key")]
+pub struct BadDevWalletKey;
+
+impl DevWallet {
+    pub fn from_hex_key(key: &str, issued: Arc<dyn IssuedProofs>, clock: Arc<dyn Clock>) -> Result<Self, BadDevWalletKey> {
+        // The parse error may echo key material: drop it.
+        let signer: PrivateKeySigner = key.trim().parse().map_err(|_| BadDevWalletKey)?;
+        Ok(Self { signer, issued, clock })
+    }
+
+    /// A fresh random key, hex encoded (for `agentpay` to create a local wallet file).
+    pub fn generate_hex_key() -> String {
+        hex::encode(PrivateKeySigner::random().to_bytes())
+    }
+
+    pub fn address(&self) -> Address {
+        self.signer.address()
+    }
+
+    fn sign(&self, requirement: &PaymentRequirement, now: Timestamp) -> Result<(Value, Timestamp), PaymentError> {
+        let usdc = requirement.usdc();
+        let domain = eip712_domain(requirement);
+        let valid_after = u64::try_from(now.minus(VALID_AFTER_SKEW).seconds()).unwrap_or(0);
+        let valid_before_at = now.plus(Duration::from_secs(requirement.max_timeout_seconds));
+        let valid_before = u64::try_from(valid_before_at.seconds()).unwrap_or(0);
+        let nonce = B256::from(rand::random::<[u8; 32]>());
+        let authorization = TransferWithAuthorization {
+            from: self.address(),
+            to: requirement.pay_to,
+            value: U256::from(requirement.amount.get()),
+            validAfter: U256::from(valid_after),
+            validBefore: U256::from(valid_before),
+            nonce,
+        };
+        let digest = authorization.eip712_signing_hash(&domain);
+        let signature = self.signer.sign_hash_sync(&digest).map_err(|e| PaymentError::ProviderRejected {
+            provider: "dev-wallet",
+            message: format!("signing failed: {e}"),
+        })?;
+        debug_assert_eq!(usdc.address, requirement.asset);
+        let payload = json!({
+            "signature": format!("0x{}", hex::encode(signature.as_bytes())),
+            "authorization": {
+                "from": self.address().to_checksum(None),
+                "to": requirement.pay_to.to_checksum(None),
+                "value": requirement.amount.to_string(),
+                "validAfter": valid_after.to_string(),
+                "validBefore": valid_before.to_string(),
+                "nonce": format!("{nonce}"),
+            }
+        });
+        Ok((payload, valid_before_at))
+    }
+}
+
+/// The EIP-712 domain of the requirement's USDC contract.
+pub fn eip712_domain(requirement: &PaymentRequirement) -> Eip712Domain {
+    let usdc = requirement.usdc();
+    Eip712Domain::new(
+        Some(usdc.eip712_name.into()),
+        Some(usdc.eip712_version.into()),
+        Some(U256::from(requirement.network.chain_id())),
+        Some(requirement.asset),
+        None,
+    )
+}
+
+/// The x402 payment payload the agent sends back, and the header that carries it.
+pub fn payment_header(requirement: &PaymentRequirement, scheme_payload: Value) -> PaymentHeader {
+    let body = match requirement.x402_version {
+        X402Version::V2 => {
+            let mut body = json!({
+                "x402Version": 2,
+                "accepted": requirement.accepted,
+                "payload": scheme_payload,
+            });
+            if let Some(resource) = &requirement.resource {
+                body["resource"] = resource.clone();
+            }
+            if let Some(extensions) = &requirement.extensions {
+                body["extensions"] = extensions.clone();
+            }
+            body
+        }
+        X402Version::V1 => json!({
+            "x402Version": 1,
+            "scheme": "exact",
+            "network": requirement.network.v1_name(),
+            "payload": scheme_payload,
+        }),
+    };
+    PaymentHeader {
+        name: requirement.x402_version.payment_header_name().to_owned(),
+        value: base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+    }
+}
+
+#[async_trait]
+impl PaymentProvider for DevWallet {
+    fn name(&self) -> &'static str {
+        "dev-wallet"
+    }
+
+    async fn process_payment(&self, order: &PaymentOrder) -> Result<PaymentProof, PaymentError> {
+        if let Some(proof) = self.issued.issued(&order.client_token).await? {
+            return Ok(proof);
+        }
+        let now = self.clock.now();
+        let (payload, valid_before) = self.sign(&order.requirement, now)?;
+        let proof = PaymentProof {
+            payment_id: derived_id("devpay", &[&order.client_token]),
+            provider: self.name().to_owned(),
+            status: "PROOF_GENERATED".to_owned(),
+            header: payment_header(&order.requirement, payload),
+            payer: Some(self.address().to_checksum(None)),
+            valid_before: Some(valid_before),
+            issued_at: now,
+        };
+        // Two racing calls with one token both sign, but only the first proof is ever returned.
+        self.issued.record_issued(&order.client_token, &proof).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use alloy_primitives::Signature;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::request::PaymentRequest;
+    use crate::samples::{execution_input, execution_input_with_challenge, v1_payment_required};
+    use crate::store::sqlite::SqliteStore;
+    use crate::x402::{Allowlist, Network};
+
+    fn wallet() -> DevWallet {
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_763_700_000_000)));
+        DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store, clock).unwrap()
+    }
+
+    fn order(input: Value, token: &str) -> PaymentOrder {
+        let request = PaymentRequest::parse(&input).unwrap();
+        let allow = Allowlist { networks: Network::ALL.to_vec(), payees: vec![] };
+        let requirement = request.x402_challenge().unwrap().select(&allow, "a").unwrap();
+        PaymentOrder { client_token: token.into(), requirement, request }
+    }
+
+    fn decode(value: &str) -> Value {
+        serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(value).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn v2_signature_recovers_to_the_wallet_over_the_eip712_digest() {
+        let wallet = wallet();
+        let order = order(execution_input("k", "a", "10000"), "token-1");
+        let proof = wallet.process_payment(&order).await.unwrap();
+        assert_eq!(proof.header.name, "PAYMENT-SIGNATURE");
+        let body = decode(&proof.header.value);
+        assert_eq!(body["x402Version"], 2);
+        assert_eq!(body["accepted"], order.requirement.accepted);
+        assert_eq!(body["resource"]["url"], "https://api.example.com/credit-report");
+
+        let auth = &body["payload"]["authorization"];
+        let number = |v: &Value| U256::from_str_radix(v.as_str().unwrap(), 10).unwrap();
+        let message = TransferWithAuthorization {
+            from: auth["from"].as_str().unwrap().parse().unwrap(),
+            to: auth["to"].as_str().unwrap().parse().unwrap(),
+            value: number(&auth["value"]),
+            validAfter: number(&auth["validAfter"]),
+            validBefore: number(&auth["validBefore"]),
+            nonce: auth["nonce"].as_str().unwrap().parse().unwrap(),
+        };
+        assert_eq!(message.to, order.requirement.pay_to);
+        assert_eq!(message.value, U256::from(10_000u64));
+        assert_eq!(message.validBefore - message.validAfter, U256::from(600u64 + 60));
+        let digest = message.eip712_signing_hash(&eip712_domain(&order.requirement));
+        let signature: Signature = body["payload"]["signature"].as_str().unwrap().parse().unwrap();
+        assert_eq!(signature.recover_address_from_prehash(&digest).unwrap(), wallet.address());
+
+        // A wrong domain name (mainnet's "USD Coin" on the testnet) does not verify.
+        let wrong = Eip712Domain::new(
+            Some("USD Coin".into()),
+            Some("2".into()),
+            Some(U256::from(84532u64)),
+            Some(order.requirement.asset),
+            None,
+        );
+        let wrong_digest = message.eip712_signing_hash(&wrong);
+        assert_ne!(signature.recover_address_from_prehash(&wrong_digest).unwrap(), wallet.address());
+    }
+
+    #[tokio::test]
+    async fn the_same_client_token_returns_the_same_proof_and_a_new_one_a_new_nonce() {
+        let wallet = wallet();
+        let first = wallet.process_payment(&order(execution_input("k", "a", "5"), "token-a")).await.unwrap();
+        let again = wallet.process_payment(&order(execution_input("k", "a", "5"), "token-a")).await.unwrap();
+        assert_eq!(first, again);
+        let other = wallet.process_payment(&order(execution_input("k", "a", "5"), "token-b")).await.unwrap();
+        let nonce = |p: &PaymentProof| decode(&p.header.value)["payload"]["authorization"]["nonce"].clone();
+        assert_ne!(nonce(&first), nonce(&other));
+    }
+
+    #[tokio::test]
+    async fn v1_challenges_get_an_x_payment_header() {
+        let wallet = wallet();
+        let input = execution_input_with_challenge("k", "a", json!({"x402v1": v1_payment_required("7")}));
+        let proof = wallet.process_payment(&order(input, "t")).await.unwrap();
+        assert_eq!(proof.header.name, "X-PAYMENT");
+        let body = decode(&proof.header.value);
+        assert_eq!((body["x402Version"].as_u64(), body["network"].as_str()), (Some(1), Some("base-sepolia")));
+        assert_eq!(body["payload"]["authorization"]["value"], "7");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_key() {
+        let key = DevWallet::generate_hex_key();
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let wallet = DevWallet::from_hex_key(&key, store, Arc::new(crate::clock::SystemClock)).unwrap();
+        let shown = format!("{wallet:?}");
+        assert!(!shown.contains(&key) && shown.contains("address"), "{shown}");
+        assert!(DevWallet::from_hex_key("0xnotakey", Arc::new(SqliteStore::in_memory().unwrap()), Arc::new(crate::clock::SystemClock)).is_err());
+    }
+}

@@ -1,0 +1,57 @@
+//! The `PaymentProvider` port: turn a selected payment requirement into a proof the agent
+//! sends back to the resource server.
+
+pub mod dev_wallet;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Timestamp;
+use crate::error::PaymentError;
+use crate::request::PaymentRequest;
+use crate::x402::PaymentRequirement;
+
+/// What the provider is asked to pay.
+#[derive(Debug, Clone)]
+pub struct PaymentOrder {
+    /// Derived from (idempotency key, attempt): a retried call must return the same proof.
+    pub client_token: String,
+    pub requirement: PaymentRequirement,
+    pub request: PaymentRequest,
+}
+
+/// The HTTP header the agent adds to its retried request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentHeader {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentProof {
+    pub payment_id: String,
+    pub provider: String,
+    /// `PROOF_GENERATED` once signed.
+    pub status: String,
+    pub header: PaymentHeader,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_before: Option<Timestamp>,
+    pub issued_at: Timestamp,
+}
+
+#[async_trait]
+pub trait PaymentProvider: Send + Sync {
+    fn name(&self) -> &'static str;
+    async fn process_payment(&self, order: &PaymentOrder) -> Result<PaymentProof, PaymentError>;
+}
+
+/// Proofs a provider issued, by client token: what makes a retried call idempotent.
+#[async_trait]
+pub trait IssuedProofs: Send + Sync {
+    async fn issued(&self, client_token: &str) -> Result<Option<PaymentProof>, PaymentError>;
+    /// Stores `proof` unless one exists for the token; returns the one that is stored.
+    async fn record_issued(&self, client_token: &str, proof: &PaymentProof) -> Result<PaymentProof, PaymentError>;
+}

@@ -1,0 +1,260 @@
+//! The `Store` port: idempotency records, the agent ledger, reservations and audit events.
+//!
+//! Shaped for DynamoDB as much as for SQLite: every write is one conditional operation (a
+//! conditional put, a compare-and-swap on a record, or one transaction with a version check
+//! on the agent item) that reports what blocked it, so the domain never reads and then
+//! writes separately.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::clock::Timestamp;
+use crate::error::PaymentError;
+use crate::money::AtomicAmount;
+use crate::policy::{AgentLedger, SpendPolicy, SpendSnapshot, WindowEntry};
+use crate::request::BusinessContext;
+use crate::x402::Network;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum IdempotencyStatus {
+    InProgress,
+    Completed,
+    Failed,
+    Denied,
+}
+
+impl IdempotencyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdempotencyStatus::InProgress => "IN_PROGRESS",
+            IdempotencyStatus::Completed => "COMPLETED",
+            IdempotencyStatus::Failed => "FAILED",
+            IdempotencyStatus::Denied => "DENIED",
+        }
+    }
+}
+
+/// An error as recorded: its stable name and the message a person reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    pub error: String,
+    pub cause: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdempotencyRecord {
+    pub key: String,
+    pub fingerprint: String,
+    pub status: IdempotencyStatus,
+    /// Increments each time a FAILED or DENIED key is claimed again; reservation id and
+    /// provider client token derive from (key, attempt).
+    pub attempt: u32,
+    pub execution_id: String,
+    pub lease_expires_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorRecord>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    /// TTL: past this the record counts as absent, whether or not it is deleted yet.
+    pub expires_at: Timestamp,
+}
+
+impl IdempotencyRecord {
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        self.expires_at <= now
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReservationStatus {
+    Reserved,
+    Authorized,
+    Settled,
+    Released,
+}
+
+impl ReservationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationStatus::Reserved => "RESERVED",
+            ReservationStatus::Authorized => "AUTHORIZED",
+            ReservationStatus::Settled => "SETTLED",
+            ReservationStatus::Released => "RELEASED",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reservation {
+    pub id: String,
+    pub agent_id: String,
+    pub idempotency_key: String,
+    pub attempt: u32,
+    pub execution_id: String,
+    pub status: ReservationStatus,
+    pub amount: AtomicAmount,
+    pub network: Network,
+    pub asset: String,
+    pub pay_to: String,
+    pub resource: String,
+    pub snapshot: SpendSnapshot,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_id: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuditKind {
+    Authorized,
+    Released,
+    Denied,
+    Settled,
+}
+
+/// One line of the audit trail: who paid whom, why, under which limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEvent {
+    /// Deterministic (reservation or key, attempt, kind) so a retried write cannot duplicate it.
+    pub event_id: String,
+    pub kind: AuditKind,
+    pub agent_id: String,
+    pub user_id: String,
+    pub at: Timestamp,
+    pub idempotency_key: String,
+    pub execution_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<AtomicAmount>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payee: Option<String>,
+    pub resource: String,
+    pub context: BusinessContext,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<SpendSnapshot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorRecord>,
+}
+
+/// Outcome of a reservation write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReserveOutcome {
+    Reserved,
+    /// The agent item changed since it was read: re-read and decide again.
+    VersionConflict,
+    /// A reservation with this id exists already (a retried step): it is returned as is.
+    AlreadyExists(Reservation),
+}
+
+/// Outcome of a state transition that may happen at most once.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    Applied,
+    /// It had happened before; nothing was written.
+    AlreadyApplied,
+    /// The record is in a state this transition may not leave (current status named).
+    Refused(String),
+    /// The agent item changed under a release: re-read and try again.
+    VersionConflict,
+}
+
+/// RecordLedger's single atomic write.
+#[derive(Debug, Clone)]
+pub struct AuthorizationCommit {
+    pub reservation_id: String,
+    pub payment_id: String,
+    pub idempotency_key: String,
+    pub attempt: u32,
+    pub result: Value,
+    pub audit: AuditEvent,
+    pub now: Timestamp,
+}
+
+/// Compensate's single atomic write.
+#[derive(Debug, Clone)]
+pub struct ReleaseCommit {
+    pub agent_id: String,
+    /// The reservation to release and the agent window without it, if one was made.
+    pub reservation: Option<ReleasedReservation>,
+    pub idempotency_key: String,
+    pub attempt: u32,
+    pub status: IdempotencyStatus,
+    pub error: ErrorRecord,
+    pub audit: AuditEvent,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReleasedReservation {
+    pub id: String,
+    pub expected_version: u64,
+    pub window: Vec<WindowEntry>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Writes `record` if no live record holds the key (absent, or past `expires_at`).
+    /// Returns the live record that blocked it otherwise.
+    async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError>;
+
+    /// Replaces `expected` (same status, execution id and attempt) with `record`.
+    /// Returns the current record if it no longer matches (`None` inside means gone).
+    async fn replace_idempotency(
+        &self,
+        expected: &IdempotencyRecord,
+        record: &IdempotencyRecord,
+    ) -> Result<Option<Option<IdempotencyRecord>>, PaymentError>;
+
+    /// The live record of `key` (expired records read as absent).
+    async fn idempotency(&self, key: &str, now: Timestamp) -> Result<Option<IdempotencyRecord>, PaymentError>;
+
+    /// The agent item; a never-written agent is the default with version 0.
+    async fn agent_ledger(&self, agent_id: &str) -> Result<AgentLedger, PaymentError>;
+
+    /// Sets the policy (creating the agent item if needed), bumping the version.
+    async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError>;
+
+    /// Atomically: write the agent window if the version is still `expected_version`, and
+    /// create the reservation if its id is new.
+    async fn reserve(
+        &self,
+        expected_version: u64,
+        window: &[WindowEntry],
+        reservation: &Reservation,
+    ) -> Result<ReserveOutcome, PaymentError>;
+
+    async fn reservation(&self, id: &str) -> Result<Option<Reservation>, PaymentError>;
+
+    async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError>;
+
+    /// Atomically: reservation RESERVED → AUTHORIZED, audit event, idempotency record
+    /// IN_PROGRESS → COMPLETED with the result.
+    async fn authorize(&self, commit: &AuthorizationCommit) -> Result<Transition, PaymentError>;
+
+    /// Atomically: reservation RESERVED → RELEASED with its window entry removed (if one was
+    /// made), audit event, idempotency record IN_PROGRESS → FAILED or DENIED.
+    async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError>;
+
+    /// AUTHORIZED → SETTLED, on a settlement report.
+    async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError>;
+
+    async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError>;
+}
