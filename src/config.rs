@@ -1,0 +1,215 @@
+//! Configuration, read once at start-up: which store, which provider, which settings.
+//!
+//! Lambda mains call [`Config::from_env`] before serving; the CLI builds the same
+//! [`Config`] from its flags. No handler reads the environment.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::provider::dev_wallet::DevWallet;
+use crate::provider::PaymentProvider;
+use crate::steps::{StepSettings, Steps};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{variable}: received {received:?}, expected {expected}")]
+    Invalid { variable: &'static str, received: String, expected: &'static str },
+    #[error("{variable} is not set; expected {expected}")]
+    Missing { variable: &'static str, expected: &'static str },
+    #[error("cannot read {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the store")]
+    Store(#[source] crate::error::PaymentError),
+}
+
+/// Where the dev wallet key comes from. The key itself never reaches a log or a `Debug`.
+#[derive(Clone)]
+pub enum DevWalletKey {
+    Hex(String),
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for DevWalletKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DevWalletKey::Hex(_) => f.write_str("DevWalletKey::Hex(<redacted>)"),
+            DevWalletKey::File(path) => write!(f, "DevWalletKey::File({})", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderConfig {
+    DevWallet(DevWalletKey),
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Sqlite(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub provider: ProviderConfig,
+    pub settings: StepSettings,
+}
+
+const KEY_EXPECTED: &str = "a 32-byte hex private key (AGENTPAY_DEV_WALLET_KEY) or a file holding one (AGENTPAY_DEV_WALLET_KEY_FILE)";
+
+impl Config {
+    /// Reads `AGENTPAY_*` variables (see README, "Configuration").
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let store = match lookup("AGENTPAY_STORE").as_deref().unwrap_or("sqlite") {
+            "sqlite" => StoreConfig::Sqlite(PathBuf::from(
+                lookup("AGENTPAY_SQLITE_PATH").unwrap_or_else(|| "/tmp/agentpay/agentpay.db".into()),
+            )),
+            other => {
+                return Err(ConfigError::Invalid { variable: "AGENTPAY_STORE", received: other.into(), expected: "\"sqlite\"" });
+            }
+        };
+        let provider = match lookup("AGENTPAY_PROVIDER").as_deref().unwrap_or("dev-wallet") {
+            "dev-wallet" => ProviderConfig::DevWallet(
+                match (lookup("AGENTPAY_DEV_WALLET_KEY"), lookup("AGENTPAY_DEV_WALLET_KEY_FILE")) {
+                    (Some(hex), _) => DevWalletKey::Hex(hex),
+                    (None, Some(path)) => DevWalletKey::File(PathBuf::from(path)),
+                    (None, None) => return Err(ConfigError::Missing { variable: "AGENTPAY_DEV_WALLET_KEY", expected: KEY_EXPECTED }),
+                },
+            ),
+            other => {
+                return Err(ConfigError::Invalid { variable: "AGENTPAY_PROVIDER", received: other.into(), expected: "\"dev-wallet\"" });
+            }
+        };
+        let mut settings = StepSettings::default();
+        if let Some(text) = lookup("AGENTPAY_LEASE_SECONDS") {
+            settings.lease = Duration::from_secs(text.parse().ok().filter(|s| *s > 0).ok_or(ConfigError::Invalid {
+                variable: "AGENTPAY_LEASE_SECONDS",
+                received: text,
+                expected: "a whole number of seconds above 0",
+            })?);
+        }
+        if let Some(text) = lookup("AGENTPAY_IDEMPOTENCY_TTL_HOURS") {
+            settings.idempotency_ttl = Duration::from_secs(3600 * text.parse::<u64>().ok().filter(|h| (1..=24 * 30).contains(h)).ok_or(
+                ConfigError::Invalid { variable: "AGENTPAY_IDEMPOTENCY_TTL_HOURS", received: text, expected: "hours from 1 to 720" },
+            )?);
+        }
+        Ok(Self { store, provider, settings })
+    }
+
+    /// The local default: everything under `data_dir`, a dev wallet key file created on first use.
+    pub fn local(data_dir: &Path) -> Self {
+        Self {
+            store: StoreConfig::Sqlite(data_dir.join("agentpay.db")),
+            provider: ProviderConfig::DevWallet(DevWalletKey::File(data_dir.join("dev-wallet.key"))),
+            settings: StepSettings::default(),
+        }
+    }
+
+    pub fn open_sqlite(&self) -> Result<Arc<SqliteStore>, ConfigError> {
+        let StoreConfig::Sqlite(path) = &self.store;
+        Ok(Arc::new(SqliteStore::open(path).map_err(ConfigError::Store)?))
+    }
+
+    pub fn dev_wallet(&self, store: Arc<SqliteStore>, clock: Arc<dyn Clock>) -> Result<DevWallet, ConfigError> {
+        let ProviderConfig::DevWallet(key) = &self.provider;
+        let hex = match key {
+            DevWalletKey::Hex(hex) => hex.clone(),
+            DevWalletKey::File(path) => read_or_create_key(path)?,
+        };
+        DevWallet::from_hex_key(&hex, store, clock).map_err(|_| ConfigError::Invalid {
+            variable: "AGENTPAY_DEV_WALLET_KEY",
+            received: "<redacted>".into(),
+            expected: KEY_EXPECTED,
+        })
+    }
+
+    /// Builds the steps once: store, provider and clock wired in.
+    pub fn build_steps(&self) -> Result<Steps, ConfigError> {
+        let store = self.open_sqlite()?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let provider: Arc<dyn PaymentProvider> = Arc::new(self.dev_wallet(store.clone(), clock.clone())?);
+        let store: Arc<dyn Store> = store;
+        Ok(Steps::new(store, provider, clock, self.settings.clone()))
+    }
+}
+
+/// Reads the key file, or creates it with a fresh key (owner-only permissions).
+fn read_or_create_key(path: &Path) -> Result<String, ConfigError> {
+    let io = |source| ConfigError::Io { path: path.to_owned(), source };
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            let key = DevWallet::generate_hex_key();
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            match options.open(path) {
+                Ok(mut file) => std::io::Write::write_all(&mut file, key.as_bytes()).map_err(io)?,
+                // Another process created it first: use theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return read_or_create_key(path),
+                Err(e) => return Err(io(e)),
+            }
+            Ok(key)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |name| map.get(name).cloned()
+    }
+
+    #[test]
+    fn errors_name_the_variable_and_the_expected_value() {
+        let error = Config::from_lookup(lookup(&[("AGENTPAY_PROVIDER", "paypal")])).unwrap_err().to_string();
+        assert_eq!(error, "AGENTPAY_PROVIDER: received \"paypal\", expected \"dev-wallet\"");
+        let error = Config::from_lookup(lookup(&[])).unwrap_err().to_string();
+        assert!(error.starts_with("AGENTPAY_DEV_WALLET_KEY is not set"), "{error}");
+        let error = Config::from_lookup(lookup(&[("AGENTPAY_DEV_WALLET_KEY", "k"), ("AGENTPAY_LEASE_SECONDS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("AGENTPAY_LEASE_SECONDS"), "{error}");
+    }
+
+    #[test]
+    fn the_key_is_redacted_from_debug_output() {
+        let config = Config::from_lookup(lookup(&[("AGENTPAY_DEV_WALLET_KEY", "deadbeefsecret")])).unwrap();
+        assert!(!format!("{config:?}").contains("deadbeefsecret"));
+    }
+
+    #[test]
+    fn a_local_key_file_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dev-wallet.key");
+        let first = read_or_create_key(&path).unwrap();
+        assert_eq!(read_or_create_key(&path).unwrap(), first);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The whole workflow on one machine: the embedded store, the dev wallet, the deployed ASL
+//! file interpreted by the local runner. The CLI, the tests and the bench all start here.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::asl::{LocalRunner, PAYMENT_DEFINITION, RunnerError, Sleeper};
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError};
+use crate::executions::ExecutionRecord;
+use crate::faults::{FaultyProvider, FaultyStore, ProviderFault};
+use crate::provider::PaymentProvider;
+use crate::steps::Steps;
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+/// Step Functions execution names: 1–80 characters, none of whitespace, `<>{}[]?*"#%\^|~`$&,;:/`
+/// or control characters.
+pub const MAX_EXECUTION_NAME: usize = 80;
+
+fn allowed_in_name(c: char) -> bool {
+    !c.is_whitespace() && !c.is_control() && !"<>{}[]?*\"#%\\^|~`$&,;:/".contains(c)
+}
+
+/// The execution name for an idempotency key, with an optional per-run suffix.
+///
+/// The key is kept readable; where characters had to be replaced or the name cut, a hash
+/// of the whole key is appended so two keys never share a name.
+pub fn execution_name(key: &str, run_suffix: Option<&str>) -> String {
+    let sanitized: String = key.chars().map(|c| if allowed_in_name(c) { c } else { '_' }).collect();
+    let suffix = run_suffix.map(|s| format!("-{s}")).unwrap_or_default();
+    let fits = sanitized.len() + suffix.len() <= MAX_EXECUTION_NAME;
+    if sanitized == key && fits && !key.is_empty() {
+        return format!("{sanitized}{suffix}");
+    }
+    let hash = &hex::encode(Sha256::digest(key.as_bytes()))[..12];
+    let room = MAX_EXECUTION_NAME - suffix.len() - hash.len() - 1;
+    let head: String = sanitized.chars().take(room).collect();
+    format!("{head}-{hash}{suffix}")
+}
+
+pub struct LocalApp {
+    pub store: Arc<SqliteStore>,
+    /// Pass-through unless the demo or a test injects provider faults.
+    pub provider: Arc<FaultyProvider>,
+    /// Pass-through unless the demo or a test injects ledger-write faults.
+    pub ledger: Arc<FaultyStore>,
+    pub wallet_address: String,
+    pub steps: Steps,
+    pub runner: LocalRunner,
+}
+
+impl LocalApp {
+    pub fn open(config: &Config, clock: Arc<dyn Clock>, sleeper: Arc<dyn Sleeper>) -> Result<Self, LocalError> {
+        let store = config.open_sqlite()?;
+        let wallet = config.dev_wallet(store.clone(), clock.clone())?;
+        let wallet_address = wallet.address().to_checksum(None);
+        let provider = Arc::new(FaultyProvider::new(Arc::new(wallet), ProviderFault::Unavailable, 0));
+        let ledger = Arc::new(FaultyStore::new(store.clone() as Arc<dyn Store>));
+        let steps = Steps::new(
+            ledger.clone() as Arc<dyn Store>,
+            provider.clone() as Arc<dyn PaymentProvider>,
+            clock,
+            config.settings.clone(),
+        );
+        let runner = LocalRunner::new(PAYMENT_DEFINITION, steps.clone(), store.clone(), sleeper)?;
+        Ok(Self { store, provider, ledger, wallet_address, steps, runner })
+    }
+
+    /// Starts one execution named after the request's idempotency key, unique per run.
+    pub async fn run(&self, input: Value) -> Result<ExecutionRecord, RunnerError> {
+        let key = input.get("idempotencyKey").and_then(Value::as_str).unwrap_or("no-key");
+        let run_id = hex::encode(rand::random::<[u8; 4]>());
+        self.runner.start(&execution_name(key, Some(&run_id)), input).await
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("the state machine definition cannot run locally")]
+    Definition(#[from] crate::asl::DefinitionError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_keys_stay_readable() {
+        assert_eq!(execution_name("order-42", None), "order-42");
+        assert_eq!(execution_name("order-42", Some("ab12")), "order-42-ab12");
+    }
+
+    #[test]
+    fn forbidden_characters_are_replaced_and_disambiguated() {
+        let a = execution_name("tenant:order/42", None);
+        let b = execution_name("tenant_order_42", None);
+        assert!(a.starts_with("tenant_order_42-"), "{a}");
+        assert_ne!(a, b);
+        assert!(a.chars().all(allowed_in_name));
+    }
+
+    #[test]
+    fn long_keys_are_cut_to_80_with_a_hash() {
+        let long_a = "k".repeat(200);
+        let long_b = format!("{}x", "k".repeat(199));
+        let a = execution_name(&long_a, Some("run1"));
+        let b = execution_name(&long_b, Some("run1"));
+        assert_eq!(a.len(), MAX_EXECUTION_NAME);
+        assert!(a.ends_with("-run1"));
+        assert_ne!(a, b);
+        assert_eq!(execution_name(&"k".repeat(80), None), "k".repeat(80));
+        assert_eq!(execution_name(&"k".repeat(81), None).len(), MAX_EXECUTION_NAME);
+    }
+}
