@@ -42,6 +42,8 @@ impl std::fmt::Display for FieldProblem {
     }
 }
 
+impl std::error::Error for FieldProblem {}
+
 fn shorten(value: String) -> String {
     const MAX: usize = 120;
     if value.chars().count() <= MAX {

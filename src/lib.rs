@@ -17,3 +17,5 @@ pub mod faults;
 pub mod config;
 pub mod lambda;
 pub mod local;
+pub mod cli;
+pub mod demo;

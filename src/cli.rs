@@ -1,0 +1,431 @@
+//! The `agentpay` command line: run and inspect payment executions on the local runner.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+use serde_json::{Value, json};
+
+use crate::asl::{ScaledSleeper, Sleeper, TokioSleeper};
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::config::Config;
+use crate::executions::{ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
+use crate::local::LocalApp;
+use crate::money::UsdAmount;
+use crate::policy::{SpendPolicy, WINDOW_24H, spent_within};
+use crate::store::Store;
+use crate::x402::{Network, parse_address};
+
+#[derive(Debug, Parser)]
+#[command(name = "agentpay", version, about = "Auditable, resumable agent payments (x402) — local runner")]
+pub struct Cli {
+    /// Where the embedded store and the dev wallet key live.
+    #[arg(long, global = true, env = "AGENTPAY_DATA_DIR", default_value = ".agentpay")]
+    pub data_dir: PathBuf,
+    /// Machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start one execution from an execution input file and print its outcome and history.
+    Run {
+        file: PathBuf,
+        /// Wait 1/100 of the ASL's retry intervals (for trying failure paths by hand).
+        #[arg(long)]
+        fast_retries: bool,
+    },
+    /// List or describe executions.
+    #[command(subcommand)]
+    Executions(ExecutionsCommand),
+    /// Resume a failed execution at the state that failed, with the same input.
+    Redrive {
+        id: String,
+        #[arg(long)]
+        fast_retries: bool,
+    },
+    /// Show an agent's ledger: policy, spend in the rolling window, reservations, audit trail.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+    /// Set, show, pause or resume an agent's spend policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// A scripted tour on a fresh embedded store: every path of the workflow.
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExecutionsCommand {
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    Describe { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    Show { agent: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Set the policy from a JSON file or from flags.
+    Set(PolicySetArgs),
+    Show { agent: String },
+    /// Kill switch: deny every payment of the agent.
+    Pause { agent: String },
+    Resume { agent: String },
+}
+
+#[derive(Debug, Args)]
+pub struct PolicySetArgs {
+    pub agent: String,
+    /// A policy JSON file (see events/policy-demo-agent.json); flags are then not allowed.
+    #[arg(long, conflicts_with_all = ["per_transaction_usd", "daily_usd", "max_per_hour", "network", "payee"])]
+    pub file: Option<PathBuf>,
+    #[arg(long, required_unless_present = "file")]
+    pub per_transaction_usd: Option<UsdAmount>,
+    #[arg(long, required_unless_present = "file")]
+    pub daily_usd: Option<UsdAmount>,
+    #[arg(long, required_unless_present = "file")]
+    pub max_per_hour: Option<u32>,
+    /// CAIP-2 network allowed (repeatable), e.g. eip155:84532.
+    #[arg(long, required_unless_present = "file")]
+    pub network: Vec<Network>,
+    /// Payee allowed (repeatable); none means any payee.
+    #[arg(long, value_parser = |s: &str| parse_address(s).map_err(|e| format!("expected {e}")))]
+    pub payee: Vec<alloy_primitives::Address>,
+}
+
+/// A failure of the CLI itself, shown as `error: ...` with its causes.
+pub type CliError = Box<dyn std::error::Error + Send + Sync>;
+
+struct Context {
+    app: LocalApp,
+    json: bool,
+}
+
+fn open(data_dir: &Path, sleeper: Arc<dyn Sleeper>, json: bool) -> Result<Context, CliError> {
+    let app = LocalApp::open(&Config::local(data_dir), Arc::new(SystemClock), sleeper)?;
+    Ok(Context { app, json })
+}
+
+fn sleeper(fast: bool) -> Arc<dyn Sleeper> {
+    if fast { Arc::new(ScaledSleeper(100)) } else { Arc::new(TokioSleeper) }
+}
+
+/// Runs the command; the exit code is 0 on success, 1 when an execution failed.
+pub async fn run(cli: Cli) -> Result<i32, CliError> {
+    match cli.command {
+        Command::Run { file, fast_retries } => {
+            let ctx = open(&cli.data_dir, sleeper(fast_retries), cli.json)?;
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let input: Value = serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
+            let record = ctx.app.run(input).await?;
+            print_execution(&ctx, &record).await?;
+            Ok(exit_code(&record))
+        }
+        Command::Executions(ExecutionsCommand::List { status, agent, limit }) => {
+            let ctx = open(&cli.data_dir, sleeper(false), cli.json)?;
+            let status = status
+                .map(|s| ExecutionStatus::parse(&s).ok_or(format!("--status: received {s:?}, expected RUNNING, SUCCEEDED or FAILED")))
+                .transpose()?;
+            let filter = ExecutionFilter { status, agent_id: agent, since: None, limit: Some(limit) };
+            let records = ctx.app.store.list_executions(&filter).await?;
+            if ctx.json {
+                println!("{}", serde_json::to_string_pretty(&records)?);
+            } else {
+                println!("{}", executions_table(&records));
+            }
+            Ok(0)
+        }
+        Command::Executions(ExecutionsCommand::Describe { id }) => {
+            let ctx = open(&cli.data_dir, sleeper(false), cli.json)?;
+            let record = ctx.app.store.execution(&id).await?.ok_or(format!("no execution {id:?}"))?;
+            print_execution(&ctx, &record).await?;
+            Ok(0)
+        }
+        Command::Redrive { id, fast_retries } => {
+            let ctx = open(&cli.data_dir, sleeper(fast_retries), cli.json)?;
+            let record = ctx.app.runner.redrive(&id).await?;
+            print_execution(&ctx, &record).await?;
+            Ok(exit_code(&record))
+        }
+        Command::Ledger(LedgerCommand::Show { agent }) => {
+            let ctx = open(&cli.data_dir, sleeper(false), cli.json)?;
+            print_ledger(&ctx, &agent).await?;
+            Ok(0)
+        }
+        Command::Policy(command) => {
+            let ctx = open(&cli.data_dir, sleeper(false), cli.json)?;
+            policy_command(&ctx, command).await?;
+            Ok(0)
+        }
+        Command::Demo => crate::demo::run(cli.json).await,
+    }
+}
+
+fn exit_code(record: &ExecutionRecord) -> i32 {
+    if record.status == ExecutionStatus::Succeeded { 0 } else { 1 }
+}
+
+async fn policy_command(ctx: &Context, command: PolicyCommand) -> Result<(), CliError> {
+    let store = &ctx.app.store;
+    let (agent, policy) = match command {
+        PolicyCommand::Set(args) => {
+            let policy = match &args.file {
+                Some(file) => {
+                    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                    serde_json::from_str::<SpendPolicy>(&text).map_err(|e| format!("{}: {e}", file.display()))?
+                }
+                None => SpendPolicy {
+                    paused: false,
+                    per_transaction_limit_usd: args.per_transaction_usd.ok_or("--per-transaction-usd is required")?,
+                    daily_limit_usd: args.daily_usd.ok_or("--daily-usd is required")?,
+                    max_transactions_per_hour: args.max_per_hour.ok_or("--max-per-hour is required")?,
+                    allowed_networks: args.network.clone(),
+                    allowed_payees: args.payee.clone(),
+                },
+            };
+            crate::request::AgentId::parse("agent", &args.agent)?;
+            store.put_policy(&args.agent, &policy).await?;
+            (args.agent, policy)
+        }
+        PolicyCommand::Show { agent } => {
+            let policy = store.agent_ledger(&agent).await?.policy.ok_or(format!("agent {agent:?} has no policy"))?;
+            (agent, policy)
+        }
+        PolicyCommand::Pause { agent } => set_paused(store.as_ref(), agent, true).await?,
+        PolicyCommand::Resume { agent } => set_paused(store.as_ref(), agent, false).await?,
+    };
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(&json!({"agentId": agent, "policy": policy}))?);
+    } else {
+        println!("{}", policy_table(&agent, &policy));
+    }
+    Ok(())
+}
+
+async fn set_paused(store: &dyn Store, agent: String, paused: bool) -> Result<(String, SpendPolicy), CliError> {
+    let mut policy = store.agent_ledger(&agent).await?.policy.ok_or(format!("agent {agent:?} has no policy to pause or resume"))?;
+    policy.paused = paused;
+    store.put_policy(&agent, &policy).await?;
+    Ok((agent, policy))
+}
+
+pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
+    let mut table = new_table(&["agent", "setting", "value"]);
+    let payees = if policy.allowed_payees.is_empty() {
+        "any".to_owned()
+    } else {
+        policy.allowed_payees.iter().map(|a| a.to_checksum(None)).collect::<Vec<_>>().join(", ")
+    };
+    for (setting, value) in [
+        ("paused (kill switch)", policy.paused.to_string()),
+        ("per-transaction limit", format!("{} USD", policy.per_transaction_limit_usd)),
+        ("rolling 24 h limit", format!("{} USD", policy.daily_limit_usd)),
+        ("transactions per hour", policy.max_transactions_per_hour.to_string()),
+        ("networks", policy.allowed_networks.iter().map(|n| n.caip2()).collect::<Vec<_>>().join(", ")),
+        ("payees", payees),
+    ] {
+        table.add_row(vec![agent.to_owned(), setting.to_owned(), value]);
+    }
+    table
+}
+
+fn new_table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_style(UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic).set_header(header.to_vec());
+    table
+}
+
+pub fn executions_table(records: &[ExecutionRecord]) -> Table {
+    let mut table = new_table(&["started", "name", "status", "agent", "error", "redrives"]);
+    for record in records {
+        table.add_row(vec![
+            record.started_at.to_rfc3339(),
+            record.name.clone(),
+            record.status.as_str().to_owned(),
+            record.agent_id.clone().unwrap_or_default(),
+            record.error.as_ref().map(|e| e.error.clone()).unwrap_or_default(),
+            record.redrive_count.to_string(),
+        ]);
+    }
+    table
+}
+
+/// One line per event, as a person reads a run.
+pub fn history_table(events: &[HistoryEvent], started: Timestamp) -> Table {
+    let mut table = new_table(&["#", "+ms", "state", "event", "detail"]);
+    for event in events {
+        let detail = match event.kind {
+            HistoryKind::TaskFailed | HistoryKind::ExecutionFailed => {
+                let cause = event.details["cause"].as_str().unwrap_or_default();
+                let message = serde_json::from_str::<Value>(cause)
+                    .ok()
+                    .and_then(|v| v["errorMessage"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| cause.to_owned());
+                format!("{}: {}", event.details["error"].as_str().unwrap_or_default(), message)
+            }
+            HistoryKind::TaskRetryScheduled => format!(
+                "{} — retry {}/{} after {} ms",
+                event.details["error"].as_str().unwrap_or_default(),
+                event.details["retry"],
+                event.details["maxAttempts"],
+                event.details["delayMillis"]
+            ),
+            HistoryKind::CatchMatched => format!("caught {} → {}", event.details["error"].as_str().unwrap_or_default(), event.details["next"].as_str().unwrap_or_default()),
+            HistoryKind::TaskSucceeded => summarize_output(&event.details["output"]),
+            HistoryKind::ExecutionRedriven => format!("redrive #{}", event.details["redriveCount"]),
+            _ => String::new(),
+        };
+        if matches!(event.kind, HistoryKind::StateExited | HistoryKind::TaskScheduled) {
+            continue;
+        }
+        table.add_row(vec![
+            event.seq.to_string(),
+            (event.at.millis() - started.millis()).to_string(),
+            event.state.clone().unwrap_or_default(),
+            format!("{:?}", event.kind),
+            detail,
+        ]);
+    }
+    table
+}
+
+fn summarize_output(output: &Value) -> String {
+    if let Some(outcome) = output["outcome"].as_str() {
+        return format!("{outcome} (attempt {})", output["attempt"]);
+    }
+    if let Some(id) = output["reservationId"].as_str() {
+        if let Some(released) = output["released"].as_bool() {
+            let key = output["idempotencyStatus"].as_str().unwrap_or_default();
+            return if released { format!("released {id}; key {key}") } else { format!("nothing was reserved; key {key}") };
+        }
+        return format!("reserved {} in {id}, {} left today", output["amount"].as_str().unwrap_or_default(), output["remaining24h"].as_str().unwrap_or_default());
+    }
+    if output["status"] == "PROOF_GENERATED" {
+        return format!("proof {} ({} header)", output["paymentId"].as_str().unwrap_or_default(), output["header"]["name"].as_str().unwrap_or_default());
+    }
+    if output["status"] == "AUTHORIZED" {
+        return format!("{} to {} authorized", output["amount"]["display"].as_str().unwrap_or_default(), output["payee"].as_str().unwrap_or_default());
+    }
+    String::new()
+}
+
+async fn print_execution(ctx: &Context, record: &ExecutionRecord) -> Result<(), CliError> {
+    let history = ctx.app.store.history(&record.execution_id).await?;
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(&json!({"execution": record, "history": history}))?);
+        return Ok(());
+    }
+    println!("{}", outcome_text(record));
+    println!("{}", history_table(&history, record.started_at));
+    Ok(())
+}
+
+/// The outcome in a few lines: what the agent does next.
+pub fn outcome_text(record: &ExecutionRecord) -> String {
+    let mut out = format!("execution {}\n  status  {}", record.name, record.status.as_str());
+    if record.redrive_count > 0 {
+        out.push_str(&format!(" (redriven {}×)", record.redrive_count));
+    }
+    match (&record.output, &record.error) {
+        (Some(output), _) => {
+            let header_value = output["header"]["value"].as_str().unwrap_or_default();
+            let shown: String = header_value.chars().take(48).collect();
+            out.push_str(&format!(
+                "\n  paid    {} on {} to {}\n  payment {}{}\n  header  {}: {}… ({} chars)",
+                output["amount"]["display"].as_str().unwrap_or_default(),
+                output["amount"]["network"].as_str().unwrap_or_default(),
+                output["payee"].as_str().unwrap_or_default(),
+                output["paymentId"].as_str().unwrap_or_default(),
+                if output["fromCache"] == true { "  (from the idempotency cache: not paid again)" } else { "" },
+                output["header"]["name"].as_str().unwrap_or_default(),
+                shown,
+                header_value.len()
+            ));
+        }
+        (None, Some(error)) => {
+            let message = serde_json::from_str::<Value>(&error.cause)
+                .ok()
+                .and_then(|v| v["errorMessage"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| error.cause.clone());
+            out.push_str(&format!(
+                "\n  error   {}\n  cause   {}\n  failed  in state {}",
+                error.error,
+                message,
+                record.failed_state.as_deref().unwrap_or("?")
+            ));
+            if record.failed_state.as_deref() == Some("RecordLedger") {
+                out.push_str(&format!("\n  next    the proof exists but is not recorded: `agentpay redrive {}`", record.name));
+            }
+        }
+        (None, None) => {}
+    }
+    out
+}
+
+async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
+    let store = &ctx.app.store;
+    let ledger = store.agent_ledger(agent).await?;
+    let reservations = store.reservations(agent).await?;
+    let audit = store.audit_events(agent).await?;
+    let now = SystemClock.now();
+    let spent = spent_within(&ledger.window, now, WINDOW_24H);
+    if ctx.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "agentId": agent, "policy": ledger.policy, "version": ledger.version,
+                "spent24h": spent, "reservations": reservations, "audit": audit
+            }))?
+        );
+        return Ok(());
+    }
+    match &ledger.policy {
+        Some(policy) => {
+            println!("{}", policy_table(agent, policy));
+            let daily = policy.daily_limit_usd.to_atomic(6).unwrap_or_default();
+            println!(
+                "spent in the last 24 h (reserved + authorized + settled): {} USDC of {} USDC",
+                spent.display_with_decimals(6),
+                daily.display_with_decimals(6)
+            );
+        }
+        None => println!("agent {agent} has no policy: every payment is denied"),
+    }
+    let mut table = new_table(&["created", "reservation", "status", "amount", "payee", "idempotency key"]);
+    for r in &reservations {
+        table.add_row(vec![
+            r.created_at.to_rfc3339(),
+            r.id.clone(),
+            r.status.as_str().to_owned(),
+            format!("{} USDC", r.amount.display_with_decimals(6)),
+            r.pay_to.clone(),
+            r.idempotency_key.clone(),
+        ]);
+    }
+    println!("reservations\n{table}");
+    let mut table = new_table(&["at", "event", "amount", "key", "why / error"]);
+    for e in &audit {
+        table.add_row(vec![
+            e.at.to_rfc3339(),
+            format!("{:?}", e.kind).to_uppercase(),
+            e.amount.map(|a| format!("{} USDC", a.display_with_decimals(6))).unwrap_or_default(),
+            e.idempotency_key.clone(),
+            e.error.as_ref().map_or_else(|| e.context.decision.clone(), |err| err.error.clone()),
+        ]);
+    }
+    println!("audit trail\n{table}");
+    Ok(())
+}
