@@ -1,0 +1,104 @@
+//! The `agentpay` binary as a person uses it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn agentpay(data_dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_agentpay"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn policy_run_list_describe_and_ledger_work_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
+    assert!(set.status.success(), "{set:?}");
+    assert!(stdout(&set).contains("rolling 24 h limit"));
+
+    let run = agentpay(dir.path(), &["run", "events/executions/paid-call.json"]);
+    assert!(run.status.success(), "{run:?}");
+    let text = stdout(&run);
+    assert!(text.contains("status  SUCCEEDED") && text.contains("PAYMENT-SIGNATURE"), "{text}");
+    assert!(text.contains("RecordLedger"), "the step history is printed: {text}");
+
+    let list = agentpay(dir.path(), &["--json", "executions", "list", "--status", "succeeded"]);
+    let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let name = listed[0]["name"].as_str().unwrap().to_owned();
+    assert!(name.starts_with("demo-paid-1-"), "executions carry the key: {name}");
+
+    let describe = agentpay(dir.path(), &["--json", "executions", "describe", &name]);
+    let described: Value = serde_json::from_slice(&describe.stdout).unwrap();
+    assert_eq!(described["execution"]["status"], "SUCCEEDED");
+    assert!(described["history"].as_array().unwrap().len() > 10);
+
+    let ledger = agentpay(dir.path(), &["ledger", "show", "demo-agent"]);
+    let text = stdout(&ledger);
+    assert!(text.contains("AUTHORIZED") && text.contains("0.50 USDC of 1.00 USDC"), "{text}");
+}
+
+#[test]
+fn a_failed_run_exits_1_and_explains() {
+    let dir = tempfile::tempdir().unwrap();
+    agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
+    let run = agentpay(dir.path(), &["run", "events/executions/invalid-challenge.json"]);
+    assert_eq!(run.status.code(), Some(1));
+    let text = stdout(&run);
+    assert!(text.contains("InvalidPaymentRequest") && text.contains("accepts[0].payTo"), "{text}");
+}
+
+#[test]
+fn policy_flags_pause_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = agentpay(
+        dir.path(),
+        &["--json", "policy", "set", "a1", "--per-transaction-usd", "2.5", "--daily-usd", "10", "--max-per-hour", "3", "--network", "eip155:84532"],
+    );
+    assert!(set.status.success(), "{set:?}");
+    let policy: Value = serde_json::from_slice(&set.stdout).unwrap();
+    assert_eq!(policy["policy"]["perTransactionLimitUsd"], "2.50");
+    let paused = agentpay(dir.path(), &["--json", "policy", "pause", "a1"]);
+    assert_eq!(serde_json::from_slice::<Value>(&paused.stdout).unwrap()["policy"]["paused"], true);
+    let resumed = agentpay(dir.path(), &["--json", "policy", "resume", "a1"]);
+    assert_eq!(serde_json::from_slice::<Value>(&resumed.stdout).unwrap()["policy"]["paused"], false);
+}
+
+#[test]
+fn bad_input_gets_a_message_a_person_can_act_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_usd = agentpay(
+        dir.path(),
+        &["policy", "set", "a1", "--per-transaction-usd", "1.0000001", "--daily-usd", "1", "--max-per-hour", "1", "--network", "eip155:84532"],
+    );
+    assert!(!bad_usd.status.success());
+    assert!(String::from_utf8_lossy(&bad_usd.stderr).contains("at most 6 decimal places"));
+    let bad_network = agentpay(
+        dir.path(),
+        &["policy", "set", "a1", "--per-transaction-usd", "1", "--daily-usd", "1", "--max-per-hour", "1", "--network", "eip155:1"],
+    );
+    assert!(String::from_utf8_lossy(&bad_network.stderr).contains("unknown network \"eip155:1\""));
+    let missing = agentpay(dir.path(), &["run", "no-such-file.json"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read no-such-file.json"));
+}
+
+#[test]
+fn the_demo_behaves_as_it_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = agentpay(dir.path(), &["--json", "demo"]);
+    assert!(demo.status.success(), "{}", String::from_utf8_lossy(&demo.stderr));
+    let report: Value = serde_json::from_slice(&demo.stdout).unwrap();
+    assert_eq!(report["unexpected"], 0);
+    assert_eq!(report["scenarios"].as_array().unwrap().len(), 7);
+}
