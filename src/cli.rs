@@ -10,7 +10,9 @@ use serde_json::{Value, json};
 use crate::asl::{ScaledSleeper, Sleeper, TokioSleeper};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::config::Config;
-use crate::executions::{ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
+use crate::executions::{
+    ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind,
+};
 use crate::local::LocalApp;
 use crate::money::UsdAmount;
 use crate::policy::{SpendPolicy, WINDOW_24H, spent_within};
@@ -18,10 +20,19 @@ use crate::store::Store;
 use crate::x402::{Network, parse_address};
 
 #[derive(Debug, Parser)]
-#[command(name = "agentpay", version, about = "Auditable, resumable agent payments (x402) — local runner")]
+#[command(
+    name = "agentpay",
+    version,
+    about = "Auditable, resumable agent payments (x402) — local runner"
+)]
 pub struct Cli {
     /// Where the embedded store and the dev wallet key live.
-    #[arg(long, global = true, env = "AGENTPAY_DATA_DIR", default_value = ".agentpay")]
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTPAY_DATA_DIR",
+        default_value = ".agentpay"
+    )]
     pub data_dir: PathBuf,
     /// Machine-readable JSON instead of tables.
     #[arg(long, global = true)]
@@ -68,7 +79,9 @@ pub enum ExecutionsCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    Describe { id: String },
+    Describe {
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,10 +93,16 @@ pub enum LedgerCommand {
 pub enum PolicyCommand {
     /// Set the policy from a JSON file or from flags.
     Set(PolicySetArgs),
-    Show { agent: String },
+    Show {
+        agent: String,
+    },
     /// Kill switch: deny every payment of the agent.
-    Pause { agent: String },
-    Resume { agent: String },
+    Pause {
+        agent: String,
+    },
+    Resume {
+        agent: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -120,7 +139,11 @@ fn open(data_dir: &Path, sleeper: Arc<dyn Sleeper>, json: bool) -> Result<Contex
 }
 
 fn sleeper(fast: bool) -> Arc<dyn Sleeper> {
-    if fast { Arc::new(ScaledSleeper(100)) } else { Arc::new(TokioSleeper) }
+    if fast {
+        Arc::new(ScaledSleeper(100))
+    } else {
+        Arc::new(TokioSleeper)
+    }
 }
 
 /// Runs the command; the exit code is 0 on success, 1 when an execution failed.
@@ -128,18 +151,33 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     match cli.command {
         Command::Run { file, fast_retries } => {
             let ctx = open(&cli.data_dir, sleeper(fast_retries), cli.json)?;
-            let text = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let input: Value = serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let input: Value = serde_json::from_str(&text)
+                .map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
             let record = ctx.app.run(input).await?;
             print_execution(&ctx, &record).await?;
             Ok(exit_code(&record))
         }
-        Command::Executions(ExecutionsCommand::List { status, agent, limit }) => {
+        Command::Executions(ExecutionsCommand::List {
+            status,
+            agent,
+            limit,
+        }) => {
             let ctx = open(&cli.data_dir, sleeper(false), cli.json)?;
             let status = status
-                .map(|s| ExecutionStatus::parse(&s).ok_or(format!("--status: received {s:?}, expected RUNNING, SUCCEEDED or FAILED")))
+                .map(|s| {
+                    ExecutionStatus::parse(&s).ok_or(format!(
+                        "--status: received {s:?}, expected RUNNING, SUCCEEDED or FAILED"
+                    ))
+                })
                 .transpose()?;
-            let filter = ExecutionFilter { status, agent_id: agent, since: None, limit: Some(limit) };
+            let filter = ExecutionFilter {
+                status,
+                agent_id: agent,
+                since: None,
+                limit: Some(limit),
+            };
             let records = ctx.app.store.list_executions(&filter).await?;
             if ctx.json {
                 println!("{}", serde_json::to_string_pretty(&records)?);
@@ -150,7 +188,12 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         }
         Command::Executions(ExecutionsCommand::Describe { id }) => {
             let ctx = open(&cli.data_dir, sleeper(false), cli.json)?;
-            let record = ctx.app.store.execution(&id).await?.ok_or(format!("no execution {id:?}"))?;
+            let record = ctx
+                .app
+                .store
+                .execution(&id)
+                .await?
+                .ok_or(format!("no execution {id:?}"))?;
             print_execution(&ctx, &record).await?;
             Ok(0)
         }
@@ -175,7 +218,11 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
 }
 
 fn exit_code(record: &ExecutionRecord) -> i32 {
-    if record.status == ExecutionStatus::Succeeded { 0 } else { 1 }
+    if record.status == ExecutionStatus::Succeeded {
+        0
+    } else {
+        1
+    }
 }
 
 async fn policy_command(ctx: &Context, command: PolicyCommand) -> Result<(), CliError> {
@@ -184,14 +231,20 @@ async fn policy_command(ctx: &Context, command: PolicyCommand) -> Result<(), Cli
         PolicyCommand::Set(args) => {
             let policy = match &args.file {
                 Some(file) => {
-                    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                    serde_json::from_str::<SpendPolicy>(&text).map_err(|e| format!("{}: {e}", file.display()))?
+                    let text = std::fs::read_to_string(file)
+                        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                    serde_json::from_str::<SpendPolicy>(&text)
+                        .map_err(|e| format!("{}: {e}", file.display()))?
                 }
                 None => SpendPolicy {
                     paused: false,
-                    per_transaction_limit_usd: args.per_transaction_usd.ok_or("--per-transaction-usd is required")?,
+                    per_transaction_limit_usd: args
+                        .per_transaction_usd
+                        .ok_or("--per-transaction-usd is required")?,
                     daily_limit_usd: args.daily_usd.ok_or("--daily-usd is required")?,
-                    max_transactions_per_hour: args.max_per_hour.ok_or("--max-per-hour is required")?,
+                    max_transactions_per_hour: args
+                        .max_per_hour
+                        .ok_or("--max-per-hour is required")?,
                     allowed_networks: args.network.clone(),
                     allowed_payees: args.payee.clone(),
                 },
@@ -201,22 +254,37 @@ async fn policy_command(ctx: &Context, command: PolicyCommand) -> Result<(), Cli
             (args.agent, policy)
         }
         PolicyCommand::Show { agent } => {
-            let policy = store.agent_ledger(&agent).await?.policy.ok_or(format!("agent {agent:?} has no policy"))?;
+            let policy = store
+                .agent_ledger(&agent)
+                .await?
+                .policy
+                .ok_or(format!("agent {agent:?} has no policy"))?;
             (agent, policy)
         }
         PolicyCommand::Pause { agent } => set_paused(store.as_ref(), agent, true).await?,
         PolicyCommand::Resume { agent } => set_paused(store.as_ref(), agent, false).await?,
     };
     if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&json!({"agentId": agent, "policy": policy}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"agentId": agent, "policy": policy}))?
+        );
     } else {
         println!("{}", policy_table(&agent, &policy));
     }
     Ok(())
 }
 
-async fn set_paused(store: &dyn Store, agent: String, paused: bool) -> Result<(String, SpendPolicy), CliError> {
-    let mut policy = store.agent_ledger(&agent).await?.policy.ok_or(format!("agent {agent:?} has no policy to pause or resume"))?;
+async fn set_paused(
+    store: &dyn Store,
+    agent: String,
+    paused: bool,
+) -> Result<(String, SpendPolicy), CliError> {
+    let mut policy = store
+        .agent_ledger(&agent)
+        .await?
+        .policy
+        .ok_or(format!("agent {agent:?} has no policy to pause or resume"))?;
     policy.paused = paused;
     store.put_policy(&agent, &policy).await?;
     Ok((agent, policy))
@@ -227,14 +295,36 @@ pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
     let payees = if policy.allowed_payees.is_empty() {
         "any".to_owned()
     } else {
-        policy.allowed_payees.iter().map(|a| a.to_checksum(None)).collect::<Vec<_>>().join(", ")
+        policy
+            .allowed_payees
+            .iter()
+            .map(|a| a.to_checksum(None))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     for (setting, value) in [
         ("paused (kill switch)", policy.paused.to_string()),
-        ("per-transaction limit", format!("{} USD", policy.per_transaction_limit_usd)),
-        ("rolling 24 h limit", format!("{} USD", policy.daily_limit_usd)),
-        ("transactions per hour", policy.max_transactions_per_hour.to_string()),
-        ("networks", policy.allowed_networks.iter().map(|n| n.caip2()).collect::<Vec<_>>().join(", ")),
+        (
+            "per-transaction limit",
+            format!("{} USD", policy.per_transaction_limit_usd),
+        ),
+        (
+            "rolling 24 h limit",
+            format!("{} USD", policy.daily_limit_usd),
+        ),
+        (
+            "transactions per hour",
+            policy.max_transactions_per_hour.to_string(),
+        ),
+        (
+            "networks",
+            policy
+                .allowed_networks
+                .iter()
+                .map(|n| n.caip2())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
         ("payees", payees),
     ] {
         table.add_row(vec![agent.to_owned(), setting.to_owned(), value]);
@@ -244,7 +334,10 @@ pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
 
 fn new_table(header: &[&str]) -> Table {
     let mut table = Table::new();
-    table.load_style(UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic).set_header(header.to_vec());
+    table
+        .load_style(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.to_vec());
     table
 }
 
@@ -256,7 +349,11 @@ pub fn executions_table(records: &[ExecutionRecord]) -> Table {
             record.name.clone(),
             record.status.as_str().to_owned(),
             record.agent_id.clone().unwrap_or_default(),
-            record.error.as_ref().map(|e| e.error.clone()).unwrap_or_default(),
+            record
+                .error
+                .as_ref()
+                .map(|e| e.error.clone())
+                .unwrap_or_default(),
             record.redrive_count.to_string(),
         ]);
     }
@@ -274,7 +371,11 @@ pub fn history_table(events: &[HistoryEvent], started: Timestamp) -> Table {
                     .ok()
                     .and_then(|v| v["errorMessage"].as_str().map(str::to_owned))
                     .unwrap_or_else(|| cause.to_owned());
-                format!("{}: {}", event.details["error"].as_str().unwrap_or_default(), message)
+                format!(
+                    "{}: {}",
+                    event.details["error"].as_str().unwrap_or_default(),
+                    message
+                )
             }
             HistoryKind::TaskRetryScheduled => format!(
                 "{} — retry {}/{} after {} ms",
@@ -283,12 +384,19 @@ pub fn history_table(events: &[HistoryEvent], started: Timestamp) -> Table {
                 event.details["maxAttempts"],
                 event.details["delayMillis"]
             ),
-            HistoryKind::CatchMatched => format!("caught {} → {}", event.details["error"].as_str().unwrap_or_default(), event.details["next"].as_str().unwrap_or_default()),
+            HistoryKind::CatchMatched => format!(
+                "caught {} → {}",
+                event.details["error"].as_str().unwrap_or_default(),
+                event.details["next"].as_str().unwrap_or_default()
+            ),
             HistoryKind::TaskSucceeded => summarize_output(&event.details["output"]),
             HistoryKind::ExecutionRedriven => format!("redrive #{}", event.details["redriveCount"]),
             _ => String::new(),
         };
-        if matches!(event.kind, HistoryKind::StateExited | HistoryKind::TaskScheduled) {
+        if matches!(
+            event.kind,
+            HistoryKind::StateExited | HistoryKind::TaskScheduled
+        ) {
             continue;
         }
         table.add_row(vec![
@@ -309,15 +417,31 @@ fn summarize_output(output: &Value) -> String {
     if let Some(id) = output["reservationId"].as_str() {
         if let Some(released) = output["released"].as_bool() {
             let key = output["idempotencyStatus"].as_str().unwrap_or_default();
-            return if released { format!("released {id}; key {key}") } else { format!("nothing was reserved; key {key}") };
+            return if released {
+                format!("released {id}; key {key}")
+            } else {
+                format!("nothing was reserved; key {key}")
+            };
         }
-        return format!("reserved {} in {id}, {} left today", output["amount"].as_str().unwrap_or_default(), output["remaining24h"].as_str().unwrap_or_default());
+        return format!(
+            "reserved {} in {id}, {} left today",
+            output["amount"].as_str().unwrap_or_default(),
+            output["remaining24h"].as_str().unwrap_or_default()
+        );
     }
     if output["status"] == "PROOF_GENERATED" {
-        return format!("proof {} ({} header)", output["paymentId"].as_str().unwrap_or_default(), output["header"]["name"].as_str().unwrap_or_default());
+        return format!(
+            "proof {} ({} header)",
+            output["paymentId"].as_str().unwrap_or_default(),
+            output["header"]["name"].as_str().unwrap_or_default()
+        );
     }
     if output["status"] == "AUTHORIZED" {
-        return format!("{} to {} authorized", output["amount"]["display"].as_str().unwrap_or_default(), output["payee"].as_str().unwrap_or_default());
+        return format!(
+            "{} to {} authorized",
+            output["amount"]["display"].as_str().unwrap_or_default(),
+            output["payee"].as_str().unwrap_or_default()
+        );
     }
     String::new()
 }
@@ -325,7 +449,10 @@ fn summarize_output(output: &Value) -> String {
 async fn print_execution(ctx: &Context, record: &ExecutionRecord) -> Result<(), CliError> {
     let history = ctx.app.store.history(&record.execution_id).await?;
     if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&json!({"execution": record, "history": history}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"execution": record, "history": history}))?
+        );
         return Ok(());
     }
     println!("{}", outcome_text(record));
@@ -335,7 +462,11 @@ async fn print_execution(ctx: &Context, record: &ExecutionRecord) -> Result<(), 
 
 /// The outcome in a few lines: what the agent does next.
 pub fn outcome_text(record: &ExecutionRecord) -> String {
-    let mut out = format!("execution {}\n  status  {}", record.name, record.status.as_str());
+    let mut out = format!(
+        "execution {}\n  status  {}",
+        record.name,
+        record.status.as_str()
+    );
     if record.redrive_count > 0 {
         out.push_str(&format!(" (redriven {}×)", record.redrive_count));
     }
@@ -349,7 +480,11 @@ pub fn outcome_text(record: &ExecutionRecord) -> String {
                 output["amount"]["network"].as_str().unwrap_or_default(),
                 output["payee"].as_str().unwrap_or_default(),
                 output["paymentId"].as_str().unwrap_or_default(),
-                if output["fromCache"] == true { "  (from the idempotency cache: not paid again)" } else { "" },
+                if output["fromCache"] == true {
+                    "  (from the idempotency cache: not paid again)"
+                } else {
+                    ""
+                },
                 output["header"]["name"].as_str().unwrap_or_default(),
                 shown,
                 header_value.len()
@@ -367,7 +502,10 @@ pub fn outcome_text(record: &ExecutionRecord) -> String {
                 record.failed_state.as_deref().unwrap_or("?")
             ));
             if record.failed_state.as_deref() == Some("RecordLedger") {
-                out.push_str(&format!("\n  next    the proof exists but is not recorded: `agentpay redrive {}`", record.name));
+                out.push_str(&format!(
+                    "\n  next    the proof exists but is not recorded: `agentpay redrive {}`",
+                    record.name
+                ));
             }
         }
         (None, None) => {}
@@ -404,7 +542,14 @@ async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
         }
         None => println!("agent {agent} has no policy: every payment is denied"),
     }
-    let mut table = new_table(&["created", "reservation", "status", "amount", "payee", "idempotency key"]);
+    let mut table = new_table(&[
+        "created",
+        "reservation",
+        "status",
+        "amount",
+        "payee",
+        "idempotency key",
+    ]);
     for r in &reservations {
         table.add_row(vec![
             r.created_at.to_rfc3339(),
@@ -421,9 +566,13 @@ async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
         table.add_row(vec![
             e.at.to_rfc3339(),
             format!("{:?}", e.kind).to_uppercase(),
-            e.amount.map(|a| format!("{} USDC", a.display_with_decimals(6))).unwrap_or_default(),
+            e.amount
+                .map(|a| format!("{} USDC", a.display_with_decimals(6)))
+                .unwrap_or_default(),
             e.idempotency_key.clone(),
-            e.error.as_ref().map_or_else(|| e.context.decision.clone(), |err| err.error.clone()),
+            e.error
+                .as_ref()
+                .map_or_else(|| e.context.decision.clone(), |err| err.error.clone()),
         ]);
     }
     println!("audit trail\n{table}");

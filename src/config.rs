@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
-use crate::provider::dev_wallet::DevWallet;
 use crate::provider::PaymentProvider;
+use crate::provider::dev_wallet::DevWallet;
 use crate::steps::{StepSettings, Steps};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -17,9 +17,16 @@ use crate::store::sqlite::SqliteStore;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{variable}: received {received:?}, expected {expected}")]
-    Invalid { variable: &'static str, received: String, expected: &'static str },
+    Invalid {
+        variable: &'static str,
+        received: String,
+        expected: &'static str,
+    },
     #[error("{variable} is not set; expected {expected}")]
-    Missing { variable: &'static str, expected: &'static str },
+    Missing {
+        variable: &'static str,
+        expected: &'static str,
+    },
     #[error("cannot read {path}")]
     Io {
         path: PathBuf,
@@ -74,55 +81,97 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let store = match lookup("AGENTPAY_STORE").as_deref().unwrap_or("sqlite") {
             "sqlite" => StoreConfig::Sqlite(PathBuf::from(
-                lookup("AGENTPAY_SQLITE_PATH").unwrap_or_else(|| "/tmp/agentpay/agentpay.db".into()),
+                lookup("AGENTPAY_SQLITE_PATH")
+                    .unwrap_or_else(|| "/tmp/agentpay/agentpay.db".into()),
             )),
             other => {
-                return Err(ConfigError::Invalid { variable: "AGENTPAY_STORE", received: other.into(), expected: "\"sqlite\"" });
+                return Err(ConfigError::Invalid {
+                    variable: "AGENTPAY_STORE",
+                    received: other.into(),
+                    expected: "\"sqlite\"",
+                });
             }
         };
-        let provider = match lookup("AGENTPAY_PROVIDER").as_deref().unwrap_or("dev-wallet") {
+        let provider = match lookup("AGENTPAY_PROVIDER")
+            .as_deref()
+            .unwrap_or("dev-wallet")
+        {
             "dev-wallet" => ProviderConfig::DevWallet(
-                match (lookup("AGENTPAY_DEV_WALLET_KEY"), lookup("AGENTPAY_DEV_WALLET_KEY_FILE")) {
+                match (
+                    lookup("AGENTPAY_DEV_WALLET_KEY"),
+                    lookup("AGENTPAY_DEV_WALLET_KEY_FILE"),
+                ) {
                     (Some(hex), _) => DevWalletKey::Hex(hex),
                     (None, Some(path)) => DevWalletKey::File(PathBuf::from(path)),
-                    (None, None) => return Err(ConfigError::Missing { variable: "AGENTPAY_DEV_WALLET_KEY", expected: KEY_EXPECTED }),
+                    (None, None) => {
+                        return Err(ConfigError::Missing {
+                            variable: "AGENTPAY_DEV_WALLET_KEY",
+                            expected: KEY_EXPECTED,
+                        });
+                    }
                 },
             ),
             other => {
-                return Err(ConfigError::Invalid { variable: "AGENTPAY_PROVIDER", received: other.into(), expected: "\"dev-wallet\"" });
+                return Err(ConfigError::Invalid {
+                    variable: "AGENTPAY_PROVIDER",
+                    received: other.into(),
+                    expected: "\"dev-wallet\"",
+                });
             }
         };
         let mut settings = StepSettings::default();
         if let Some(text) = lookup("AGENTPAY_LEASE_SECONDS") {
-            settings.lease = Duration::from_secs(text.parse().ok().filter(|s| *s > 0).ok_or(ConfigError::Invalid {
-                variable: "AGENTPAY_LEASE_SECONDS",
-                received: text,
-                expected: "a whole number of seconds above 0",
-            })?);
-        }
-        if let Some(text) = lookup("AGENTPAY_IDEMPOTENCY_TTL_HOURS") {
-            settings.idempotency_ttl = Duration::from_secs(3600 * text.parse::<u64>().ok().filter(|h| (1..=24 * 30).contains(h)).ok_or(
-                ConfigError::Invalid { variable: "AGENTPAY_IDEMPOTENCY_TTL_HOURS", received: text, expected: "hours from 1 to 720" },
+            settings.lease = Duration::from_secs(text.parse().ok().filter(|s| *s > 0).ok_or(
+                ConfigError::Invalid {
+                    variable: "AGENTPAY_LEASE_SECONDS",
+                    received: text,
+                    expected: "a whole number of seconds above 0",
+                },
             )?);
         }
-        Ok(Self { store, provider, settings })
+        if let Some(text) = lookup("AGENTPAY_IDEMPOTENCY_TTL_HOURS") {
+            settings.idempotency_ttl = Duration::from_secs(
+                3600 * text
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|h| (1..=24 * 30).contains(h))
+                    .ok_or(ConfigError::Invalid {
+                        variable: "AGENTPAY_IDEMPOTENCY_TTL_HOURS",
+                        received: text,
+                        expected: "hours from 1 to 720",
+                    })?,
+            );
+        }
+        Ok(Self {
+            store,
+            provider,
+            settings,
+        })
     }
 
     /// The local default: everything under `data_dir`, a dev wallet key file created on first use.
     pub fn local(data_dir: &Path) -> Self {
         Self {
             store: StoreConfig::Sqlite(data_dir.join("agentpay.db")),
-            provider: ProviderConfig::DevWallet(DevWalletKey::File(data_dir.join("dev-wallet.key"))),
+            provider: ProviderConfig::DevWallet(DevWalletKey::File(
+                data_dir.join("dev-wallet.key"),
+            )),
             settings: StepSettings::default(),
         }
     }
 
     pub fn open_sqlite(&self) -> Result<Arc<SqliteStore>, ConfigError> {
         let StoreConfig::Sqlite(path) = &self.store;
-        Ok(Arc::new(SqliteStore::open(path).map_err(ConfigError::Store)?))
+        Ok(Arc::new(
+            SqliteStore::open(path).map_err(ConfigError::Store)?,
+        ))
     }
 
-    pub fn dev_wallet(&self, store: Arc<SqliteStore>, clock: Arc<dyn Clock>) -> Result<DevWallet, ConfigError> {
+    pub fn dev_wallet(
+        &self,
+        store: Arc<SqliteStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<DevWallet, ConfigError> {
         let ProviderConfig::DevWallet(key) = &self.provider;
         let hex = match key {
             DevWalletKey::Hex(hex) => hex.clone(),
@@ -139,7 +188,8 @@ impl Config {
     pub fn build_steps(&self) -> Result<Steps, ConfigError> {
         let store = self.open_sqlite()?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let provider: Arc<dyn PaymentProvider> = Arc::new(self.dev_wallet(store.clone(), clock.clone())?);
+        let provider: Arc<dyn PaymentProvider> =
+            Arc::new(self.dev_wallet(store.clone(), clock.clone())?);
         let store: Arc<dyn Store> = store;
         Ok(Steps::new(store, provider, clock, self.settings.clone()))
     }
@@ -147,7 +197,10 @@ impl Config {
 
 /// Reads the key file, or creates it with a fresh key (owner-only permissions).
 fn read_or_create_key(path: &Path) -> Result<String, ConfigError> {
-    let io = |source| ConfigError::Io { path: path.to_owned(), source };
+    let io = |source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    };
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(text.trim().to_owned()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -162,7 +215,9 @@ fn read_or_create_key(path: &Path) -> Result<String, ConfigError> {
             match options.open(path) {
                 Ok(mut file) => std::io::Write::write_all(&mut file, key.as_bytes()).map_err(io)?,
                 // Another process created it first: use theirs.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return read_or_create_key(path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return read_or_create_key(path);
+                }
                 Err(e) => return Err(io(e)),
             }
             Ok(key)
@@ -178,25 +233,40 @@ mod tests {
     use super::*;
 
     fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |name| map.get(name).cloned()
     }
 
     #[test]
     fn errors_name_the_variable_and_the_expected_value() {
-        let error = Config::from_lookup(lookup(&[("AGENTPAY_PROVIDER", "paypal")])).unwrap_err().to_string();
-        assert_eq!(error, "AGENTPAY_PROVIDER: received \"paypal\", expected \"dev-wallet\"");
-        let error = Config::from_lookup(lookup(&[])).unwrap_err().to_string();
-        assert!(error.starts_with("AGENTPAY_DEV_WALLET_KEY is not set"), "{error}");
-        let error = Config::from_lookup(lookup(&[("AGENTPAY_DEV_WALLET_KEY", "k"), ("AGENTPAY_LEASE_SECONDS", "0")]))
+        let error = Config::from_lookup(lookup(&[("AGENTPAY_PROVIDER", "paypal")]))
             .unwrap_err()
             .to_string();
+        assert_eq!(
+            error,
+            "AGENTPAY_PROVIDER: received \"paypal\", expected \"dev-wallet\""
+        );
+        let error = Config::from_lookup(lookup(&[])).unwrap_err().to_string();
+        assert!(
+            error.starts_with("AGENTPAY_DEV_WALLET_KEY is not set"),
+            "{error}"
+        );
+        let error = Config::from_lookup(lookup(&[
+            ("AGENTPAY_DEV_WALLET_KEY", "k"),
+            ("AGENTPAY_LEASE_SECONDS", "0"),
+        ]))
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("AGENTPAY_LEASE_SECONDS"), "{error}");
     }
 
     #[test]
     fn the_key_is_redacted_from_debug_output() {
-        let config = Config::from_lookup(lookup(&[("AGENTPAY_DEV_WALLET_KEY", "deadbeefsecret")])).unwrap();
+        let config =
+            Config::from_lookup(lookup(&[("AGENTPAY_DEV_WALLET_KEY", "deadbeefsecret")])).unwrap();
         assert!(!format!("{config:?}").contains("deadbeefsecret"));
     }
 
@@ -209,7 +279,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
     }
 }

@@ -10,7 +10,10 @@ use crate::steps::{StepName, Steps};
 
 impl From<PaymentError> for Diagnostic {
     fn from(error: PaymentError) -> Self {
-        Diagnostic { error_type: error.name().to_owned(), error_message: error.chain_message() }
+        Diagnostic {
+            error_type: error.name().to_owned(),
+            error_message: error.chain_message(),
+        }
     }
 }
 
@@ -29,11 +32,22 @@ pub fn init_tracing() {
 
 /// One invocation. Logs the step, the execution and the outcome — never the payload, which
 /// carries the payment proof.
-pub async fn handle(steps: &Steps, step: StepName, event: LambdaEvent<Value>) -> Result<Value, PaymentError> {
-    let execution_id = event.payload.get("executionId").and_then(Value::as_str).unwrap_or("-").to_owned();
+pub async fn handle(
+    steps: &Steps,
+    step: StepName,
+    event: LambdaEvent<Value>,
+) -> Result<Value, PaymentError> {
+    let execution_id = event
+        .payload
+        .get("executionId")
+        .and_then(Value::as_str)
+        .unwrap_or("-")
+        .to_owned();
     let result = steps.invoke(step, event.payload).await;
     match &result {
-        Ok(_) => tracing::info!(step = step.function_name(), execution_id, request_id = %event.context.request_id, "step succeeded"),
+        Ok(_) => {
+            tracing::info!(step = step.function_name(), execution_id, request_id = %event.context.request_id, "step succeeded")
+        }
         Err(error) => tracing::warn!(
             step = step.function_name(),
             execution_id,
@@ -70,12 +84,33 @@ mod tests {
     #[tokio::test]
     async fn a_bad_event_becomes_a_named_lambda_error() {
         let store = Arc::new(SqliteStore::in_memory().unwrap());
-        let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store.clone(), Arc::new(SystemClock)).unwrap();
-        let steps = Steps::new(store, Arc::new(wallet), Arc::new(SystemClock), StepSettings::default());
-        let event = LambdaEvent::new(json!({"request": {}, "executionId": "e"}), lambda_runtime::Context::default());
-        let error = handle(&steps, StepName::CheckIdempotency, event).await.unwrap_err();
+        let wallet = DevWallet::from_hex_key(
+            &DevWallet::generate_hex_key(),
+            store.clone(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let steps = Steps::new(
+            store,
+            Arc::new(wallet),
+            Arc::new(SystemClock),
+            StepSettings::default(),
+        );
+        let event = LambdaEvent::new(
+            json!({"request": {}, "executionId": "e"}),
+            lambda_runtime::Context::default(),
+        );
+        let error = handle(&steps, StepName::CheckIdempotency, event)
+            .await
+            .unwrap_err();
         let diagnostic = Diagnostic::from(error);
         assert_eq!(diagnostic.error_type, "InvalidPaymentRequest");
-        assert!(diagnostic.error_message.contains("idempotencyKey: received nothing"), "{}", diagnostic.error_message);
+        assert!(
+            diagnostic
+                .error_message
+                .contains("idempotencyKey: received nothing"),
+            "{}",
+            diagnostic.error_message
+        );
     }
 }

@@ -29,7 +29,10 @@ fn allowed_in_name(c: char) -> bool {
 /// The key is kept readable; where characters had to be replaced or the name cut, a hash
 /// of the whole key is appended so two keys never share a name.
 pub fn execution_name(key: &str, run_suffix: Option<&str>) -> String {
-    let sanitized: String = key.chars().map(|c| if allowed_in_name(c) { c } else { '_' }).collect();
+    let sanitized: String = key
+        .chars()
+        .map(|c| if allowed_in_name(c) { c } else { '_' })
+        .collect();
     let suffix = run_suffix.map(|s| format!("-{s}")).unwrap_or_default();
     let fits = sanitized.len() + suffix.len() <= MAX_EXECUTION_NAME;
     if sanitized == key && fits && !key.is_empty() {
@@ -53,11 +56,19 @@ pub struct LocalApp {
 }
 
 impl LocalApp {
-    pub fn open(config: &Config, clock: Arc<dyn Clock>, sleeper: Arc<dyn Sleeper>) -> Result<Self, LocalError> {
+    pub fn open(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        sleeper: Arc<dyn Sleeper>,
+    ) -> Result<Self, LocalError> {
         let store = config.open_sqlite()?;
         let wallet = config.dev_wallet(store.clone(), clock.clone())?;
         let wallet_address = wallet.address().to_checksum(None);
-        let provider = Arc::new(FaultyProvider::new(Arc::new(wallet), ProviderFault::Unavailable, 0));
+        let provider = Arc::new(FaultyProvider::new(
+            Arc::new(wallet),
+            ProviderFault::Unavailable,
+            0,
+        ));
         let ledger = Arc::new(FaultyStore::new(store.clone() as Arc<dyn Store>));
         let steps = Steps::new(
             ledger.clone() as Arc<dyn Store>,
@@ -66,14 +77,26 @@ impl LocalApp {
             config.settings.clone(),
         );
         let runner = LocalRunner::new(PAYMENT_DEFINITION, steps.clone(), store.clone(), sleeper)?;
-        Ok(Self { store, provider, ledger, wallet_address, steps, runner })
+        Ok(Self {
+            store,
+            provider,
+            ledger,
+            wallet_address,
+            steps,
+            runner,
+        })
     }
 
     /// Starts one execution named after the request's idempotency key, unique per run.
     pub async fn run(&self, input: Value) -> Result<ExecutionRecord, RunnerError> {
-        let key = input.get("idempotencyKey").and_then(Value::as_str).unwrap_or("no-key");
+        let key = input
+            .get("idempotencyKey")
+            .and_then(Value::as_str)
+            .unwrap_or("no-key");
         let run_id = hex::encode(rand::random::<[u8; 4]>());
-        self.runner.start(&execution_name(key, Some(&run_id)), input).await
+        self.runner
+            .start(&execution_name(key, Some(&run_id)), input)
+            .await
     }
 }
 
@@ -114,6 +137,9 @@ mod tests {
         assert!(a.ends_with("-run1"));
         assert_ne!(a, b);
         assert_eq!(execution_name(&"k".repeat(80), None), "k".repeat(80));
-        assert_eq!(execution_name(&"k".repeat(81), None).len(), MAX_EXECUTION_NAME);
+        assert_eq!(
+            execution_name(&"k".repeat(81), None).len(),
+            MAX_EXECUTION_NAME
+        );
     }
 }

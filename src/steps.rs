@@ -12,14 +12,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::clock::{Clock, Timestamp};
-use crate::error::{InvalidPaymentRequest, PaymentError};
+use crate::error::{InvalidPaymentRequest, PaymentError, is_denial_name};
 use crate::money::AtomicAmount;
 use crate::policy::{SpendSnapshot, decide};
 use crate::provider::{PaymentHeader, PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::{PaymentRequest, derived_id};
 use crate::store::{
-    AuditEvent, AuditKind, AuthorizationCommit, ErrorRecord, IdempotencyRecord, IdempotencyStatus, ReleaseCommit,
-    ReleasedReservation, Reservation, ReservationStatus, ReserveOutcome, Store, Transition,
+    AuditEvent, AuditKind, AuthorizationCommit, ErrorRecord, IdempotencyRecord, IdempotencyStatus,
+    ReleaseCommit, ReleasedReservation, Reservation, ReservationStatus, ReserveOutcome, Store,
+    Transition,
 };
 use crate::x402::{Network, PaymentRequirement};
 
@@ -34,8 +35,13 @@ pub enum StepName {
 }
 
 impl StepName {
-    pub const ALL: [StepName; 5] =
-        [Self::CheckIdempotency, Self::CheckSpend, Self::ProcessPayment, Self::RecordLedger, Self::Compensate];
+    pub const ALL: [StepName; 5] = [
+        Self::CheckIdempotency,
+        Self::CheckSpend,
+        Self::ProcessPayment,
+        Self::RecordLedger,
+        Self::Compensate,
+    ];
 
     /// The crate under `functions/` and the function's name in `template.yaml`.
     pub fn function_name(self) -> &'static str {
@@ -72,7 +78,11 @@ pub struct StepSettings {
 
 impl Default for StepSettings {
     fn default() -> Self {
-        Self { lease: Duration::from_secs(300), idempotency_ttl: Duration::from_secs(24 * 3600), ledger_attempts: 8 }
+        Self {
+            lease: Duration::from_secs(300),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            ledger_attempts: 8,
+        }
     }
 }
 
@@ -177,7 +187,11 @@ impl CaughtError {
     pub fn message(&self) -> String {
         serde_json::from_str::<Value>(&self.cause)
             .ok()
-            .and_then(|v| v.get("errorMessage").and_then(Value::as_str).map(str::to_owned))
+            .and_then(|v| {
+                v.get("errorMessage")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .unwrap_or_else(|| self.cause.clone())
     }
 }
@@ -237,13 +251,18 @@ fn parse_input<T: DeserializeOwned>(step: StepName, input: Value) -> Result<T, P
 }
 
 fn to_output<T: Serialize>(value: &T) -> Result<Value, PaymentError> {
-    serde_json::to_value(value).map_err(|e| PaymentError::LedgerInconsistent(format!("cannot serialise output: {e}")))
+    serde_json::to_value(value)
+        .map_err(|e| PaymentError::LedgerInconsistent(format!("cannot serialise output: {e}")))
 }
 
 fn claimed_payment(claim: &Claim) -> Result<&PaymentRequirement, PaymentError> {
     claim.payment.as_ref().ok_or_else(|| {
-        InvalidPaymentRequest::field("claim.payment", "nothing", "the payment CheckIdempotency selected (outcome CLAIMED)")
-            .into()
+        InvalidPaymentRequest::field(
+            "claim.payment",
+            "nothing",
+            "the payment CheckIdempotency selected (outcome CLAIMED)",
+        )
+        .into()
     })
 }
 
@@ -260,7 +279,12 @@ impl Steps {
         clock: Arc<dyn Clock>,
         settings: StepSettings,
     ) -> Self {
-        Self { store, provider, clock, settings }
+        Self {
+            store,
+            provider,
+            clock,
+            settings,
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -274,16 +298,25 @@ impl Steps {
     /// Runs one step on its JSON input: what a Lambda handler and a local Task do.
     pub async fn invoke(&self, step: StepName, input: Value) -> Result<Value, PaymentError> {
         match step {
-            StepName::CheckIdempotency => to_output(&self.check_idempotency(parse_input(step, input)?).await?),
+            StepName::CheckIdempotency => {
+                to_output(&self.check_idempotency(parse_input(step, input)?).await?)
+            }
             StepName::CheckSpend => to_output(&self.check_spend(parse_input(step, input)?).await?),
-            StepName::ProcessPayment => to_output(&self.process_payment(parse_input(step, input)?).await?),
-            StepName::RecordLedger => to_output(&self.record_ledger(parse_input(step, input)?).await?),
+            StepName::ProcessPayment => {
+                to_output(&self.process_payment(parse_input(step, input)?).await?)
+            }
+            StepName::RecordLedger => {
+                to_output(&self.record_ledger(parse_input(step, input)?).await?)
+            }
             StepName::Compensate => to_output(&self.compensate(parse_input(step, input)?).await?),
         }
     }
 
     /// Validates the request and claims its idempotency key.
-    pub async fn check_idempotency(&self, input: CheckIdempotencyInput) -> Result<Claim, PaymentError> {
+    pub async fn check_idempotency(
+        &self,
+        input: CheckIdempotencyInput,
+    ) -> Result<Claim, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
         let challenge = request.x402_challenge()?;
         let agent = request.agent_id.as_str();
@@ -291,7 +324,9 @@ impl Steps {
         let Some(policy) = &ledger.policy else {
             return Err(PaymentError::PolicyDenied {
                 agent: agent.to_owned(),
-                reason: format!("no spend policy is set for this agent; set one with `agentpay policy set {agent} ...`"),
+                reason: format!(
+                    "no spend policy is set for this agent; set one with `agentpay policy set {agent} ...`"
+                ),
             });
         };
         let payment = challenge.select(&policy.allowlist(), agent)?;
@@ -336,10 +371,17 @@ impl Steps {
             let reclaim_attempt = match current.status {
                 IdempotencyStatus::Completed => {
                     let mut result = current.result.clone().ok_or_else(|| {
-                        PaymentError::LedgerInconsistent(format!("key {key:?} is COMPLETED without a result"))
+                        PaymentError::LedgerInconsistent(format!(
+                            "key {key:?} is COMPLETED without a result"
+                        ))
                     })?;
                     result["fromCache"] = Value::Bool(true);
-                    return Ok(Claim { outcome: ClaimOutcome::Cached, payment: None, result: Some(result), ..claimed(current.attempt) });
+                    return Ok(Claim {
+                        outcome: ClaimOutcome::Cached,
+                        payment: None,
+                        result: Some(result),
+                        ..claimed(current.attempt)
+                    });
                 }
                 // A retried or redriven step of the execution that holds the claim.
                 IdempotencyStatus::InProgress if current.execution_id == input.execution_id => {
@@ -376,7 +418,10 @@ impl Steps {
     }
 
     /// Evaluates the agent's policy and reserves the amount in one atomic write.
-    pub async fn check_spend(&self, input: CheckSpendInput) -> Result<ReservationSummary, PaymentError> {
+    pub async fn check_spend(
+        &self,
+        input: CheckSpendInput,
+    ) -> Result<ReservationSummary, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
         let payment = claimed_payment(&input.claim)?;
         let agent = request.agent_id.as_str();
@@ -411,17 +456,27 @@ impl Steps {
                 created_at: now,
                 updated_at: now,
             };
-            match self.store.reserve(ledger.version, &decision.window, &reservation).await? {
+            match self
+                .store
+                .reserve(ledger.version, &decision.window, &reservation)
+                .await?
+            {
                 ReserveOutcome::Reserved => return Ok(summary(&reservation)),
-                ReserveOutcome::AlreadyExists(existing) => return existing_reservation(existing),
+                ReserveOutcome::AlreadyExists(existing) => return existing_reservation(*existing),
                 ReserveOutcome::VersionConflict => conflict_backoff(attempt).await,
             }
         }
-        Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: self.settings.ledger_attempts })
+        Err(PaymentError::LedgerConflict {
+            agent: agent.to_owned(),
+            attempts: self.settings.ledger_attempts,
+        })
     }
 
     /// Obtains the payment proof from the provider.
-    pub async fn process_payment(&self, input: ProcessPaymentInput) -> Result<PaymentProof, PaymentError> {
+    pub async fn process_payment(
+        &self,
+        input: ProcessPaymentInput,
+    ) -> Result<PaymentProof, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
         let requirement = claimed_payment(&input.claim)?.clone();
         if input.reservation.amount != requirement.amount {
@@ -430,20 +485,33 @@ impl Steps {
                 input.reservation.reservation_id, input.reservation.amount, requirement.amount
             )));
         }
-        let order = PaymentOrder { client_token: input.claim.client_token.clone(), requirement, request };
+        let order = PaymentOrder {
+            client_token: input.claim.client_token.clone(),
+            requirement,
+            request,
+        };
         let proof = self.provider.process_payment(&order).await?;
         let provider = self.provider.name();
         if proof.status != "PROOF_GENERATED" {
-            return Err(PaymentError::ProviderRejected { provider, message: format!("status {:?}, expected PROOF_GENERATED", proof.status) });
+            return Err(PaymentError::ProviderRejected {
+                provider,
+                message: format!("status {:?}, expected PROOF_GENERATED", proof.status),
+            });
         }
         if proof.payment_id.is_empty() || proof.header.value.is_empty() {
-            return Err(PaymentError::ProviderRejected { provider, message: "empty payment id or payment header in the response".into() });
+            return Err(PaymentError::ProviderRejected {
+                provider,
+                message: "empty payment id or payment header in the response".into(),
+            });
         }
         Ok(proof)
     }
 
     /// Moves the reservation to AUTHORIZED, writes the audit event and completes the key.
-    pub async fn record_ledger(&self, input: RecordLedgerInput) -> Result<PaymentOutcome, PaymentError> {
+    pub async fn record_ledger(
+        &self,
+        input: RecordLedgerInput,
+    ) -> Result<PaymentOutcome, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
         let payment = claimed_payment(&input.claim)?;
         let now = self.clock.now();
@@ -456,7 +524,10 @@ impl Steps {
                 asset: payment.asset.to_checksum(None),
                 network: payment.network,
                 decimals: usdc.decimals,
-                display: format!("{} USDC", payment.amount.display_with_decimals(usdc.decimals)),
+                display: format!(
+                    "{} USDC",
+                    payment.amount.display_with_decimals(usdc.decimals)
+                ),
             },
             payee: payment.pay_to.to_checksum(None),
             resource: request.resource.clone(),
@@ -500,8 +571,12 @@ impl Steps {
             Transition::AlreadyApplied => {
                 // Recorded by an earlier try: answer with what was stored.
                 match self.store.idempotency(&commit.idempotency_key, now).await? {
-                    Some(IdempotencyRecord { result: Some(stored), .. }) => serde_json::from_value(stored)
-                        .map_err(|e| PaymentError::LedgerInconsistent(format!("stored result unreadable: {e}"))),
+                    Some(IdempotencyRecord {
+                        result: Some(stored),
+                        ..
+                    }) => serde_json::from_value(stored).map_err(|e| {
+                        PaymentError::LedgerInconsistent(format!("stored result unreadable: {e}"))
+                    }),
                     _ => Ok(outcome),
                 }
             }
@@ -509,7 +584,10 @@ impl Steps {
                 "cannot record payment {} for key {:?}: {why}",
                 commit.payment_id, commit.idempotency_key
             ))),
-            Transition::VersionConflict => Err(PaymentError::LedgerConflict { agent: request.agent_id.to_string(), attempts: 1 }),
+            Transition::VersionConflict => Err(PaymentError::LedgerConflict {
+                agent: request.agent_id.to_string(),
+                attempts: 1,
+            }),
         }
     }
 
@@ -519,8 +597,15 @@ impl Steps {
         let agent = request.agent_id.as_str();
         let reservation_id = input.claim.reservation_id.clone();
         let denied = is_denial_name(&input.error.error);
-        let status = if denied { IdempotencyStatus::Denied } else { IdempotencyStatus::Failed };
-        let error = ErrorRecord { error: input.error.error.clone(), cause: input.error.message() };
+        let status = if denied {
+            IdempotencyStatus::Denied
+        } else {
+            IdempotencyStatus::Failed
+        };
+        let error = ErrorRecord {
+            error: input.error.error.clone(),
+            cause: input.error.message(),
+        };
 
         for attempt in 0..self.settings.ledger_attempts {
             let now = self.clock.now();
@@ -528,8 +613,16 @@ impl Steps {
             let release = match &reservation {
                 Some(r) if r.status == ReservationStatus::Reserved => {
                     let ledger = self.store.agent_ledger(agent).await?;
-                    let window = ledger.window.into_iter().filter(|e| e.reservation_id != r.id).collect();
-                    Some(ReleasedReservation { id: r.id.clone(), expected_version: ledger.version, window })
+                    let window = ledger
+                        .window
+                        .into_iter()
+                        .filter(|e| e.reservation_id != r.id)
+                        .collect();
+                    Some(ReleasedReservation {
+                        id: r.id.clone(),
+                        expected_version: ledger.version,
+                        window,
+                    })
                 }
                 Some(r) if r.status != ReservationStatus::Released => {
                     return Err(PaymentError::LedgerInconsistent(format!(
@@ -542,18 +635,46 @@ impl Steps {
             };
             let releasing = release.is_some();
             let audit = AuditEvent {
-                event_id: derived_id("evt", &[&reservation_id, if releasing { "RELEASED" } else { status.as_str() }]),
-                kind: if releasing { AuditKind::Released } else if denied { AuditKind::Denied } else { AuditKind::Released },
+                event_id: derived_id(
+                    "evt",
+                    &[
+                        &reservation_id,
+                        if releasing {
+                            "RELEASED"
+                        } else {
+                            status.as_str()
+                        },
+                    ],
+                ),
+                kind: if releasing {
+                    AuditKind::Released
+                } else if denied {
+                    AuditKind::Denied
+                } else {
+                    AuditKind::Released
+                },
                 agent_id: agent.to_owned(),
                 user_id: request.user_id.to_string(),
                 at: now,
                 idempotency_key: request.idempotency_key.to_string(),
                 execution_id: input.execution_id.clone(),
                 reservation_id: reservation.as_ref().map(|r| r.id.clone()),
-                amount: reservation.as_ref().map(|r| r.amount).or(input.claim.payment.as_ref().map(|p| p.amount)),
+                amount: reservation.as_ref().map(|r| r.amount).or(input
+                    .claim
+                    .payment
+                    .as_ref()
+                    .map(|p| p.amount)),
                 network: input.claim.payment.as_ref().map(|p| p.network),
-                asset: input.claim.payment.as_ref().map(|p| p.asset.to_checksum(None)),
-                payee: input.claim.payment.as_ref().map(|p| p.pay_to.to_checksum(None)),
+                asset: input
+                    .claim
+                    .payment
+                    .as_ref()
+                    .map(|p| p.asset.to_checksum(None)),
+                payee: input
+                    .claim
+                    .payment
+                    .as_ref()
+                    .map(|p| p.pay_to.to_checksum(None)),
                 resource: request.resource.clone(),
                 context: request.context.clone(),
                 limits: reservation.as_ref().map(|r| r.snapshot.clone()),
@@ -585,12 +706,11 @@ impl Steps {
                 Transition::Refused(why) => return Err(PaymentError::LedgerInconsistent(why)),
             }
         }
-        Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: self.settings.ledger_attempts })
+        Err(PaymentError::LedgerConflict {
+            agent: agent.to_owned(),
+            attempts: self.settings.ledger_attempts,
+        })
     }
-}
-
-fn is_denial_name(name: &str) -> bool {
-    matches!(name, "PolicyDenied" | "SpendLimitExceeded" | "RateLimitExceeded" | "AgentPaused")
 }
 
 fn summary(reservation: &Reservation) -> ReservationSummary {
@@ -604,7 +724,9 @@ fn summary(reservation: &Reservation) -> ReservationSummary {
 
 fn existing_reservation(existing: Reservation) -> Result<ReservationSummary, PaymentError> {
     match existing.status {
-        ReservationStatus::Reserved | ReservationStatus::Authorized | ReservationStatus::Settled => Ok(summary(&existing)),
+        ReservationStatus::Reserved
+        | ReservationStatus::Authorized
+        | ReservationStatus::Settled => Ok(summary(&existing)),
         ReservationStatus::Released => Err(PaymentError::LedgerInconsistent(format!(
             "reservation {} was already released by compensation; start a new execution to pay again",
             existing.id

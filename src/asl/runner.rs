@@ -9,12 +9,15 @@ use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
 use super::definition::{
-    Catcher, DefinitionError, Jitter, Retrier, State, StateKind, StateMachine, TaskState, Transition,
+    Catcher, DefinitionError, Jitter, Retrier, State, StateKind, StateMachine, TaskState,
+    Transition,
 };
 use super::path::JsonPath;
 use crate::clock::Timestamp;
 use crate::error::PaymentError;
-use crate::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
+use crate::executions::{
+    ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind,
+};
 use crate::steps::{StepName, Steps};
 use crate::store::ErrorRecord;
 
@@ -23,12 +26,18 @@ const LOCAL_REGION_ACCOUNT: &str = "local:000000000000";
 
 /// The ARN the local runner substitutes for a step's `${...FunctionArn}`.
 pub fn local_function_arn(step: StepName) -> String {
-    format!("arn:aws:lambda:{LOCAL_REGION_ACCOUNT}:function:agentpay-{}", step.function_name())
+    format!(
+        "arn:aws:lambda:{LOCAL_REGION_ACCOUNT}:function:agentpay-{}",
+        step.function_name()
+    )
 }
 
 /// Substitutions for the local run: every step's ARN placeholder.
 pub fn local_substitutions() -> HashMap<String, String> {
-    StepName::ALL.iter().map(|s| (s.arn_substitution().to_owned(), local_function_arn(*s))).collect()
+    StepName::ALL
+        .iter()
+        .map(|s| (s.arn_substitution().to_owned(), local_function_arn(*s)))
+        .collect()
 }
 
 pub fn local_execution_arn(name: &str) -> String {
@@ -117,13 +126,21 @@ struct Recorder {
 
 impl Recorder {
     fn push(&mut self, at: Timestamp, kind: HistoryKind, state: Option<&str>, details: Value) {
-        self.pending.push(HistoryEvent { seq: self.next_seq, at, kind, state: state.map(str::to_owned), details });
+        self.pending.push(HistoryEvent {
+            seq: self.next_seq,
+            at,
+            kind,
+            state: state.map(str::to_owned),
+            details,
+        });
         self.next_seq += 1;
     }
 
     async fn flush(&mut self, store: &dyn ExecutionStore) -> Result<(), PaymentError> {
         if !self.pending.is_empty() {
-            store.append_history(&self.execution_id, &self.pending).await?;
+            store
+                .append_history(&self.execution_id, &self.pending)
+                .await?;
             self.pending.clear();
         }
         Ok(())
@@ -131,7 +148,10 @@ impl Recorder {
 }
 
 fn runtime_error(cause: impl Into<String>) -> StateResult {
-    StateResult::Fail { error: "States.Runtime".into(), cause: cause.into() }
+    StateResult::Fail {
+        error: "States.Runtime".into(),
+        cause: cause.into(),
+    }
 }
 
 /// Fills a Parameters/ResultSelector template.
@@ -154,7 +174,11 @@ fn render(template: &Value, input: &Value, context: &Value) -> Result<Value, Str
             }
             Ok(Value::Object(out))
         }
-        Value::Array(items) => items.iter().map(|i| render(i, input, context)).collect::<Result<_, _>>().map(Value::Array),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| render(i, input, context))
+            .collect::<Result<_, _>>()
+            .map(Value::Array),
         other => Ok(other.clone()),
     }
 }
@@ -169,7 +193,11 @@ fn select(path: &Option<JsonPath>, input: &Value, what: &str) -> Result<Value, S
     }
 }
 
-fn combine(result_path: &Option<JsonPath>, raw_input: &Value, result: Value) -> Result<Value, String> {
+fn combine(
+    result_path: &Option<JsonPath>,
+    raw_input: &Value,
+    result: Value,
+) -> Result<Value, String> {
     match result_path {
         None => Ok(raw_input.clone()),
         Some(path) => path.set(raw_input.clone(), result),
@@ -181,7 +209,9 @@ fn matches_error(error_equals: &[String], error: &str) -> bool {
     error_equals.iter().any(|name| {
         name == error
             || (name == "States.ALL" && error != "States.Runtime")
-            || (name == "States.TaskFailed" && error != "States.Timeout" && error != "States.Runtime")
+            || (name == "States.TaskFailed"
+                && error != "States.Timeout"
+                && error != "States.Runtime")
     })
 }
 
@@ -207,7 +237,10 @@ impl LocalRunner {
         sleeper: Arc<dyn Sleeper>,
     ) -> Result<Self, DefinitionError> {
         let machine = StateMachine::parse(definition, &local_substitutions())?;
-        let resources: HashMap<String, StepName> = StepName::ALL.iter().map(|s| (local_function_arn(*s), *s)).collect();
+        let resources: HashMap<String, StepName> = StepName::ALL
+            .iter()
+            .map(|s| (local_function_arn(*s), *s))
+            .collect();
         for state in machine.states.values() {
             if let StateKind::Task(task) = &state.kind
                 && !resources.contains_key(&task.resource)
@@ -218,7 +251,13 @@ impl LocalRunner {
                 )));
             }
         }
-        Ok(Self { machine, steps, executions, sleeper, resources })
+        Ok(Self {
+            machine,
+            steps,
+            executions,
+            sleeper,
+            resources,
+        })
     }
 
     pub fn executions(&self) -> &Arc<dyn ExecutionStore> {
@@ -246,10 +285,20 @@ impl LocalRunner {
         if !self.executions.create_execution(&record).await? {
             return Err(RunnerError::ExecutionAlreadyExists(name.to_owned()));
         }
-        let mut recorder = Recorder { execution_id: record.execution_id.clone(), next_seq: 0, pending: vec![] };
-        recorder.push(now, HistoryKind::ExecutionStarted, None, json!({"input": input}));
+        let mut recorder = Recorder {
+            execution_id: record.execution_id.clone(),
+            next_seq: 0,
+            pending: vec![],
+        };
+        recorder.push(
+            now,
+            HistoryKind::ExecutionStarted,
+            None,
+            json!({"input": input}),
+        );
         let start_at = self.machine.start_at.clone();
-        self.drive(&mut record, &mut recorder, start_at, input).await?;
+        self.drive(&mut record, &mut recorder, start_at, input)
+            .await?;
         Ok(record)
     }
 
@@ -261,9 +310,15 @@ impl LocalRunner {
             .execution(id_or_name)
             .await?
             .ok_or_else(|| RunnerError::ExecutionNotFound(id_or_name.to_owned()))?;
-        let not_redrivable = |reason: String| RunnerError::NotRedrivable { id: record.execution_id.clone(), reason };
+        let not_redrivable = |reason: String| RunnerError::NotRedrivable {
+            id: record.execution_id.clone(),
+            reason,
+        };
         if record.status != ExecutionStatus::Failed {
-            return Err(not_redrivable(format!("its status is {}, only FAILED executions are redriven", record.status.as_str())));
+            return Err(not_redrivable(format!(
+                "its status is {}, only FAILED executions are redriven",
+                record.status.as_str()
+            )));
         }
         let Some(failed_state) = record.failed_state.clone() else {
             return Err(not_redrivable("it has no failed state recorded".into()));
@@ -272,9 +327,14 @@ impl LocalRunner {
         let state_input = history
             .iter()
             .rev()
-            .find(|e| e.kind == HistoryKind::StateEntered && e.state.as_deref() == Some(failed_state.as_str()))
+            .find(|e| {
+                e.kind == HistoryKind::StateEntered
+                    && e.state.as_deref() == Some(failed_state.as_str())
+            })
             .and_then(|e| e.details.get("input").cloned())
-            .ok_or_else(|| not_redrivable(format!("no recorded input for state {failed_state:?}")))?;
+            .ok_or_else(|| {
+                not_redrivable(format!("no recorded input for state {failed_state:?}"))
+            })?;
         let now = self.steps.clock().now();
         record.status = ExecutionStatus::Running;
         record.redrive_count += 1;
@@ -287,8 +347,14 @@ impl LocalRunner {
             next_seq: history.last().map_or(0, |e| e.seq + 1),
             pending: vec![],
         };
-        recorder.push(now, HistoryKind::ExecutionRedriven, Some(&failed_state), json!({"redriveCount": record.redrive_count}));
-        self.drive(&mut record, &mut recorder, failed_state, state_input).await?;
+        recorder.push(
+            now,
+            HistoryKind::ExecutionRedriven,
+            Some(&failed_state),
+            json!({"redriveCount": record.redrive_count}),
+        );
+        self.drive(&mut record, &mut recorder, failed_state, state_input)
+            .await?;
         Ok(record)
     }
 
@@ -307,7 +373,12 @@ impl LocalRunner {
                 .get(&state_name)
                 .ok_or_else(|| DefinitionError::Invalid(format!("no state {state_name:?}")))?;
             let entered = clock.now();
-            recorder.push(entered, HistoryKind::StateEntered, Some(&state_name), json!({"input": data}));
+            recorder.push(
+                entered,
+                HistoryKind::StateEntered,
+                Some(&state_name),
+                json!({"input": data}),
+            );
             let context = json!({
                 "Execution": {
                     "Id": record.execution_id,
@@ -323,14 +394,29 @@ impl LocalRunner {
             let now = clock.now();
             match result {
                 StateResult::Next(next, output) => {
-                    recorder.push(now, HistoryKind::StateExited, Some(&state_name), json!({"output": output}));
+                    recorder.push(
+                        now,
+                        HistoryKind::StateExited,
+                        Some(&state_name),
+                        json!({"output": output}),
+                    );
                     recorder.flush(self.executions.as_ref()).await?;
                     state_name = next;
                     data = output;
                 }
                 StateResult::Succeed(output) => {
-                    recorder.push(now, HistoryKind::StateExited, Some(&state_name), json!({"output": output}));
-                    recorder.push(now, HistoryKind::ExecutionSucceeded, None, json!({"output": output}));
+                    recorder.push(
+                        now,
+                        HistoryKind::StateExited,
+                        Some(&state_name),
+                        json!({"output": output}),
+                    );
+                    recorder.push(
+                        now,
+                        HistoryKind::ExecutionSucceeded,
+                        None,
+                        json!({"output": output}),
+                    );
                     recorder.flush(self.executions.as_ref()).await?;
                     record.status = ExecutionStatus::Succeeded;
                     record.output = Some(output);
@@ -339,7 +425,12 @@ impl LocalRunner {
                     return Ok(());
                 }
                 StateResult::Fail { error, cause } => {
-                    recorder.push(now, HistoryKind::ExecutionFailed, Some(&state_name), json!({"error": error, "cause": cause}));
+                    recorder.push(
+                        now,
+                        HistoryKind::ExecutionFailed,
+                        Some(&state_name),
+                        json!({"error": error, "cause": cause}),
+                    );
                     recorder.flush(self.executions.as_ref()).await?;
                     record.status = ExecutionStatus::Failed;
                     record.error = Some(ErrorRecord { error, cause });
@@ -359,32 +450,55 @@ impl LocalRunner {
         }
     }
 
-    async fn run_state(&self, state: &State, raw: &Value, context: Value, recorder: &mut Recorder) -> StateResult {
+    async fn run_state(
+        &self,
+        state: &State,
+        raw: &Value,
+        context: Value,
+        recorder: &mut Recorder,
+    ) -> StateResult {
         let effective = match select(&state.input_path, raw, "InputPath") {
             Ok(value) => value,
             Err(cause) => return runtime_error(cause),
         };
         let output = |value: &Value| select(&state.output_path, value, "OutputPath");
         match &state.kind {
-            StateKind::Task(task) => self.run_task(state, task, raw, &effective, context, recorder).await,
-            StateKind::Pass { parameters, result, result_path } => {
+            StateKind::Task(task) => {
+                self.run_task(state, task, raw, &effective, context, recorder)
+                    .await
+            }
+            StateKind::Pass {
+                parameters,
+                result,
+                result_path,
+            } => {
                 let value = match (result, parameters) {
                     (Some(result), _) => Ok(result.clone()),
                     (None, Some(template)) => render(template, &effective, &context),
                     (None, None) => Ok(effective),
                 };
-                match value.and_then(|v| combine(result_path, raw, v)).and_then(|v| output(&v)) {
+                match value
+                    .and_then(|v| combine(result_path, raw, v))
+                    .and_then(|v| output(&v))
+                {
                     Ok(out) => Self::after(state, out),
                     Err(cause) => runtime_error(cause),
                 }
             }
             StateKind::Choice { choices, default } => {
-                let next = choices.iter().find(|c| c.condition.evaluate(&effective)).map(|c| c.next.clone()).or(default.clone());
+                let next = choices
+                    .iter()
+                    .find(|c| c.condition.evaluate(&effective))
+                    .map(|c| c.next.clone())
+                    .or(default.clone());
                 match (next, output(&effective)) {
                     (Some(next), Ok(out)) => StateResult::Next(next, out),
                     (None, _) => StateResult::Fail {
                         error: "States.NoChoiceMatched".into(),
-                        cause: format!("no choice rule of state {:?} matched and there is no Default", state.name),
+                        cause: format!(
+                            "no choice rule of state {:?} matched and there is no Default",
+                            state.name
+                        ),
                     },
                     (_, Err(cause)) => runtime_error(cause),
                 }
@@ -393,7 +507,12 @@ impl LocalRunner {
                 Ok(out) => StateResult::Succeed(out),
                 Err(cause) => runtime_error(cause),
             },
-            StateKind::Fail { error, cause, error_path, cause_path } => {
+            StateKind::Fail {
+                error,
+                cause,
+                error_path,
+                cause_path,
+            } => {
                 let read = |path: &Option<JsonPath>, fixed: &Option<String>| {
                     path.as_ref()
                         .and_then(|p| p.get(raw))
@@ -401,7 +520,10 @@ impl LocalRunner {
                         .or_else(|| fixed.clone())
                         .unwrap_or_default()
                 };
-                StateResult::Fail { error: read(error_path, error), cause: read(cause_path, cause) }
+                StateResult::Fail {
+                    error: read(error_path, error),
+                    cause: read(cause_path, cause),
+                }
             }
         }
     }
@@ -428,10 +550,20 @@ impl LocalRunner {
                 },
                 None => effective.clone(),
             };
-            recorder.push(clock.now(), HistoryKind::TaskScheduled, Some(&state.name), json!({"resource": task.resource, "parameters": parameters}));
+            recorder.push(
+                clock.now(),
+                HistoryKind::TaskScheduled,
+                Some(&state.name),
+                json!({"resource": task.resource, "parameters": parameters}),
+            );
             let (error, cause) = match self.steps.invoke(step, parameters).await {
                 Ok(result) => {
-                    recorder.push(clock.now(), HistoryKind::TaskSucceeded, Some(&state.name), json!({"output": result}));
+                    recorder.push(
+                        clock.now(),
+                        HistoryKind::TaskSucceeded,
+                        Some(&state.name),
+                        json!({"output": result}),
+                    );
                     let selected = match &task.result_selector {
                         Some(template) => render(template, &result, &context),
                         None => Ok(result),
@@ -451,9 +583,18 @@ impl LocalRunner {
                     (failure.name().to_owned(), cause)
                 }
             };
-            recorder.push(clock.now(), HistoryKind::TaskFailed, Some(&state.name), json!({"error": error, "cause": cause}));
+            recorder.push(
+                clock.now(),
+                HistoryKind::TaskFailed,
+                Some(&state.name),
+                json!({"error": error, "cause": cause}),
+            );
 
-            if let Some(index) = task.retry.iter().position(|r| matches_error(&r.error_equals, &error)) {
+            if let Some(index) = task
+                .retry
+                .iter()
+                .position(|r| matches_error(&r.error_equals, &error))
+            {
                 let retrier = &task.retry[index];
                 if retries_used[index] < retrier.max_attempts {
                     let delay = retry_delay(retrier, retries_used[index]);
@@ -472,9 +613,20 @@ impl LocalRunner {
                     continue;
                 }
             }
-            return match task.catch.iter().find(|c| matches_error(&c.error_equals, &error)) {
-                Some(Catcher { result_path, next, .. }) => {
-                    recorder.push(clock.now(), HistoryKind::CatchMatched, Some(&state.name), json!({"error": error, "next": next}));
+            return match task
+                .catch
+                .iter()
+                .find(|c| matches_error(&c.error_equals, &error))
+            {
+                Some(Catcher {
+                    result_path, next, ..
+                }) => {
+                    recorder.push(
+                        clock.now(),
+                        HistoryKind::CatchMatched,
+                        Some(&state.name),
+                        json!({"error": error, "next": next}),
+                    );
                     match combine(result_path, raw, json!({"Error": error, "Cause": cause})) {
                         Ok(out) => StateResult::Next(next.clone(), out),
                         Err(cause) => runtime_error(cause),
@@ -491,7 +643,14 @@ mod tests {
     use super::*;
 
     fn retrier(interval: u64, rate: f64, max_delay: Option<u64>, jitter: Jitter) -> Retrier {
-        Retrier { error_equals: vec!["X".into()], interval_seconds: interval, max_attempts: 5, backoff_rate: rate, max_delay_seconds: max_delay, jitter }
+        Retrier {
+            error_equals: vec!["X".into()],
+            interval_seconds: interval,
+            max_attempts: 5,
+            backoff_rate: rate,
+            max_delay_seconds: max_delay,
+            jitter,
+        }
     }
 
     #[test]
@@ -513,14 +672,22 @@ mod tests {
     fn error_matching_follows_asl() {
         assert!(matches_error(&["States.ALL".into()], "ProviderUnavailable"));
         assert!(!matches_error(&["States.ALL".into()], "States.Runtime"));
-        assert!(matches_error(&["States.TaskFailed".into()], "StoreUnavailable"));
+        assert!(matches_error(
+            &["States.TaskFailed".into()],
+            "StoreUnavailable"
+        ));
         assert!(!matches_error(&["A".into()], "B"));
     }
 
     #[test]
     fn render_reads_input_and_context() {
         let template = json!({"a.$": "$.x", "b": {"c.$": "$$.Execution.Id"}, "d": 1});
-        let out = render(&template, &json!({"x": 5}), &json!({"Execution": {"Id": "e"}})).unwrap();
+        let out = render(
+            &template,
+            &json!({"x": 5}),
+            &json!({"Execution": {"Id": "e"}}),
+        )
+        .unwrap();
         assert_eq!(out, json!({"a": 5, "b": {"c": "e"}, "d": 1}));
         assert!(render(&json!({"a.$": "$.missing"}), &json!({}), &json!({})).is_err());
     }

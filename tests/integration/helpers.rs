@@ -31,8 +31,17 @@ impl TestApp {
     pub async fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sleeper = Arc::new(RecordingSleeper::default());
-        let app = LocalApp::open(&Config::local(dir.path()), Arc::new(SystemClock), sleeper.clone()).unwrap();
-        Self { app, sleeper, _dir: dir }
+        let app = LocalApp::open(
+            &Config::local(dir.path()),
+            Arc::new(SystemClock),
+            sleeper.clone(),
+        )
+        .unwrap();
+        Self {
+            app,
+            sleeper,
+            _dir: dir,
+        }
     }
 
     /// A fresh app whose agent `agent` has `policy`.

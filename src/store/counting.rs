@@ -1,0 +1,111 @@
+//! Counts calls into a `Store`: one call is one round trip to the backing store.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use super::*;
+
+pub struct CountingStore {
+    inner: Arc<dyn Store>,
+    calls: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl CountingStore {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        Self {
+            inner,
+            calls: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn count(&self, operation: &'static str) {
+        if let Ok(mut calls) = self.calls.lock() {
+            *calls.entry(operation).or_default() += 1;
+        }
+    }
+
+    /// Calls per operation so far.
+    pub fn calls(&self) -> BTreeMap<&'static str, u64> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.calls().values().sum()
+    }
+
+    pub fn reset(&self) {
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.clear();
+        }
+    }
+}
+
+#[async_trait]
+impl Store for CountingStore {
+    async fn insert_idempotency(
+        &self,
+        record: &IdempotencyRecord,
+    ) -> Result<Option<IdempotencyRecord>, PaymentError> {
+        self.count("insert_idempotency");
+        self.inner.insert_idempotency(record).await
+    }
+    async fn replace_idempotency(
+        &self,
+        expected: &IdempotencyRecord,
+        record: &IdempotencyRecord,
+    ) -> Result<Option<Option<IdempotencyRecord>>, PaymentError> {
+        self.count("replace_idempotency");
+        self.inner.replace_idempotency(expected, record).await
+    }
+    async fn idempotency(
+        &self,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Option<IdempotencyRecord>, PaymentError> {
+        self.count("idempotency");
+        self.inner.idempotency(key, now).await
+    }
+    async fn agent_ledger(&self, agent_id: &str) -> Result<AgentLedger, PaymentError> {
+        self.count("agent_ledger");
+        self.inner.agent_ledger(agent_id).await
+    }
+    async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
+        self.count("put_policy");
+        self.inner.put_policy(agent_id, policy).await
+    }
+    async fn reserve(
+        &self,
+        v: u64,
+        window: &[WindowEntry],
+        r: &Reservation,
+    ) -> Result<ReserveOutcome, PaymentError> {
+        self.count("reserve");
+        self.inner.reserve(v, window, r).await
+    }
+    async fn reservation(&self, id: &str) -> Result<Option<Reservation>, PaymentError> {
+        self.count("reservation");
+        self.inner.reservation(id).await
+    }
+    async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError> {
+        self.count("reservations");
+        self.inner.reservations(agent_id).await
+    }
+    async fn authorize(&self, commit: &AuthorizationCommit) -> Result<Transition, PaymentError> {
+        self.count("authorize");
+        self.inner.authorize(commit).await
+    }
+    async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError> {
+        self.count("release");
+        self.inner.release(commit).await
+    }
+    async fn settle(&self, id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
+        self.count("settle");
+        self.inner.settle(id, audit).await
+    }
+    async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError> {
+        self.count("audit_events");
+        self.inner.audit_events(agent_id).await
+    }
+}
