@@ -450,3 +450,99 @@ async fn a_happy_path_payment_takes_five_store_round_trips() {
         (2, 1, 1, 1)
     );
 }
+
+#[tokio::test]
+async fn malformed_challenges_leave_no_record_no_reservation_and_no_signature() {
+    use agentpay::samples::v2_payment_required;
+    use agentpay::x402::encode_v2_header;
+
+    let t = TestApp::with_policy(AGENT, policy("1.00", "5.00", 100)).await;
+    let mutate = |change: &dyn Fn(&mut Value)| {
+        let mut body = v2_payment_required("10000");
+        change(&mut body);
+        json!({"x402": encode_v2_header(&body)})
+    };
+    let cases: Vec<(&str, Value)> = vec![
+        ("bad base64", json!({"x402": "%%%not-base64%%%"})),
+        (
+            "not JSON",
+            json!({"x402": base64::engine::general_purpose::STANDARD.encode("{oops")}),
+        ),
+        ("unknown version", mutate(&|b| b["x402Version"] = json!(9))),
+        ("empty accepts", mutate(&|b| b["accepts"] = json!([]))),
+        (
+            "unknown network",
+            mutate(&|b| b["accepts"][0]["network"] = json!("eip155:1")),
+        ),
+        (
+            "wrong USDC",
+            mutate(&|b| {
+                b["accepts"][0]["asset"] = json!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913")
+            }),
+        ),
+        (
+            "bad checksum",
+            mutate(&|b| {
+                b["accepts"][0]["payTo"] = json!("0x209693bc6afc0C5328bA36FaF03C514EF312287C")
+            }),
+        ),
+        (
+            "zero amount",
+            mutate(&|b| b["accepts"][0]["amount"] = json!("0")),
+        ),
+        (
+            "negative amount",
+            mutate(&|b| b["accepts"][0]["amount"] = json!("-5")),
+        ),
+        (
+            "fractional amount",
+            mutate(&|b| b["accepts"][0]["amount"] = json!("1.5")),
+        ),
+        (
+            "overflowing amount",
+            mutate(&|b| b["accepts"][0]["amount"] = json!("99999999999999999999999")),
+        ),
+        (
+            "no EIP-712 domain",
+            mutate(&|b| {
+                b["accepts"][0].as_object_mut().unwrap().remove("extra");
+            }),
+        ),
+        (
+            "unsupported scheme",
+            mutate(&|b| b["accepts"][0]["scheme"] = json!("upto")),
+        ),
+        (
+            "mpp without AgentCore",
+            json!({"mpp": "Payment realm=\"x\""}),
+        ),
+    ];
+    for (index, (what, challenge)) in cases.into_iter().enumerate() {
+        let key = format!("malformed-{index}");
+        let record = t
+            .run(execution_input_with_challenge(&key, AGENT, challenge))
+            .await;
+        let error = record
+            .error
+            .clone()
+            .unwrap_or_else(|| panic!("{what}: expected a failure"));
+        assert_eq!(
+            error.error, "InvalidPaymentRequest",
+            "{what}: {}",
+            error.cause
+        );
+        assert_eq!(t.tasks_run(&record).await, ["CheckIdempotency"], "{what}");
+        assert!(
+            t.app
+                .store
+                .idempotency(&key, t.app.steps.clock().now())
+                .await
+                .unwrap()
+                .is_none(),
+            "{what}"
+        );
+    }
+    assert!(t.app.store.reservations(AGENT).await.unwrap().is_empty());
+    assert!(t.app.store.audit_events(AGENT).await.unwrap().is_empty());
+    assert_eq!(t.app.provider.delegated_calls(), 0);
+}
