@@ -195,6 +195,15 @@ pub enum PaymentError {
         source: BoxError,
     },
 
+    /// The store refused the request for a reason retrying will not fix (a missing table,
+    /// missing permissions): the source says which.
+    #[error("store refused {operation}")]
+    StoreRejected {
+        operation: &'static str,
+        #[source]
+        source: BoxError,
+    },
+
     #[error(
         "ledger of agent {agent} changed under {attempts} consecutive attempts; retry the step"
     )]
@@ -220,6 +229,7 @@ impl PaymentError {
             PaymentError::ProviderUnavailable { .. } => "ProviderUnavailable",
             PaymentError::ProviderRejected { .. } => "ProviderRejected",
             PaymentError::StoreUnavailable { .. } => "StoreUnavailable",
+            PaymentError::StoreRejected { .. } => "StoreRejected",
             PaymentError::LedgerConflict { .. } => "LedgerConflict",
             PaymentError::LedgerInconsistent(_) => "LedgerInconsistent",
         }
@@ -280,6 +290,7 @@ pub const ERROR_NAMES: &[&str] = &[
     "ProviderUnavailable",
     "ProviderRejected",
     "StoreUnavailable",
+    "StoreRejected",
     "LedgerConflict",
     "LedgerInconsistent",
 ];

@@ -146,8 +146,8 @@ impl Store for FaultyStore {
     ) -> Result<ReserveOutcome, PaymentError> {
         self.inner.reserve(v, window, r).await
     }
-    async fn reservation(&self, id: &str) -> Result<Option<Reservation>, PaymentError> {
-        self.inner.reservation(id).await
+    async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
+        self.inner.reservation(agent_id, id).await
     }
     async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError> {
         self.inner.reservations(agent_id).await

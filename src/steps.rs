@@ -433,7 +433,7 @@ impl Steps {
                 Ok(decision) => decision,
                 Err(denial) => {
                     // A retried step whose reservation already counts against the cap.
-                    if let Some(existing) = self.store.reservation(reservation_id).await? {
+                    if let Some(existing) = self.store.reservation(agent, reservation_id).await? {
                         return existing_reservation(existing);
                     }
                     return Err(denial);
@@ -609,7 +609,7 @@ impl Steps {
 
         for attempt in 0..self.settings.ledger_attempts {
             let now = self.clock.now();
-            let reservation = self.store.reservation(&reservation_id).await?;
+            let reservation = self.store.reservation(agent, &reservation_id).await?;
             let release = match &reservation {
                 Some(r) if r.status == ReservationStatus::Reserved => {
                     let ledger = self.store.agent_ledger(agent).await?;

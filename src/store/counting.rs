@@ -84,9 +84,9 @@ impl Store for CountingStore {
         self.count("reserve");
         self.inner.reserve(v, window, r).await
     }
-    async fn reservation(&self, id: &str) -> Result<Option<Reservation>, PaymentError> {
+    async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
         self.count("reservation");
-        self.inner.reservation(id).await
+        self.inner.reservation(agent_id, id).await
     }
     async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError> {
         self.count("reservations");

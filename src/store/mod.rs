@@ -6,6 +6,7 @@
 //! writes separately.
 
 pub mod counting;
+pub mod dynamodb;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -249,7 +250,7 @@ pub trait Store: Send + Sync {
         reservation: &Reservation,
     ) -> Result<ReserveOutcome, PaymentError>;
 
-    async fn reservation(&self, id: &str) -> Result<Option<Reservation>, PaymentError>;
+    async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError>;
 
     async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError>;
 

@@ -313,8 +313,9 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn reservation(&self, id: &str) -> Result<Option<Reservation>, PaymentError> {
-        self.read("read reservation", |c| get_reservation(c, id))
+    async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
+        let found = self.read("read reservation", |c| get_reservation(c, id))?;
+        Ok(found.filter(|r| r.agent_id == agent_id))
     }
 
     async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError> {

@@ -1,8 +1,11 @@
-//! One integration-test binary; every test gets its own store in a temp directory.
+//! One integration-test binary; every test gets its own store (a temp SQLite file, or fresh
+//! DynamoDB tables on the moto server the test command starts).
 
 mod asl_file;
 mod cli;
 mod concurrency;
+mod conformance;
 mod events;
 mod helpers;
+mod stores;
 mod workflow;

@@ -1,0 +1,746 @@
+//! The production `Store`: DynamoDB through aws-sdk-dynamodb.
+//!
+//! Two tables, their key schema defined once in [`schema`] (tests create tables from it and
+//! a test checks `template.yaml` against it):
+//!
+//! - idempotency: `idempotencyKey` (HASH); TTL on `ttl` (epoch seconds). DynamoDB deletes
+//!   expired items late, so every read and every claim compares `expiresAt` itself.
+//! - ledger: `pk` (HASH) + `sk` (RANGE); one partition per agent: `STATE` (policy, live
+//!   window, version), `RESERVATION#<id>`, `AUDIT#<millis>#<event id>`. A hot agent is bounded
+//!   by one partition's ~1,000 write units a second.
+//!
+//! Each record is stored whole as JSON in `record`, with the attributes conditions need next
+//! to it; attributes that later writes change (`status`, `result`, …) override the JSON on read.
+//! Every write is one conditional request or one `TransactWriteItems`, and a failed condition
+//! returns the blocking item (`ReturnValuesOnConditionCheckFailure = ALL_OLD`) at no read cost.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, CancellationReason, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::*;
+use crate::provider::{IssuedProofs, PaymentProof};
+
+pub mod schema {
+    //! Table key schemas: the single definition tests and the template check against.
+
+    /// A table's keys and TTL attribute.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct TableSchema {
+        /// The template's logical id.
+        pub logical_id: &'static str,
+        pub hash_key: &'static str,
+        pub range_key: Option<&'static str>,
+        pub ttl_attribute: Option<&'static str>,
+    }
+
+    pub const IDEMPOTENCY: TableSchema =
+        TableSchema { logical_id: "IdempotencyTable", hash_key: "idempotencyKey", range_key: None, ttl_attribute: Some("ttl") };
+
+    pub const LEDGER: TableSchema =
+        TableSchema { logical_id: "LedgerTable", hash_key: "pk", range_key: Some("sk"), ttl_attribute: None };
+}
+
+type Item = HashMap<String, AttributeValue>;
+
+#[derive(Debug, Clone)]
+pub struct TableNames {
+    pub idempotency: String,
+    pub ledger: String,
+}
+
+pub struct DynamoStore {
+    client: Client,
+    tables: TableNames,
+}
+
+/// A DynamoDB error that retrying will not fix (missing table, bad request, access denied).
+#[derive(Debug, thiserror::Error)]
+#[error("DynamoDB refused {operation} ({code}): {message}")]
+pub struct DynamoRejected {
+    operation: &'static str,
+    code: String,
+    message: String,
+}
+
+const RETRYABLE_CODES: &[&str] = &[
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "TransactionInProgressException",
+];
+
+/// Throttling, 5xx, time-outs and I/O are `StoreUnavailable` (retried by the state machine);
+/// anything else is a misconfiguration a person must fix. The SDK error stays the source.
+fn classify<E>(operation: &'static str, error: SdkError<E, HttpResponse>) -> PaymentError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let code = error.code().unwrap_or_default().to_owned();
+    let transient = match &error {
+        SdkError::ServiceError(service) => {
+            RETRYABLE_CODES.contains(&code.as_str()) || service.raw().status().is_server_error()
+        }
+        // Time-outs, connection and I/O failures, unreadable responses.
+        _ => true,
+    };
+    if transient {
+        PaymentError::store(operation, error)
+    } else {
+        let message = error.message().unwrap_or_default().to_owned();
+        PaymentError::StoreRejected { operation, source: Box::new(DynamoRejected { operation, code, message }) }
+    }
+}
+
+fn s(value: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(value.into())
+}
+
+fn n(value: impl ToString) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+fn json<T: Serialize>(value: &T) -> Result<AttributeValue, PaymentError> {
+    serde_json::to_string(value)
+        .map(AttributeValue::S)
+        .map_err(|e| PaymentError::LedgerInconsistent(format!("cannot encode a record: {e}")))
+}
+
+fn text<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+    item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str)
+}
+
+fn number(item: &Item, name: &str) -> Option<i64> {
+    item.get(name).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok())
+}
+
+/// The `record` JSON with the overriding attributes applied, as `T`.
+fn decode<T: DeserializeOwned>(item: &Item, overrides: &[(&str, Override)]) -> Result<T, PaymentError> {
+    let unreadable = |why: String| PaymentError::LedgerInconsistent(format!("unreadable item: {why}"));
+    let mut record: Value = serde_json::from_str(text(item, "record").ok_or_else(|| unreadable("no record".into()))?)
+        .map_err(|e| unreadable(e.to_string()))?;
+    for (field, kind) in overrides {
+        let Some(attribute) = item.get(*field) else { continue };
+        let value = match (kind, attribute) {
+            (Override::Text, AttributeValue::S(text)) => Value::String(text.clone()),
+            (Override::Json, AttributeValue::S(text)) => serde_json::from_str(text).map_err(|e| unreadable(e.to_string()))?,
+            (Override::Timestamp, AttributeValue::N(millis)) => {
+                let millis: i64 = millis.parse().map_err(|_| unreadable(format!("{field} is not a number")))?;
+                serde_json::to_value(Timestamp::from_millis(millis)).map_err(|e| unreadable(e.to_string()))?
+            }
+            _ => return Err(unreadable(format!("attribute {field} has an unexpected type"))),
+        };
+        record[*field] = value;
+    }
+    serde_json::from_value(record).map_err(|e| unreadable(e.to_string()))
+}
+
+#[derive(Clone, Copy)]
+enum Override {
+    Text,
+    Json,
+    Timestamp,
+}
+
+const IDEMPOTENCY_OVERRIDES: &[(&str, Override)] = &[
+    ("status", Override::Text),
+    ("result", Override::Json),
+    ("error", Override::Json),
+    ("updatedAt", Override::Timestamp),
+];
+const RESERVATION_OVERRIDES: &[(&str, Override)] =
+    &[("status", Override::Text), ("paymentId", Override::Text), ("updatedAt", Override::Timestamp)];
+
+fn agent_pk(agent_id: &str) -> AttributeValue {
+    s(format!("AGENT#{agent_id}"))
+}
+
+fn reservation_sk(id: &str) -> AttributeValue {
+    s(format!("RESERVATION#{id}"))
+}
+
+fn audit_sk(event: &AuditEvent) -> AttributeValue {
+    s(format!("AUDIT#{:013}#{}", event.at.millis(), event.event_id))
+}
+
+fn idempotency_item(record: &IdempotencyRecord) -> Result<Item, PaymentError> {
+    let mut item = Item::from([
+        ("idempotencyKey".to_owned(), s(&record.key)),
+        ("status".to_owned(), s(record.status.as_str())),
+        ("fingerprint".to_owned(), s(&record.fingerprint)),
+        ("executionId".to_owned(), s(&record.execution_id)),
+        ("attempt".to_owned(), n(record.attempt)),
+        ("leaseExpiresAt".to_owned(), n(record.lease_expires_at.millis())),
+        ("expiresAt".to_owned(), n(record.expires_at.millis())),
+        ("ttl".to_owned(), n(record.expires_at.seconds())),
+        ("updatedAt".to_owned(), n(record.updated_at.millis())),
+        ("record".to_owned(), json(record)?),
+    ]);
+    if let Some(result) = &record.result {
+        item.insert("result".into(), json(result)?);
+    }
+    if let Some(error) = &record.error {
+        item.insert("error".into(), json(error)?);
+    }
+    Ok(item)
+}
+
+fn audit_put(table: &str, event: &AuditEvent) -> Result<TransactWriteItem, PaymentError> {
+    let put = Put::builder()
+        .table_name(table)
+        .item("pk", agent_pk(&event.agent_id))
+        .item("sk", audit_sk(event))
+        .item("kind", s(format!("{:?}", event.kind).to_uppercase()))
+        .item("record", json(event)?)
+        .condition_expression("attribute_not_exists(pk)")
+        .build()
+        .map_err(build_error)?;
+    Ok(TransactWriteItem::builder().put(put).build())
+}
+
+fn build_error(error: aws_sdk_dynamodb::error::BuildError) -> PaymentError {
+    PaymentError::LedgerInconsistent(format!("cannot build a DynamoDB request: {error}"))
+}
+
+/// What a cancelled transaction says about each of its items.
+enum Reason<'a> {
+    Passed,
+    ConditionFailed(Option<&'a Item>),
+    /// Another transaction touched the item at the same moment: retry.
+    Conflict,
+}
+
+fn reasons(reasons: &[CancellationReason]) -> Vec<Reason<'_>> {
+    reasons
+        .iter()
+        .map(|r| match r.code() {
+            Some("ConditionalCheckFailed") => Reason::ConditionFailed(r.item()),
+            Some("TransactionConflict") => Reason::Conflict,
+            _ => Reason::Passed,
+        })
+        .collect()
+}
+
+/// The outcome of a transaction: committed, or cancelled with per-item reasons.
+enum TxOutcome {
+    Committed,
+    Cancelled(Vec<CancellationReason>),
+}
+
+impl DynamoStore {
+    pub fn new(client: Client, tables: TableNames) -> Self {
+        Self { client, tables }
+    }
+
+    /// Builds the client from the standard AWS configuration chain (region, credentials,
+    /// `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_DYNAMODB`).
+    pub async fn from_env(tables: TableNames) -> Self {
+        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        Self::new(Client::new(&config), tables)
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn tables(&self) -> &TableNames {
+        &self.tables
+    }
+
+    async fn transact(&self, operation: &'static str, items: Vec<TransactWriteItem>) -> Result<TxOutcome, PaymentError> {
+        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+            Ok(_) => Ok(TxOutcome::Committed),
+            Err(error) => {
+                if let Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(cancelled)) =
+                    error.as_service_error()
+                {
+                    return Ok(TxOutcome::Cancelled(cancelled.cancellation_reasons().to_vec()));
+                }
+                Err(classify(operation, error))
+            }
+        }
+    }
+
+    async fn get(&self, operation: &'static str, table: &str, key: Item) -> Result<Option<Item>, PaymentError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(table)
+            .set_key(Some(key))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(operation, e))?;
+        Ok(output.item)
+    }
+
+    async fn query_prefix(&self, operation: &'static str, agent_id: &str, prefix: &str) -> Result<Vec<Item>, PaymentError> {
+        let mut items = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let output = self
+                .client
+                .query()
+                .table_name(&self.tables.ledger)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":pk", agent_pk(agent_id))
+                .expression_attribute_values(":prefix", s(prefix))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify(operation, e))?;
+            items.extend(output.items.unwrap_or_default());
+            match output.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(items),
+            }
+        }
+    }
+
+    fn reservation_key(&self, agent_id: &str, id: &str) -> Item {
+        Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), reservation_sk(id))])
+    }
+
+    fn window_update(&self, agent_id: &str, expected_version: u64, window: &[WindowEntry]) -> Result<TransactWriteItem, PaymentError> {
+        let update = Update::builder()
+            .table_name(&self.tables.ledger)
+            .key("pk", agent_pk(agent_id))
+            .key("sk", s("STATE"))
+            .update_expression("SET #window = :window, version = :next")
+            .condition_expression("version = :expected")
+            .expression_attribute_names("#window", "window")
+            .expression_attribute_values(":window", json(&window)?)
+            .expression_attribute_values(":next", n(expected_version + 1))
+            .expression_attribute_values(":expected", n(expected_version))
+            .build()
+            .map_err(build_error)?;
+        Ok(TransactWriteItem::builder().update(update).build())
+    }
+
+    fn owned_idempotency_update(
+        &self,
+        key: &str,
+        attempt: u32,
+        status: IdempotencyStatus,
+        extra: (&str, AttributeValue),
+        now: Timestamp,
+    ) -> Result<TransactWriteItem, PaymentError> {
+        let update = Update::builder()
+            .table_name(&self.tables.idempotency)
+            .key("idempotencyKey", s(key))
+            .update_expression(format!("SET #status = :status, #extra = :extra, updatedAt = :now"))
+            .condition_expression("#status = :in_progress AND attempt = :attempt")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_names("#extra", extra.0)
+            .expression_attribute_values(":status", s(status.as_str()))
+            .expression_attribute_values(":extra", extra.1)
+            .expression_attribute_values(":now", n(now.millis()))
+            .expression_attribute_values(":in_progress", s(IdempotencyStatus::InProgress.as_str()))
+            .expression_attribute_values(":attempt", n(attempt))
+            .build()
+            .map_err(build_error)?;
+        Ok(TransactWriteItem::builder().update(update).build())
+    }
+
+    fn reservation_move(
+        &self,
+        agent_id: &str,
+        id: &str,
+        from: ReservationStatus,
+        to: ReservationStatus,
+        payment_id: Option<&str>,
+        now: Timestamp,
+    ) -> Result<TransactWriteItem, PaymentError> {
+        let mut builder = Update::builder()
+            .table_name(&self.tables.ledger)
+            .key("pk", agent_pk(agent_id))
+            .key("sk", reservation_sk(id))
+            .condition_expression("#status = :from")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":from", s(from.as_str()))
+            .expression_attribute_values(":to", s(to.as_str()))
+            .expression_attribute_values(":now", n(now.millis()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        builder = match payment_id {
+            Some(payment_id) => builder
+                .update_expression("SET #status = :to, updatedAt = :now, paymentId = :payment")
+                .expression_attribute_values(":payment", s(payment_id)),
+            None => builder.update_expression("SET #status = :to, updatedAt = :now"),
+        };
+        Ok(TransactWriteItem::builder().update(builder.build().map_err(build_error)?).build())
+    }
+}
+
+fn decode_reservation(item: &Item) -> Result<Reservation, PaymentError> {
+    decode(item, RESERVATION_OVERRIDES)
+}
+
+fn decode_idempotency(item: &Item) -> Result<IdempotencyRecord, PaymentError> {
+    decode(item, IDEMPOTENCY_OVERRIDES)
+}
+
+#[async_trait]
+impl Store for DynamoStore {
+    async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.tables.idempotency)
+            .set_item(Some(idempotency_item(record)?))
+            // Absent, or expired but not yet deleted by TTL.
+            .condition_expression("attribute_not_exists(idempotencyKey) OR expiresAt <= :now")
+            .expression_attribute_values(":now", n(record.created_at.millis()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(None),
+            Err(error) => match error.as_service_error() {
+                Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(failed)) => {
+                    let item = failed.item().ok_or_else(|| {
+                        PaymentError::LedgerInconsistent("claim refused without returning the blocking item".into())
+                    })?;
+                    decode_idempotency(item).map(Some)
+                }
+                _ => Err(classify("claim idempotency key", error)),
+            },
+        }
+    }
+
+    async fn replace_idempotency(
+        &self,
+        expected: &IdempotencyRecord,
+        record: &IdempotencyRecord,
+    ) -> Result<Option<Option<IdempotencyRecord>>, PaymentError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.tables.idempotency)
+            .set_item(Some(idempotency_item(record)?))
+            .condition_expression("#status = :status AND executionId = :execution AND attempt = :attempt")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":status", s(expected.status.as_str()))
+            .expression_attribute_values(":execution", s(&expected.execution_id))
+            .expression_attribute_values(":attempt", n(expected.attempt))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(None),
+            Err(error) => match error.as_service_error() {
+                Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(failed)) => {
+                    Ok(Some(failed.item().map(decode_idempotency).transpose()?))
+                }
+                _ => Err(classify("reclaim idempotency key", error)),
+            },
+        }
+    }
+
+    async fn idempotency(&self, key: &str, now: Timestamp) -> Result<Option<IdempotencyRecord>, PaymentError> {
+        let item = self
+            .get("read idempotency key", &self.tables.idempotency, Item::from([("idempotencyKey".to_owned(), s(key))]))
+            .await?;
+        let record = item.as_ref().map(decode_idempotency).transpose()?;
+        Ok(record.filter(|r| !r.is_expired(now)))
+    }
+
+    async fn agent_ledger(&self, agent_id: &str) -> Result<AgentLedger, PaymentError> {
+        let key = Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s("STATE"))]);
+        let Some(item) = self.get("read agent ledger", &self.tables.ledger, key).await? else {
+            return Ok(AgentLedger::default());
+        };
+        let parse = |name: &str| -> Result<Option<Value>, PaymentError> {
+            text(&item, name)
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable {name}: {e}")))
+        };
+        let ledger = AgentLedger {
+            policy: parse("policy")?.map(serde_json::from_value).transpose().map_err(|e| {
+                PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable policy: {e}"))
+            })?,
+            window: parse("window")?.map(serde_json::from_value).transpose().map_err(|e| {
+                PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable window: {e}"))
+            })?
+            .unwrap_or_default(),
+            version: number(&item, "version").and_then(|v| u64::try_from(v).ok()).unwrap_or(0),
+        };
+        Ok(ledger)
+    }
+
+    async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
+        self.client
+            .update_item()
+            .table_name(&self.tables.ledger)
+            .key("pk", agent_pk(agent_id))
+            .key("sk", s("STATE"))
+            .update_expression("SET policy = :policy, version = if_not_exists(version, :zero) + :one, #window = if_not_exists(#window, :empty)")
+            .expression_attribute_names("#window", "window")
+            .expression_attribute_values(":policy", json(policy)?)
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":empty", s("[]"))
+            .send()
+            .await
+            .map_err(|e| classify("set policy", e))?;
+        Ok(())
+    }
+
+    async fn reserve(&self, expected_version: u64, window: &[WindowEntry], reservation: &Reservation) -> Result<ReserveOutcome, PaymentError> {
+        let agent_write = if expected_version == 0 {
+            let put = Put::builder()
+                .table_name(&self.tables.ledger)
+                .item("pk", agent_pk(&reservation.agent_id))
+                .item("sk", s("STATE"))
+                .item("window", json(&window)?)
+                .item("version", n(1))
+                .condition_expression("attribute_not_exists(pk)")
+                .build()
+                .map_err(build_error)?;
+            TransactWriteItem::builder().put(put).build()
+        } else {
+            self.window_update(&reservation.agent_id, expected_version, window)?
+        };
+        let reservation_put = Put::builder()
+            .table_name(&self.tables.ledger)
+            .item("pk", agent_pk(&reservation.agent_id))
+            .item("sk", reservation_sk(&reservation.id))
+            .item("status", s(reservation.status.as_str()))
+            .item("updatedAt", n(reservation.updated_at.millis()))
+            .item("record", json(reservation)?)
+            .condition_expression("attribute_not_exists(pk)")
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(build_error)?;
+        let items = vec![agent_write, TransactWriteItem::builder().put(reservation_put).build()];
+        match self.transact("reserve", items).await? {
+            TxOutcome::Committed => Ok(ReserveOutcome::Reserved),
+            TxOutcome::Cancelled(cancelled) => {
+                let reasons = reasons(&cancelled);
+                if let Some(Reason::ConditionFailed(Some(item))) = reasons.get(1) {
+                    return Ok(ReserveOutcome::AlreadyExists(Box::new(decode_reservation(item)?)));
+                }
+                Ok(ReserveOutcome::VersionConflict)
+            }
+        }
+    }
+
+    async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
+        let item = self.get("read reservation", &self.tables.ledger, self.reservation_key(agent_id, id)).await?;
+        item.as_ref().map(decode_reservation).transpose()
+    }
+
+    async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError> {
+        let items = self.query_prefix("list reservations", agent_id, "RESERVATION#").await?;
+        let mut reservations = items.iter().map(decode_reservation).collect::<Result<Vec<_>, _>>()?;
+        reservations.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(reservations)
+    }
+
+    async fn authorize(&self, commit: &AuthorizationCommit) -> Result<Transition, PaymentError> {
+        let agent_id = &commit.audit.agent_id;
+        let items = vec![
+            self.reservation_move(
+                agent_id,
+                &commit.reservation_id,
+                ReservationStatus::Reserved,
+                ReservationStatus::Authorized,
+                Some(&commit.payment_id),
+                commit.now,
+            )?,
+            self.owned_idempotency_update(
+                &commit.idempotency_key,
+                commit.attempt,
+                IdempotencyStatus::Completed,
+                ("result", json(&commit.result)?),
+                commit.now,
+            )?,
+            audit_put(&self.tables.ledger, &commit.audit)?,
+        ];
+        match self.transact("record ledger", items).await? {
+            TxOutcome::Committed => Ok(Transition::Applied),
+            TxOutcome::Cancelled(cancelled) => {
+                let reasons = reasons(&cancelled);
+                match reasons.first() {
+                    Some(Reason::ConditionFailed(Some(item))) => {
+                        let current = decode_reservation(item)?;
+                        let same_payment = current.payment_id.as_deref() == Some(commit.payment_id.as_str());
+                        return Ok(match current.status {
+                            ReservationStatus::Authorized | ReservationStatus::Settled if same_payment => Transition::AlreadyApplied,
+                            other => Transition::Refused(format!("reservation is {}", other.as_str())),
+                        });
+                    }
+                    Some(Reason::ConditionFailed(None)) => return Ok(Transition::Refused("no such reservation".into())),
+                    _ => {}
+                }
+                if reasons.iter().any(|r| matches!(r, Reason::Conflict)) {
+                    return Ok(Transition::VersionConflict);
+                }
+                Ok(Transition::Refused("idempotency record is no longer IN_PROGRESS for this attempt".into()))
+            }
+        }
+    }
+
+    async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError> {
+        // The SQLite adapter skips a part that was already done; a transaction cannot, so a
+        // part whose condition fails because it is done is dropped and the rest retried.
+        let mut release_reservation = commit.reservation.is_some();
+        let mut mark_key = true;
+        for _ in 0..3 {
+            if !release_reservation && !mark_key {
+                return Ok(Transition::AlreadyApplied);
+            }
+            let mut items = Vec::new();
+            let mut parts = Vec::new();
+            if let (true, Some(release)) = (release_reservation, &commit.reservation) {
+                items.push(self.reservation_move(
+                    &commit.agent_id,
+                    &release.id,
+                    ReservationStatus::Reserved,
+                    ReservationStatus::Released,
+                    None,
+                    commit.now,
+                )?);
+                parts.push("reservation");
+                items.push(self.window_update(&commit.agent_id, release.expected_version, &release.window)?);
+                parts.push("window");
+            }
+            if mark_key {
+                items.push(self.owned_idempotency_update(
+                    &commit.idempotency_key,
+                    commit.attempt,
+                    commit.status,
+                    ("error", json(&commit.error)?),
+                    commit.now,
+                )?);
+                parts.push("key");
+            }
+            items.push(audit_put(&self.tables.ledger, &commit.audit)?);
+            parts.push("audit");
+
+            let TxOutcome::Cancelled(cancelled) = self.transact("compensate", items).await? else {
+                return Ok(Transition::Applied);
+            };
+            for (part, reason) in parts.iter().zip(reasons(&cancelled)) {
+                match (*part, reason) {
+                    (_, Reason::Conflict) | ("window", Reason::ConditionFailed(_)) => return Ok(Transition::VersionConflict),
+                    ("reservation", Reason::ConditionFailed(item)) => {
+                        let status = item.map(decode_reservation).transpose()?.map(|r| r.status);
+                        match status {
+                            Some(ReservationStatus::Released) | None => release_reservation = false,
+                            Some(other) => {
+                                return Ok(Transition::Refused(format!(
+                                    "reservation {} is {}: a payment proof was issued, it must not be released",
+                                    commit.reservation.as_ref().map(|r| r.id.as_str()).unwrap_or_default(),
+                                    other.as_str()
+                                )));
+                            }
+                        }
+                    }
+                    ("key", Reason::ConditionFailed(_)) => mark_key = false,
+                    // The audit event exists: this exact compensation was written before.
+                    ("audit", Reason::ConditionFailed(_)) => return Ok(Transition::AlreadyApplied),
+                    _ => {}
+                }
+            }
+        }
+        Ok(Transition::VersionConflict)
+    }
+
+    async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
+        let items = vec![
+            self.reservation_move(&audit.agent_id, reservation_id, ReservationStatus::Authorized, ReservationStatus::Settled, None, audit.at)?,
+            audit_put(&self.tables.ledger, audit)?,
+        ];
+        match self.transact("settle", items).await? {
+            TxOutcome::Committed => Ok(Transition::Applied),
+            TxOutcome::Cancelled(cancelled) => match reasons(&cancelled).first() {
+                Some(Reason::ConditionFailed(Some(item))) => Ok(match decode_reservation(item)?.status {
+                    ReservationStatus::Settled => Transition::AlreadyApplied,
+                    other => Transition::Refused(format!("reservation is {}", other.as_str())),
+                }),
+                Some(Reason::ConditionFailed(None)) => Ok(Transition::Refused("no such reservation".into())),
+                _ => Ok(Transition::VersionConflict),
+            },
+        }
+    }
+
+    async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError> {
+        let items = self.query_prefix("list audit events", agent_id, "AUDIT#").await?;
+        items.iter().map(|item| decode(item, &[])).collect()
+    }
+}
+
+#[async_trait]
+impl IssuedProofs for DynamoStore {
+    async fn issued(&self, client_token: &str) -> Result<Option<PaymentProof>, PaymentError> {
+        let key = Item::from([("pk".to_owned(), s(format!("PROOF#{client_token}"))), ("sk".to_owned(), s("PROOF"))]);
+        let item = self.get("read issued proof", &self.tables.ledger, key).await?;
+        item.as_ref().map(|i| decode(i, &[])).transpose()
+    }
+
+    async fn record_issued(&self, client_token: &str, proof: &PaymentProof) -> Result<PaymentProof, PaymentError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.tables.ledger)
+            .item("pk", s(format!("PROOF#{client_token}")))
+            .item("sk", s("PROOF"))
+            .item("record", json(proof)?)
+            .condition_expression("attribute_not_exists(pk)")
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(proof.clone()),
+            Err(error) => match error.as_service_error() {
+                Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(failed)) => {
+                    let item = failed.item().ok_or_else(|| PaymentError::LedgerInconsistent("proof refused without the stored one".into()))?;
+                    decode(item, &[])
+                }
+                _ => Err(classify("record issued proof", error)),
+            },
+        }
+    }
+}
+
+/// Creates a table from its schema (tests and `agentpay` against a local endpoint).
+pub async fn create_table(client: &Client, name: &str, schema: schema::TableSchema) -> Result<(), PaymentError> {
+    use aws_sdk_dynamodb::types::{AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TimeToLiveSpecification};
+    let key = |name: &str, kind: KeyType| KeySchemaElement::builder().attribute_name(name).key_type(kind).build().map_err(build_error);
+    let attribute = |name: &str| {
+        AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build().map_err(build_error)
+    };
+    let mut request = client
+        .create_table()
+        .table_name(name)
+        .billing_mode(BillingMode::PayPerRequest)
+        .key_schema(key(schema.hash_key, KeyType::Hash)?)
+        .attribute_definitions(attribute(schema.hash_key)?);
+    if let Some(range) = schema.range_key {
+        request = request.key_schema(key(range, KeyType::Range)?).attribute_definitions(attribute(range)?);
+    }
+    request.send().await.map_err(|e| classify("create table", e))?;
+    if let Some(ttl) = schema.ttl_attribute {
+        client
+            .update_time_to_live()
+            .table_name(name)
+            .time_to_live_specification(TimeToLiveSpecification::builder().attribute_name(ttl).enabled(true).build().map_err(build_error)?)
+            .send()
+            .await
+            .map_err(|e| classify("enable TTL", e))?;
+    }
+    Ok(())
+}

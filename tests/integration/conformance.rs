@@ -1,0 +1,323 @@
+//! One conformance suite for both stores: every test function runs once per adapter.
+
+use std::time::Duration;
+
+use agentpay::clock::Clock;
+use agentpay::error::PaymentError;
+use agentpay::samples::execution_input;
+use agentpay::steps::{CaughtError, Claim, ClaimOutcome, CompensateInput, ReservationSummary};
+use agentpay::steps::{CheckIdempotencyInput, CheckSpendInput, ProcessPaymentInput, RecordLedgerInput};
+use agentpay::store::{AuditKind, IdempotencyStatus, ReservationStatus};
+use serde_json::Value;
+
+use crate::helpers::policy;
+use crate::stores::{Backend, Fixture};
+
+const AGENT: &str = "conformance-agent";
+
+impl Fixture {
+    async fn with_policy(backend: Backend, per_tx: &str, daily: &str, per_hour: u32) -> Self {
+        let fixture = Self::new(backend).await;
+        fixture.store.put_policy(AGENT, &policy(per_tx, daily, per_hour)).await.unwrap();
+        fixture
+    }
+
+    async fn claim(&self, input: &Value, execution: &str) -> Result<Claim, PaymentError> {
+        self.steps.check_idempotency(CheckIdempotencyInput { request: input.clone(), execution_id: execution.into() }).await
+    }
+
+    async fn spend(&self, input: &Value, execution: &str, claim: &Claim) -> Result<ReservationSummary, PaymentError> {
+        self.steps.check_spend(CheckSpendInput { request: input.clone(), execution_id: execution.into(), claim: claim.clone() }).await
+    }
+
+    /// CheckSpend, ProcessPayment, RecordLedger after a claim: the outcome's JSON.
+    async fn pay(&self, input: &Value, execution: &str, claim: &Claim) -> Result<Value, PaymentError> {
+        let reservation = self.spend(input, execution, claim).await?;
+        let proof = self
+            .steps
+            .process_payment(ProcessPaymentInput {
+                request: input.clone(),
+                execution_id: execution.into(),
+                claim: claim.clone(),
+                reservation: reservation.clone(),
+            })
+            .await?;
+        let outcome = self
+            .steps
+            .record_ledger(RecordLedgerInput { request: input.clone(), execution_id: execution.into(), claim: claim.clone(), reservation, proof })
+            .await?;
+        Ok(serde_json::to_value(outcome).unwrap())
+    }
+
+    async fn compensate(&self, input: &Value, execution: &str, claim: &Claim, error: &str) -> Result<Value, PaymentError> {
+        let caught = CaughtError { error: error.into(), cause: format!("{{\"errorType\":\"{error}\",\"errorMessage\":\"{error} happened\"}}") };
+        let output = self
+            .steps
+            .compensate(CompensateInput { request: input.clone(), execution_id: execution.into(), claim: claim.clone(), error: caught })
+            .await?;
+        Ok(serde_json::to_value(output).unwrap())
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::Sqlite).await })*
+        }
+        mod dynamodb {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::Dynamo).await })*
+        }
+    };
+}
+
+conformance!(
+    claim_then_cached_result,
+    in_flight_until_the_lease_passes_then_adopted,
+    a_retried_claim_of_the_same_execution_is_its_own,
+    a_key_reused_for_another_request_is_refused,
+    a_failed_key_is_reclaimed_with_a_new_attempt,
+    expired_records_are_treated_as_absent,
+    reserve_is_idempotent_and_authorize_and_settle_happen_once,
+    release_happens_once_and_never_after_authorization,
+    every_policy_limit_denies,
+    audit_events_are_written_with_the_payment,
+);
+
+async fn claim_then_cached_result(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-cached", AGENT, "10000");
+    let claim = f.claim(&input, "exec-1").await.unwrap();
+    assert_eq!((claim.outcome, claim.attempt), (ClaimOutcome::Claimed, 1));
+    let outcome = f.pay(&input, "exec-1", &claim).await.unwrap();
+
+    let again = f.claim(&input, "exec-2").await.unwrap();
+    assert_eq!(again.outcome, ClaimOutcome::Cached);
+    let cached = again.result.unwrap();
+    assert_eq!(cached["fromCache"], true);
+    assert_eq!(cached["paymentId"], outcome["paymentId"]);
+    assert_eq!(cached["header"], outcome["header"]);
+}
+
+async fn in_flight_until_the_lease_passes_then_adopted(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-lease", AGENT, "10000");
+    let first = f.claim(&input, "exec-a").await.unwrap();
+    let error = f.claim(&input, "exec-b").await.unwrap_err();
+    assert_eq!(error.name(), "PaymentInFlight");
+    assert!(error.to_string().contains("exec-a"), "{error}");
+
+    f.clock.advance(Duration::from_secs(301));
+    let adopted = f.claim(&input, "exec-b").await.unwrap();
+    // The same attempt: the same reservation and client token, so nothing is paid twice.
+    assert_eq!((adopted.attempt, &adopted.reservation_id, &adopted.client_token), (1, &first.reservation_id, &first.client_token));
+    assert_eq!(f.claim(&input, "exec-a").await.unwrap_err().name(), "PaymentInFlight");
+}
+
+async fn a_retried_claim_of_the_same_execution_is_its_own(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-retry", AGENT, "10000");
+    let first = f.claim(&input, "exec-1").await.unwrap();
+    let again = f.claim(&input, "exec-1").await.unwrap();
+    assert_eq!(first, again);
+}
+
+async fn a_key_reused_for_another_request_is_refused(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    f.claim(&execution_input("k-reuse", AGENT, "10000"), "exec-1").await.unwrap();
+    let error = f.claim(&execution_input("k-reuse", AGENT, "20000"), "exec-2").await.unwrap_err();
+    assert_eq!(error.name(), "IdempotencyKeyReused");
+}
+
+async fn a_failed_key_is_reclaimed_with_a_new_attempt(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-failed", AGENT, "10000");
+    let first = f.claim(&input, "exec-1").await.unwrap();
+    f.spend(&input, "exec-1", &first).await.unwrap();
+    f.compensate(&input, "exec-1", &first, "ProviderRejected").await.unwrap();
+    let record = f.store.idempotency("k-failed", f.clock.now()).await.unwrap().unwrap();
+    assert_eq!(record.status, IdempotencyStatus::Failed);
+    assert_eq!(record.error.unwrap().cause, "ProviderRejected happened");
+
+    let second = f.claim(&input, "exec-2").await.unwrap();
+    assert_eq!(second.attempt, 2);
+    assert_ne!(second.reservation_id, first.reservation_id);
+    assert_ne!(second.client_token, first.client_token);
+    f.pay(&input, "exec-2", &second).await.unwrap();
+    // A denial is reclaimable too.
+    let denied_input = execution_input("k-denied", AGENT, "2000000");
+    let denied = f.claim(&denied_input, "exec-3").await.unwrap();
+    let denial = f.spend(&denied_input, "exec-3", &denied).await.unwrap_err();
+    f.compensate(&denied_input, "exec-3", &denied, denial.name()).await.unwrap();
+    let record = f.store.idempotency("k-denied", f.clock.now()).await.unwrap().unwrap();
+    assert_eq!(record.status, IdempotencyStatus::Denied);
+    assert_eq!(f.claim(&denied_input, "exec-4").await.unwrap().attempt, 2);
+}
+
+async fn expired_records_are_treated_as_absent(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-expired", AGENT, "10000");
+    let claim = f.claim(&input, "exec-1").await.unwrap();
+    f.pay(&input, "exec-1", &claim).await.unwrap();
+    assert!(f.store.idempotency("k-expired", f.clock.now()).await.unwrap().is_some());
+
+    // Past the 24 h TTL the item may still be stored, but it no longer counts.
+    f.clock.advance(Duration::from_secs(24 * 3600 + 1));
+    assert!(f.store.idempotency("k-expired", f.clock.now()).await.unwrap().is_none());
+    let fresh = f.claim(&input, "exec-2").await.unwrap();
+    assert_eq!((fresh.outcome, fresh.attempt), (ClaimOutcome::Claimed, 1));
+}
+
+async fn reserve_is_idempotent_and_authorize_and_settle_happen_once(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-once", AGENT, "10000");
+    let claim = f.claim(&input, "exec-1").await.unwrap();
+    let first = f.spend(&input, "exec-1", &claim).await.unwrap();
+    let retried = f.spend(&input, "exec-1", &claim).await.unwrap();
+    assert_eq!(first, retried);
+    assert_eq!(f.store.agent_ledger(AGENT).await.unwrap().window.len(), 1, "a retried reserve counts once");
+
+    let outcome = f.pay(&input, "exec-1", &claim).await.unwrap();
+    // RecordLedger again (a retried step) answers the same outcome without writing.
+    let proof = f.steps.process_payment(ProcessPaymentInput {
+        request: input.clone(), execution_id: "exec-1".into(), claim: claim.clone(), reservation: first.clone(),
+    }).await.unwrap();
+    let again = f.steps.record_ledger(RecordLedgerInput {
+        request: input.clone(), execution_id: "exec-1".into(), claim: claim.clone(), reservation: first.clone(), proof,
+    }).await.unwrap();
+    assert_eq!(serde_json::to_value(again).unwrap()["paymentId"], outcome["paymentId"]);
+    assert_eq!(f.store.audit_events(AGENT).await.unwrap().len(), 1);
+
+    let reservation = f.store.reservation(AGENT, &first.reservation_id).await.unwrap().unwrap();
+    assert_eq!(reservation.status, ReservationStatus::Authorized);
+    let settled = settle_event(&reservation);
+    assert_eq!(f.store.settle(&reservation.id, &settled).await.unwrap(), agentpay::store::Transition::Applied);
+    assert_eq!(f.store.settle(&reservation.id, &settled).await.unwrap(), agentpay::store::Transition::AlreadyApplied);
+    let reservation = f.store.reservation(AGENT, &first.reservation_id).await.unwrap().unwrap();
+    assert_eq!(reservation.status, ReservationStatus::Settled);
+    // A settled payment still counts against the window.
+    assert_eq!(f.store.agent_ledger(AGENT).await.unwrap().window.len(), 1);
+}
+
+fn settle_event(reservation: &agentpay::store::Reservation) -> agentpay::store::AuditEvent {
+    agentpay::store::AuditEvent {
+        event_id: format!("evt-settle-{}", reservation.id),
+        kind: AuditKind::Settled,
+        agent_id: reservation.agent_id.clone(),
+        user_id: "user-7".into(),
+        at: reservation.updated_at,
+        idempotency_key: reservation.idempotency_key.clone(),
+        execution_id: reservation.execution_id.clone(),
+        reservation_id: Some(reservation.id.clone()),
+        amount: Some(reservation.amount),
+        network: Some(reservation.network),
+        asset: Some(reservation.asset.clone()),
+        payee: Some(reservation.pay_to.clone()),
+        resource: reservation.resource.clone(),
+        context: agentpay::request::BusinessContext { decision: "settlement report".into(), delegated_by: "facilitator".into(), scope: "settlement".into() },
+        limits: None,
+        payment_id: reservation.payment_id.clone(),
+        error: None,
+    }
+}
+
+async fn release_happens_once_and_never_after_authorization(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-release", AGENT, "10000");
+    let claim = f.claim(&input, "exec-1").await.unwrap();
+    let reservation = f.spend(&input, "exec-1", &claim).await.unwrap();
+    let first = f.compensate(&input, "exec-1", &claim, "ProviderUnavailable").await.unwrap();
+    assert_eq!((first["released"].as_bool(), first["alreadyCompensated"].as_bool()), (Some(true), Some(false)));
+    let second = f.compensate(&input, "exec-1", &claim, "ProviderUnavailable").await.unwrap();
+    assert_eq!((second["released"].as_bool(), second["alreadyCompensated"].as_bool()), (Some(false), Some(true)));
+    let stored = f.store.reservation(AGENT, &reservation.reservation_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, ReservationStatus::Released);
+    assert!(f.store.agent_ledger(AGENT).await.unwrap().window.is_empty());
+    assert_eq!(f.store.audit_events(AGENT).await.unwrap().len(), 1);
+
+    // A released reservation cannot be authorized afterwards.
+    let proof = f.steps.process_payment(ProcessPaymentInput {
+        request: input.clone(), execution_id: "exec-1".into(), claim: claim.clone(), reservation: reservation.clone(),
+    }).await.unwrap();
+    let error = f.steps.record_ledger(RecordLedgerInput {
+        request: input.clone(), execution_id: "exec-1".into(), claim: claim.clone(), reservation, proof,
+    }).await.unwrap_err();
+    assert_eq!(error.name(), "LedgerInconsistent");
+
+    // And an authorized one cannot be released.
+    let paid_input = execution_input("k-paid", AGENT, "10000");
+    let paid = f.claim(&paid_input, "exec-2").await.unwrap();
+    f.pay(&paid_input, "exec-2", &paid).await.unwrap();
+    let error = f.compensate(&paid_input, "exec-2", &paid, "ProviderRejected").await.unwrap_err();
+    assert_eq!(error.name(), "LedgerInconsistent");
+    assert!(error.to_string().contains("AUTHORIZED"), "{error}");
+}
+
+async fn every_policy_limit_denies(backend: Backend) {
+    let f = Fixture::with_policy(backend, "0.50", "1.00", 3).await;
+    let per_tx = deny(&f, "k-per-tx", "500001").await;
+    assert_eq!(per_tx.name(), "SpendLimitExceeded");
+    assert!(per_tx.to_string().contains("per-transaction limit"));
+
+    for (i, amount) in ["400000", "400000"].iter().enumerate() {
+        let input = execution_input(&format!("k-ok-{i}"), AGENT, amount);
+        let claim = f.claim(&input, "e").await.unwrap();
+        f.spend(&input, "e", &claim).await.unwrap();
+    }
+    let daily = deny(&f, "k-daily", "200001").await;
+    assert!(matches!(daily, PaymentError::SpendLimitExceeded { limit: agentpay::error::LimitKind::Rolling24Hours, .. }), "{daily}");
+    assert!(daily.to_string().contains("remaining 200000"), "{daily}");
+
+    let input = execution_input("k-third", AGENT, "1");
+    let claim = f.claim(&input, "e").await.unwrap();
+    f.spend(&input, "e", &claim).await.unwrap();
+    assert_eq!(deny(&f, "k-rate", "1").await.name(), "RateLimitExceeded");
+
+    // An hour later the rate resets; a day later the daily window too.
+    f.clock.advance(Duration::from_secs(3601));
+    let input = execution_input("k-next-hour", AGENT, "1");
+    let claim = f.claim(&input, "e").await.unwrap();
+    f.spend(&input, "e", &claim).await.unwrap();
+
+    let mut paused = policy("0.50", "1.00", 3);
+    paused.paused = true;
+    f.store.put_policy(AGENT, &paused).await.unwrap();
+    assert_eq!(deny(&f, "k-paused", "1").await.name(), "AgentPaused");
+
+    let mut payees = policy("0.50", "100", 100);
+    payees.allowed_payees = vec![alloy_primitives::Address::repeat_byte(9)];
+    f.store.put_policy(AGENT, &payees).await.unwrap();
+    let input = execution_input("k-payee", AGENT, "1");
+    assert_eq!(f.claim(&input, "e").await.unwrap_err().name(), "PolicyDenied");
+}
+
+async fn audit_events_are_written_with_the_payment(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-audit", AGENT, "10000");
+    let claim = f.claim(&input, "exec-audit").await.unwrap();
+    let outcome = f.pay(&input, "exec-audit", &claim).await.unwrap();
+    let denied_input = execution_input("k-audit-denied", AGENT, "1000001");
+    let denied = f.claim(&denied_input, "exec-denied").await.unwrap();
+    let error = f.spend(&denied_input, "exec-denied", &denied).await.unwrap_err();
+    f.compensate(&denied_input, "exec-denied", &denied, error.name()).await.unwrap();
+
+    let events = f.store.audit_events(AGENT).await.unwrap();
+    assert_eq!(events.len(), 2);
+    let paid = events.iter().find(|e| e.kind == AuditKind::Authorized).unwrap();
+    assert_eq!(paid.execution_id, "exec-audit");
+    assert_eq!(paid.payment_id.as_ref(), outcome["paymentId"].as_str().map(str::to_owned).as_ref());
+    assert_eq!(paid.amount.unwrap().get(), 10_000);
+    assert_eq!(paid.context.decision, "credit check before approving invoice INV-1042");
+    let limits = paid.limits.as_ref().unwrap();
+    assert_eq!((limits.spent_24h_before.get(), limits.spent_24h_after.get(), limits.daily_limit.get()), (0, 10_000, 5_000_000));
+    let denial = events.iter().find(|e| e.kind == AuditKind::Denied).unwrap();
+    assert_eq!(denial.error.as_ref().unwrap().error, "SpendLimitExceeded");
+    assert!(denial.reservation_id.is_none());
+}
+
+async fn deny(f: &Fixture, key: &str, amount: &str) -> PaymentError {
+    let input = execution_input(key, AGENT, amount);
+    let claim = f.claim(&input, key).await.unwrap();
+    f.spend(&input, key, &claim).await.unwrap_err()
+}

@@ -1,0 +1,82 @@
+//! Store fixtures: the same fixture over SQLite or over DynamoDB (moto's server).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentpay::clock::{ManualClock, Timestamp};
+use agentpay::provider::IssuedProofs;
+use agentpay::provider::dev_wallet::DevWallet;
+use agentpay::steps::{StepSettings, Steps};
+use agentpay::store::Store;
+use agentpay::store::dynamodb::{DynamoStore, TableNames, create_table, schema};
+use agentpay::store::sqlite::SqliteStore;
+
+pub const START: Timestamp = Timestamp::from_millis(1_790_000_000_000);
+
+/// The DynamoDB-compatible endpoint the test command started. Tests never reach real AWS:
+/// without the variable they fail.
+pub fn dynamodb_endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL_DYNAMODB").unwrap_or_else(|_| {
+        panic!("AWS_ENDPOINT_URL_DYNAMODB is not set: run ./scripts/test, which starts moto's server and sets it")
+    })
+}
+
+pub async fn dynamodb_client() -> aws_sdk_dynamodb::Client {
+    let endpoint = dynamodb_endpoint();
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .test_credentials()
+        .load()
+        .await;
+    aws_sdk_dynamodb::Client::new(&config)
+}
+
+/// Fresh tables with the template's key schema; the names are unique per call.
+pub async fn fresh_tables(client: &aws_sdk_dynamodb::Client) -> TableNames {
+    let id = hex::encode(rand::random::<[u8; 6]>());
+    let tables = TableNames { idempotency: format!("idempotency-{id}"), ledger: format!("ledger-{id}") };
+    create_table(client, &tables.idempotency, schema::IDEMPOTENCY).await.unwrap();
+    create_table(client, &tables.ledger, schema::LEDGER).await.unwrap();
+    tables
+}
+
+pub async fn dynamo_store() -> Arc<DynamoStore> {
+    let client = dynamodb_client().await;
+    let tables = fresh_tables(&client).await;
+    Arc::new(DynamoStore::new(client, tables))
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Sqlite,
+    Dynamo,
+}
+
+pub struct Fixture {
+    pub store: Arc<dyn Store>,
+    pub steps: Steps,
+    pub clock: Arc<ManualClock>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    pub async fn new(backend: Backend) -> Self {
+        let clock = Arc::new(ManualClock::new(START));
+        let (store, proofs, dir): (Arc<dyn Store>, Arc<dyn IssuedProofs>, _) = match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let store = Arc::new(SqliteStore::open(&dir.path().join("agentpay.db")).unwrap());
+                (store.clone(), store, Some(dir))
+            }
+            Backend::Dynamo => {
+                let store = dynamo_store().await;
+                (store.clone(), store, None)
+            }
+        };
+        let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), proofs, clock.clone()).unwrap();
+        let settings = StepSettings { lease: Duration::from_secs(300), idempotency_ttl: Duration::from_secs(24 * 3600), ledger_attempts: 50 };
+        let steps = Steps::new(store.clone(), Arc::new(wallet), clock.clone(), settings);
+        Self { store, steps, clock, _dir: dir }
+    }
+}
