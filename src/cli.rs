@@ -1,6 +1,6 @@
 //! The `agentpay` command line: run and inspect payment executions on the local runner.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
@@ -10,35 +10,40 @@ use serde_json::{Value, json};
 use crate::asl::{ScaledSleeper, Sleeper, TokioSleeper};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::config::Config;
-use crate::executions::{
-    ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind,
-};
+use crate::executions::{ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
 use crate::local::LocalApp;
 use crate::money::UsdAmount;
 use crate::policy::{SpendPolicy, WINDOW_24H, spent_within};
 use crate::store::Store;
+use crate::store::dynamodb::{DynamoStore, TableNames, create_table, schema};
 use crate::x402::{Network, parse_address};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "agentpay",
-    version,
-    about = "Auditable, resumable agent payments (x402) — local runner"
-)]
+#[command(name = "agentpay", version, about = "Auditable, resumable agent payments (x402) — local runner")]
 pub struct Cli {
     /// Where the embedded store and the dev wallet key live.
-    #[arg(
-        long,
-        global = true,
-        env = "AGENTPAY_DATA_DIR",
-        default_value = ".agentpay"
-    )]
+    #[arg(long, global = true, env = "AGENTPAY_DATA_DIR", default_value = ".agentpay")]
     pub data_dir: PathBuf,
     /// Machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Where payments, the ledger and idempotency records live. Execution history stays in
+    /// the data dir either way. DynamoDB uses the standard AWS configuration chain
+    /// (`AWS_ENDPOINT_URL_DYNAMODB` for a local server).
+    #[arg(long, global = true, value_enum, default_value_t = StoreKind::Sqlite)]
+    pub store: StoreKind,
+    #[arg(long, global = true, env = "AGENTPAY_IDEMPOTENCY_TABLE", default_value = "agentpay-idempotency")]
+    pub idempotency_table: String,
+    #[arg(long, global = true, env = "AGENTPAY_LEDGER_TABLE", default_value = "agentpay-ledger")]
+    pub ledger_table: String,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    Sqlite,
+    Dynamodb,
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,6 +72,14 @@ pub enum Command {
     Policy(PolicyCommand),
     /// A scripted tour on a fresh embedded store: every path of the workflow.
     Demo,
+    /// Create the DynamoDB tables (for `--store dynamodb` against a local endpoint).
+    #[command(subcommand)]
+    Tables(TablesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TablesCommand {
+    Create,
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,52 +146,49 @@ struct Context {
     json: bool,
 }
 
-fn open(data_dir: &Path, sleeper: Arc<dyn Sleeper>, json: bool) -> Result<Context, CliError> {
-    let app = LocalApp::open(&Config::local(data_dir), Arc::new(SystemClock), sleeper)?;
-    Ok(Context { app, json })
-}
+impl Cli {
+    fn tables(&self) -> TableNames {
+        TableNames { idempotency: self.idempotency_table.clone(), ledger: self.ledger_table.clone() }
+    }
 
-fn sleeper(fast: bool) -> Arc<dyn Sleeper> {
-    if fast {
-        Arc::new(ScaledSleeper(100))
-    } else {
-        Arc::new(TokioSleeper)
+    fn config(&self) -> Config {
+        match self.store {
+            StoreKind::Sqlite => Config::local(&self.data_dir),
+            StoreKind::Dynamodb => Config::local_dynamo(&self.data_dir, self.tables()),
+        }
+    }
+
+    async fn open(&self, fast_retries: bool) -> Result<Context, CliError> {
+        let sleeper: Arc<dyn Sleeper> =
+            if fast_retries { Arc::new(ScaledSleeper(100)) } else { Arc::new(TokioSleeper) };
+        let app = LocalApp::open(&self.config(), &self.data_dir, Arc::new(SystemClock), sleeper).await?;
+        Ok(Context { app, json: self.json })
     }
 }
 
 /// Runs the command; the exit code is 0 on success, 1 when an execution failed.
 pub async fn run(cli: Cli) -> Result<i32, CliError> {
-    match cli.command {
+    match &cli.command {
         Command::Run { file, fast_retries } => {
-            let ctx = open(&cli.data_dir, sleeper(fast_retries), cli.json)?;
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let input: Value = serde_json::from_str(&text)
-                .map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
+            let ctx = cli.open(*fast_retries).await?;
+            let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let input: Value =
+                serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
             let record = ctx.app.run(input).await?;
             print_execution(&ctx, &record).await?;
             Ok(exit_code(&record))
         }
-        Command::Executions(ExecutionsCommand::List {
-            status,
-            agent,
-            limit,
-        }) => {
-            let ctx = open(&cli.data_dir, sleeper(false), cli.json)?;
+        Command::Executions(ExecutionsCommand::List { status, agent, limit }) => {
+            let ctx = cli.open(false).await?;
             let status = status
+                .as_deref()
                 .map(|s| {
-                    ExecutionStatus::parse(&s).ok_or(format!(
-                        "--status: received {s:?}, expected RUNNING, SUCCEEDED or FAILED"
-                    ))
+                    ExecutionStatus::parse(s)
+                        .ok_or(format!("--status: received {s:?}, expected RUNNING, SUCCEEDED or FAILED"))
                 })
                 .transpose()?;
-            let filter = ExecutionFilter {
-                status,
-                agent_id: agent,
-                since: None,
-                limit: Some(limit),
-            };
-            let records = ctx.app.store.list_executions(&filter).await?;
+            let filter = ExecutionFilter { status, agent_id: agent.clone(), since: None, limit: Some(*limit) };
+            let records = ctx.app.executions.list_executions(&filter).await?;
             if ctx.json {
                 println!("{}", serde_json::to_string_pretty(&records)?);
             } else {
@@ -187,104 +197,84 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             Ok(0)
         }
         Command::Executions(ExecutionsCommand::Describe { id }) => {
-            let ctx = open(&cli.data_dir, sleeper(false), cli.json)?;
-            let record = ctx
-                .app
-                .store
-                .execution(&id)
-                .await?
-                .ok_or(format!("no execution {id:?}"))?;
+            let ctx = cli.open(false).await?;
+            let record = ctx.app.executions.execution(id).await?.ok_or(format!("no execution {id:?}"))?;
             print_execution(&ctx, &record).await?;
             Ok(0)
         }
         Command::Redrive { id, fast_retries } => {
-            let ctx = open(&cli.data_dir, sleeper(fast_retries), cli.json)?;
-            let record = ctx.app.runner.redrive(&id).await?;
+            let ctx = cli.open(*fast_retries).await?;
+            let record = ctx.app.runner.redrive(id).await?;
             print_execution(&ctx, &record).await?;
             Ok(exit_code(&record))
         }
         Command::Ledger(LedgerCommand::Show { agent }) => {
-            let ctx = open(&cli.data_dir, sleeper(false), cli.json)?;
-            print_ledger(&ctx, &agent).await?;
+            let ctx = cli.open(false).await?;
+            print_ledger(&ctx, agent).await?;
             Ok(0)
         }
         Command::Policy(command) => {
-            let ctx = open(&cli.data_dir, sleeper(false), cli.json)?;
+            let ctx = cli.open(false).await?;
             policy_command(&ctx, command).await?;
             Ok(0)
         }
         Command::Demo => crate::demo::run(cli.json).await,
+        Command::Tables(TablesCommand::Create) => {
+            let store = DynamoStore::from_env(cli.tables()).await;
+            for (name, schema) in [(&cli.idempotency_table, schema::IDEMPOTENCY), (&cli.ledger_table, schema::LEDGER)] {
+                create_table(store.client(), name, schema).await?;
+                println!("created table {name} ({})", schema.logical_id);
+            }
+            Ok(0)
+        }
     }
 }
 
 fn exit_code(record: &ExecutionRecord) -> i32 {
-    if record.status == ExecutionStatus::Succeeded {
-        0
-    } else {
-        1
-    }
+    if record.status == ExecutionStatus::Succeeded { 0 } else { 1 }
 }
 
-async fn policy_command(ctx: &Context, command: PolicyCommand) -> Result<(), CliError> {
+async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), CliError> {
     let store = &ctx.app.store;
     let (agent, policy) = match command {
         PolicyCommand::Set(args) => {
             let policy = match &args.file {
                 Some(file) => {
-                    let text = std::fs::read_to_string(file)
-                        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                    serde_json::from_str::<SpendPolicy>(&text)
-                        .map_err(|e| format!("{}: {e}", file.display()))?
+                    let text =
+                        std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                    serde_json::from_str::<SpendPolicy>(&text).map_err(|e| format!("{}: {e}", file.display()))?
                 }
                 None => SpendPolicy {
                     paused: false,
-                    per_transaction_limit_usd: args
-                        .per_transaction_usd
-                        .ok_or("--per-transaction-usd is required")?,
+                    per_transaction_limit_usd: args.per_transaction_usd.ok_or("--per-transaction-usd is required")?,
                     daily_limit_usd: args.daily_usd.ok_or("--daily-usd is required")?,
-                    max_transactions_per_hour: args
-                        .max_per_hour
-                        .ok_or("--max-per-hour is required")?,
+                    max_transactions_per_hour: args.max_per_hour.ok_or("--max-per-hour is required")?,
                     allowed_networks: args.network.clone(),
                     allowed_payees: args.payee.clone(),
                 },
             };
             crate::request::AgentId::parse("agent", &args.agent)?;
             store.put_policy(&args.agent, &policy).await?;
-            (args.agent, policy)
+            (args.agent.clone(), policy)
         }
         PolicyCommand::Show { agent } => {
-            let policy = store
-                .agent_ledger(&agent)
-                .await?
-                .policy
-                .ok_or(format!("agent {agent:?} has no policy"))?;
-            (agent, policy)
+            let policy = store.agent_ledger(&agent).await?.policy.ok_or(format!("agent {agent:?} has no policy"))?;
+            (agent.clone(), policy)
         }
-        PolicyCommand::Pause { agent } => set_paused(store.as_ref(), agent, true).await?,
-        PolicyCommand::Resume { agent } => set_paused(store.as_ref(), agent, false).await?,
+        PolicyCommand::Pause { agent } => set_paused(store.as_ref(), agent.clone(), true).await?,
+        PolicyCommand::Resume { agent } => set_paused(store.as_ref(), agent.clone(), false).await?,
     };
     if ctx.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"agentId": agent, "policy": policy}))?
-        );
+        println!("{}", serde_json::to_string_pretty(&json!({"agentId": agent, "policy": policy}))?);
     } else {
         println!("{}", policy_table(&agent, &policy));
     }
     Ok(())
 }
 
-async fn set_paused(
-    store: &dyn Store,
-    agent: String,
-    paused: bool,
-) -> Result<(String, SpendPolicy), CliError> {
-    let mut policy = store
-        .agent_ledger(&agent)
-        .await?
-        .policy
-        .ok_or(format!("agent {agent:?} has no policy to pause or resume"))?;
+async fn set_paused(store: &dyn Store, agent: String, paused: bool) -> Result<(String, SpendPolicy), CliError> {
+    let mut policy =
+        store.agent_ledger(&agent).await?.policy.ok_or(format!("agent {agent:?} has no policy to pause or resume"))?;
     policy.paused = paused;
     store.put_policy(&agent, &policy).await?;
     Ok((agent, policy))
@@ -295,36 +285,14 @@ pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
     let payees = if policy.allowed_payees.is_empty() {
         "any".to_owned()
     } else {
-        policy
-            .allowed_payees
-            .iter()
-            .map(|a| a.to_checksum(None))
-            .collect::<Vec<_>>()
-            .join(", ")
+        policy.allowed_payees.iter().map(|a| a.to_checksum(None)).collect::<Vec<_>>().join(", ")
     };
     for (setting, value) in [
         ("paused (kill switch)", policy.paused.to_string()),
-        (
-            "per-transaction limit",
-            format!("{} USD", policy.per_transaction_limit_usd),
-        ),
-        (
-            "rolling 24 h limit",
-            format!("{} USD", policy.daily_limit_usd),
-        ),
-        (
-            "transactions per hour",
-            policy.max_transactions_per_hour.to_string(),
-        ),
-        (
-            "networks",
-            policy
-                .allowed_networks
-                .iter()
-                .map(|n| n.caip2())
-                .collect::<Vec<_>>()
-                .join(", "),
-        ),
+        ("per-transaction limit", format!("{} USD", policy.per_transaction_limit_usd)),
+        ("rolling 24 h limit", format!("{} USD", policy.daily_limit_usd)),
+        ("transactions per hour", policy.max_transactions_per_hour.to_string()),
+        ("networks", policy.allowed_networks.iter().map(|n| n.caip2()).collect::<Vec<_>>().join(", ")),
         ("payees", payees),
     ] {
         table.add_row(vec![agent.to_owned(), setting.to_owned(), value]);
@@ -349,11 +317,7 @@ pub fn executions_table(records: &[ExecutionRecord]) -> Table {
             record.name.clone(),
             record.status.as_str().to_owned(),
             record.agent_id.clone().unwrap_or_default(),
-            record
-                .error
-                .as_ref()
-                .map(|e| e.error.clone())
-                .unwrap_or_default(),
+            record.error.as_ref().map(|e| e.error.clone()).unwrap_or_default(),
             record.redrive_count.to_string(),
         ]);
     }
@@ -371,11 +335,7 @@ pub fn history_table(events: &[HistoryEvent], started: Timestamp) -> Table {
                     .ok()
                     .and_then(|v| v["errorMessage"].as_str().map(str::to_owned))
                     .unwrap_or_else(|| cause.to_owned());
-                format!(
-                    "{}: {}",
-                    event.details["error"].as_str().unwrap_or_default(),
-                    message
-                )
+                format!("{}: {}", event.details["error"].as_str().unwrap_or_default(), message)
             }
             HistoryKind::TaskRetryScheduled => format!(
                 "{} — retry {}/{} after {} ms",
@@ -393,10 +353,7 @@ pub fn history_table(events: &[HistoryEvent], started: Timestamp) -> Table {
             HistoryKind::ExecutionRedriven => format!("redrive #{}", event.details["redriveCount"]),
             _ => String::new(),
         };
-        if matches!(
-            event.kind,
-            HistoryKind::StateExited | HistoryKind::TaskScheduled
-        ) {
+        if matches!(event.kind, HistoryKind::StateExited | HistoryKind::TaskScheduled) {
             continue;
         }
         table.add_row(vec![
@@ -447,12 +404,9 @@ fn summarize_output(output: &Value) -> String {
 }
 
 async fn print_execution(ctx: &Context, record: &ExecutionRecord) -> Result<(), CliError> {
-    let history = ctx.app.store.history(&record.execution_id).await?;
+    let history = ctx.app.executions.history(&record.execution_id).await?;
     if ctx.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"execution": record, "history": history}))?
-        );
+        println!("{}", serde_json::to_string_pretty(&json!({"execution": record, "history": history}))?);
         return Ok(());
     }
     println!("{}", outcome_text(record));
@@ -462,11 +416,7 @@ async fn print_execution(ctx: &Context, record: &ExecutionRecord) -> Result<(), 
 
 /// The outcome in a few lines: what the agent does next.
 pub fn outcome_text(record: &ExecutionRecord) -> String {
-    let mut out = format!(
-        "execution {}\n  status  {}",
-        record.name,
-        record.status.as_str()
-    );
+    let mut out = format!("execution {}\n  status  {}", record.name, record.status.as_str());
     if record.redrive_count > 0 {
         out.push_str(&format!(" (redriven {}×)", record.redrive_count));
     }
@@ -480,11 +430,7 @@ pub fn outcome_text(record: &ExecutionRecord) -> String {
                 output["amount"]["network"].as_str().unwrap_or_default(),
                 output["payee"].as_str().unwrap_or_default(),
                 output["paymentId"].as_str().unwrap_or_default(),
-                if output["fromCache"] == true {
-                    "  (from the idempotency cache: not paid again)"
-                } else {
-                    ""
-                },
+                if output["fromCache"] == true { "  (from the idempotency cache: not paid again)" } else { "" },
                 output["header"]["name"].as_str().unwrap_or_default(),
                 shown,
                 header_value.len()
@@ -542,14 +488,7 @@ async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
         }
         None => println!("agent {agent} has no policy: every payment is denied"),
     }
-    let mut table = new_table(&[
-        "created",
-        "reservation",
-        "status",
-        "amount",
-        "payee",
-        "idempotency key",
-    ]);
+    let mut table = new_table(&["created", "reservation", "status", "amount", "payee", "idempotency key"]);
     for r in &reservations {
         table.add_row(vec![
             r.created_at.to_rfc3339(),
@@ -566,13 +505,9 @@ async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
         table.add_row(vec![
             e.at.to_rfc3339(),
             format!("{:?}", e.kind).to_uppercase(),
-            e.amount
-                .map(|a| format!("{} USDC", a.display_with_decimals(6)))
-                .unwrap_or_default(),
+            e.amount.map(|a| format!("{} USDC", a.display_with_decimals(6))).unwrap_or_default(),
             e.idempotency_key.clone(),
-            e.error
-                .as_ref()
-                .map_or_else(|| e.context.decision.clone(), |err| err.error.clone()),
+            e.error.as_ref().map_or_else(|| e.context.decision.clone(), |err| err.error.clone()),
         ]);
     }
     println!("audit trail\n{table}");

@@ -8,25 +8,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
-use crate::provider::PaymentProvider;
 use crate::provider::dev_wallet::DevWallet;
+use crate::provider::{IssuedProofs, PaymentProvider};
 use crate::steps::{StepSettings, Steps};
 use crate::store::Store;
+use crate::store::dynamodb::{DynamoStore, TableNames};
 use crate::store::sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{variable}: received {received:?}, expected {expected}")]
-    Invalid {
-        variable: &'static str,
-        received: String,
-        expected: &'static str,
-    },
+    Invalid { variable: &'static str, received: String, expected: &'static str },
     #[error("{variable} is not set; expected {expected}")]
-    Missing {
-        variable: &'static str,
-        expected: &'static str,
-    },
+    Missing { variable: &'static str, expected: &'static str },
     #[error("cannot read {path}")]
     Io {
         path: PathBuf,
@@ -61,6 +55,15 @@ pub enum ProviderConfig {
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     Sqlite(PathBuf),
+    /// Endpoint, region and credentials come from the standard AWS chain
+    /// (`AWS_ENDPOINT_URL_DYNAMODB` for a local server).
+    Dynamo(TableNames),
+}
+
+/// The opened store, and the same store as the dev wallet's issued-proof journal.
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    pub proofs: Arc<dyn IssuedProofs>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,7 +73,8 @@ pub struct Config {
     pub settings: StepSettings,
 }
 
-const KEY_EXPECTED: &str = "a 32-byte hex private key (AGENTPAY_DEV_WALLET_KEY) or a file holding one (AGENTPAY_DEV_WALLET_KEY_FILE)";
+const KEY_EXPECTED: &str =
+    "a 32-byte hex private key (AGENTPAY_DEV_WALLET_KEY) or a file holding one (AGENTPAY_DEV_WALLET_KEY_FILE)";
 
 impl Config {
     /// Reads `AGENTPAY_*` variables (see README, "Configuration").
@@ -79,28 +83,32 @@ impl Config {
     }
 
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let store = match lookup("AGENTPAY_STORE").as_deref().unwrap_or("sqlite") {
+        let store = match lookup("AGENTPAY_STORE").as_deref().unwrap_or("dynamodb") {
+            "dynamodb" => {
+                let table = |variable: &'static str| {
+                    lookup(variable)
+                        .filter(|v| !v.is_empty())
+                        .ok_or(ConfigError::Missing { variable, expected: "a DynamoDB table name" })
+                };
+                StoreConfig::Dynamo(TableNames {
+                    idempotency: table("AGENTPAY_IDEMPOTENCY_TABLE")?,
+                    ledger: table("AGENTPAY_LEDGER_TABLE")?,
+                })
+            }
             "sqlite" => StoreConfig::Sqlite(PathBuf::from(
-                lookup("AGENTPAY_SQLITE_PATH")
-                    .unwrap_or_else(|| "/tmp/agentpay/agentpay.db".into()),
+                lookup("AGENTPAY_SQLITE_PATH").unwrap_or_else(|| "/tmp/agentpay/agentpay.db".into()),
             )),
             other => {
                 return Err(ConfigError::Invalid {
                     variable: "AGENTPAY_STORE",
                     received: other.into(),
-                    expected: "\"sqlite\"",
+                    expected: "\"dynamodb\" or \"sqlite\"",
                 });
             }
         };
-        let provider = match lookup("AGENTPAY_PROVIDER")
-            .as_deref()
-            .unwrap_or("dev-wallet")
-        {
+        let provider = match lookup("AGENTPAY_PROVIDER").as_deref().unwrap_or("dev-wallet") {
             "dev-wallet" => ProviderConfig::DevWallet(
-                match (
-                    lookup("AGENTPAY_DEV_WALLET_KEY"),
-                    lookup("AGENTPAY_DEV_WALLET_KEY_FILE"),
-                ) {
+                match (lookup("AGENTPAY_DEV_WALLET_KEY"), lookup("AGENTPAY_DEV_WALLET_KEY_FILE")) {
                     (Some(hex), _) => DevWalletKey::Hex(hex),
                     (None, Some(path)) => DevWalletKey::File(PathBuf::from(path)),
                     (None, None) => {
@@ -121,63 +129,58 @@ impl Config {
         };
         let mut settings = StepSettings::default();
         if let Some(text) = lookup("AGENTPAY_LEASE_SECONDS") {
-            settings.lease = Duration::from_secs(text.parse().ok().filter(|s| *s > 0).ok_or(
-                ConfigError::Invalid {
-                    variable: "AGENTPAY_LEASE_SECONDS",
-                    received: text,
-                    expected: "a whole number of seconds above 0",
-                },
-            )?);
+            settings.lease = Duration::from_secs(text.parse().ok().filter(|s| *s > 0).ok_or(ConfigError::Invalid {
+                variable: "AGENTPAY_LEASE_SECONDS",
+                received: text,
+                expected: "a whole number of seconds above 0",
+            })?);
         }
         if let Some(text) = lookup("AGENTPAY_IDEMPOTENCY_TTL_HOURS") {
             settings.idempotency_ttl = Duration::from_secs(
-                3600 * text
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|h| (1..=24 * 30).contains(h))
-                    .ok_or(ConfigError::Invalid {
-                        variable: "AGENTPAY_IDEMPOTENCY_TTL_HOURS",
-                        received: text,
-                        expected: "hours from 1 to 720",
-                    })?,
+                3600 * text.parse::<u64>().ok().filter(|h| (1..=24 * 30).contains(h)).ok_or(ConfigError::Invalid {
+                    variable: "AGENTPAY_IDEMPOTENCY_TTL_HOURS",
+                    received: text,
+                    expected: "hours from 1 to 720",
+                })?,
             );
         }
-        Ok(Self {
-            store,
-            provider,
-            settings,
-        })
+        Ok(Self { store, provider, settings })
     }
 
     /// The local default: everything under `data_dir`, a dev wallet key file created on first use.
     pub fn local(data_dir: &Path) -> Self {
         Self {
             store: StoreConfig::Sqlite(data_dir.join("agentpay.db")),
-            provider: ProviderConfig::DevWallet(DevWalletKey::File(
-                data_dir.join("dev-wallet.key"),
-            )),
+            provider: ProviderConfig::DevWallet(DevWalletKey::File(data_dir.join("dev-wallet.key"))),
             settings: StepSettings::default(),
         }
     }
 
-    pub fn open_sqlite(&self) -> Result<Arc<SqliteStore>, ConfigError> {
-        let StoreConfig::Sqlite(path) = &self.store;
-        Ok(Arc::new(
-            SqliteStore::open(path).map_err(ConfigError::Store)?,
-        ))
+    /// The local default with the payment store in DynamoDB (`agentpay --store dynamodb`).
+    pub fn local_dynamo(data_dir: &Path, tables: TableNames) -> Self {
+        Self { store: StoreConfig::Dynamo(tables), ..Self::local(data_dir) }
     }
 
-    pub fn dev_wallet(
-        &self,
-        store: Arc<SqliteStore>,
-        clock: Arc<dyn Clock>,
-    ) -> Result<DevWallet, ConfigError> {
+    pub async fn open_store(&self) -> Result<OpenedStore, ConfigError> {
+        Ok(match &self.store {
+            StoreConfig::Sqlite(path) => {
+                let store = Arc::new(SqliteStore::open(path).map_err(ConfigError::Store)?);
+                OpenedStore { store: store.clone(), proofs: store }
+            }
+            StoreConfig::Dynamo(tables) => {
+                let store = Arc::new(DynamoStore::from_env(tables.clone()).await);
+                OpenedStore { store: store.clone(), proofs: store }
+            }
+        })
+    }
+
+    pub fn dev_wallet(&self, proofs: Arc<dyn IssuedProofs>, clock: Arc<dyn Clock>) -> Result<DevWallet, ConfigError> {
         let ProviderConfig::DevWallet(key) = &self.provider;
         let hex = match key {
             DevWalletKey::Hex(hex) => hex.clone(),
             DevWalletKey::File(path) => read_or_create_key(path)?,
         };
-        DevWallet::from_hex_key(&hex, store, clock).map_err(|_| ConfigError::Invalid {
+        DevWallet::from_hex_key(&hex, proofs, clock).map_err(|_| ConfigError::Invalid {
             variable: "AGENTPAY_DEV_WALLET_KEY",
             received: "<redacted>".into(),
             expected: KEY_EXPECTED,
@@ -185,22 +188,17 @@ impl Config {
     }
 
     /// Builds the steps once: store, provider and clock wired in.
-    pub fn build_steps(&self) -> Result<Steps, ConfigError> {
-        let store = self.open_sqlite()?;
+    pub async fn build_steps(&self) -> Result<Steps, ConfigError> {
+        let opened = self.open_store().await?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let provider: Arc<dyn PaymentProvider> =
-            Arc::new(self.dev_wallet(store.clone(), clock.clone())?);
-        let store: Arc<dyn Store> = store;
-        Ok(Steps::new(store, provider, clock, self.settings.clone()))
+        let provider: Arc<dyn PaymentProvider> = Arc::new(self.dev_wallet(opened.proofs, clock.clone())?);
+        Ok(Steps::new(opened.store, provider, clock, self.settings.clone()))
     }
 }
 
 /// Reads the key file, or creates it with a fresh key (owner-only permissions).
 fn read_or_create_key(path: &Path) -> Result<String, ConfigError> {
-    let io = |source| ConfigError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io = |source| ConfigError::Io { path: path.to_owned(), source };
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(text.trim().to_owned()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -233,40 +231,37 @@ mod tests {
     use super::*;
 
     fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |name| map.get(name).cloned()
     }
 
     #[test]
     fn errors_name_the_variable_and_the_expected_value() {
-        let error = Config::from_lookup(lookup(&[("AGENTPAY_PROVIDER", "paypal")]))
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            error,
-            "AGENTPAY_PROVIDER: received \"paypal\", expected \"dev-wallet\""
-        );
         let error = Config::from_lookup(lookup(&[])).unwrap_err().to_string();
-        assert!(
-            error.starts_with("AGENTPAY_DEV_WALLET_KEY is not set"),
-            "{error}"
-        );
-        let error = Config::from_lookup(lookup(&[
-            ("AGENTPAY_DEV_WALLET_KEY", "k"),
-            ("AGENTPAY_LEASE_SECONDS", "0"),
-        ]))
-        .unwrap_err()
-        .to_string();
+        assert_eq!(error, "AGENTPAY_IDEMPOTENCY_TABLE is not set; expected a DynamoDB table name");
+        let error = Config::from_lookup(lookup(&[("AGENTPAY_STORE", "mongo")])).unwrap_err().to_string();
+        assert_eq!(error, "AGENTPAY_STORE: received \"mongo\", expected \"dynamodb\" or \"sqlite\"");
+        let sqlite = ("AGENTPAY_STORE", "sqlite");
+        let error = Config::from_lookup(lookup(&[sqlite, ("AGENTPAY_PROVIDER", "paypal")])).unwrap_err().to_string();
+        assert_eq!(error, "AGENTPAY_PROVIDER: received \"paypal\", expected \"dev-wallet\"");
+        let error = Config::from_lookup(lookup(&[sqlite])).unwrap_err().to_string();
+        assert!(error.starts_with("AGENTPAY_DEV_WALLET_KEY is not set"), "{error}");
+        let error =
+            Config::from_lookup(lookup(&[sqlite, ("AGENTPAY_DEV_WALLET_KEY", "k"), ("AGENTPAY_LEASE_SECONDS", "0")]))
+                .unwrap_err()
+                .to_string();
         assert!(error.contains("AGENTPAY_LEASE_SECONDS"), "{error}");
     }
 
     #[test]
-    fn the_key_is_redacted_from_debug_output() {
-        let config =
-            Config::from_lookup(lookup(&[("AGENTPAY_DEV_WALLET_KEY", "deadbeefsecret")])).unwrap();
+    fn lambdas_default_to_dynamodb_and_the_key_is_redacted() {
+        let config = Config::from_lookup(lookup(&[
+            ("AGENTPAY_IDEMPOTENCY_TABLE", "idem"),
+            ("AGENTPAY_LEDGER_TABLE", "ledger"),
+            ("AGENTPAY_DEV_WALLET_KEY", "deadbeefsecret"),
+        ]))
+        .unwrap();
+        assert!(matches!(&config.store, StoreConfig::Dynamo(t) if t.idempotency == "idem" && t.ledger == "ledger"));
         assert!(!format!("{config:?}").contains("deadbeefsecret"));
     }
 
@@ -279,10 +274,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(
-                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-                0o600
-            );
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         }
     }
 }

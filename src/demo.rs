@@ -14,7 +14,7 @@ use crate::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore};
 use crate::faults::ProviderFault;
 use crate::local::LocalApp;
 use crate::policy::SpendPolicy;
-use crate::store::{ReservationStatus, Store};
+use crate::store::ReservationStatus;
 
 pub const AGENT: &str = "demo-agent";
 pub const POLICY: &str = include_str!("../events/policy-demo-agent.json");
@@ -42,12 +42,8 @@ impl Tour {
         record: &ExecutionRecord,
         checks: Vec<(&str, bool)>,
     ) -> Result<(), CliError> {
-        let history = self.app.store.history(&record.execution_id).await?;
-        let failed: Vec<_> = checks
-            .iter()
-            .filter(|(_, ok)| !ok)
-            .map(|(what, _)| *what)
-            .collect();
+        let history = self.app.executions.history(&record.execution_id).await?;
+        let failed: Vec<_> = checks.iter().filter(|(_, ok)| !ok).map(|(what, _)| *what).collect();
         self.failures += failed.len();
         if self.json {
             self.report.push(json!({
@@ -70,36 +66,23 @@ fn parse(text: &str) -> Result<Value, CliError> {
 }
 
 pub async fn run(json_output: bool) -> Result<i32, CliError> {
-    let data_dir = std::env::temp_dir().join(format!(
-        "agentpay-demo-{}",
-        hex::encode(rand::random::<[u8; 4]>())
-    ));
+    let data_dir = std::env::temp_dir().join(format!("agentpay-demo-{}", hex::encode(rand::random::<[u8; 4]>())));
     let app = LocalApp::open(
         &Config::local(&data_dir),
+        &data_dir,
         Arc::new(SystemClock),
         Arc::new(ScaledSleeper(TIME_SCALE)),
-    )?;
+    )
+    .await?;
     let policy: SpendPolicy = serde_json::from_str(POLICY)?;
     app.store.put_policy(AGENT, &policy).await?;
     if !json_output {
-        println!(
-            "agentpay demo — a fresh embedded store in {}",
-            data_dir.display()
-        );
-        println!(
-            "dev wallet {} (key in {}/dev-wallet.key, never printed)",
-            app.wallet_address,
-            data_dir.display()
-        );
+        println!("agentpay demo — a fresh embedded store in {}", data_dir.display());
+        println!("dev wallet {} (key in {}/dev-wallet.key, never printed)", app.wallet_address, data_dir.display());
         println!("{}", crate::cli::policy_table(AGENT, &policy));
         println!("retry waits are the state machine's, scaled 1/{TIME_SCALE} for the demo");
     }
-    let mut tour = Tour {
-        app,
-        json: json_output,
-        report: vec![],
-        failures: 0,
-    };
+    let mut tour = Tour { app, json: json_output, report: vec![], failures: 0 };
 
     let paid = tour.app.run(parse(PAID_CALL)?).await?;
     let paid_id = paid.output.as_ref().map(|o| o["paymentId"].clone());
@@ -108,37 +91,22 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
         "A paid call: 0.50 USDC for a credit report",
         &paid,
         vec![
-            (
-                "execution succeeded",
-                paid.status == ExecutionStatus::Succeeded,
-            ),
-            (
-                "the wallet signed once",
-                tour.app.provider.delegated_calls() == 1,
-            ),
+            ("execution succeeded", paid.status == ExecutionStatus::Succeeded),
+            ("the wallet signed once", tour.app.provider.delegated_calls() == 1),
         ],
     )
     .await?;
 
     let duplicate = tour.app.run(parse(PAID_CALL)?).await?;
     let same = duplicate.output.as_ref().map(|o| o["paymentId"].clone()) == paid_id;
-    let cached = duplicate
-        .output
-        .as_ref()
-        .is_some_and(|o| o["fromCache"] == true);
+    let cached = duplicate.output.as_ref().is_some_and(|o| o["fromCache"] == true);
     tour.scenario(
         2,
         "The agent retries the same request (same idempotency key)",
         &duplicate,
         vec![
-            (
-                "same payment returned from the idempotency cache",
-                same && cached,
-            ),
-            (
-                "nothing paid again: still one wallet signature",
-                tour.app.provider.delegated_calls() == 1,
-            ),
+            ("same payment returned from the idempotency cache", same && cached),
+            ("nothing paid again: still one wallet signature", tour.app.provider.delegated_calls() == 1),
         ],
     )
     .await?;
@@ -149,46 +117,37 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
         "0.60 USDC more would pass the 1.00 USD rolling 24 h cap",
         &over,
         vec![
-            (
-                "denied with SpendLimitExceeded",
-                over.error
-                    .as_ref()
-                    .is_some_and(|e| e.error == "SpendLimitExceeded"),
-            ),
-            (
-                "compensated: the key is DENIED, nothing reserved",
-                over.failed_state.as_deref() == Some("PaymentFailed"),
-            ),
+            ("denied with SpendLimitExceeded", over.error.as_ref().is_some_and(|e| e.error == "SpendLimitExceeded")),
+            ("compensated: the key is DENIED, nothing reserved", over.failed_state.as_deref() == Some("PaymentFailed")),
         ],
     )
     .await?;
 
     let invalid = tour.app.run(parse(INVALID_CHALLENGE)?).await?;
-    let precise = invalid.error.as_ref().is_some_and(|e| {
-        e.error == "InvalidPaymentRequest" && e.cause.contains("accepts[0].payTo")
-    });
+    let precise = invalid
+        .error
+        .as_ref()
+        .is_some_and(|e| e.error == "InvalidPaymentRequest" && e.cause.contains("accepts[0].payTo"));
     tour.scenario(
         4,
         "A challenge whose payTo has a broken EIP-55 checksum",
         &invalid,
         vec![
-            (
-                "rejected with InvalidPaymentRequest naming accepts[0].payTo",
-                precise,
-            ),
-            (
-                "no idempotency record, no reservation",
-                invalid.failed_state.as_deref() == Some("PaymentRejected"),
-            ),
+            ("rejected with InvalidPaymentRequest naming accepts[0].payTo", precise),
+            ("no idempotency record, no reservation", invalid.failed_state.as_deref() == Some("PaymentRejected")),
         ],
     )
     .await?;
 
     tour.app.provider.fail_next(ProviderFault::Unavailable, 4);
     let down = tour.app.run(parse(PROVIDER_FAILURE)?).await?;
-    let released = tour.app.store.reservations(AGENT).await?.iter().any(|r| {
-        r.idempotency_key == "demo-provider-down-1" && r.status == ReservationStatus::Released
-    });
+    let released = tour
+        .app
+        .store
+        .reservations(AGENT)
+        .await?
+        .iter()
+        .any(|r| r.idempotency_key == "demo-provider-down-1" && r.status == ReservationStatus::Released);
     tour.scenario(
         5,
         "The payment provider is down: retried 3 times, then compensated",
@@ -196,9 +155,7 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
         vec![
             (
                 "failed with ProviderUnavailable after the retries",
-                down.error
-                    .as_ref()
-                    .is_some_and(|e| e.error == "ProviderUnavailable"),
+                down.error.as_ref().is_some_and(|e| e.error == "ProviderUnavailable"),
             ),
             ("reservation released by Compensate", released),
         ],
@@ -211,10 +168,7 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
         6,
         "The ledger write fails after the proof was issued: no compensation",
         &ledger_down,
-        vec![(
-            "failed in RecordLedger, awaiting redrive",
-            ledger_down.failed_state.as_deref() == Some("RecordLedger"),
-        )],
+        vec![("failed in RecordLedger, awaiting redrive", ledger_down.failed_state.as_deref() == Some("RecordLedger"))],
     )
     .await?;
     let redriven = tour.app.runner.redrive(&ledger_down.execution_id).await?;
@@ -224,14 +178,8 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
         "Redrive: resumes at RecordLedger with the same input",
         &redriven,
         vec![
-            (
-                "execution succeeded on redrive",
-                redriven.status == ExecutionStatus::Succeeded,
-            ),
-            (
-                "no step before RecordLedger ran again (2 signatures in all)",
-                wallet_calls == 2,
-            ),
+            ("execution succeeded on redrive", redriven.status == ExecutionStatus::Succeeded),
+            ("no step before RecordLedger ran again (2 signatures in all)", wallet_calls == 2),
         ],
     )
     .await?;

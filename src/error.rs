@@ -20,16 +20,8 @@ pub struct FieldProblem {
 }
 
 impl FieldProblem {
-    pub fn new(
-        field: impl Into<String>,
-        received: impl Into<String>,
-        expected: impl Into<String>,
-    ) -> Self {
-        Self {
-            field: field.into(),
-            received: shorten(received.into()),
-            expected: expected.into(),
-        }
+    pub fn new(field: impl Into<String>, received: impl Into<String>, expected: impl Into<String>) -> Self {
+        Self { field: field.into(), received: shorten(received.into()), expected: expected.into() }
     }
 
     /// The field was absent.
@@ -46,11 +38,7 @@ impl FieldProblem {
 
 impl std::fmt::Display for FieldProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: received {}, expected {}",
-            self.field, self.received, self.expected
-        )
+        write!(f, "{}: received {}, expected {}", self.field, self.received, self.expected)
     }
 }
 
@@ -73,20 +61,14 @@ pub struct InvalidPaymentRequest {
 }
 
 impl InvalidPaymentRequest {
-    pub fn field(
-        field: impl Into<String>,
-        received: impl Into<String>,
-        expected: impl Into<String>,
-    ) -> Self {
+    pub fn field(field: impl Into<String>, received: impl Into<String>, expected: impl Into<String>) -> Self {
         FieldProblem::new(field, received, expected).into()
     }
 }
 
 impl From<FieldProblem> for InvalidPaymentRequest {
     fn from(problem: FieldProblem) -> Self {
-        Self {
-            problems: vec![problem],
-        }
+        Self { problems: vec![problem] }
     }
 }
 
@@ -130,20 +112,12 @@ pub enum PaymentError {
     #[error(
         "idempotency key {key:?} was already used for a different request (stored fingerprint {stored}, this request {received}); use a new key for a new payment"
     )]
-    IdempotencyKeyReused {
-        key: String,
-        stored: String,
-        received: String,
-    },
+    IdempotencyKeyReused { key: String, stored: String, received: String },
 
     #[error(
         "a payment with idempotency key {key:?} is already in flight in execution {execution_id} (lease until {lease_expires_at}); wait for it, or retry after the lease expires"
     )]
-    PaymentInFlight {
-        key: String,
-        execution_id: String,
-        lease_expires_at: String,
-    },
+    PaymentInFlight { key: String, execution_id: String, lease_expires_at: String },
 
     #[error("policy denied the payment for agent {agent}: {reason}")]
     PolicyDenied { agent: String, reason: String },
@@ -163,11 +137,7 @@ pub enum PaymentError {
     #[error(
         "transaction rate limit exceeded for agent {agent}: {count} payments in the last hour, limit {limit} per hour"
     )]
-    RateLimitExceeded {
-        agent: String,
-        count: u32,
-        limit: u32,
-    },
+    RateLimitExceeded { agent: String, count: u32, limit: u32 },
 
     #[error(
         "agent {agent} is paused (kill switch): every payment is denied until it is resumed with `agentpay policy resume {agent}`"
@@ -183,10 +153,7 @@ pub enum PaymentError {
     },
 
     #[error("payment provider {provider} rejected the payment: {message}")]
-    ProviderRejected {
-        provider: &'static str,
-        message: String,
-    },
+    ProviderRejected { provider: &'static str, message: String },
 
     #[error("store unavailable during {operation}")]
     StoreUnavailable {
@@ -204,9 +171,7 @@ pub enum PaymentError {
         source: BoxError,
     },
 
-    #[error(
-        "ledger of agent {agent} changed under {attempts} consecutive attempts; retry the step"
-    )]
+    #[error("ledger of agent {agent} changed under {attempts} consecutive attempts; retry the step")]
     LedgerConflict { agent: String, attempts: u32 },
 
     /// The store holds something that contradicts the workflow (e.g. a reservation that
@@ -263,19 +228,13 @@ impl PaymentError {
     }
 
     pub fn store(operation: &'static str, source: impl Into<BoxError>) -> Self {
-        PaymentError::StoreUnavailable {
-            operation,
-            source: source.into(),
-        }
+        PaymentError::StoreUnavailable { operation, source: source.into() }
     }
 }
 
 /// Whether an error name (as caught by the state machine) is a policy denial.
 pub fn is_denial_name(name: &str) -> bool {
-    matches!(
-        name,
-        "PolicyDenied" | "SpendLimitExceeded" | "RateLimitExceeded" | "AgentPaused"
-    )
+    matches!(name, "PolicyDenied" | "SpendLimitExceeded" | "RateLimitExceeded" | "AgentPaused")
 }
 
 /// Every error name the workflow can produce, for docs and the ASL consistency test.
@@ -301,11 +260,8 @@ mod tests {
 
     #[test]
     fn invalid_request_message_names_field_received_and_expected() {
-        let error = PaymentError::from(InvalidPaymentRequest::field(
-            "accepts[0].amount",
-            "\"-5\"",
-            "a positive integer",
-        ));
+        let error =
+            PaymentError::from(InvalidPaymentRequest::field("accepts[0].amount", "\"-5\"", "a positive integer"));
         assert_eq!(error.name(), "InvalidPaymentRequest");
         assert_eq!(
             error.to_string(),
@@ -324,10 +280,7 @@ mod tests {
     #[test]
     fn chain_message_keeps_the_source() {
         let error = PaymentError::store("claim", std::io::Error::other("disk full"));
-        assert_eq!(
-            error.chain_message(),
-            "store unavailable during claim: disk full"
-        );
+        assert_eq!(error.chain_message(), "store unavailable during claim: disk full");
         assert!(error.is_retryable());
     }
 }

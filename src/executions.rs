@@ -102,14 +102,7 @@ pub trait ExecutionStore: Send + Sync {
     async fn update_execution(&self, record: &ExecutionRecord) -> Result<(), PaymentError>;
     /// By execution id or by name.
     async fn execution(&self, id_or_name: &str) -> Result<Option<ExecutionRecord>, PaymentError>;
-    async fn list_executions(
-        &self,
-        filter: &ExecutionFilter,
-    ) -> Result<Vec<ExecutionRecord>, PaymentError>;
-    async fn append_history(
-        &self,
-        execution_id: &str,
-        events: &[HistoryEvent],
-    ) -> Result<(), PaymentError>;
+    async fn list_executions(&self, filter: &ExecutionFilter) -> Result<Vec<ExecutionRecord>, PaymentError>;
+    async fn append_history(&self, execution_id: &str, events: &[HistoryEvent]) -> Result<(), PaymentError>;
     async fn history(&self, execution_id: &str) -> Result<Vec<HistoryEvent>, PaymentError>;
 }

@@ -12,15 +12,12 @@ use crate::error::PaymentError;
 use crate::policy::{AgentLedger, SpendPolicy, WindowEntry};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::store::{
-    AuditEvent, AuthorizationCommit, IdempotencyRecord, ReleaseCommit, Reservation, ReserveOutcome,
-    Store, Transition,
+    AuditEvent, AuthorizationCommit, IdempotencyRecord, ReleaseCommit, Reservation, ReserveOutcome, Store, Transition,
 };
 
 /// Takes one failure off the budget; true while failures remain.
 fn take(budget: &AtomicU32) -> bool {
-    budget
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok()
+    budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,10 +92,7 @@ pub struct FaultyStore {
 
 impl FaultyStore {
     pub fn new(inner: Arc<dyn Store>) -> Self {
-        Self {
-            inner,
-            authorize_failures: AtomicU32::new(0),
-        }
+        Self { inner, authorize_failures: AtomicU32::new(0) }
     }
 
     pub fn fail_next_authorizations(&self, count: u32) {
@@ -112,10 +106,7 @@ struct InjectedOutage;
 
 #[async_trait]
 impl Store for FaultyStore {
-    async fn insert_idempotency(
-        &self,
-        record: &IdempotencyRecord,
-    ) -> Result<Option<IdempotencyRecord>, PaymentError> {
+    async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError> {
         self.inner.insert_idempotency(record).await
     }
     async fn replace_idempotency(
@@ -125,11 +116,7 @@ impl Store for FaultyStore {
     ) -> Result<Option<Option<IdempotencyRecord>>, PaymentError> {
         self.inner.replace_idempotency(expected, record).await
     }
-    async fn idempotency(
-        &self,
-        key: &str,
-        now: Timestamp,
-    ) -> Result<Option<IdempotencyRecord>, PaymentError> {
+    async fn idempotency(&self, key: &str, now: Timestamp) -> Result<Option<IdempotencyRecord>, PaymentError> {
         self.inner.idempotency(key, now).await
     }
     async fn agent_ledger(&self, agent_id: &str) -> Result<AgentLedger, PaymentError> {
@@ -138,12 +125,7 @@ impl Store for FaultyStore {
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
         self.inner.put_policy(agent_id, policy).await
     }
-    async fn reserve(
-        &self,
-        v: u64,
-        window: &[WindowEntry],
-        r: &Reservation,
-    ) -> Result<ReserveOutcome, PaymentError> {
+    async fn reserve(&self, v: u64, window: &[WindowEntry], r: &Reservation) -> Result<ReserveOutcome, PaymentError> {
         self.inner.reserve(v, window, r).await
     }
     async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {

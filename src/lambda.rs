@@ -10,10 +10,7 @@ use crate::steps::{StepName, Steps};
 
 impl From<PaymentError> for Diagnostic {
     fn from(error: PaymentError) -> Self {
-        Diagnostic {
-            error_type: error.name().to_owned(),
-            error_message: error.chain_message(),
-        }
+        Diagnostic { error_type: error.name().to_owned(), error_message: error.chain_message() }
     }
 }
 
@@ -22,27 +19,14 @@ pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A second init (tests) is harmless.
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_current_span(false)
-        .with_target(false)
-        .try_init();
+    let _ =
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(false).with_target(false).try_init();
 }
 
 /// One invocation. Logs the step, the execution and the outcome — never the payload, which
 /// carries the payment proof.
-pub async fn handle(
-    steps: &Steps,
-    step: StepName,
-    event: LambdaEvent<Value>,
-) -> Result<Value, PaymentError> {
-    let execution_id = event
-        .payload
-        .get("executionId")
-        .and_then(Value::as_str)
-        .unwrap_or("-")
-        .to_owned();
+pub async fn handle(steps: &Steps, step: StepName, event: LambdaEvent<Value>) -> Result<Value, PaymentError> {
+    let execution_id = event.payload.get("executionId").and_then(Value::as_str).unwrap_or("-").to_owned();
     let result = steps.invoke(step, event.payload).await;
     match &result {
         Ok(_) => {
@@ -84,33 +68,13 @@ mod tests {
     #[tokio::test]
     async fn a_bad_event_becomes_a_named_lambda_error() {
         let store = Arc::new(SqliteStore::in_memory().unwrap());
-        let wallet = DevWallet::from_hex_key(
-            &DevWallet::generate_hex_key(),
-            store.clone(),
-            Arc::new(SystemClock),
-        )
-        .unwrap();
-        let steps = Steps::new(
-            store,
-            Arc::new(wallet),
-            Arc::new(SystemClock),
-            StepSettings::default(),
-        );
-        let event = LambdaEvent::new(
-            json!({"request": {}, "executionId": "e"}),
-            lambda_runtime::Context::default(),
-        );
-        let error = handle(&steps, StepName::CheckIdempotency, event)
-            .await
-            .unwrap_err();
+        let wallet =
+            DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store.clone(), Arc::new(SystemClock)).unwrap();
+        let steps = Steps::new(store, Arc::new(wallet), Arc::new(SystemClock), StepSettings::default());
+        let event = LambdaEvent::new(json!({"request": {}, "executionId": "e"}), lambda_runtime::Context::default());
+        let error = handle(&steps, StepName::CheckIdempotency, event).await.unwrap_err();
         let diagnostic = Diagnostic::from(error);
         assert_eq!(diagnostic.error_type, "InvalidPaymentRequest");
-        assert!(
-            diagnostic
-                .error_message
-                .contains("idempotencyKey: received nothing"),
-            "{}",
-            diagnostic.error_message
-        );
+        assert!(diagnostic.error_message.contains("idempotencyKey: received nothing"), "{}", diagnostic.error_message);
     }
 }

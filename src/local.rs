@@ -29,10 +29,7 @@ fn allowed_in_name(c: char) -> bool {
 /// The key is kept readable; where characters had to be replaced or the name cut, a hash
 /// of the whole key is appended so two keys never share a name.
 pub fn execution_name(key: &str, run_suffix: Option<&str>) -> String {
-    let sanitized: String = key
-        .chars()
-        .map(|c| if allowed_in_name(c) { c } else { '_' })
-        .collect();
+    let sanitized: String = key.chars().map(|c| if allowed_in_name(c) { c } else { '_' }).collect();
     let suffix = run_suffix.map(|s| format!("-{s}")).unwrap_or_default();
     let fits = sanitized.len() + suffix.len() <= MAX_EXECUTION_NAME;
     if sanitized == key && fits && !key.is_empty() {
@@ -45,7 +42,10 @@ pub fn execution_name(key: &str, run_suffix: Option<&str>) -> String {
 }
 
 pub struct LocalApp {
-    pub store: Arc<SqliteStore>,
+    /// The payment store (SQLite by default, or DynamoDB).
+    pub store: Arc<dyn Store>,
+    /// The runner's execution history: always the embedded store.
+    pub executions: Arc<SqliteStore>,
     /// Pass-through unless the demo or a test injects provider faults.
     pub provider: Arc<FaultyProvider>,
     /// Pass-through unless the demo or a test injects ledger-write faults.
@@ -56,47 +56,34 @@ pub struct LocalApp {
 }
 
 impl LocalApp {
-    pub fn open(
+    pub async fn open(
         config: &Config,
+        data_dir: &std::path::Path,
         clock: Arc<dyn Clock>,
         sleeper: Arc<dyn Sleeper>,
     ) -> Result<Self, LocalError> {
-        let store = config.open_sqlite()?;
-        let wallet = config.dev_wallet(store.clone(), clock.clone())?;
+        let executions = Arc::new(SqliteStore::open(&data_dir.join("agentpay.db")).map_err(ConfigError::Store)?);
+        let opened = config.open_store().await?;
+        let wallet = config.dev_wallet(opened.proofs, clock.clone())?;
         let wallet_address = wallet.address().to_checksum(None);
-        let provider = Arc::new(FaultyProvider::new(
-            Arc::new(wallet),
-            ProviderFault::Unavailable,
-            0,
-        ));
-        let ledger = Arc::new(FaultyStore::new(store.clone() as Arc<dyn Store>));
+        let provider = Arc::new(FaultyProvider::new(Arc::new(wallet), ProviderFault::Unavailable, 0));
+        let store = opened.store;
+        let ledger = Arc::new(FaultyStore::new(store.clone()));
         let steps = Steps::new(
             ledger.clone() as Arc<dyn Store>,
             provider.clone() as Arc<dyn PaymentProvider>,
             clock,
             config.settings.clone(),
         );
-        let runner = LocalRunner::new(PAYMENT_DEFINITION, steps.clone(), store.clone(), sleeper)?;
-        Ok(Self {
-            store,
-            provider,
-            ledger,
-            wallet_address,
-            steps,
-            runner,
-        })
+        let runner = LocalRunner::new(PAYMENT_DEFINITION, steps.clone(), executions.clone(), sleeper)?;
+        Ok(Self { store, executions, provider, ledger, wallet_address, steps, runner })
     }
 
     /// Starts one execution named after the request's idempotency key, unique per run.
     pub async fn run(&self, input: Value) -> Result<ExecutionRecord, RunnerError> {
-        let key = input
-            .get("idempotencyKey")
-            .and_then(Value::as_str)
-            .unwrap_or("no-key");
+        let key = input.get("idempotencyKey").and_then(Value::as_str).unwrap_or("no-key");
         let run_id = hex::encode(rand::random::<[u8; 4]>());
-        self.runner
-            .start(&execution_name(key, Some(&run_id)), input)
-            .await
+        self.runner.start(&execution_name(key, Some(&run_id)), input).await
     }
 }
 
@@ -137,9 +124,6 @@ mod tests {
         assert!(a.ends_with("-run1"));
         assert_ne!(a, b);
         assert_eq!(execution_name(&"k".repeat(80), None), "k".repeat(80));
-        assert_eq!(
-            execution_name(&"k".repeat(81), None).len(),
-            MAX_EXECUTION_NAME
-        );
+        assert_eq!(execution_name(&"k".repeat(81), None).len(), MAX_EXECUTION_NAME);
     }
 }

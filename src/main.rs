@@ -7,10 +7,7 @@ async fn main() -> std::process::ExitCode {
     // Logs go to stderr and stay quiet unless RUST_LOG asks; stdout is the command's output.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
     let cli = agentpay::cli::Cli::parse();
     match agentpay::cli::run(cli).await {

@@ -34,11 +34,7 @@ impl AtomicAmount {
     pub const ZERO: AtomicAmount = AtomicAmount(0);
 
     pub const fn new(value: u64) -> Option<Self> {
-        if value <= Self::MAX.0 {
-            Some(Self(value))
-        } else {
-            None
-        }
+        if value <= Self::MAX.0 { Some(Self(value)) } else { None }
     }
 
     pub const fn get(self) -> u64 {
@@ -65,11 +61,7 @@ impl AtomicAmount {
     /// Parses a positive amount as x402 sends it: digits only.
     pub fn parse_positive(text: &str) -> Result<Self, AmountError> {
         let amount: Self = text.parse()?;
-        if amount.0 == 0 {
-            Err(AmountError::Zero)
-        } else {
-            Ok(amount)
-        }
+        if amount.0 == 0 { Err(AmountError::Zero) } else { Ok(amount) }
     }
 
     /// Human form with the asset's decimals, e.g. `10000` with 6 decimals is `0.01`.
@@ -108,9 +100,7 @@ impl Serialize for AtomicAmount {
 impl<'de> Deserialize<'de> for AtomicAmount {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        text.parse().map_err(|e: AmountError| {
-            serde::de::Error::custom(format!("expected {e}, received {text:?}"))
-        })
+        text.parse().map_err(|e: AmountError| serde::de::Error::custom(format!("expected {e}, received {text:?}")))
     }
 }
 
@@ -134,8 +124,7 @@ impl UsdAmount {
     /// Converts to atomic units of a USD stablecoin with `decimals` decimals, exactly or not at all.
     pub fn to_atomic(self, decimals: u32) -> Option<AtomicAmount> {
         let value = if decimals >= Self::DECIMALS {
-            self.micros
-                .checked_mul(10u64.checked_pow(decimals - Self::DECIMALS)?)?
+            self.micros.checked_mul(10u64.checked_pow(decimals - Self::DECIMALS)?)?
         } else {
             let divisor = 10u64.pow(Self::DECIMALS - decimals);
             if !self.micros.is_multiple_of(divisor) {
@@ -164,11 +153,7 @@ impl FromStr for UsdAmount {
         if fraction.len() > Self::DECIMALS as usize {
             return Err(AmountError::TooPrecise(Self::DECIMALS));
         }
-        let whole: u64 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| AmountError::TooLarge)?
-        };
+        let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| AmountError::TooLarge)? };
         let padded = format!("{fraction:0<6}");
         let fraction: u64 = padded.parse().map_err(|_| AmountError::NotAnInteger)?;
         let micros = whole
@@ -196,9 +181,7 @@ impl<'de> Deserialize<'de> for UsdAmount {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
         text.parse().map_err(|e: AmountError| {
-            serde::de::Error::custom(format!(
-                "expected a USD amount like \"5.00\" with {e}, received {text:?}"
-            ))
+            serde::de::Error::custom(format!("expected a USD amount like \"5.00\" with {e}, received {text:?}"))
         })
     }
 }
@@ -211,11 +194,7 @@ fn format_scaled(value: u64, decimals: u32) -> String {
     let scale = 10u64.pow(decimals);
     let fraction = format!("{:0width$}", value % scale, width = decimals as usize);
     let trimmed = fraction.trim_end_matches('0');
-    let shown = if trimmed.len() < 2 {
-        &fraction[..2]
-    } else {
-        trimmed
-    };
+    let shown = if trimmed.len() < 2 { &fraction[..2] } else { trimmed };
     format!("{}.{}", value / scale, shown)
 }
 
@@ -225,40 +204,16 @@ mod tests {
 
     #[test]
     fn atomic_amount_parsing_is_strict() {
-        assert_eq!(
-            AtomicAmount::parse_positive("10000"),
-            Ok(AtomicAmount(10000))
-        );
+        assert_eq!(AtomicAmount::parse_positive("10000"), Ok(AtomicAmount(10000)));
         assert_eq!(AtomicAmount::parse_positive("0"), Err(AmountError::Zero));
-        assert_eq!(
-            AtomicAmount::parse_positive("-1"),
-            Err(AmountError::NotAnInteger)
-        );
-        assert_eq!(
-            AtomicAmount::parse_positive("1.5"),
-            Err(AmountError::NotAnInteger)
-        );
-        assert_eq!(
-            AtomicAmount::parse_positive("1e6"),
-            Err(AmountError::NotAnInteger)
-        );
-        assert_eq!(
-            AtomicAmount::parse_positive("+1"),
-            Err(AmountError::NotAnInteger)
-        );
+        assert_eq!(AtomicAmount::parse_positive("-1"), Err(AmountError::NotAnInteger));
+        assert_eq!(AtomicAmount::parse_positive("1.5"), Err(AmountError::NotAnInteger));
+        assert_eq!(AtomicAmount::parse_positive("1e6"), Err(AmountError::NotAnInteger));
+        assert_eq!(AtomicAmount::parse_positive("+1"), Err(AmountError::NotAnInteger));
         assert_eq!(AtomicAmount::parse_positive(""), Err(AmountError::Empty));
-        assert_eq!(
-            AtomicAmount::parse_positive("9223372036854775808"),
-            Err(AmountError::TooLarge)
-        );
-        assert_eq!(
-            AtomicAmount::parse_positive("99999999999999999999999"),
-            Err(AmountError::TooLarge)
-        );
-        assert_eq!(
-            AtomicAmount::parse_positive("9223372036854775807"),
-            Ok(AtomicAmount::MAX)
-        );
+        assert_eq!(AtomicAmount::parse_positive("9223372036854775808"), Err(AmountError::TooLarge));
+        assert_eq!(AtomicAmount::parse_positive("99999999999999999999999"), Err(AmountError::TooLarge));
+        assert_eq!(AtomicAmount::parse_positive("9223372036854775807"), Ok(AtomicAmount::MAX));
     }
 
     #[test]
@@ -274,26 +229,14 @@ mod tests {
     fn usd_limits_convert_exactly() {
         let five: UsdAmount = "5.00".parse().unwrap();
         assert_eq!(five.to_atomic(6), Some(AtomicAmount(5_000_000)));
-        assert_eq!(
-            five.to_atomic(18),
-            Some(AtomicAmount(5_000_000_000_000_000_000))
-        );
+        assert_eq!(five.to_atomic(18), Some(AtomicAmount(5_000_000_000_000_000_000)));
         // 10 USD at 18 decimals is past the ledger ceiling: refused, not wrapped.
         assert_eq!("10".parse::<UsdAmount>().unwrap().to_atomic(18), None);
-        assert_eq!(
-            "0.000001".parse::<UsdAmount>().unwrap().to_atomic(6),
-            Some(AtomicAmount(1))
-        );
+        assert_eq!("0.000001".parse::<UsdAmount>().unwrap().to_atomic(6), Some(AtomicAmount(1)));
         // One micro-dollar cannot be expressed with 2 decimals: refuse rather than round.
         assert_eq!("0.000001".parse::<UsdAmount>().unwrap().to_atomic(2), None);
-        assert_eq!(
-            "1.25".parse::<UsdAmount>().unwrap().to_atomic(2),
-            Some(AtomicAmount(125))
-        );
-        assert_eq!(
-            "0.0000001".parse::<UsdAmount>(),
-            Err(AmountError::TooPrecise(6))
-        );
+        assert_eq!("1.25".parse::<UsdAmount>().unwrap().to_atomic(2), Some(AtomicAmount(125)));
+        assert_eq!("0.0000001".parse::<UsdAmount>(), Err(AmountError::TooPrecise(6)));
         assert_eq!("-1".parse::<UsdAmount>(), Err(AmountError::NotAnInteger));
         assert_eq!("1.".parse::<UsdAmount>(), Err(AmountError::NotAnInteger));
         assert_eq!(".5".parse::<UsdAmount>().unwrap().micros(), 500_000);

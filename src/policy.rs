@@ -35,10 +35,7 @@ pub struct SpendPolicy {
 
 impl SpendPolicy {
     pub fn allowlist(&self) -> Allowlist {
-        Allowlist {
-            networks: self.allowed_networks.clone(),
-            payees: self.allowed_payees.clone(),
-        }
+        Allowlist { networks: self.allowed_networks.clone(), payees: self.allowed_payees.clone() }
     }
 }
 
@@ -46,22 +43,16 @@ mod checksummed_addresses {
     use alloy_primitives::Address;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(
-        addresses: &[Address],
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(addresses: &[Address], serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(addresses.iter().map(|a| a.to_checksum(None)))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Vec<Address>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Address>, D::Error> {
         Vec::<String>::deserialize(deserializer)?
             .iter()
             .map(|text| {
-                crate::x402::parse_address(text).map_err(|expected| {
-                    serde::de::Error::custom(format!("payee {text:?}: expected {expected}"))
-                })
+                crate::x402::parse_address(text)
+                    .map_err(|expected| serde::de::Error::custom(format!("payee {text:?}: expected {expected}")))
             })
             .collect()
     }
@@ -118,9 +109,7 @@ pub fn spent_within(entries: &[WindowEntry], now: Timestamp, window: Duration) -
     entries
         .iter()
         .filter(|e| e.at > since)
-        .fold(AtomicAmount::ZERO, |sum, e| {
-            sum.checked_add(e.amount).unwrap_or(AtomicAmount::MAX)
-        })
+        .fold(AtomicAmount::ZERO, |sum, e| sum.checked_add(e.amount).unwrap_or(AtomicAmount::MAX))
 }
 
 fn count_within(entries: &[WindowEntry], now: Timestamp, window: Duration) -> u32 {
@@ -139,15 +128,11 @@ pub fn decide(
     let Some(policy) = &ledger.policy else {
         return Err(PaymentError::PolicyDenied {
             agent: agent.to_owned(),
-            reason: format!(
-                "no spend policy is set for this agent; set one with `agentpay policy set {agent} ...`"
-            ),
+            reason: format!("no spend policy is set for this agent; set one with `agentpay policy set {agent} ...`"),
         });
     };
     if policy.paused {
-        return Err(PaymentError::AgentPaused {
-            agent: agent.to_owned(),
-        });
+        return Err(PaymentError::AgentPaused { agent: agent.to_owned() });
     }
     if !policy.allowed_networks.contains(&requirement.network) {
         return Err(PaymentError::PolicyDenied {
@@ -158,10 +143,7 @@ pub fn decide(
     if requirement.asset != requirement.network.usdc().address {
         return Err(PaymentError::PolicyDenied {
             agent: agent.to_owned(),
-            reason: format!(
-                "asset {} is not USDC on {}",
-                requirement.asset, requirement.network
-            ),
+            reason: format!("asset {} is not USDC on {}", requirement.asset, requirement.network),
         });
     }
     if !policy.allowed_payees.is_empty() && !policy.allowed_payees.contains(&requirement.pay_to) {
@@ -172,13 +154,10 @@ pub fn decide(
     }
     let decimals = requirement.usdc().decimals;
     let convert = |usd: UsdAmount, what: &str| {
-        usd.to_atomic(decimals)
-            .ok_or_else(|| PaymentError::PolicyDenied {
-                agent: agent.to_owned(),
-                reason: format!(
-                    "{what} {usd} USD cannot be expressed exactly in {decimals}-decimal units"
-                ),
-            })
+        usd.to_atomic(decimals).ok_or_else(|| PaymentError::PolicyDenied {
+            agent: agent.to_owned(),
+            reason: format!("{what} {usd} USD cannot be expressed exactly in {decimals}-decimal units"),
+        })
     };
     let per_transaction_limit = convert(policy.per_transaction_limit_usd, "per-transaction limit")?;
     let daily_limit = convert(policy.daily_limit_usd, "daily limit")?;
@@ -186,12 +165,7 @@ pub fn decide(
 
     // Entries older than the longest window no longer count: drop them as we write.
     let since = now.minus(WINDOW_24H);
-    let mut window: Vec<WindowEntry> = ledger
-        .window
-        .iter()
-        .filter(|e| e.at > since)
-        .cloned()
-        .collect();
+    let mut window: Vec<WindowEntry> = ledger.window.iter().filter(|e| e.at > since).cloned().collect();
     let spent_24h_before = spent_within(&window, now, WINDOW_24H);
     let transactions_last_hour_before = count_within(&window, now, WINDOW_1H);
 
@@ -205,9 +179,7 @@ pub fn decide(
             remaining: per_transaction_limit,
         });
     }
-    let spent_24h_after = spent_24h_before
-        .checked_add(amount)
-        .filter(|after| *after <= daily_limit);
+    let spent_24h_after = spent_24h_before.checked_add(amount).filter(|after| *after <= daily_limit);
     let Some(spent_24h_after) = spent_24h_after else {
         return Err(PaymentError::SpendLimitExceeded {
             agent: agent.to_owned(),
@@ -225,11 +197,7 @@ pub fn decide(
             limit: policy.max_transactions_per_hour,
         });
     }
-    window.push(WindowEntry {
-        reservation_id: reservation_id.to_owned(),
-        amount,
-        at: now,
-    });
+    window.push(WindowEntry { reservation_id: reservation_id.to_owned(), amount, at: now });
     Ok(SpendDecision {
         window,
         snapshot: SpendSnapshot {
@@ -261,8 +229,7 @@ mod tests {
     }
 
     fn requirement(amount: &str) -> PaymentRequirement {
-        let challenge =
-            Challenge::from_v2_header(&encode_v2_header(&v2_payment_required(amount))).unwrap();
+        let challenge = Challenge::from_v2_header(&encode_v2_header(&v2_payment_required(amount))).unwrap();
         challenge.select(&policy().allowlist(), "a").unwrap()
     }
 
@@ -288,14 +255,7 @@ mod tests {
     #[test]
     fn within_limits_reserves_and_snapshots() {
         let ledger = ledger_with(&[(500_000, NOW - 2 * HOUR)]);
-        let decision = decide(
-            "a",
-            &ledger,
-            &requirement("1000000"),
-            "new",
-            Timestamp::from_millis(NOW),
-        )
-        .unwrap();
+        let decision = decide("a", &ledger, &requirement("1000000"), "new", Timestamp::from_millis(NOW)).unwrap();
         assert_eq!(decision.window.len(), 2);
         assert_eq!(decision.snapshot.spent_24h_before.get(), 500_000);
         assert_eq!(decision.snapshot.spent_24h_after.get(), 1_500_000);
@@ -304,21 +264,10 @@ mod tests {
 
     #[test]
     fn per_transaction_cap_denies_with_figures() {
-        let error = decide(
-            "a",
-            &ledger_with(&[]),
-            &requirement("1000001"),
-            "n",
-            Timestamp::from_millis(NOW),
-        )
-        .unwrap_err();
+        let error =
+            decide("a", &ledger_with(&[]), &requirement("1000001"), "n", Timestamp::from_millis(NOW)).unwrap_err();
         match error {
-            PaymentError::SpendLimitExceeded {
-                limit: LimitKind::PerTransaction,
-                cap,
-                amount,
-                ..
-            } => {
+            PaymentError::SpendLimitExceeded { limit: LimitKind::PerTransaction, cap, amount, .. } => {
                 assert_eq!((cap.get(), amount.get()), (1_000_000, 1_000_001));
             }
             other => panic!("{other:?}"),
@@ -328,69 +277,25 @@ mod tests {
     #[test]
     fn daily_cap_counts_the_rolling_window_only() {
         // 2.0 USD spent inside the window, 5 USD just outside it.
-        let ledger = ledger_with(&[
-            (1_000_000, NOW - HOUR * 2),
-            (1_000_000, NOW - HOUR * 3),
-            (5_000_000, NOW - 24 * HOUR),
-        ]);
-        let error = decide(
-            "a",
-            &ledger,
-            &requirement("600000"),
-            "n",
-            Timestamp::from_millis(NOW),
-        )
-        .unwrap_err();
+        let ledger =
+            ledger_with(&[(1_000_000, NOW - HOUR * 2), (1_000_000, NOW - HOUR * 3), (5_000_000, NOW - 24 * HOUR)]);
+        let error = decide("a", &ledger, &requirement("600000"), "n", Timestamp::from_millis(NOW)).unwrap_err();
         match error {
-            PaymentError::SpendLimitExceeded {
-                limit: LimitKind::Rolling24Hours,
-                spent,
-                remaining,
-                ..
-            } => {
+            PaymentError::SpendLimitExceeded { limit: LimitKind::Rolling24Hours, spent, remaining, .. } => {
                 assert_eq!((spent.get(), remaining.get()), (2_000_000, 500_000));
             }
             other => panic!("{other:?}"),
         }
-        let ok = decide(
-            "a",
-            &ledger,
-            &requirement("500000"),
-            "n",
-            Timestamp::from_millis(NOW),
-        )
-        .unwrap();
+        let ok = decide("a", &ledger, &requirement("500000"), "n", Timestamp::from_millis(NOW)).unwrap();
         // The expired entry was pruned from the window written back.
         assert_eq!(ok.window.len(), 3);
     }
 
     #[test]
     fn hourly_rate_denies_the_fourth_payment() {
-        let ledger = ledger_with(&[
-            (1, NOW - 10),
-            (1, NOW - 20),
-            (1, NOW - 30),
-            (1, NOW - 2 * HOUR),
-        ]);
-        let error = decide(
-            "a",
-            &ledger,
-            &requirement("1"),
-            "n",
-            Timestamp::from_millis(NOW),
-        )
-        .unwrap_err();
-        assert!(
-            matches!(
-                error,
-                PaymentError::RateLimitExceeded {
-                    count: 3,
-                    limit: 3,
-                    ..
-                }
-            ),
-            "{error:?}"
-        );
+        let ledger = ledger_with(&[(1, NOW - 10), (1, NOW - 20), (1, NOW - 30), (1, NOW - 2 * HOUR)]);
+        let error = decide("a", &ledger, &requirement("1"), "n", Timestamp::from_millis(NOW)).unwrap_err();
+        assert!(matches!(error, PaymentError::RateLimitExceeded { count: 3, limit: 3, .. }), "{error:?}");
     }
 
     #[test]
@@ -398,42 +303,18 @@ mod tests {
         let mut ledger = ledger_with(&[]);
         ledger.policy.as_mut().unwrap().paused = true;
         assert_eq!(
-            decide(
-                "a",
-                &ledger,
-                &requirement("1"),
-                "n",
-                Timestamp::from_millis(NOW)
-            )
-            .unwrap_err()
-            .name(),
+            decide("a", &ledger, &requirement("1"), "n", Timestamp::from_millis(NOW)).unwrap_err().name(),
             "AgentPaused"
         );
         ledger.policy = None;
         assert_eq!(
-            decide(
-                "a",
-                &ledger,
-                &requirement("1"),
-                "n",
-                Timestamp::from_millis(NOW)
-            )
-            .unwrap_err()
-            .name(),
+            decide("a", &ledger, &requirement("1"), "n", Timestamp::from_millis(NOW)).unwrap_err().name(),
             "PolicyDenied"
         );
         let mut ledger = ledger_with(&[]);
         ledger.policy.as_mut().unwrap().allowed_payees = vec![Address::repeat_byte(1)];
         assert_eq!(
-            decide(
-                "a",
-                &ledger,
-                &requirement("1"),
-                "n",
-                Timestamp::from_millis(NOW)
-            )
-            .unwrap_err()
-            .name(),
+            decide("a", &ledger, &requirement("1"), "n", Timestamp::from_millis(NOW)).unwrap_err().name(),
             "PolicyDenied"
         );
     }
@@ -442,16 +323,9 @@ mod tests {
     fn policy_json_validates_payees_and_usd() {
         let json = r#"{"perTransactionLimitUsd":"1","dailyLimitUsd":"10.5","maxTransactionsPerHour":5,
             "allowedNetworks":["eip155:84532"],"allowedPayees":["0x209693bc6afc0C5328bA36FaF03C514EF312287C"]}"#;
-        let error = serde_json::from_str::<SpendPolicy>(json)
-            .unwrap_err()
-            .to_string();
+        let error = serde_json::from_str::<SpendPolicy>(json).unwrap_err().to_string();
         assert!(error.contains("EIP-55"), "{error}");
         let bad_usd = r#"{"perTransactionLimitUsd":"1.0000001","dailyLimitUsd":"1","maxTransactionsPerHour":5,"allowedNetworks":[]}"#;
-        assert!(
-            serde_json::from_str::<SpendPolicy>(bad_usd)
-                .unwrap_err()
-                .to_string()
-                .contains("decimal places")
-        );
+        assert!(serde_json::from_str::<SpendPolicy>(bad_usd).unwrap_err().to_string().contains("decimal places"));
     }
 }

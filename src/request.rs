@@ -89,15 +89,8 @@ pub struct PaymentRequest {
     fingerprint: String,
 }
 
-const TOP_LEVEL_FIELDS: &[&str] = &[
-    "idempotencyKey",
-    "agentId",
-    "userId",
-    "challenge",
-    "resource",
-    "context",
-    "agentcore",
-];
+const TOP_LEVEL_FIELDS: &[&str] =
+    &["idempotencyKey", "agentId", "userId", "challenge", "resource", "context", "agentcore"];
 
 impl PaymentRequest {
     /// Validates the execution input, listing every problem at once.
@@ -119,12 +112,7 @@ impl PaymentRequest {
                 ));
             }
         }
-        let idempotency_key = id_field(
-            fields,
-            "idempotencyKey",
-            IdempotencyKey::parse,
-            &mut problems,
-        );
+        let idempotency_key = id_field(fields, "idempotencyKey", IdempotencyKey::parse, &mut problems);
         let agent_id = id_field(fields, "agentId", AgentId::parse, &mut problems);
         let user_id = id_field(fields, "userId", UserId::parse, &mut problems);
         let challenge = parse_challenge_input(fields.get("challenge"), &mut problems);
@@ -132,9 +120,7 @@ impl PaymentRequest {
             let valid = (url.starts_with("https://") || url.starts_with("http://"))
                 && url.len() <= 2048
                 && !url.chars().any(char::is_whitespace)
-                && url
-                    .split_once("://")
-                    .is_some_and(|(_, rest)| !rest.is_empty());
+                && url.split_once("://").is_some_and(|(_, rest)| !rest.is_empty());
             if valid {
                 Some(url)
             } else {
@@ -149,31 +135,21 @@ impl PaymentRequest {
         let context = parse_context(fields.get("context"), &mut problems);
         let agentcore = fields.get("agentcore").filter(|v| !v.is_null()).cloned();
 
-        match (
-            idempotency_key,
-            agent_id,
-            user_id,
-            challenge,
-            resource,
-            context,
-        ) {
-            (
-                Some(idempotency_key),
-                Some(agent_id),
-                Some(user_id),
-                Some(challenge),
-                Some(resource),
-                Some(context),
-            ) if problems.is_empty() => Ok(Self {
-                idempotency_key,
-                agent_id,
-                user_id,
-                challenge,
-                resource,
-                context,
-                agentcore,
-                fingerprint: fingerprint(input),
-            }),
+        match (idempotency_key, agent_id, user_id, challenge, resource, context) {
+            (Some(idempotency_key), Some(agent_id), Some(user_id), Some(challenge), Some(resource), Some(context))
+                if problems.is_empty() =>
+            {
+                Ok(Self {
+                    idempotency_key,
+                    agent_id,
+                    user_id,
+                    challenge,
+                    resource,
+                    context,
+                    agentcore,
+                    fingerprint: fingerprint(input),
+                })
+            }
             _ => Err(InvalidPaymentRequest { problems }),
         }
     }
@@ -207,11 +183,7 @@ fn id_field<T>(
     parse(name, &text).map_err(|p| problems.push(p)).ok()
 }
 
-fn string_field(
-    fields: &Map<String, Value>,
-    name: &str,
-    problems: &mut Vec<FieldProblem>,
-) -> Option<String> {
+fn string_field(fields: &Map<String, Value>, name: &str, problems: &mut Vec<FieldProblem>) -> Option<String> {
     match fields.get(name) {
         Some(Value::String(text)) => Some(text.clone()),
         Some(other) => {
@@ -225,10 +197,7 @@ fn string_field(
     }
 }
 
-fn parse_challenge_input(
-    value: Option<&Value>,
-    problems: &mut Vec<FieldProblem>,
-) -> Option<ChallengeInput> {
+fn parse_challenge_input(value: Option<&Value>, problems: &mut Vec<FieldProblem>) -> Option<ChallengeInput> {
     const EXPECTED: &str = "an object with exactly one of \"x402\" (PAYMENT-REQUIRED header value), \"x402v1\" (402 body) or \"mpp\" (WWW-Authenticate value)";
     let Some(Value::Object(fields)) = value else {
         problems.push(match value {
@@ -239,11 +208,7 @@ fn parse_challenge_input(
     };
     if fields.len() != 1 {
         let keys: Vec<_> = fields.keys().map(String::as_str).collect();
-        problems.push(FieldProblem::new(
-            "challenge",
-            format!("keys {keys:?}"),
-            EXPECTED,
-        ));
+        problems.push(FieldProblem::new("challenge", format!("keys {keys:?}"), EXPECTED));
         return None;
     }
     let (kind, inner) = fields.iter().next()?;
@@ -268,20 +233,13 @@ fn parse_challenge_input(
             None
         }
         (other, _) => {
-            problems.push(FieldProblem::new(
-                "challenge",
-                format!("the key {other:?}"),
-                EXPECTED,
-            ));
+            problems.push(FieldProblem::new("challenge", format!("the key {other:?}"), EXPECTED));
             None
         }
     }
 }
 
-fn parse_context(
-    value: Option<&Value>,
-    problems: &mut Vec<FieldProblem>,
-) -> Option<BusinessContext> {
+fn parse_context(value: Option<&Value>, problems: &mut Vec<FieldProblem>) -> Option<BusinessContext> {
     const EXPECTED: &str = "an object with \"decision\", \"delegatedBy\" and \"scope\" strings";
     let Some(Value::Object(fields)) = value else {
         problems.push(match value {
@@ -303,10 +261,7 @@ fn parse_context(
                 None
             }
             None => {
-                problems.push(FieldProblem::missing(
-                    field,
-                    "a non-empty string (the audit trail needs it)",
-                ));
+                problems.push(FieldProblem::missing(field, "a non-empty string (the audit trail needs it)"));
                 None
             }
         }
@@ -314,11 +269,7 @@ fn parse_context(
     let decision = text("decision");
     let delegated_by = text("delegatedBy");
     let scope = text("scope");
-    Some(BusinessContext {
-        decision: decision?,
-        delegated_by: delegated_by?,
-        scope: scope?,
-    })
+    Some(BusinessContext { decision: decision?, delegated_by: delegated_by?, scope: scope? })
 }
 
 /// Canonical JSON: object keys sorted recursively, no whitespace.
@@ -328,11 +279,7 @@ pub fn canonical_json(value: &Value) -> String {
             Value::Object(map) => {
                 let mut keys: Vec<_> = map.keys().collect();
                 keys.sort();
-                Value::Object(
-                    keys.into_iter()
-                        .map(|k| (k.clone(), sorted(&map[k])))
-                        .collect(),
-                )
+                Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&map[k]))).collect())
             }
             Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
             other => other.clone(),
@@ -369,32 +316,16 @@ mod tests {
         assert_eq!(request.agent_id.as_str(), "agent-1");
         // Reordering keys does not change the fingerprint; changing a value does.
         let reordered: Value = serde_json::from_str(&canonical_json(&input)).unwrap();
-        assert_eq!(
-            PaymentRequest::parse(&reordered).unwrap().fingerprint(),
-            request.fingerprint()
-        );
+        assert_eq!(PaymentRequest::parse(&reordered).unwrap().fingerprint(), request.fingerprint());
         let other = execution_input("key-1", "agent-1", "10001");
-        assert_ne!(
-            PaymentRequest::parse(&other).unwrap().fingerprint(),
-            request.fingerprint()
-        );
+        assert_ne!(PaymentRequest::parse(&other).unwrap().fingerprint(), request.fingerprint());
     }
 
     #[test]
     fn every_missing_field_is_named() {
         let error = PaymentRequest::parse(&json!({})).unwrap_err();
         let fields: Vec<_> = error.problems.iter().map(|p| p.field.as_str()).collect();
-        assert_eq!(
-            fields,
-            [
-                "idempotencyKey",
-                "agentId",
-                "userId",
-                "challenge",
-                "resource",
-                "context"
-            ]
-        );
+        assert_eq!(fields, ["idempotencyKey", "agentId", "userId", "challenge", "resource", "context"]);
     }
 
     #[test]
@@ -405,11 +336,7 @@ mod tests {
         input["resource"] = json!("ftp://x");
         let error = PaymentRequest::parse(&input).unwrap_err();
         let fields: Vec<_> = error.problems.iter().map(|p| p.field.as_str()).collect();
-        assert_eq!(
-            fields,
-            ["surprise", "idempotencyKey", "resource", "context.scope"],
-            "{error}"
-        );
+        assert_eq!(fields, ["surprise", "idempotencyKey", "resource", "context.scope"], "{error}");
     }
 
     #[test]

@@ -50,11 +50,7 @@ pub fn v1_payment_required(amount: &str) -> Value {
 
 /// A whole execution input paying `amount` with an x402 v2 challenge.
 pub fn execution_input(key: &str, agent: &str, amount: &str) -> Value {
-    execution_input_with_challenge(
-        key,
-        agent,
-        json!({"x402": encode_v2_header(&v2_payment_required(amount))}),
-    )
+    execution_input_with_challenge(key, agent, json!({"x402": encode_v2_header(&v2_payment_required(amount))}))
 }
 
 pub fn execution_input_with_challenge(key: &str, agent: &str, challenge: Value) -> Value {

@@ -18,9 +18,8 @@ use crate::policy::{SpendSnapshot, decide};
 use crate::provider::{PaymentHeader, PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::{PaymentRequest, derived_id};
 use crate::store::{
-    AuditEvent, AuditKind, AuthorizationCommit, ErrorRecord, IdempotencyRecord, IdempotencyStatus,
-    ReleaseCommit, ReleasedReservation, Reservation, ReservationStatus, ReserveOutcome, Store,
-    Transition,
+    AuditEvent, AuditKind, AuthorizationCommit, ErrorRecord, IdempotencyRecord, IdempotencyStatus, ReleaseCommit,
+    ReleasedReservation, Reservation, ReservationStatus, ReserveOutcome, Store, Transition,
 };
 use crate::x402::{Network, PaymentRequirement};
 
@@ -35,13 +34,8 @@ pub enum StepName {
 }
 
 impl StepName {
-    pub const ALL: [StepName; 5] = [
-        Self::CheckIdempotency,
-        Self::CheckSpend,
-        Self::ProcessPayment,
-        Self::RecordLedger,
-        Self::Compensate,
-    ];
+    pub const ALL: [StepName; 5] =
+        [Self::CheckIdempotency, Self::CheckSpend, Self::ProcessPayment, Self::RecordLedger, Self::Compensate];
 
     /// The crate under `functions/` and the function's name in `template.yaml`.
     pub fn function_name(self) -> &'static str {
@@ -78,11 +72,7 @@ pub struct StepSettings {
 
 impl Default for StepSettings {
     fn default() -> Self {
-        Self {
-            lease: Duration::from_secs(300),
-            idempotency_ttl: Duration::from_secs(24 * 3600),
-            ledger_attempts: 8,
-        }
+        Self { lease: Duration::from_secs(300), idempotency_ttl: Duration::from_secs(24 * 3600), ledger_attempts: 8 }
     }
 }
 
@@ -187,11 +177,7 @@ impl CaughtError {
     pub fn message(&self) -> String {
         serde_json::from_str::<Value>(&self.cause)
             .ok()
-            .and_then(|v| {
-                v.get("errorMessage")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            })
+            .and_then(|v| v.get("errorMessage").and_then(Value::as_str).map(str::to_owned))
             .unwrap_or_else(|| self.cause.clone())
     }
 }
@@ -251,8 +237,7 @@ fn parse_input<T: DeserializeOwned>(step: StepName, input: Value) -> Result<T, P
 }
 
 fn to_output<T: Serialize>(value: &T) -> Result<Value, PaymentError> {
-    serde_json::to_value(value)
-        .map_err(|e| PaymentError::LedgerInconsistent(format!("cannot serialise output: {e}")))
+    serde_json::to_value(value).map_err(|e| PaymentError::LedgerInconsistent(format!("cannot serialise output: {e}")))
 }
 
 fn claimed_payment(claim: &Claim) -> Result<&PaymentRequirement, PaymentError> {
@@ -279,12 +264,7 @@ impl Steps {
         clock: Arc<dyn Clock>,
         settings: StepSettings,
     ) -> Self {
-        Self {
-            store,
-            provider,
-            clock,
-            settings,
-        }
+        Self { store, provider, clock, settings }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -298,25 +278,16 @@ impl Steps {
     /// Runs one step on its JSON input: what a Lambda handler and a local Task do.
     pub async fn invoke(&self, step: StepName, input: Value) -> Result<Value, PaymentError> {
         match step {
-            StepName::CheckIdempotency => {
-                to_output(&self.check_idempotency(parse_input(step, input)?).await?)
-            }
+            StepName::CheckIdempotency => to_output(&self.check_idempotency(parse_input(step, input)?).await?),
             StepName::CheckSpend => to_output(&self.check_spend(parse_input(step, input)?).await?),
-            StepName::ProcessPayment => {
-                to_output(&self.process_payment(parse_input(step, input)?).await?)
-            }
-            StepName::RecordLedger => {
-                to_output(&self.record_ledger(parse_input(step, input)?).await?)
-            }
+            StepName::ProcessPayment => to_output(&self.process_payment(parse_input(step, input)?).await?),
+            StepName::RecordLedger => to_output(&self.record_ledger(parse_input(step, input)?).await?),
             StepName::Compensate => to_output(&self.compensate(parse_input(step, input)?).await?),
         }
     }
 
     /// Validates the request and claims its idempotency key.
-    pub async fn check_idempotency(
-        &self,
-        input: CheckIdempotencyInput,
-    ) -> Result<Claim, PaymentError> {
+    pub async fn check_idempotency(&self, input: CheckIdempotencyInput) -> Result<Claim, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
         let challenge = request.x402_challenge()?;
         let agent = request.agent_id.as_str();
@@ -371,9 +342,7 @@ impl Steps {
             let reclaim_attempt = match current.status {
                 IdempotencyStatus::Completed => {
                     let mut result = current.result.clone().ok_or_else(|| {
-                        PaymentError::LedgerInconsistent(format!(
-                            "key {key:?} is COMPLETED without a result"
-                        ))
+                        PaymentError::LedgerInconsistent(format!("key {key:?} is COMPLETED without a result"))
                     })?;
                     result["fromCache"] = Value::Bool(true);
                     return Ok(Claim {
@@ -399,11 +368,8 @@ impl Steps {
                 IdempotencyStatus::InProgress => current.attempt,
                 IdempotencyStatus::Failed | IdempotencyStatus::Denied => current.attempt + 1,
             };
-            let reclaimed = IdempotencyRecord {
-                attempt: reclaim_attempt,
-                created_at: current.created_at,
-                ..fresh.clone()
-            };
+            let reclaimed =
+                IdempotencyRecord { attempt: reclaim_attempt, created_at: current.created_at, ..fresh.clone() };
             blocking = match self.store.replace_idempotency(&current, &reclaimed).await? {
                 None => return Ok(claimed(reclaim_attempt)),
                 Some(Some(changed)) => Some(changed),
@@ -418,10 +384,7 @@ impl Steps {
     }
 
     /// Evaluates the agent's policy and reserves the amount in one atomic write.
-    pub async fn check_spend(
-        &self,
-        input: CheckSpendInput,
-    ) -> Result<ReservationSummary, PaymentError> {
+    pub async fn check_spend(&self, input: CheckSpendInput) -> Result<ReservationSummary, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
         let payment = claimed_payment(&input.claim)?;
         let agent = request.agent_id.as_str();
@@ -456,27 +419,17 @@ impl Steps {
                 created_at: now,
                 updated_at: now,
             };
-            match self
-                .store
-                .reserve(ledger.version, &decision.window, &reservation)
-                .await?
-            {
+            match self.store.reserve(ledger.version, &decision.window, &reservation).await? {
                 ReserveOutcome::Reserved => return Ok(summary(&reservation)),
                 ReserveOutcome::AlreadyExists(existing) => return existing_reservation(*existing),
                 ReserveOutcome::VersionConflict => conflict_backoff(attempt).await,
             }
         }
-        Err(PaymentError::LedgerConflict {
-            agent: agent.to_owned(),
-            attempts: self.settings.ledger_attempts,
-        })
+        Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: self.settings.ledger_attempts })
     }
 
     /// Obtains the payment proof from the provider.
-    pub async fn process_payment(
-        &self,
-        input: ProcessPaymentInput,
-    ) -> Result<PaymentProof, PaymentError> {
+    pub async fn process_payment(&self, input: ProcessPaymentInput) -> Result<PaymentProof, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
         let requirement = claimed_payment(&input.claim)?.clone();
         if input.reservation.amount != requirement.amount {
@@ -485,11 +438,7 @@ impl Steps {
                 input.reservation.reservation_id, input.reservation.amount, requirement.amount
             )));
         }
-        let order = PaymentOrder {
-            client_token: input.claim.client_token.clone(),
-            requirement,
-            request,
-        };
+        let order = PaymentOrder { client_token: input.claim.client_token.clone(), requirement, request };
         let proof = self.provider.process_payment(&order).await?;
         let provider = self.provider.name();
         if proof.status != "PROOF_GENERATED" {
@@ -508,10 +457,7 @@ impl Steps {
     }
 
     /// Moves the reservation to AUTHORIZED, writes the audit event and completes the key.
-    pub async fn record_ledger(
-        &self,
-        input: RecordLedgerInput,
-    ) -> Result<PaymentOutcome, PaymentError> {
+    pub async fn record_ledger(&self, input: RecordLedgerInput) -> Result<PaymentOutcome, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
         let payment = claimed_payment(&input.claim)?;
         let now = self.clock.now();
@@ -524,10 +470,7 @@ impl Steps {
                 asset: payment.asset.to_checksum(None),
                 network: payment.network,
                 decimals: usdc.decimals,
-                display: format!(
-                    "{} USDC",
-                    payment.amount.display_with_decimals(usdc.decimals)
-                ),
+                display: format!("{} USDC", payment.amount.display_with_decimals(usdc.decimals)),
             },
             payee: payment.pay_to.to_checksum(None),
             resource: request.resource.clone(),
@@ -571,12 +514,8 @@ impl Steps {
             Transition::AlreadyApplied => {
                 // Recorded by an earlier try: answer with what was stored.
                 match self.store.idempotency(&commit.idempotency_key, now).await? {
-                    Some(IdempotencyRecord {
-                        result: Some(stored),
-                        ..
-                    }) => serde_json::from_value(stored).map_err(|e| {
-                        PaymentError::LedgerInconsistent(format!("stored result unreadable: {e}"))
-                    }),
+                    Some(IdempotencyRecord { result: Some(stored), .. }) => serde_json::from_value(stored)
+                        .map_err(|e| PaymentError::LedgerInconsistent(format!("stored result unreadable: {e}"))),
                     _ => Ok(outcome),
                 }
             }
@@ -584,10 +523,9 @@ impl Steps {
                 "cannot record payment {} for key {:?}: {why}",
                 commit.payment_id, commit.idempotency_key
             ))),
-            Transition::VersionConflict => Err(PaymentError::LedgerConflict {
-                agent: request.agent_id.to_string(),
-                attempts: 1,
-            }),
+            Transition::VersionConflict => {
+                Err(PaymentError::LedgerConflict { agent: request.agent_id.to_string(), attempts: 1 })
+            }
         }
     }
 
@@ -597,15 +535,8 @@ impl Steps {
         let agent = request.agent_id.as_str();
         let reservation_id = input.claim.reservation_id.clone();
         let denied = is_denial_name(&input.error.error);
-        let status = if denied {
-            IdempotencyStatus::Denied
-        } else {
-            IdempotencyStatus::Failed
-        };
-        let error = ErrorRecord {
-            error: input.error.error.clone(),
-            cause: input.error.message(),
-        };
+        let status = if denied { IdempotencyStatus::Denied } else { IdempotencyStatus::Failed };
+        let error = ErrorRecord { error: input.error.error.clone(), cause: input.error.message() };
 
         for attempt in 0..self.settings.ledger_attempts {
             let now = self.clock.now();
@@ -613,16 +544,8 @@ impl Steps {
             let release = match &reservation {
                 Some(r) if r.status == ReservationStatus::Reserved => {
                     let ledger = self.store.agent_ledger(agent).await?;
-                    let window = ledger
-                        .window
-                        .into_iter()
-                        .filter(|e| e.reservation_id != r.id)
-                        .collect();
-                    Some(ReleasedReservation {
-                        id: r.id.clone(),
-                        expected_version: ledger.version,
-                        window,
-                    })
+                    let window = ledger.window.into_iter().filter(|e| e.reservation_id != r.id).collect();
+                    Some(ReleasedReservation { id: r.id.clone(), expected_version: ledger.version, window })
                 }
                 Some(r) if r.status != ReservationStatus::Released => {
                     return Err(PaymentError::LedgerInconsistent(format!(
@@ -635,17 +558,7 @@ impl Steps {
             };
             let releasing = release.is_some();
             let audit = AuditEvent {
-                event_id: derived_id(
-                    "evt",
-                    &[
-                        &reservation_id,
-                        if releasing {
-                            "RELEASED"
-                        } else {
-                            status.as_str()
-                        },
-                    ],
-                ),
+                event_id: derived_id("evt", &[&reservation_id, if releasing { "RELEASED" } else { status.as_str() }]),
                 kind: if releasing {
                     AuditKind::Released
                 } else if denied {
@@ -659,22 +572,10 @@ impl Steps {
                 idempotency_key: request.idempotency_key.to_string(),
                 execution_id: input.execution_id.clone(),
                 reservation_id: reservation.as_ref().map(|r| r.id.clone()),
-                amount: reservation.as_ref().map(|r| r.amount).or(input
-                    .claim
-                    .payment
-                    .as_ref()
-                    .map(|p| p.amount)),
+                amount: reservation.as_ref().map(|r| r.amount).or(input.claim.payment.as_ref().map(|p| p.amount)),
                 network: input.claim.payment.as_ref().map(|p| p.network),
-                asset: input
-                    .claim
-                    .payment
-                    .as_ref()
-                    .map(|p| p.asset.to_checksum(None)),
-                payee: input
-                    .claim
-                    .payment
-                    .as_ref()
-                    .map(|p| p.pay_to.to_checksum(None)),
+                asset: input.claim.payment.as_ref().map(|p| p.asset.to_checksum(None)),
+                payee: input.claim.payment.as_ref().map(|p| p.pay_to.to_checksum(None)),
                 resource: request.resource.clone(),
                 context: request.context.clone(),
                 limits: reservation.as_ref().map(|r| r.snapshot.clone()),
@@ -706,10 +607,7 @@ impl Steps {
                 Transition::Refused(why) => return Err(PaymentError::LedgerInconsistent(why)),
             }
         }
-        Err(PaymentError::LedgerConflict {
-            agent: agent.to_owned(),
-            attempts: self.settings.ledger_attempts,
-        })
+        Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: self.settings.ledger_attempts })
     }
 }
 
@@ -724,9 +622,9 @@ fn summary(reservation: &Reservation) -> ReservationSummary {
 
 fn existing_reservation(existing: Reservation) -> Result<ReservationSummary, PaymentError> {
     match existing.status {
-        ReservationStatus::Reserved
-        | ReservationStatus::Authorized
-        | ReservationStatus::Settled => Ok(summary(&existing)),
+        ReservationStatus::Reserved | ReservationStatus::Authorized | ReservationStatus::Settled => {
+            Ok(summary(&existing))
+        }
         ReservationStatus::Released => Err(PaymentError::LedgerInconsistent(format!(
             "reservation {} was already released by compensation; start a new execution to pay again",
             existing.id

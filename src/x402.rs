@@ -105,12 +105,7 @@ impl std::str::FromStr for Network {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         Self::from_caip2(text)
             .or_else(|| Self::from_v1_name(text))
-            .ok_or_else(|| {
-                format!(
-                    "unknown network {text:?}: expected {}",
-                    Self::known_list(X402Version::V2)
-                )
-            })
+            .ok_or_else(|| format!("unknown network {text:?}: expected {}", Self::known_list(X402Version::V2)))
     }
 }
 
@@ -227,17 +222,9 @@ impl Challenge {
         Self::from_body(body, X402Version::V1, "challenge.x402v1")
     }
 
-    fn from_body(
-        body: Value,
-        expected: X402Version,
-        origin: &'static str,
-    ) -> Result<Self, InvalidPaymentRequest> {
+    fn from_body(body: Value, expected: X402Version, origin: &'static str) -> Result<Self, InvalidPaymentRequest> {
         let Value::Object(mut body) = body else {
-            return Err(InvalidPaymentRequest::field(
-                origin,
-                describe(&body),
-                "a PaymentRequired JSON object",
-            ));
+            return Err(InvalidPaymentRequest::field(origin, describe(&body), "a PaymentRequired JSON object"));
         };
         let field = |name: &str| format!("{origin}.{name}");
         match body.get("x402Version") {
@@ -247,22 +234,12 @@ impl Challenge {
                     X402Version::V2 => {
                         "2 (a PAYMENT-REQUIRED header is x402 v2; pass a v1 402 body as challenge.x402v1)"
                     }
-                    X402Version::V1 => {
-                        "1 (a v1 402 body; pass a v2 PAYMENT-REQUIRED header value as challenge.x402)"
-                    }
+                    X402Version::V1 => "1 (a v1 402 body; pass a v2 PAYMENT-REQUIRED header value as challenge.x402)",
                 };
-                return Err(InvalidPaymentRequest::field(
-                    field("x402Version"),
-                    describe(other),
-                    hint,
-                ));
+                return Err(InvalidPaymentRequest::field(field("x402Version"), describe(other), hint));
             }
             None => {
-                return Err(FieldProblem::missing(
-                    field("x402Version"),
-                    format!("{}", expected.number()),
-                )
-                .into());
+                return Err(FieldProblem::missing(field("x402Version"), format!("{}", expected.number())).into());
             }
         }
         let accepts = match body.remove("accepts") {
@@ -282,11 +259,7 @@ impl Challenge {
                 ));
             }
             None => {
-                return Err(FieldProblem::missing(
-                    field("accepts"),
-                    "an array of payment requirements",
-                )
-                .into());
+                return Err(FieldProblem::missing(field("accepts"), "an array of payment requirements").into());
             }
         };
         let resource = body.remove("resource").filter(|r| !r.is_null());
@@ -313,38 +286,22 @@ impl Challenge {
     ///
     /// Malformed entries are `InvalidPaymentRequest` (every problem listed); well-formed entries
     /// that the policy does not allow are `PolicyDenied`.
-    pub fn select(
-        &self,
-        allow: &Allowlist,
-        agent: &str,
-    ) -> Result<PaymentRequirement, PaymentError> {
+    pub fn select(&self, allow: &Allowlist, agent: &str) -> Result<PaymentRequirement, PaymentError> {
         let mut problems = Vec::new();
         let mut disallowed = Vec::new();
         for (index, entry) in self.accepts.iter().enumerate() {
             let path = format!("{}.accepts[{index}]", self.origin);
             match self.validate_entry(index, entry) {
-                Err(entry_problems) => {
-                    problems.extend(entry_problems.into_iter().map(|p| p.within(&path)))
-                }
+                Err(entry_problems) => problems.extend(entry_problems.into_iter().map(|p| p.within(&path))),
                 Ok(requirement) => {
                     if !allow.networks.contains(&requirement.network) {
                         disallowed.push(format!(
                             "{path}: network {} is not in the allowlist [{}]",
                             requirement.network,
-                            allow
-                                .networks
-                                .iter()
-                                .map(|n| n.caip2())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            allow.networks.iter().map(|n| n.caip2()).collect::<Vec<_>>().join(", ")
                         ));
-                    } else if !allow.payees.is_empty()
-                        && !allow.payees.contains(&requirement.pay_to)
-                    {
-                        disallowed.push(format!(
-                            "{path}: payee {} is not in the payee allowlist",
-                            requirement.pay_to
-                        ));
+                    } else if !allow.payees.is_empty() && !allow.payees.contains(&requirement.pay_to) {
+                        disallowed.push(format!("{path}: payee {} is not in the payee allowlist", requirement.pay_to));
                     } else {
                         return Ok(requirement);
                     }
@@ -354,35 +311,22 @@ impl Challenge {
         if disallowed.is_empty() {
             Err(InvalidPaymentRequest { problems }.into())
         } else {
-            Err(PaymentError::PolicyDenied {
-                agent: agent.to_owned(),
-                reason: disallowed.join("; "),
-            })
+            Err(PaymentError::PolicyDenied { agent: agent.to_owned(), reason: disallowed.join("; ") })
         }
     }
 
-    fn validate_entry(
-        &self,
-        index: usize,
-        entry: &Value,
-    ) -> Result<PaymentRequirement, Vec<FieldProblem>> {
+    fn validate_entry(&self, index: usize, entry: &Value) -> Result<PaymentRequirement, Vec<FieldProblem>> {
         let Value::Object(fields) = entry else {
-            return Err(vec![FieldProblem::new(
-                "",
-                describe(entry),
-                "a payment requirement object",
-            )]);
+            return Err(vec![FieldProblem::new("", describe(entry), "a payment requirement object")]);
         };
         let mut problems = Vec::new();
         let version = self.version;
 
         match fields.get("scheme") {
             Some(Value::String(s)) if s == "exact" => {}
-            Some(other) => problems.push(FieldProblem::new(
-                "scheme",
-                describe(other),
-                "\"exact\" (the only scheme agentpay pays)",
-            )),
+            Some(other) => {
+                problems.push(FieldProblem::new("scheme", describe(other), "\"exact\" (the only scheme agentpay pays)"))
+            }
             None => problems.push(FieldProblem::missing("scheme", "\"exact\"")),
         }
 
@@ -393,10 +337,7 @@ impl Challenge {
                     X402Version::V2 => Network::from_caip2(name),
                 };
                 if found.is_none() {
-                    let hint = match (
-                        version,
-                        Network::from_caip2(name).or_else(|| Network::from_v1_name(name)),
-                    ) {
+                    let hint = match (version, Network::from_caip2(name).or_else(|| Network::from_v1_name(name))) {
                         (X402Version::V2, Some(n)) => {
                             format!(" (x402 v2 uses CAIP-2: {:?})", n.caip2())
                         }
@@ -414,18 +355,11 @@ impl Challenge {
                 found
             }
             Some(other) => {
-                problems.push(FieldProblem::new(
-                    "network",
-                    describe(other),
-                    Network::known_list(version),
-                ));
+                problems.push(FieldProblem::new("network", describe(other), Network::known_list(version)));
                 None
             }
             None => {
-                problems.push(FieldProblem::missing(
-                    "network",
-                    Network::known_list(version),
-                ));
+                problems.push(FieldProblem::missing("network", Network::known_list(version)));
                 None
             }
         };
@@ -438,11 +372,7 @@ impl Challenge {
             Some(Value::String(text)) => match AtomicAmount::parse_positive(text) {
                 Ok(amount) => Some(amount),
                 Err(error) => {
-                    problems.push(FieldProblem::new(
-                        amount_field,
-                        format!("{text:?}"),
-                        amount_expectation(&error),
-                    ));
+                    problems.push(FieldProblem::new(amount_field, format!("{text:?}"), amount_expectation(&error)));
                     None
                 }
             },
@@ -455,10 +385,7 @@ impl Challenge {
                 None
             }
             None => {
-                problems.push(FieldProblem::missing(
-                    amount_field,
-                    "a decimal string of atomic units, e.g. \"10000\"",
-                ));
+                problems.push(FieldProblem::missing(amount_field, "a decimal string of atomic units, e.g. \"10000\""));
                 None
             }
         };
@@ -470,28 +397,17 @@ impl Challenge {
             problems.push(FieldProblem::new(
                 "asset",
                 asset.to_checksum(None),
-                format!(
-                    "{} (the canonical USDC contract on {network})",
-                    network.usdc().address.to_checksum(None)
-                ),
+                format!("{} (the canonical USDC contract on {network})", network.usdc().address.to_checksum(None)),
             ));
         }
 
         let pay_to = address_field(fields, "payTo", &mut problems);
         if pay_to == Some(Address::ZERO) {
-            problems.push(FieldProblem::new(
-                "payTo",
-                "the zero address",
-                "the address of the payee",
-            ));
+            problems.push(FieldProblem::new("payTo", "the zero address", "the address of the payee"));
         }
 
         let max_timeout_seconds = match fields.get("maxTimeoutSeconds") {
-            Some(Value::Number(n))
-                if n.as_u64().is_some_and(|s| MAX_TIMEOUT_SECONDS.contains(&s)) =>
-            {
-                n.as_u64()
-            }
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|s| MAX_TIMEOUT_SECONDS.contains(&s)) => n.as_u64(),
             Some(other) => {
                 problems.push(FieldProblem::new(
                     "maxTimeoutSeconds",
@@ -505,10 +421,7 @@ impl Challenge {
                 None
             }
             None => {
-                problems.push(FieldProblem::missing(
-                    "maxTimeoutSeconds",
-                    "a whole number of seconds",
-                ));
+                problems.push(FieldProblem::missing("maxTimeoutSeconds", "a whole number of seconds"));
                 None
             }
         };
@@ -517,15 +430,10 @@ impl Challenge {
             let usdc = network.usdc();
             let extra = fields.get("extra");
             for (key, wanted) in [("name", usdc.eip712_name), ("version", usdc.eip712_version)] {
-                let expected =
-                    format!("{wanted:?} (the EIP-712 domain {key} of USDC on {network})");
+                let expected = format!("{wanted:?} (the EIP-712 domain {key} of USDC on {network})");
                 match extra.and_then(|e| e.get(key)) {
                     Some(Value::String(s)) if s == wanted => {}
-                    Some(other) => problems.push(FieldProblem::new(
-                        format!("extra.{key}"),
-                        describe(other),
-                        expected,
-                    )),
+                    Some(other) => problems.push(FieldProblem::new(format!("extra.{key}"), describe(other), expected)),
                     None => problems.push(FieldProblem::missing(format!("extra.{key}"), expected)),
                 }
             }
@@ -559,26 +467,15 @@ fn amount_expectation(error: &AmountError) -> String {
 
 /// Reads a 0x address; mixed case must carry a correct EIP-55 checksum, all-lowercase is
 /// accepted as unchecksummed.
-fn address_field(
-    fields: &Map<String, Value>,
-    name: &str,
-    problems: &mut Vec<FieldProblem>,
-) -> Option<Address> {
+fn address_field(fields: &Map<String, Value>, name: &str, problems: &mut Vec<FieldProblem>) -> Option<Address> {
     let text = match fields.get(name) {
         Some(Value::String(text)) => text,
         Some(other) => {
-            problems.push(FieldProblem::new(
-                name,
-                describe(other),
-                "a 0x-prefixed 20-byte hex address",
-            ));
+            problems.push(FieldProblem::new(name, describe(other), "a 0x-prefixed 20-byte hex address"));
             return None;
         }
         None => {
-            problems.push(FieldProblem::missing(
-                name,
-                "a 0x-prefixed 20-byte hex address",
-            ));
+            problems.push(FieldProblem::missing(name, "a 0x-prefixed 20-byte hex address"));
             return None;
         }
     };
@@ -599,9 +496,7 @@ pub fn parse_address(text: &str) -> Result<Address, String> {
     if hex_part.len() != 40 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err("a 0x-prefixed 20-byte hex address (40 hex digits)".into());
     }
-    let address: Address = text
-        .parse()
-        .map_err(|e| format!("a 20-byte hex address ({e})"))?;
+    let address: Address = text.parse().map_err(|e| format!("a 20-byte hex address ({e})"))?;
     let has_upper = hex_part.bytes().any(|b| b.is_ascii_uppercase());
     if has_upper && address.to_checksum(None) != text {
         return Err(format!(

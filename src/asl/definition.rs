@@ -49,22 +49,10 @@ pub enum Transition {
 #[derive(Debug, Clone)]
 pub enum StateKind {
     Task(TaskState),
-    Pass {
-        parameters: Option<Value>,
-        result: Option<Value>,
-        result_path: Option<JsonPath>,
-    },
-    Choice {
-        choices: Vec<ChoiceRule>,
-        default: Option<String>,
-    },
+    Pass { parameters: Option<Value>, result: Option<Value>, result_path: Option<JsonPath> },
+    Choice { choices: Vec<ChoiceRule>, default: Option<String> },
     Succeed,
-    Fail {
-        error: Option<String>,
-        cause: Option<String>,
-        error_path: Option<JsonPath>,
-        cause_path: Option<JsonPath>,
-    },
+    Fail { error: Option<String>, cause: Option<String>, error_path: Option<JsonPath>, cause_path: Option<JsonPath> },
 }
 
 #[derive(Debug, Clone)]
@@ -121,22 +109,15 @@ pub enum Condition {
 }
 
 /// Replaces `${Name}` with its substitution, as SAM's `DefinitionSubstitutions` does.
-pub fn substitute(
-    text: &str,
-    substitutions: &HashMap<String, String>,
-) -> Result<String, DefinitionError> {
+pub fn substitute(text: &str, substitutions: &HashMap<String, String>) -> Result<String, DefinitionError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| DefinitionError::Invalid("unclosed ${ in definition".into()))?;
+        let end = after.find('}').ok_or_else(|| DefinitionError::Invalid("unclosed ${ in definition".into()))?;
         let name = &after[..end];
-        let value = substitutions
-            .get(name)
-            .ok_or_else(|| DefinitionError::MissingSubstitution(name.to_owned()))?;
+        let value = substitutions.get(name).ok_or_else(|| DefinitionError::MissingSubstitution(name.to_owned()))?;
         out.push_str(value);
         rest = &after[end + 1..];
     }
@@ -182,17 +163,14 @@ impl<'a> Fields<'a> {
         match self.map.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(DefinitionError::Invalid(format!(
-                "state {:?}: {key} must be a string, found {other}",
-                self.state
-            ))),
+            Some(other) => {
+                Err(DefinitionError::Invalid(format!("state {:?}: {key} must be a string, found {other}", self.state)))
+            }
         }
     }
 
     fn required_string(&self, key: &str) -> Result<String, DefinitionError> {
-        self.string(key)?.ok_or_else(|| {
-            DefinitionError::Invalid(format!("state {:?}: {key} is required", self.state))
-        })
+        self.string(key)?.ok_or_else(|| DefinitionError::Invalid(format!("state {:?}: {key} is required", self.state)))
     }
 
     /// A path field whose absence means `$` and whose `null` means "none".
@@ -201,9 +179,8 @@ impl<'a> Fields<'a> {
             None => Ok(Some(JsonPath::parse("$").expect("$ parses"))),
             Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => {
-                let path = JsonPath::parse(s).map_err(|e| {
-                    DefinitionError::Invalid(format!("state {:?}: {key}: {e}", self.state))
-                })?;
+                let path = JsonPath::parse(s)
+                    .map_err(|e| DefinitionError::Invalid(format!("state {:?}: {key}: {e}", self.state)))?;
                 Ok(Some(path))
             }
             Some(other) => Err(DefinitionError::Invalid(format!(
@@ -216,9 +193,7 @@ impl<'a> Fields<'a> {
     fn optional_path(&self, key: &str) -> Result<Option<JsonPath>, DefinitionError> {
         self.string(key)?
             .map(|s| {
-                JsonPath::parse(&s).map_err(|e| {
-                    DefinitionError::Invalid(format!("state {:?}: {key}: {e}", self.state))
-                })
+                JsonPath::parse(&s).map_err(|e| DefinitionError::Invalid(format!("state {:?}: {key}: {e}", self.state)))
             })
             .transpose()
     }
@@ -250,43 +225,32 @@ fn check_template(state: &str, field: &str, template: &Value) -> Result<(), Defi
                             "state {state:?}: intrinsic function {path:?} in {field}.{key}"
                         )));
                     }
-                    JsonPath::parse(path).map_err(|e| {
-                        DefinitionError::Invalid(format!("state {state:?}: {field}.{key}: {e}"))
-                    })?;
+                    JsonPath::parse(path)
+                        .map_err(|e| DefinitionError::Invalid(format!("state {state:?}: {field}.{key}: {e}")))?;
                 } else {
                     check_template(state, field, value)?;
                 }
             }
             Ok(())
         }
-        Value::Array(items) => items
-            .iter()
-            .try_for_each(|item| check_template(state, field, item)),
+        Value::Array(items) => items.iter().try_for_each(|item| check_template(state, field, item)),
         _ => Ok(()),
     }
 }
 
 impl StateMachine {
     /// Parses the definition after applying `substitutions`.
-    pub fn parse(
-        text: &str,
-        substitutions: &HashMap<String, String>,
-    ) -> Result<Self, DefinitionError> {
+    pub fn parse(text: &str, substitutions: &HashMap<String, String>) -> Result<Self, DefinitionError> {
         let document: Value = serde_json::from_str(&substitute(text, substitutions)?)?;
         let Value::Object(top) = &document else {
-            return Err(DefinitionError::Invalid(
-                "definition must be a JSON object".into(),
-            ));
+            return Err(DefinitionError::Invalid("definition must be a JSON object".into()));
         };
         for key in top.keys() {
             match key.as_str() {
                 "Comment" | "StartAt" | "States" | "Version" | "TimeoutSeconds" => {}
                 "QueryLanguage" if top[key] == "JSONPath" => {}
                 other => {
-                    return Err(DefinitionError::Unsupported(format!(
-                        "top-level field {other:?} = {}",
-                        top[key]
-                    )));
+                    return Err(DefinitionError::Unsupported(format!("top-level field {other:?} = {}", top[key])));
                 }
             }
         }
@@ -301,9 +265,7 @@ impl StateMachine {
         let mut states = BTreeMap::new();
         for (name, body) in states_json {
             let Value::Object(map) = body else {
-                return Err(DefinitionError::Invalid(format!(
-                    "state {name:?} must be an object"
-                )));
+                return Err(DefinitionError::Invalid(format!("state {name:?} must be an object")));
             };
             states.insert(name.clone(), parse_state(name, map)?);
         }
@@ -317,9 +279,7 @@ impl StateMachine {
             if self.states.contains_key(target) {
                 Ok(())
             } else {
-                Err(DefinitionError::Invalid(format!(
-                    "state {from:?} goes to {target:?}, which does not exist"
-                )))
+                Err(DefinitionError::Invalid(format!("state {from:?} goes to {target:?}, which does not exist")))
             }
         };
         exists(&self.start_at, "StartAt")?;
@@ -328,14 +288,9 @@ impl StateMachine {
                 exists(next, &state.name)?;
             }
             match &state.kind {
-                StateKind::Task(task) => task
-                    .catch
-                    .iter()
-                    .try_for_each(|c| exists(&c.next, &state.name))?,
+                StateKind::Task(task) => task.catch.iter().try_for_each(|c| exists(&c.next, &state.name))?,
                 StateKind::Choice { choices, default } => {
-                    choices
-                        .iter()
-                        .try_for_each(|c| exists(&c.next, &state.name))?;
+                    choices.iter().try_for_each(|c| exists(&c.next, &state.name))?;
                     if let Some(default) = default {
                         exists(default, &state.name)?;
                     }
@@ -347,22 +302,10 @@ impl StateMachine {
     }
 }
 
-const COMMON: &[&str] = &[
-    "Type",
-    "Comment",
-    "InputPath",
-    "OutputPath",
-    "Next",
-    "End",
-    "QueryLanguage",
-];
+const COMMON: &[&str] = &["Type", "Comment", "InputPath", "OutputPath", "Next", "End", "QueryLanguage"];
 
 fn with_common(extra: &[&'static str]) -> Vec<&'static str> {
-    COMMON
-        .iter()
-        .copied()
-        .chain(extra.iter().copied())
-        .collect()
+    COMMON.iter().copied().chain(extra.iter().copied()).collect()
 }
 
 fn parse_state(name: &str, map: &Map<String, Value>) -> Result<State, DefinitionError> {
@@ -370,9 +313,7 @@ fn parse_state(name: &str, map: &Map<String, Value>) -> Result<State, Definition
     if let Some(language) = map.get("QueryLanguage")
         && language != "JSONPath"
     {
-        return Err(DefinitionError::Unsupported(format!(
-            "state {name:?}: QueryLanguage {language}"
-        )));
+        return Err(DefinitionError::Unsupported(format!("state {name:?}: QueryLanguage {language}")));
     }
     let kind_name = fields.required_string("Type")?;
     let kind = match kind_name.as_str() {
@@ -399,10 +340,7 @@ fn parse_state(name: &str, map: &Map<String, Value>) -> Result<State, Definition
             })
         }
         "Pass" => {
-            fields.check_allowed(
-                "Pass",
-                &with_common(&["Parameters", "Result", "ResultPath"]),
-            )?;
+            fields.check_allowed("Pass", &with_common(&["Parameters", "Result", "ResultPath"]))?;
             StateKind::Pass {
                 parameters: fields.template("Parameters")?,
                 result: map.get("Result").cloned(),
@@ -412,68 +350,34 @@ fn parse_state(name: &str, map: &Map<String, Value>) -> Result<State, Definition
         "Choice" => {
             fields.check_allowed(
                 "Choice",
-                &[
-                    "Type",
-                    "Comment",
-                    "InputPath",
-                    "OutputPath",
-                    "Choices",
-                    "Default",
-                    "QueryLanguage",
-                ],
+                &["Type", "Comment", "InputPath", "OutputPath", "Choices", "Default", "QueryLanguage"],
             )?;
             let Some(Value::Array(rules)) = map.get("Choices") else {
-                return Err(DefinitionError::Invalid(format!(
-                    "state {name:?}: Choices must be a non-empty array"
-                )));
+                return Err(DefinitionError::Invalid(format!("state {name:?}: Choices must be a non-empty array")));
             };
             let choices = rules
                 .iter()
                 .map(|rule| {
                     let Value::Object(rule) = rule else {
-                        return Err(DefinitionError::Invalid(format!(
-                            "state {name:?}: each choice must be an object"
-                        )));
+                        return Err(DefinitionError::Invalid(format!("state {name:?}: each choice must be an object")));
                     };
-                    let next = rule.get("Next").and_then(Value::as_str).ok_or_else(|| {
-                        DefinitionError::Invalid(format!("state {name:?}: each choice needs Next"))
-                    })?;
-                    Ok(ChoiceRule {
-                        condition: parse_condition(name, rule, true)?,
-                        next: next.to_owned(),
-                    })
+                    let next = rule
+                        .get("Next")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| DefinitionError::Invalid(format!("state {name:?}: each choice needs Next")))?;
+                    Ok(ChoiceRule { condition: parse_condition(name, rule, true)?, next: next.to_owned() })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            StateKind::Choice {
-                choices,
-                default: fields.string("Default")?,
-            }
+            StateKind::Choice { choices, default: fields.string("Default")? }
         }
         "Succeed" => {
-            fields.check_allowed(
-                "Succeed",
-                &[
-                    "Type",
-                    "Comment",
-                    "InputPath",
-                    "OutputPath",
-                    "QueryLanguage",
-                ],
-            )?;
+            fields.check_allowed("Succeed", &["Type", "Comment", "InputPath", "OutputPath", "QueryLanguage"])?;
             StateKind::Succeed
         }
         "Fail" => {
             fields.check_allowed(
                 "Fail",
-                &[
-                    "Type",
-                    "Comment",
-                    "Error",
-                    "Cause",
-                    "ErrorPath",
-                    "CausePath",
-                    "QueryLanguage",
-                ],
+                &["Type", "Comment", "Error", "Cause", "ErrorPath", "CausePath", "QueryLanguage"],
             )?;
             StateKind::Fail {
                 error: fields.string("Error")?,
@@ -483,15 +387,10 @@ fn parse_state(name: &str, map: &Map<String, Value>) -> Result<State, Definition
             }
         }
         other => {
-            return Err(DefinitionError::Unsupported(format!(
-                "state {name:?}: Type {other:?}"
-            )));
+            return Err(DefinitionError::Unsupported(format!("state {name:?}: Type {other:?}")));
         }
     };
-    let terminal = matches!(
-        kind,
-        StateKind::Choice { .. } | StateKind::Succeed | StateKind::Fail { .. }
-    );
+    let terminal = matches!(kind, StateKind::Choice { .. } | StateKind::Succeed | StateKind::Fail { .. });
     let transition = match (fields.string("Next")?, map.get("End")) {
         _ if terminal => Transition::None,
         (Some(next), None) => Transition::Next(next),
@@ -504,29 +403,15 @@ fn parse_state(name: &str, map: &Map<String, Value>) -> Result<State, Definition
     };
     let (input_path, output_path) = match kind {
         StateKind::Fail { .. } => (None, None),
-        _ => (
-            fields.path_or_null("InputPath")?,
-            fields.path_or_null("OutputPath")?,
-        ),
+        _ => (fields.path_or_null("InputPath")?, fields.path_or_null("OutputPath")?),
     };
-    Ok(State {
-        name: name.to_owned(),
-        kind,
-        input_path,
-        output_path,
-        transition,
-    })
+    Ok(State { name: name.to_owned(), kind, input_path, output_path, transition })
 }
 
 fn error_equals(state: &str, value: Option<&Value>) -> Result<Vec<String>, DefinitionError> {
     let names: Vec<String> = value
         .and_then(Value::as_array)
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
+        .map(|items| items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
         .unwrap_or_default();
     if names.is_empty() {
         return Err(DefinitionError::Invalid(format!(
@@ -534,9 +419,7 @@ fn error_equals(state: &str, value: Option<&Value>) -> Result<Vec<String>, Defin
         )));
     }
     if names.iter().any(|n| n == "States.ALL") && names.len() > 1 {
-        return Err(DefinitionError::Invalid(format!(
-            "state {state:?}: States.ALL must appear alone in ErrorEquals"
-        )));
+        return Err(DefinitionError::Invalid(format!("state {state:?}: States.ALL must appear alone in ErrorEquals")));
     }
     Ok(names)
 }
@@ -545,15 +428,14 @@ fn parse_retry(state: &str, value: Option<&Value>) -> Result<Vec<Retrier>, Defin
     let Some(value) = value else {
         return Ok(vec![]);
     };
-    let items = value.as_array().ok_or_else(|| {
-        DefinitionError::Invalid(format!("state {state:?}: Retry must be an array"))
-    })?;
+    let items =
+        value.as_array().ok_or_else(|| DefinitionError::Invalid(format!("state {state:?}: Retry must be an array")))?;
     items
         .iter()
         .map(|item| {
-            let map = item.as_object().ok_or_else(|| {
-                DefinitionError::Invalid(format!("state {state:?}: a retrier must be an object"))
-            })?;
+            let map = item
+                .as_object()
+                .ok_or_else(|| DefinitionError::Invalid(format!("state {state:?}: a retrier must be an object")))?;
             for key in map.keys() {
                 if ![
                     "ErrorEquals",
@@ -566,9 +448,7 @@ fn parse_retry(state: &str, value: Option<&Value>) -> Result<Vec<Retrier>, Defin
                 ]
                 .contains(&key.as_str())
                 {
-                    return Err(DefinitionError::Unsupported(format!(
-                        "state {state:?}: retrier field {key:?}"
-                    )));
+                    return Err(DefinitionError::Unsupported(format!("state {state:?}: retrier field {key:?}")));
                 }
             }
             let number = |key: &str| map.get(key).and_then(Value::as_u64);
@@ -576,19 +456,12 @@ fn parse_retry(state: &str, value: Option<&Value>) -> Result<Vec<Retrier>, Defin
                 None | Some("NONE") => Jitter::None,
                 Some("FULL") => Jitter::Full,
                 Some(other) => {
-                    return Err(DefinitionError::Invalid(format!(
-                        "state {state:?}: JitterStrategy {other:?}"
-                    )));
+                    return Err(DefinitionError::Invalid(format!("state {state:?}: JitterStrategy {other:?}")));
                 }
             };
-            let backoff_rate = map
-                .get("BackoffRate")
-                .map_or(Some(2.0), Value::as_f64)
-                .filter(|r| *r >= 1.0)
-                .ok_or_else(|| {
-                    DefinitionError::Invalid(format!(
-                        "state {state:?}: BackoffRate must be a number >= 1.0"
-                    ))
+            let backoff_rate =
+                map.get("BackoffRate").map_or(Some(2.0), Value::as_f64).filter(|r| *r >= 1.0).ok_or_else(|| {
+                    DefinitionError::Invalid(format!("state {state:?}: BackoffRate must be a number >= 1.0"))
                 })?;
             Ok(Retrier {
                 error_equals: error_equals(state, map.get("ErrorEquals"))?,
@@ -606,15 +479,14 @@ fn parse_catch(state: &str, value: Option<&Value>) -> Result<Vec<Catcher>, Defin
     let Some(value) = value else {
         return Ok(vec![]);
     };
-    let items = value.as_array().ok_or_else(|| {
-        DefinitionError::Invalid(format!("state {state:?}: Catch must be an array"))
-    })?;
+    let items =
+        value.as_array().ok_or_else(|| DefinitionError::Invalid(format!("state {state:?}: Catch must be an array")))?;
     items
         .iter()
         .map(|item| {
-            let map = item.as_object().ok_or_else(|| {
-                DefinitionError::Invalid(format!("state {state:?}: a catcher must be an object"))
-            })?;
+            let map = item
+                .as_object()
+                .ok_or_else(|| DefinitionError::Invalid(format!("state {state:?}: a catcher must be an object")))?;
             let fields = Fields { state, map };
             fields.check_allowed("Catch", &["ErrorEquals", "ResultPath", "Next", "Comment"])?;
             Ok(Catcher {
@@ -626,28 +498,16 @@ fn parse_catch(state: &str, value: Option<&Value>) -> Result<Vec<Catcher>, Defin
         .collect()
 }
 
-fn parse_condition(
-    state: &str,
-    rule: &Map<String, Value>,
-    top_level: bool,
-) -> Result<Condition, DefinitionError> {
+fn parse_condition(state: &str, rule: &Map<String, Value>, top_level: bool) -> Result<Condition, DefinitionError> {
     let invalid = |why: String| DefinitionError::Invalid(format!("state {state:?}: {why}"));
     let nested = |value: &Value| -> Result<Condition, DefinitionError> {
-        let map = value
-            .as_object()
-            .ok_or_else(|| invalid("a nested choice rule must be an object".into()))?;
+        let map = value.as_object().ok_or_else(|| invalid("a nested choice rule must be an object".into()))?;
         parse_condition(state, map, false)
     };
     if let Some(items) = rule.get("And").or(rule.get("Or")) {
-        let list = items
-            .as_array()
-            .ok_or_else(|| invalid("And/Or take an array".into()))?;
+        let list = items.as_array().ok_or_else(|| invalid("And/Or take an array".into()))?;
         let parsed = list.iter().map(nested).collect::<Result<Vec<_>, _>>()?;
-        return Ok(if rule.contains_key("And") {
-            Condition::And(parsed)
-        } else {
-            Condition::Or(parsed)
-        });
+        return Ok(if rule.contains_key("And") { Condition::And(parsed) } else { Condition::Or(parsed) });
     }
     if let Some(inner) = rule.get("Not") {
         return Ok(Condition::Not(Box::new(nested(inner)?)));
@@ -663,10 +523,7 @@ fn parse_condition(
             "Next" if top_level => continue,
             "StringEquals" => Condition::StringEquals(
                 variable,
-                value
-                    .as_str()
-                    .ok_or_else(|| invalid("StringEquals takes a string".into()))?
-                    .to_owned(),
+                value.as_str().ok_or_else(|| invalid("StringEquals takes a string".into()))?.to_owned(),
             ),
             "StringEqualsPath" => Condition::StringEqualsPath(
                 variable,
@@ -674,32 +531,21 @@ fn parse_condition(
             ),
             "BooleanEquals" => Condition::BooleanEquals(
                 variable,
-                value
-                    .as_bool()
-                    .ok_or_else(|| invalid("BooleanEquals takes a boolean".into()))?,
+                value.as_bool().ok_or_else(|| invalid("BooleanEquals takes a boolean".into()))?,
             ),
             "NumericEquals" => Condition::NumericEquals(
                 variable,
-                value
-                    .as_f64()
-                    .ok_or_else(|| invalid("NumericEquals takes a number".into()))?,
+                value.as_f64().ok_or_else(|| invalid("NumericEquals takes a number".into()))?,
             ),
             "IsPresent" => Condition::IsPresent(
                 variable,
-                value
-                    .as_bool()
-                    .ok_or_else(|| invalid("IsPresent takes a boolean".into()))?,
+                value.as_bool().ok_or_else(|| invalid("IsPresent takes a boolean".into()))?,
             ),
-            "IsNull" => Condition::IsNull(
-                variable,
-                value
-                    .as_bool()
-                    .ok_or_else(|| invalid("IsNull takes a boolean".into()))?,
-            ),
+            "IsNull" => {
+                Condition::IsNull(variable, value.as_bool().ok_or_else(|| invalid("IsNull takes a boolean".into()))?)
+            }
             other => {
-                return Err(DefinitionError::Unsupported(format!(
-                    "state {state:?}: choice operator {other:?}"
-                )));
+                return Err(DefinitionError::Unsupported(format!("state {state:?}: choice operator {other:?}")));
             }
         };
         return Ok(condition);
@@ -716,16 +562,10 @@ impl Condition {
             Condition::StringEqualsPath(path, other) => {
                 matches!((path.get(input), other.get(input)), (Some(Value::String(a)), Some(Value::String(b))) if a == b)
             }
-            Condition::BooleanEquals(path, expected) => {
-                path.get(input).and_then(Value::as_bool) == Some(*expected)
-            }
-            Condition::NumericEquals(path, expected) => {
-                path.get(input).and_then(Value::as_f64) == Some(*expected)
-            }
+            Condition::BooleanEquals(path, expected) => path.get(input).and_then(Value::as_bool) == Some(*expected),
+            Condition::NumericEquals(path, expected) => path.get(input).and_then(Value::as_f64) == Some(*expected),
             Condition::IsPresent(path, expected) => path.get(input).is_some() == *expected,
-            Condition::IsNull(path, expected) => {
-                path.get(input).is_some_and(Value::is_null) == *expected
-            }
+            Condition::IsNull(path, expected) => path.get(input).is_some_and(Value::is_null) == *expected,
             Condition::And(all) => all.iter().all(|c| c.evaluate(input)),
             Condition::Or(any) => any.iter().any(|c| c.evaluate(input)),
             Condition::Not(inner) => !inner.evaluate(input),
@@ -744,18 +584,9 @@ mod tests {
     #[test]
     fn unsupported_constructs_are_named() {
         let cases = [
-            (
-                r#"{"StartAt":"A","States":{"A":{"Type":"Map","End":true}}}"#,
-                "Type \"Map\"",
-            ),
-            (
-                r#"{"StartAt":"A","States":{"A":{"Type":"Pass","End":true,"Assign":{}}}}"#,
-                "field \"Assign\"",
-            ),
-            (
-                r#"{"QueryLanguage":"JSONata","StartAt":"A","States":{"A":{"Type":"Succeed"}}}"#,
-                "QueryLanguage",
-            ),
+            (r#"{"StartAt":"A","States":{"A":{"Type":"Map","End":true}}}"#, "Type \"Map\""),
+            (r#"{"StartAt":"A","States":{"A":{"Type":"Pass","End":true,"Assign":{}}}}"#, "field \"Assign\""),
+            (r#"{"QueryLanguage":"JSONata","StartAt":"A","States":{"A":{"Type":"Succeed"}}}"#, "QueryLanguage"),
             (
                 r#"{"StartAt":"A","States":{"A":{"Type":"Pass","End":true,"Parameters":{"x.$":"States.Format('{}', $.a)"}}}}"#,
                 "intrinsic function",
@@ -768,10 +599,7 @@ mod tests {
         for (text, fragment) in cases {
             let error = parse(text).unwrap_err();
             assert!(matches!(error, DefinitionError::Unsupported(_)), "{error}");
-            assert!(
-                error.to_string().contains(fragment),
-                "{error} lacks {fragment}"
-            );
+            assert!(error.to_string().contains(fragment), "{error} lacks {fragment}");
         }
     }
 
@@ -784,10 +612,7 @@ mod tests {
             r#"{"StartAt":"A","States":{"A":{"Type":"Task","Resource":"r","End":true,"Retry":[{"ErrorEquals":["States.ALL","X"]}]}}}"#,
         ];
         for text in cases {
-            assert!(
-                matches!(parse(text), Err(DefinitionError::Invalid(_))),
-                "{text}"
-            );
+            assert!(matches!(parse(text), Err(DefinitionError::Invalid(_))), "{text}");
         }
     }
 
@@ -796,9 +621,7 @@ mod tests {
         let mut subs = HashMap::new();
         subs.insert("Fn".to_owned(), "arn:x".to_owned());
         assert_eq!(substitute("a ${Fn} b", &subs).unwrap(), "a arn:x b");
-        assert!(
-            matches!(substitute("${Other}", &subs), Err(DefinitionError::MissingSubstitution(n)) if n == "Other")
-        );
+        assert!(matches!(substitute("${Other}", &subs), Err(DefinitionError::MissingSubstitution(n)) if n == "Other"));
         assert_eq!(substitution_names("${A} ${B} ${A}"), ["A", "B"]);
     }
 }

@@ -5,9 +5,7 @@ pub mod path;
 pub mod runner;
 
 pub use definition::{DefinitionError, StateMachine, substitution_names};
-pub use runner::{
-    LocalRunner, RecordingSleeper, RunnerError, ScaledSleeper, Sleeper, TokioSleeper,
-};
+pub use runner::{LocalRunner, RecordingSleeper, RunnerError, ScaledSleeper, Sleeper, TokioSleeper};
 
 /// The state machine file, as deployed by `template.yaml`.
 pub const PAYMENT_DEFINITION_PATH: &str = "statemachines/payment.asl.json";

@@ -52,27 +52,19 @@ impl JsonPath {
                         .map(|p| p + i)
                         .ok_or_else(|| format!("path {text:?}: unclosed ["))?;
                     let inner: String = bytes[i + 1..close].iter().collect();
-                    if let Some(quoted) =
-                        inner.strip_prefix('\'').and_then(|s| s.strip_suffix('\''))
-                    {
+                    if let Some(quoted) = inner.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')) {
                         segments.push(Segment::Field(quoted.to_owned()));
                     } else if let Ok(index) = inner.parse::<usize>() {
                         segments.push(Segment::Index(index));
                     } else {
-                        return Err(format!(
-                            "path {text:?}: [{inner}] is not supported (only [n] and ['name'])"
-                        ));
+                        return Err(format!("path {text:?}: [{inner}] is not supported (only [n] and ['name'])"));
                     }
                     i = close + 1;
                 }
                 other => return Err(format!("path {text:?}: unexpected {other:?}")),
             }
         }
-        Ok(Self {
-            text: text.to_owned(),
-            context,
-            segments,
-        })
+        Ok(Self { text: text.to_owned(), context, segments })
     }
 
     pub fn is_context(&self) -> bool {
@@ -85,28 +77,18 @@ impl JsonPath {
 
     /// The value at the path, or `None` if any part is missing.
     pub fn get<'a>(&self, root: &'a Value) -> Option<&'a Value> {
-        self.segments
-            .iter()
-            .try_fold(root, |value, segment| match segment {
-                Segment::Field(name) => value.as_object()?.get(name),
-                Segment::Index(index) => value.as_array()?.get(*index),
-            })
+        self.segments.iter().try_fold(root, |value, segment| match segment {
+            Segment::Field(name) => value.as_object()?.get(name),
+            Segment::Index(index) => value.as_array()?.get(*index),
+        })
     }
 
     /// Puts `value` at the path inside `root` (ResultPath), creating objects on the way.
     pub fn set(&self, root: Value, value: Value) -> Result<Value, String> {
         if self.context {
-            return Err(format!(
-                "ResultPath {:?} cannot write to the context object",
-                self.text
-            ));
+            return Err(format!("ResultPath {:?} cannot write to the context object", self.text));
         }
-        fn place(
-            target: Value,
-            segments: &[Segment],
-            value: Value,
-            text: &str,
-        ) -> Result<Value, String> {
+        fn place(target: Value, segments: &[Segment], value: Value, text: &str) -> Result<Value, String> {
             let Some((first, rest)) = segments.split_first() else {
                 return Ok(value);
             };
@@ -116,18 +98,14 @@ impl JsonPath {
                         Value::Object(map) => map,
                         Value::Null => Map::new(),
                         other => {
-                            return Err(format!(
-                                "ResultPath {text:?}: cannot add field {name:?} to {other}"
-                            ));
+                            return Err(format!("ResultPath {text:?}: cannot add field {name:?} to {other}"));
                         }
                     };
                     let child = map.remove(name).unwrap_or(Value::Null);
                     map.insert(name.clone(), place(child, rest, value, text)?);
                     Ok(Value::Object(map))
                 }
-                Segment::Index(_) => Err(format!(
-                    "ResultPath {text:?}: array indexes are not supported in ResultPath"
-                )),
+                Segment::Index(_) => Err(format!("ResultPath {text:?}: array indexes are not supported in ResultPath")),
             }
         }
         place(root, &self.segments, value, &self.text)
@@ -144,14 +122,8 @@ mod tests {
     fn reads_fields_indexes_and_quoted_names() {
         let doc = json!({"a": {"b": [10, {"c d": true}]}});
         assert_eq!(JsonPath::parse("$").unwrap().get(&doc), Some(&doc));
-        assert_eq!(
-            JsonPath::parse("$.a.b[0]").unwrap().get(&doc),
-            Some(&json!(10))
-        );
-        assert_eq!(
-            JsonPath::parse("$.a.b[1]['c d']").unwrap().get(&doc),
-            Some(&json!(true))
-        );
+        assert_eq!(JsonPath::parse("$.a.b[0]").unwrap().get(&doc), Some(&json!(10)));
+        assert_eq!(JsonPath::parse("$.a.b[1]['c d']").unwrap().get(&doc), Some(&json!(true)));
         assert_eq!(JsonPath::parse("$.a.missing").unwrap().get(&doc), None);
         assert!(JsonPath::parse("$$.Execution.Id").unwrap().is_context());
     }
@@ -168,18 +140,7 @@ mod tests {
         let path = JsonPath::parse("$.result.inner").unwrap();
         let merged = path.set(json!({"keep": 1}), json!("x")).unwrap();
         assert_eq!(merged, json!({"keep": 1, "result": {"inner": "x"}}));
-        assert_eq!(
-            JsonPath::parse("$")
-                .unwrap()
-                .set(json!({"a": 1}), json!(2))
-                .unwrap(),
-            json!(2)
-        );
-        assert!(
-            JsonPath::parse("$.a.b")
-                .unwrap()
-                .set(json!({"a": 3}), json!(1))
-                .is_err()
-        );
+        assert_eq!(JsonPath::parse("$").unwrap().set(json!({"a": 1}), json!(2)).unwrap(), json!(2));
+        assert!(JsonPath::parse("$.a.b").unwrap().set(json!({"a": 3}), json!(1)).is_err());
     }
 }

@@ -9,15 +9,12 @@ use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 
 use super::definition::{
-    Catcher, DefinitionError, Jitter, Retrier, State, StateKind, StateMachine, TaskState,
-    Transition,
+    Catcher, DefinitionError, Jitter, Retrier, State, StateKind, StateMachine, TaskState, Transition,
 };
 use super::path::JsonPath;
 use crate::clock::Timestamp;
 use crate::error::PaymentError;
-use crate::executions::{
-    ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind,
-};
+use crate::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
 use crate::steps::{StepName, Steps};
 use crate::store::ErrorRecord;
 
@@ -26,18 +23,12 @@ const LOCAL_REGION_ACCOUNT: &str = "local:000000000000";
 
 /// The ARN the local runner substitutes for a step's `${...FunctionArn}`.
 pub fn local_function_arn(step: StepName) -> String {
-    format!(
-        "arn:aws:lambda:{LOCAL_REGION_ACCOUNT}:function:agentpay-{}",
-        step.function_name()
-    )
+    format!("arn:aws:lambda:{LOCAL_REGION_ACCOUNT}:function:agentpay-{}", step.function_name())
 }
 
 /// Substitutions for the local run: every step's ARN placeholder.
 pub fn local_substitutions() -> HashMap<String, String> {
-    StepName::ALL
-        .iter()
-        .map(|s| (s.arn_substitution().to_owned(), local_function_arn(*s)))
-        .collect()
+    StepName::ALL.iter().map(|s| (s.arn_substitution().to_owned(), local_function_arn(*s))).collect()
 }
 
 pub fn local_execution_arn(name: &str) -> String {
@@ -126,21 +117,13 @@ struct Recorder {
 
 impl Recorder {
     fn push(&mut self, at: Timestamp, kind: HistoryKind, state: Option<&str>, details: Value) {
-        self.pending.push(HistoryEvent {
-            seq: self.next_seq,
-            at,
-            kind,
-            state: state.map(str::to_owned),
-            details,
-        });
+        self.pending.push(HistoryEvent { seq: self.next_seq, at, kind, state: state.map(str::to_owned), details });
         self.next_seq += 1;
     }
 
     async fn flush(&mut self, store: &dyn ExecutionStore) -> Result<(), PaymentError> {
         if !self.pending.is_empty() {
-            store
-                .append_history(&self.execution_id, &self.pending)
-                .await?;
+            store.append_history(&self.execution_id, &self.pending).await?;
             self.pending.clear();
         }
         Ok(())
@@ -148,10 +131,7 @@ impl Recorder {
 }
 
 fn runtime_error(cause: impl Into<String>) -> StateResult {
-    StateResult::Fail {
-        error: "States.Runtime".into(),
-        cause: cause.into(),
-    }
+    StateResult::Fail { error: "States.Runtime".into(), cause: cause.into() }
 }
 
 /// Fills a Parameters/ResultSelector template.
@@ -174,11 +154,9 @@ fn render(template: &Value, input: &Value, context: &Value) -> Result<Value, Str
             }
             Ok(Value::Object(out))
         }
-        Value::Array(items) => items
-            .iter()
-            .map(|i| render(i, input, context))
-            .collect::<Result<_, _>>()
-            .map(Value::Array),
+        Value::Array(items) => {
+            items.iter().map(|i| render(i, input, context)).collect::<Result<_, _>>().map(Value::Array)
+        }
         other => Ok(other.clone()),
     }
 }
@@ -193,11 +171,7 @@ fn select(path: &Option<JsonPath>, input: &Value, what: &str) -> Result<Value, S
     }
 }
 
-fn combine(
-    result_path: &Option<JsonPath>,
-    raw_input: &Value,
-    result: Value,
-) -> Result<Value, String> {
+fn combine(result_path: &Option<JsonPath>, raw_input: &Value, result: Value) -> Result<Value, String> {
     match result_path {
         None => Ok(raw_input.clone()),
         Some(path) => path.set(raw_input.clone(), result),
@@ -209,9 +183,7 @@ fn matches_error(error_equals: &[String], error: &str) -> bool {
     error_equals.iter().any(|name| {
         name == error
             || (name == "States.ALL" && error != "States.Runtime")
-            || (name == "States.TaskFailed"
-                && error != "States.Timeout"
-                && error != "States.Runtime")
+            || (name == "States.TaskFailed" && error != "States.Timeout" && error != "States.Runtime")
     })
 }
 
@@ -237,10 +209,7 @@ impl LocalRunner {
         sleeper: Arc<dyn Sleeper>,
     ) -> Result<Self, DefinitionError> {
         let machine = StateMachine::parse(definition, &local_substitutions())?;
-        let resources: HashMap<String, StepName> = StepName::ALL
-            .iter()
-            .map(|s| (local_function_arn(*s), *s))
-            .collect();
+        let resources: HashMap<String, StepName> = StepName::ALL.iter().map(|s| (local_function_arn(*s), *s)).collect();
         for state in machine.states.values() {
             if let StateKind::Task(task) = &state.kind
                 && !resources.contains_key(&task.resource)
@@ -251,13 +220,7 @@ impl LocalRunner {
                 )));
             }
         }
-        Ok(Self {
-            machine,
-            steps,
-            executions,
-            sleeper,
-            resources,
-        })
+        Ok(Self { machine, steps, executions, sleeper, resources })
     }
 
     pub fn executions(&self) -> &Arc<dyn ExecutionStore> {
@@ -285,20 +248,10 @@ impl LocalRunner {
         if !self.executions.create_execution(&record).await? {
             return Err(RunnerError::ExecutionAlreadyExists(name.to_owned()));
         }
-        let mut recorder = Recorder {
-            execution_id: record.execution_id.clone(),
-            next_seq: 0,
-            pending: vec![],
-        };
-        recorder.push(
-            now,
-            HistoryKind::ExecutionStarted,
-            None,
-            json!({"input": input}),
-        );
+        let mut recorder = Recorder { execution_id: record.execution_id.clone(), next_seq: 0, pending: vec![] };
+        recorder.push(now, HistoryKind::ExecutionStarted, None, json!({"input": input}));
         let start_at = self.machine.start_at.clone();
-        self.drive(&mut record, &mut recorder, start_at, input)
-            .await?;
+        self.drive(&mut record, &mut recorder, start_at, input).await?;
         Ok(record)
     }
 
@@ -310,10 +263,7 @@ impl LocalRunner {
             .execution(id_or_name)
             .await?
             .ok_or_else(|| RunnerError::ExecutionNotFound(id_or_name.to_owned()))?;
-        let not_redrivable = |reason: String| RunnerError::NotRedrivable {
-            id: record.execution_id.clone(),
-            reason,
-        };
+        let not_redrivable = |reason: String| RunnerError::NotRedrivable { id: record.execution_id.clone(), reason };
         if record.status != ExecutionStatus::Failed {
             return Err(not_redrivable(format!(
                 "its status is {}, only FAILED executions are redriven",
@@ -327,14 +277,9 @@ impl LocalRunner {
         let state_input = history
             .iter()
             .rev()
-            .find(|e| {
-                e.kind == HistoryKind::StateEntered
-                    && e.state.as_deref() == Some(failed_state.as_str())
-            })
+            .find(|e| e.kind == HistoryKind::StateEntered && e.state.as_deref() == Some(failed_state.as_str()))
             .and_then(|e| e.details.get("input").cloned())
-            .ok_or_else(|| {
-                not_redrivable(format!("no recorded input for state {failed_state:?}"))
-            })?;
+            .ok_or_else(|| not_redrivable(format!("no recorded input for state {failed_state:?}")))?;
         let now = self.steps.clock().now();
         record.status = ExecutionStatus::Running;
         record.redrive_count += 1;
@@ -353,8 +298,7 @@ impl LocalRunner {
             Some(&failed_state),
             json!({"redriveCount": record.redrive_count}),
         );
-        self.drive(&mut record, &mut recorder, failed_state, state_input)
-            .await?;
+        self.drive(&mut record, &mut recorder, failed_state, state_input).await?;
         Ok(record)
     }
 
@@ -373,12 +317,7 @@ impl LocalRunner {
                 .get(&state_name)
                 .ok_or_else(|| DefinitionError::Invalid(format!("no state {state_name:?}")))?;
             let entered = clock.now();
-            recorder.push(
-                entered,
-                HistoryKind::StateEntered,
-                Some(&state_name),
-                json!({"input": data}),
-            );
+            recorder.push(entered, HistoryKind::StateEntered, Some(&state_name), json!({"input": data}));
             let context = json!({
                 "Execution": {
                     "Id": record.execution_id,
@@ -394,29 +333,14 @@ impl LocalRunner {
             let now = clock.now();
             match result {
                 StateResult::Next(next, output) => {
-                    recorder.push(
-                        now,
-                        HistoryKind::StateExited,
-                        Some(&state_name),
-                        json!({"output": output}),
-                    );
+                    recorder.push(now, HistoryKind::StateExited, Some(&state_name), json!({"output": output}));
                     recorder.flush(self.executions.as_ref()).await?;
                     state_name = next;
                     data = output;
                 }
                 StateResult::Succeed(output) => {
-                    recorder.push(
-                        now,
-                        HistoryKind::StateExited,
-                        Some(&state_name),
-                        json!({"output": output}),
-                    );
-                    recorder.push(
-                        now,
-                        HistoryKind::ExecutionSucceeded,
-                        None,
-                        json!({"output": output}),
-                    );
+                    recorder.push(now, HistoryKind::StateExited, Some(&state_name), json!({"output": output}));
+                    recorder.push(now, HistoryKind::ExecutionSucceeded, None, json!({"output": output}));
                     recorder.flush(self.executions.as_ref()).await?;
                     record.status = ExecutionStatus::Succeeded;
                     record.output = Some(output);
@@ -450,37 +374,21 @@ impl LocalRunner {
         }
     }
 
-    async fn run_state(
-        &self,
-        state: &State,
-        raw: &Value,
-        context: Value,
-        recorder: &mut Recorder,
-    ) -> StateResult {
+    async fn run_state(&self, state: &State, raw: &Value, context: Value, recorder: &mut Recorder) -> StateResult {
         let effective = match select(&state.input_path, raw, "InputPath") {
             Ok(value) => value,
             Err(cause) => return runtime_error(cause),
         };
         let output = |value: &Value| select(&state.output_path, value, "OutputPath");
         match &state.kind {
-            StateKind::Task(task) => {
-                self.run_task(state, task, raw, &effective, context, recorder)
-                    .await
-            }
-            StateKind::Pass {
-                parameters,
-                result,
-                result_path,
-            } => {
+            StateKind::Task(task) => self.run_task(state, task, raw, &effective, context, recorder).await,
+            StateKind::Pass { parameters, result, result_path } => {
                 let value = match (result, parameters) {
                     (Some(result), _) => Ok(result.clone()),
                     (None, Some(template)) => render(template, &effective, &context),
                     (None, None) => Ok(effective),
                 };
-                match value
-                    .and_then(|v| combine(result_path, raw, v))
-                    .and_then(|v| output(&v))
-                {
+                match value.and_then(|v| combine(result_path, raw, v)).and_then(|v| output(&v)) {
                     Ok(out) => Self::after(state, out),
                     Err(cause) => runtime_error(cause),
                 }
@@ -495,10 +403,7 @@ impl LocalRunner {
                     (Some(next), Ok(out)) => StateResult::Next(next, out),
                     (None, _) => StateResult::Fail {
                         error: "States.NoChoiceMatched".into(),
-                        cause: format!(
-                            "no choice rule of state {:?} matched and there is no Default",
-                            state.name
-                        ),
+                        cause: format!("no choice rule of state {:?} matched and there is no Default", state.name),
                     },
                     (_, Err(cause)) => runtime_error(cause),
                 }
@@ -507,12 +412,7 @@ impl LocalRunner {
                 Ok(out) => StateResult::Succeed(out),
                 Err(cause) => runtime_error(cause),
             },
-            StateKind::Fail {
-                error,
-                cause,
-                error_path,
-                cause_path,
-            } => {
+            StateKind::Fail { error, cause, error_path, cause_path } => {
                 let read = |path: &Option<JsonPath>, fixed: &Option<String>| {
                     path.as_ref()
                         .and_then(|p| p.get(raw))
@@ -520,10 +420,7 @@ impl LocalRunner {
                         .or_else(|| fixed.clone())
                         .unwrap_or_default()
                 };
-                StateResult::Fail {
-                    error: read(error_path, error),
-                    cause: read(cause_path, cause),
-                }
+                StateResult::Fail { error: read(error_path, error), cause: read(cause_path, cause) }
             }
         }
     }
@@ -579,7 +476,8 @@ impl LocalRunner {
                 Err(failure) => {
                     tracing::warn!(state = %state.name, error = failure.name(), message = %failure.chain_message(), "task failed");
                     // The shape Lambda gives Step Functions: Cause is the JSON error document.
-                    let cause = json!({"errorType": failure.name(), "errorMessage": failure.chain_message()}).to_string();
+                    let cause =
+                        json!({"errorType": failure.name(), "errorMessage": failure.chain_message()}).to_string();
                     (failure.name().to_owned(), cause)
                 }
             };
@@ -590,11 +488,7 @@ impl LocalRunner {
                 json!({"error": error, "cause": cause}),
             );
 
-            if let Some(index) = task
-                .retry
-                .iter()
-                .position(|r| matches_error(&r.error_equals, &error))
-            {
+            if let Some(index) = task.retry.iter().position(|r| matches_error(&r.error_equals, &error)) {
                 let retrier = &task.retry[index];
                 if retries_used[index] < retrier.max_attempts {
                     let delay = retry_delay(retrier, retries_used[index]);
@@ -613,14 +507,8 @@ impl LocalRunner {
                     continue;
                 }
             }
-            return match task
-                .catch
-                .iter()
-                .find(|c| matches_error(&c.error_equals, &error))
-            {
-                Some(Catcher {
-                    result_path, next, ..
-                }) => {
+            return match task.catch.iter().find(|c| matches_error(&c.error_equals, &error)) {
+                Some(Catcher { result_path, next, .. }) => {
                     recorder.push(
                         clock.now(),
                         HistoryKind::CatchMatched,
@@ -672,22 +560,14 @@ mod tests {
     fn error_matching_follows_asl() {
         assert!(matches_error(&["States.ALL".into()], "ProviderUnavailable"));
         assert!(!matches_error(&["States.ALL".into()], "States.Runtime"));
-        assert!(matches_error(
-            &["States.TaskFailed".into()],
-            "StoreUnavailable"
-        ));
+        assert!(matches_error(&["States.TaskFailed".into()], "StoreUnavailable"));
         assert!(!matches_error(&["A".into()], "B"));
     }
 
     #[test]
     fn render_reads_input_and_context() {
         let template = json!({"a.$": "$.x", "b": {"c.$": "$$.Execution.Id"}, "d": 1});
-        let out = render(
-            &template,
-            &json!({"x": 5}),
-            &json!({"Execution": {"Id": "e"}}),
-        )
-        .unwrap();
+        let out = render(&template, &json!({"x": 5}), &json!({"Execution": {"Id": "e"}})).unwrap();
         assert_eq!(out, json!({"a": 5, "b": {"c": "e"}, "d": 1}));
         assert!(render(&json!({"a.$": "$.missing"}), &json!({}), &json!({})).is_err());
     }

@@ -46,9 +46,7 @@ pub struct DevWallet {
 
 impl std::fmt::Debug for DevWallet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DevWallet")
-            .field("address", &self.address())
-            .finish_non_exhaustive()
+        f.debug_struct("DevWallet").field("address", &self.address()).finish_non_exhaustive()
     }
 }
 
@@ -64,11 +62,7 @@ impl DevWallet {
     ) -> Result<Self, BadDevWalletKey> {
         // The parse error may echo key material: drop it.
         let signer: PrivateKeySigner = key.trim().parse().map_err(|_| BadDevWalletKey)?;
-        Ok(Self {
-            signer,
-            issued,
-            clock,
-        })
+        Ok(Self { signer, issued, clock })
     }
 
     /// A fresh random key, hex encoded (for `agentpay` to create a local wallet file).
@@ -80,11 +74,7 @@ impl DevWallet {
         self.signer.address()
     }
 
-    fn sign(
-        &self,
-        requirement: &PaymentRequirement,
-        now: Timestamp,
-    ) -> Result<(Value, Timestamp), PaymentError> {
+    fn sign(&self, requirement: &PaymentRequirement, now: Timestamp) -> Result<(Value, Timestamp), PaymentError> {
         let usdc = requirement.usdc();
         let domain = eip712_domain(requirement);
         let valid_after = u64::try_from(now.minus(VALID_AFTER_SKEW).seconds()).unwrap_or(0);
@@ -100,13 +90,10 @@ impl DevWallet {
             nonce,
         };
         let digest = authorization.eip712_signing_hash(&domain);
-        let signature =
-            self.signer
-                .sign_hash_sync(&digest)
-                .map_err(|e| PaymentError::ProviderRejected {
-                    provider: "dev-wallet",
-                    message: format!("signing failed: {e}"),
-                })?;
+        let signature = self.signer.sign_hash_sync(&digest).map_err(|e| PaymentError::ProviderRejected {
+            provider: "dev-wallet",
+            message: format!("signing failed: {e}"),
+        })?;
         debug_assert_eq!(usdc.address, requirement.asset);
         let payload = json!({
             "signature": format!("0x{}", hex::encode(signature.as_bytes())),
@@ -210,29 +197,13 @@ mod tests {
 
     fn order(input: Value, token: &str) -> PaymentOrder {
         let request = PaymentRequest::parse(&input).unwrap();
-        let allow = Allowlist {
-            networks: Network::ALL.to_vec(),
-            payees: vec![],
-        };
-        let requirement = request
-            .x402_challenge()
-            .unwrap()
-            .select(&allow, "a")
-            .unwrap();
-        PaymentOrder {
-            client_token: token.into(),
-            requirement,
-            request,
-        }
+        let allow = Allowlist { networks: Network::ALL.to_vec(), payees: vec![] };
+        let requirement = request.x402_challenge().unwrap().select(&allow, "a").unwrap();
+        PaymentOrder { client_token: token.into(), requirement, request }
     }
 
     fn decode(value: &str) -> Value {
-        serde_json::from_slice(
-            &base64::engine::general_purpose::STANDARD
-                .decode(value)
-                .unwrap(),
-        )
-        .unwrap()
+        serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(value).unwrap()).unwrap()
     }
 
     #[tokio::test]
@@ -244,10 +215,7 @@ mod tests {
         let body = decode(&proof.header.value);
         assert_eq!(body["x402Version"], 2);
         assert_eq!(body["accepted"], order.requirement.accepted);
-        assert_eq!(
-            body["resource"]["url"],
-            "https://api.example.com/credit-report"
-        );
+        assert_eq!(body["resource"]["url"], "https://api.example.com/credit-report");
 
         let auth = &body["payload"]["authorization"];
         let number = |v: &Value| U256::from_str_radix(v.as_str().unwrap(), 10).unwrap();
@@ -261,20 +229,10 @@ mod tests {
         };
         assert_eq!(message.to, order.requirement.pay_to);
         assert_eq!(message.value, U256::from(10_000u64));
-        assert_eq!(
-            message.validBefore - message.validAfter,
-            U256::from(600u64 + 60)
-        );
+        assert_eq!(message.validBefore - message.validAfter, U256::from(600u64 + 60));
         let digest = message.eip712_signing_hash(&eip712_domain(&order.requirement));
-        let signature: Signature = body["payload"]["signature"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(
-            signature.recover_address_from_prehash(&digest).unwrap(),
-            wallet.address()
-        );
+        let signature: Signature = body["payload"]["signature"].as_str().unwrap().parse().unwrap();
+        assert_eq!(signature.recover_address_from_prehash(&digest).unwrap(), wallet.address());
 
         // A wrong domain name (mainnet's "USD Coin" on the testnet) does not verify.
         let wrong = Eip712Domain::new(
@@ -285,47 +243,28 @@ mod tests {
             None,
         );
         let wrong_digest = message.eip712_signing_hash(&wrong);
-        assert_ne!(
-            signature
-                .recover_address_from_prehash(&wrong_digest)
-                .unwrap(),
-            wallet.address()
-        );
+        assert_ne!(signature.recover_address_from_prehash(&wrong_digest).unwrap(), wallet.address());
     }
 
     #[tokio::test]
     async fn the_same_client_token_returns_the_same_proof_and_a_new_one_a_new_nonce() {
         let wallet = wallet();
-        let first = wallet
-            .process_payment(&order(execution_input("k", "a", "5"), "token-a"))
-            .await
-            .unwrap();
-        let again = wallet
-            .process_payment(&order(execution_input("k", "a", "5"), "token-a"))
-            .await
-            .unwrap();
+        let first = wallet.process_payment(&order(execution_input("k", "a", "5"), "token-a")).await.unwrap();
+        let again = wallet.process_payment(&order(execution_input("k", "a", "5"), "token-a")).await.unwrap();
         assert_eq!(first, again);
-        let other = wallet
-            .process_payment(&order(execution_input("k", "a", "5"), "token-b"))
-            .await
-            .unwrap();
-        let nonce =
-            |p: &PaymentProof| decode(&p.header.value)["payload"]["authorization"]["nonce"].clone();
+        let other = wallet.process_payment(&order(execution_input("k", "a", "5"), "token-b")).await.unwrap();
+        let nonce = |p: &PaymentProof| decode(&p.header.value)["payload"]["authorization"]["nonce"].clone();
         assert_ne!(nonce(&first), nonce(&other));
     }
 
     #[tokio::test]
     async fn v1_challenges_get_an_x_payment_header() {
         let wallet = wallet();
-        let input =
-            execution_input_with_challenge("k", "a", json!({"x402v1": v1_payment_required("7")}));
+        let input = execution_input_with_challenge("k", "a", json!({"x402v1": v1_payment_required("7")}));
         let proof = wallet.process_payment(&order(input, "t")).await.unwrap();
         assert_eq!(proof.header.name, "X-PAYMENT");
         let body = decode(&proof.header.value);
-        assert_eq!(
-            (body["x402Version"].as_u64(), body["network"].as_str()),
-            (Some(1), Some("base-sepolia"))
-        );
+        assert_eq!((body["x402Version"].as_u64(), body["network"].as_str()), (Some(1), Some("base-sepolia")));
         assert_eq!(body["payload"]["authorization"]["value"], "7");
     }
 
@@ -333,13 +272,9 @@ mod tests {
     fn debug_output_never_shows_the_key() {
         let key = DevWallet::generate_hex_key();
         let store = Arc::new(SqliteStore::in_memory().unwrap());
-        let wallet =
-            DevWallet::from_hex_key(&key, store, Arc::new(crate::clock::SystemClock)).unwrap();
+        let wallet = DevWallet::from_hex_key(&key, store, Arc::new(crate::clock::SystemClock)).unwrap();
         let shown = format!("{wallet:?}");
-        assert!(
-            !shown.contains(&key) && shown.contains("address"),
-            "{shown}"
-        );
+        assert!(!shown.contains(&key) && shown.contains("address"), "{shown}");
         assert!(
             DevWallet::from_hex_key(
                 "0xnotakey",

@@ -53,9 +53,5 @@ pub trait PaymentProvider: Send + Sync {
 pub trait IssuedProofs: Send + Sync {
     async fn issued(&self, client_token: &str) -> Result<Option<PaymentProof>, PaymentError>;
     /// Stores `proof` unless one exists for the token; returns the one that is stored.
-    async fn record_issued(
-        &self,
-        client_token: &str,
-        proof: &PaymentProof,
-    ) -> Result<PaymentProof, PaymentError>;
+    async fn record_issued(&self, client_token: &str, proof: &PaymentProof) -> Result<PaymentProof, PaymentError>;
 }

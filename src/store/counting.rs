@@ -14,10 +14,7 @@ pub struct CountingStore {
 
 impl CountingStore {
     pub fn new(inner: Arc<dyn Store>) -> Self {
-        Self {
-            inner,
-            calls: Mutex::new(BTreeMap::new()),
-        }
+        Self { inner, calls: Mutex::new(BTreeMap::new()) }
     }
 
     fn count(&self, operation: &'static str) {
@@ -44,10 +41,7 @@ impl CountingStore {
 
 #[async_trait]
 impl Store for CountingStore {
-    async fn insert_idempotency(
-        &self,
-        record: &IdempotencyRecord,
-    ) -> Result<Option<IdempotencyRecord>, PaymentError> {
+    async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError> {
         self.count("insert_idempotency");
         self.inner.insert_idempotency(record).await
     }
@@ -59,11 +53,7 @@ impl Store for CountingStore {
         self.count("replace_idempotency");
         self.inner.replace_idempotency(expected, record).await
     }
-    async fn idempotency(
-        &self,
-        key: &str,
-        now: Timestamp,
-    ) -> Result<Option<IdempotencyRecord>, PaymentError> {
+    async fn idempotency(&self, key: &str, now: Timestamp) -> Result<Option<IdempotencyRecord>, PaymentError> {
         self.count("idempotency");
         self.inner.idempotency(key, now).await
     }
@@ -75,12 +65,7 @@ impl Store for CountingStore {
         self.count("put_policy");
         self.inner.put_policy(agent_id, policy).await
     }
-    async fn reserve(
-        &self,
-        v: u64,
-        window: &[WindowEntry],
-        r: &Reservation,
-    ) -> Result<ReserveOutcome, PaymentError> {
+    async fn reserve(&self, v: u64, window: &[WindowEntry], r: &Reservation) -> Result<ReserveOutcome, PaymentError> {
         self.count("reserve");
         self.inner.reserve(v, window, r).await
     }

@@ -19,10 +19,10 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_sdk_dynamodb::types::{
     AttributeValue, CancellationReason, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
 };
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -43,8 +43,12 @@ pub mod schema {
         pub ttl_attribute: Option<&'static str>,
     }
 
-    pub const IDEMPOTENCY: TableSchema =
-        TableSchema { logical_id: "IdempotencyTable", hash_key: "idempotencyKey", range_key: None, ttl_attribute: Some("ttl") };
+    pub const IDEMPOTENCY: TableSchema = TableSchema {
+        logical_id: "IdempotencyTable",
+        hash_key: "idempotencyKey",
+        range_key: None,
+        ttl_attribute: Some("ttl"),
+    };
 
     pub const LEDGER: TableSchema =
         TableSchema { logical_id: "LedgerTable", hash_key: "pk", range_key: Some("sk"), ttl_attribute: None };
@@ -134,7 +138,9 @@ fn decode<T: DeserializeOwned>(item: &Item, overrides: &[(&str, Override)]) -> R
         let Some(attribute) = item.get(*field) else { continue };
         let value = match (kind, attribute) {
             (Override::Text, AttributeValue::S(text)) => Value::String(text.clone()),
-            (Override::Json, AttributeValue::S(text)) => serde_json::from_str(text).map_err(|e| unreadable(e.to_string()))?,
+            (Override::Json, AttributeValue::S(text)) => {
+                serde_json::from_str(text).map_err(|e| unreadable(e.to_string()))?
+            }
             (Override::Timestamp, AttributeValue::N(millis)) => {
                 let millis: i64 = millis.parse().map_err(|_| unreadable(format!("{field} is not a number")))?;
                 serde_json::to_value(Timestamp::from_millis(millis)).map_err(|e| unreadable(e.to_string()))?
@@ -258,7 +264,11 @@ impl DynamoStore {
         &self.tables
     }
 
-    async fn transact(&self, operation: &'static str, items: Vec<TransactWriteItem>) -> Result<TxOutcome, PaymentError> {
+    async fn transact(
+        &self,
+        operation: &'static str,
+        items: Vec<TransactWriteItem>,
+    ) -> Result<TxOutcome, PaymentError> {
         match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
             Ok(_) => Ok(TxOutcome::Committed),
             Err(error) => {
@@ -285,7 +295,12 @@ impl DynamoStore {
         Ok(output.item)
     }
 
-    async fn query_prefix(&self, operation: &'static str, agent_id: &str, prefix: &str) -> Result<Vec<Item>, PaymentError> {
+    async fn query_prefix(
+        &self,
+        operation: &'static str,
+        agent_id: &str,
+        prefix: &str,
+    ) -> Result<Vec<Item>, PaymentError> {
         let mut items = Vec::new();
         let mut start: Option<Item> = None;
         loop {
@@ -313,7 +328,12 @@ impl DynamoStore {
         Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), reservation_sk(id))])
     }
 
-    fn window_update(&self, agent_id: &str, expected_version: u64, window: &[WindowEntry]) -> Result<TransactWriteItem, PaymentError> {
+    fn window_update(
+        &self,
+        agent_id: &str,
+        expected_version: u64,
+        window: &[WindowEntry],
+    ) -> Result<TransactWriteItem, PaymentError> {
         let update = Update::builder()
             .table_name(&self.tables.ledger)
             .key("pk", agent_pk(agent_id))
@@ -468,13 +488,15 @@ impl Store for DynamoStore {
                 .map_err(|e| PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable {name}: {e}")))
         };
         let ledger = AgentLedger {
-            policy: parse("policy")?.map(serde_json::from_value).transpose().map_err(|e| {
-                PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable policy: {e}"))
-            })?,
-            window: parse("window")?.map(serde_json::from_value).transpose().map_err(|e| {
-                PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable window: {e}"))
-            })?
-            .unwrap_or_default(),
+            policy: parse("policy")?
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable policy: {e}")))?,
+            window: parse("window")?
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable window: {e}")))?
+                .unwrap_or_default(),
             version: number(&item, "version").and_then(|v| u64::try_from(v).ok()).unwrap_or(0),
         };
         Ok(ledger)
@@ -498,7 +520,12 @@ impl Store for DynamoStore {
         Ok(())
     }
 
-    async fn reserve(&self, expected_version: u64, window: &[WindowEntry], reservation: &Reservation) -> Result<ReserveOutcome, PaymentError> {
+    async fn reserve(
+        &self,
+        expected_version: u64,
+        window: &[WindowEntry],
+        reservation: &Reservation,
+    ) -> Result<ReserveOutcome, PaymentError> {
         let agent_write = if expected_version == 0 {
             let put = Put::builder()
                 .table_name(&self.tables.ledger)
@@ -578,11 +605,15 @@ impl Store for DynamoStore {
                         let current = decode_reservation(item)?;
                         let same_payment = current.payment_id.as_deref() == Some(commit.payment_id.as_str());
                         return Ok(match current.status {
-                            ReservationStatus::Authorized | ReservationStatus::Settled if same_payment => Transition::AlreadyApplied,
+                            ReservationStatus::Authorized | ReservationStatus::Settled if same_payment => {
+                                Transition::AlreadyApplied
+                            }
                             other => Transition::Refused(format!("reservation is {}", other.as_str())),
                         });
                     }
-                    Some(Reason::ConditionFailed(None)) => return Ok(Transition::Refused("no such reservation".into())),
+                    Some(Reason::ConditionFailed(None)) => {
+                        return Ok(Transition::Refused("no such reservation".into()));
+                    }
                     _ => {}
                 }
                 if reasons.iter().any(|r| matches!(r, Reason::Conflict)) {
@@ -635,7 +666,9 @@ impl Store for DynamoStore {
             };
             for (part, reason) in parts.iter().zip(reasons(&cancelled)) {
                 match (*part, reason) {
-                    (_, Reason::Conflict) | ("window", Reason::ConditionFailed(_)) => return Ok(Transition::VersionConflict),
+                    (_, Reason::Conflict) | ("window", Reason::ConditionFailed(_)) => {
+                        return Ok(Transition::VersionConflict);
+                    }
                     ("reservation", Reason::ConditionFailed(item)) => {
                         let status = item.map(decode_reservation).transpose()?.map(|r| r.status);
                         match status {
@@ -661,7 +694,14 @@ impl Store for DynamoStore {
 
     async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
         let items = vec![
-            self.reservation_move(&audit.agent_id, reservation_id, ReservationStatus::Authorized, ReservationStatus::Settled, None, audit.at)?,
+            self.reservation_move(
+                &audit.agent_id,
+                reservation_id,
+                ReservationStatus::Authorized,
+                ReservationStatus::Settled,
+                None,
+                audit.at,
+            )?,
             audit_put(&self.tables.ledger, audit)?,
         ];
         match self.transact("settle", items).await? {
@@ -707,7 +747,9 @@ impl IssuedProofs for DynamoStore {
             Ok(_) => Ok(proof.clone()),
             Err(error) => match error.as_service_error() {
                 Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(failed)) => {
-                    let item = failed.item().ok_or_else(|| PaymentError::LedgerInconsistent("proof refused without the stored one".into()))?;
+                    let item = failed.item().ok_or_else(|| {
+                        PaymentError::LedgerInconsistent("proof refused without the stored one".into())
+                    })?;
                     decode(item, &[])
                 }
                 _ => Err(classify("record issued proof", error)),
@@ -718,10 +760,18 @@ impl IssuedProofs for DynamoStore {
 
 /// Creates a table from its schema (tests and `agentpay` against a local endpoint).
 pub async fn create_table(client: &Client, name: &str, schema: schema::TableSchema) -> Result<(), PaymentError> {
-    use aws_sdk_dynamodb::types::{AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TimeToLiveSpecification};
-    let key = |name: &str, kind: KeyType| KeySchemaElement::builder().attribute_name(name).key_type(kind).build().map_err(build_error);
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TimeToLiveSpecification,
+    };
+    let key = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder().attribute_name(name).key_type(kind).build().map_err(build_error)
+    };
     let attribute = |name: &str| {
-        AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build().map_err(build_error)
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .map_err(build_error)
     };
     let mut request = client
         .create_table()
@@ -737,7 +787,9 @@ pub async fn create_table(client: &Client, name: &str, schema: schema::TableSche
         client
             .update_time_to_live()
             .table_name(name)
-            .time_to_live_specification(TimeToLiveSpecification::builder().attribute_name(ttl).enabled(true).build().map_err(build_error)?)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder().attribute_name(ttl).enabled(true).build().map_err(build_error)?,
+            )
             .send()
             .await
             .map_err(|e| classify("enable TTL", e))?;

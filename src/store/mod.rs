@@ -215,10 +215,7 @@ pub struct ReleasedReservation {
 pub trait Store: Send + Sync {
     /// Writes `record` if no live record holds the key (absent, or past `expires_at`).
     /// Returns the live record that blocked it otherwise.
-    async fn insert_idempotency(
-        &self,
-        record: &IdempotencyRecord,
-    ) -> Result<Option<IdempotencyRecord>, PaymentError>;
+    async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError>;
 
     /// Replaces `expected` (same status, execution id and attempt) with `record`.
     /// Returns the current record if it no longer matches (`None` inside means gone).
@@ -229,11 +226,7 @@ pub trait Store: Send + Sync {
     ) -> Result<Option<Option<IdempotencyRecord>>, PaymentError>;
 
     /// The live record of `key` (expired records read as absent).
-    async fn idempotency(
-        &self,
-        key: &str,
-        now: Timestamp,
-    ) -> Result<Option<IdempotencyRecord>, PaymentError>;
+    async fn idempotency(&self, key: &str, now: Timestamp) -> Result<Option<IdempotencyRecord>, PaymentError>;
 
     /// The agent item; a never-written agent is the default with version 0.
     async fn agent_ledger(&self, agent_id: &str) -> Result<AgentLedger, PaymentError>;
@@ -263,11 +256,7 @@ pub trait Store: Send + Sync {
     async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError>;
 
     /// AUTHORIZED → SETTLED, on a settlement report.
-    async fn settle(
-        &self,
-        reservation_id: &str,
-        audit: &AuditEvent,
-    ) -> Result<Transition, PaymentError>;
+    async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError>;
 
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError>;
 }

@@ -50,8 +50,7 @@ type SqlResult<T> = Result<T, rusqlite::Error>;
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, PaymentError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| PaymentError::store("create store directory", e))?;
+            std::fs::create_dir_all(parent).map_err(|e| PaymentError::store("create store directory", e))?;
         }
         Self::init(Connection::open(path).map_err(|e| PaymentError::store("open store", e))?)
     }
@@ -61,22 +60,14 @@ impl SqliteStore {
     }
 
     fn init(connection: Connection) -> Result<Self, PaymentError> {
-        connection
-            .busy_timeout(Duration::from_secs(10))
-            .map_err(|e| PaymentError::store("configure store", e))?;
-        connection
-            .execute_batch(SCHEMA)
-            .map_err(|e| PaymentError::store("create schema", e))?;
-        Ok(Self {
-            connection: Mutex::new(connection),
-        })
+        connection.busy_timeout(Duration::from_secs(10)).map_err(|e| PaymentError::store("configure store", e))?;
+        connection.execute_batch(SCHEMA).map_err(|e| PaymentError::store("create schema", e))?;
+        Ok(Self { connection: Mutex::new(connection) })
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite consistent (the transaction rolls back).
-        self.connection
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `work` in one IMMEDIATE transaction; commits only if it returns Ok.
@@ -90,9 +81,7 @@ impl SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| PaymentError::store(operation, e))?;
         let value = work(&transaction).map_err(|e| PaymentError::store(operation, e))?;
-        transaction
-            .commit()
-            .map_err(|e| PaymentError::store(operation, e))?;
+        transaction.commit().map_err(|e| PaymentError::store(operation, e))?;
         Ok(value)
     }
 
@@ -110,20 +99,15 @@ fn to_json<T: Serialize>(value: &T) -> SqlResult<String> {
 }
 
 fn from_json<T: DeserializeOwned>(text: &str) -> SqlResult<T> {
-    serde_json::from_str(text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+    serde_json::from_str(text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 fn get_idempotency(tx: &Connection, key: &str) -> SqlResult<Option<IdempotencyRecord>> {
-    tx.query_row(
-        "SELECT record FROM idempotency WHERE key = ?1",
-        [key],
-        |row| row.get::<_, String>(0),
-    )
-    .optional()?
-    .map(|text| from_json(&text))
-    .transpose()
+    tx.query_row("SELECT record FROM idempotency WHERE key = ?1", [key], |row| row.get::<_, String>(0))
+        .optional()?
+        .map(|text| from_json(&text))
+        .transpose()
 }
 
 fn put_idempotency(tx: &Connection, record: &IdempotencyRecord) -> SqlResult<()> {
@@ -148,17 +132,9 @@ fn put_idempotency(tx: &Connection, record: &IdempotencyRecord) -> SqlResult<()>
 
 fn get_ledger(tx: &Connection, agent_id: &str) -> SqlResult<AgentLedger> {
     let row = tx
-        .query_row(
-            "SELECT version, policy, window FROM agents WHERE agent_id = ?1",
-            [agent_id],
-            |row| {
-                Ok((
-                    row.get::<_, i64>(0)?,
-                    row.get::<_, Option<String>>(1)?,
-                    row.get::<_, String>(2)?,
-                ))
-            },
-        )
+        .query_row("SELECT version, policy, window FROM agents WHERE agent_id = ?1", [agent_id], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, String>(2)?))
+        })
         .optional()?;
     let Some((version, policy, window)) = row else {
         return Ok(AgentLedger::default());
@@ -171,12 +147,7 @@ fn get_ledger(tx: &Connection, agent_id: &str) -> SqlResult<AgentLedger> {
 }
 
 /// Writes the window if the agent's version is still `expected`; false on conflict.
-fn put_window(
-    tx: &Connection,
-    agent_id: &str,
-    expected: u64,
-    window: &[WindowEntry],
-) -> SqlResult<bool> {
+fn put_window(tx: &Connection, agent_id: &str, expected: u64, window: &[WindowEntry]) -> SqlResult<bool> {
     let window = to_json(&window)?;
     let expected = i64::try_from(expected).unwrap_or(i64::MAX);
     let changed = if expected == 0 {
@@ -194,14 +165,10 @@ fn put_window(
 }
 
 fn get_reservation(tx: &Connection, id: &str) -> SqlResult<Option<Reservation>> {
-    tx.query_row(
-        "SELECT record FROM reservations WHERE id = ?1",
-        [id],
-        |row| row.get::<_, String>(0),
-    )
-    .optional()?
-    .map(|text| from_json(&text))
-    .transpose()
+    tx.query_row("SELECT record FROM reservations WHERE id = ?1", [id], |row| row.get::<_, String>(0))
+        .optional()?
+        .map(|text| from_json(&text))
+        .transpose()
 }
 
 fn put_reservation(tx: &Connection, reservation: &Reservation) -> SqlResult<()> {
@@ -230,16 +197,12 @@ fn put_audit(tx: &Connection, event: &AuditEvent) -> SqlResult<()> {
 
 /// The idempotency record this attempt owns, if it is still IN_PROGRESS under it.
 fn owned_record(tx: &Connection, key: &str, attempt: u32) -> SqlResult<Option<IdempotencyRecord>> {
-    Ok(get_idempotency(tx, key)?
-        .filter(|r| r.status == IdempotencyStatus::InProgress && r.attempt == attempt))
+    Ok(get_idempotency(tx, key)?.filter(|r| r.status == IdempotencyStatus::InProgress && r.attempt == attempt))
 }
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn insert_idempotency(
-        &self,
-        record: &IdempotencyRecord,
-    ) -> Result<Option<IdempotencyRecord>, PaymentError> {
+    async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError> {
         self.write("claim idempotency key", |tx| {
             if let Some(existing) = get_idempotency(tx, &record.key)?
                 && !existing.is_expired(record.created_at)
@@ -259,9 +222,7 @@ impl Store for SqliteStore {
         self.write("reclaim idempotency key", |tx| {
             let current = get_idempotency(tx, &expected.key)?;
             let matches = current.as_ref().is_some_and(|c| {
-                c.status == expected.status
-                    && c.execution_id == expected.execution_id
-                    && c.attempt == expected.attempt
+                c.status == expected.status && c.execution_id == expected.execution_id && c.attempt == expected.attempt
             });
             if !matches {
                 return Ok(Some(current));
@@ -271,11 +232,7 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn idempotency(
-        &self,
-        key: &str,
-        now: Timestamp,
-    ) -> Result<Option<IdempotencyRecord>, PaymentError> {
+    async fn idempotency(&self, key: &str, now: Timestamp) -> Result<Option<IdempotencyRecord>, PaymentError> {
         let record = self.read("read idempotency key", |c| get_idempotency(c, key))?;
         Ok(record.filter(|r| !r.is_expired(now)))
     }
@@ -320,9 +277,8 @@ impl Store for SqliteStore {
 
     async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError> {
         self.read("list reservations", |c| {
-            let mut statement = c.prepare(
-                "SELECT record FROM reservations WHERE agent_id = ?1 ORDER BY created_at, id",
-            )?;
+            let mut statement =
+                c.prepare("SELECT record FROM reservations WHERE agent_id = ?1 ORDER BY created_at, id")?;
             let rows = statement.query_map([agent_id], |row| row.get::<_, String>(0))?;
             rows.map(|row| from_json(&row?)).collect()
         })
@@ -341,17 +297,11 @@ impl Store for SqliteStore {
                     return Ok(Transition::AlreadyApplied);
                 }
                 other => {
-                    return Ok(Transition::Refused(format!(
-                        "reservation is {}",
-                        other.as_str()
-                    )));
+                    return Ok(Transition::Refused(format!("reservation is {}", other.as_str())));
                 }
             }
-            let Some(mut record) = owned_record(tx, &commit.idempotency_key, commit.attempt)?
-            else {
-                return Ok(Transition::Refused(
-                    "idempotency record is no longer IN_PROGRESS for this attempt".into(),
-                ));
+            let Some(mut record) = owned_record(tx, &commit.idempotency_key, commit.attempt)? else {
+                return Ok(Transition::Refused("idempotency record is no longer IN_PROGRESS for this attempt".into()));
             };
             reservation.status = ReservationStatus::Authorized;
             reservation.payment_id = Some(commit.payment_id.clone());
@@ -410,11 +360,7 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn settle(
-        &self,
-        reservation_id: &str,
-        audit: &AuditEvent,
-    ) -> Result<Transition, PaymentError> {
+    async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
         self.write("settle", |tx| {
             let Some(mut reservation) = get_reservation(tx, reservation_id)? else {
                 return Ok(Transition::Refused("no such reservation".into()));
@@ -428,19 +374,15 @@ impl Store for SqliteStore {
                     Ok(Transition::Applied)
                 }
                 ReservationStatus::Settled => Ok(Transition::AlreadyApplied),
-                other => Ok(Transition::Refused(format!(
-                    "reservation is {}",
-                    other.as_str()
-                ))),
+                other => Ok(Transition::Refused(format!("reservation is {}", other.as_str()))),
             }
         })
     }
 
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError> {
         self.read("list audit events", |c| {
-            let mut statement = c.prepare(
-                "SELECT record FROM audit_events WHERE agent_id = ?1 ORDER BY at, event_id",
-            )?;
+            let mut statement =
+                c.prepare("SELECT record FROM audit_events WHERE agent_id = ?1 ORDER BY at, event_id")?;
             let rows = statement.query_map([agent_id], |row| row.get::<_, String>(0))?;
             rows.map(|row| from_json(&row?)).collect()
         })
@@ -451,29 +393,25 @@ impl Store for SqliteStore {
 impl IssuedProofs for SqliteStore {
     async fn issued(&self, client_token: &str) -> Result<Option<PaymentProof>, PaymentError> {
         self.read("read issued proof", |c| {
-            c.query_row(
-                "SELECT record FROM issued_proofs WHERE client_token = ?1",
-                [client_token],
-                |row| row.get::<_, String>(0),
-            )
+            c.query_row("SELECT record FROM issued_proofs WHERE client_token = ?1", [client_token], |row| {
+                row.get::<_, String>(0)
+            })
             .optional()?
             .map(|text| from_json(&text))
             .transpose()
         })
     }
 
-    async fn record_issued(
-        &self,
-        client_token: &str,
-        proof: &PaymentProof,
-    ) -> Result<PaymentProof, PaymentError> {
+    async fn record_issued(&self, client_token: &str, proof: &PaymentProof) -> Result<PaymentProof, PaymentError> {
         self.write("record issued proof", |tx| {
             tx.execute(
                 "INSERT INTO issued_proofs (client_token, record) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                 params![client_token, to_json(proof)?],
             )?;
             let stored: String =
-                tx.query_row("SELECT record FROM issued_proofs WHERE client_token = ?1", [client_token], |row| row.get(0))?;
+                tx.query_row("SELECT record FROM issued_proofs WHERE client_token = ?1", [client_token], |row| {
+                    row.get(0)
+                })?;
             from_json(&stored)
         })
     }
@@ -503,11 +441,7 @@ impl ExecutionStore for SqliteStore {
         self.write("update execution", |tx| {
             tx.execute(
                 "UPDATE executions SET status = ?2, record = ?3 WHERE execution_id = ?1",
-                params![
-                    record.execution_id,
-                    record.status.as_str(),
-                    to_json(record)?
-                ],
+                params![record.execution_id, record.status.as_str(), to_json(record)?],
             )?;
             Ok(())
         })
@@ -515,21 +449,16 @@ impl ExecutionStore for SqliteStore {
 
     async fn execution(&self, id_or_name: &str) -> Result<Option<ExecutionRecord>, PaymentError> {
         self.read("read execution", |c| {
-            c.query_row(
-                "SELECT record FROM executions WHERE execution_id = ?1 OR name = ?1",
-                [id_or_name],
-                |row| row.get::<_, String>(0),
-            )
+            c.query_row("SELECT record FROM executions WHERE execution_id = ?1 OR name = ?1", [id_or_name], |row| {
+                row.get::<_, String>(0)
+            })
             .optional()?
             .map(|text| from_json(&text))
             .transpose()
         })
     }
 
-    async fn list_executions(
-        &self,
-        filter: &ExecutionFilter,
-    ) -> Result<Vec<ExecutionRecord>, PaymentError> {
+    async fn list_executions(&self, filter: &ExecutionFilter) -> Result<Vec<ExecutionRecord>, PaymentError> {
         self.read("list executions", |c| {
             let mut statement = c.prepare(
                 "SELECT record FROM executions
@@ -549,15 +478,10 @@ impl ExecutionStore for SqliteStore {
         })
     }
 
-    async fn append_history(
-        &self,
-        execution_id: &str,
-        events: &[HistoryEvent],
-    ) -> Result<(), PaymentError> {
+    async fn append_history(&self, execution_id: &str, events: &[HistoryEvent]) -> Result<(), PaymentError> {
         self.write("append history", |tx| {
-            let mut statement = tx.prepare_cached(
-                "INSERT INTO execution_history (execution_id, seq, record) VALUES (?1, ?2, ?3)",
-            )?;
+            let mut statement =
+                tx.prepare_cached("INSERT INTO execution_history (execution_id, seq, record) VALUES (?1, ?2, ?3)")?;
             for event in events {
                 statement.execute(params![execution_id, event.seq, to_json(event)?])?;
             }
@@ -567,9 +491,8 @@ impl ExecutionStore for SqliteStore {
 
     async fn history(&self, execution_id: &str) -> Result<Vec<HistoryEvent>, PaymentError> {
         self.read("read history", |c| {
-            let mut statement = c.prepare(
-                "SELECT record FROM execution_history WHERE execution_id = ?1 ORDER BY seq",
-            )?;
+            let mut statement =
+                c.prepare("SELECT record FROM execution_history WHERE execution_id = ?1 ORDER BY seq")?;
             let rows = statement.query_map([execution_id], |row| row.get::<_, String>(0))?;
             rows.map(|row| from_json(&row?)).collect()
         })

@@ -4,10 +4,7 @@ use super::*;
 use crate::samples::{SAMPLE_PAYEE, v1_payment_required, v2_payment_required};
 
 fn allow_all() -> Allowlist {
-    Allowlist {
-        networks: Network::ALL.to_vec(),
-        payees: vec![],
-    }
+    Allowlist { networks: Network::ALL.to_vec(), payees: vec![] }
 }
 
 fn select_v2(body: &Value) -> Result<PaymentRequirement, PaymentError> {
@@ -24,11 +21,7 @@ fn entry_with(change: impl FnOnce(&mut Map<String, Value>)) -> Value {
 }
 
 #[track_caller]
-fn assert_invalid(
-    result: Result<PaymentRequirement, PaymentError>,
-    field: &str,
-    expected_fragment: &str,
-) {
+fn assert_invalid(result: Result<PaymentRequirement, PaymentError>, field: &str, expected_fragment: &str) {
     match result {
         Err(PaymentError::InvalidPaymentRequest(invalid)) => {
             let problem = invalid
@@ -53,14 +46,8 @@ fn valid_v2_challenge_selects_the_entry() {
     assert_eq!(requirement.amount.get(), 10_000);
     assert_eq!(requirement.pay_to.to_checksum(None), SAMPLE_PAYEE);
     assert_eq!(requirement.max_timeout_seconds, 60);
-    assert_eq!(
-        requirement.accepted,
-        v2_payment_required("10000")["accepts"][0]
-    );
-    assert_eq!(
-        requirement.resource.as_ref().unwrap()["url"],
-        "https://api.example.com/credit-report"
-    );
+    assert_eq!(requirement.accepted, v2_payment_required("10000")["accepts"][0]);
+    assert_eq!(requirement.resource.as_ref().unwrap()["url"], "https://api.example.com/credit-report");
 }
 
 #[test]
@@ -91,15 +78,9 @@ fn the_first_allowed_entry_wins_and_disallowed_networks_are_policy_denials() {
     });
     body["accepts"].as_array_mut().unwrap().insert(0, mainnet);
     let challenge = Challenge::from_v2_header(&encode_v2_header(&body)).unwrap();
-    let testnet_only = Allowlist {
-        networks: vec![Network::BaseSepolia],
-        payees: vec![],
-    };
+    let testnet_only = Allowlist { networks: vec![Network::BaseSepolia], payees: vec![] };
     assert_eq!(challenge.select(&testnet_only, "a").unwrap().index, 1);
-    let nothing = Allowlist {
-        networks: vec![],
-        payees: vec![],
-    };
+    let nothing = Allowlist { networks: vec![], payees: vec![] };
     match challenge.select(&nothing, "a") {
         Err(PaymentError::PolicyDenied { reason, .. }) => {
             assert!(reason.contains("not in the allowlist"), "{reason}")
@@ -110,16 +91,9 @@ fn the_first_allowed_entry_wins_and_disallowed_networks_are_policy_denials() {
 
 #[test]
 fn payee_allowlist_is_enforced_at_selection() {
-    let challenge =
-        Challenge::from_v2_header(&encode_v2_header(&v2_payment_required("1"))).unwrap();
-    let other_payee = Allowlist {
-        networks: Network::ALL.to_vec(),
-        payees: vec![Address::repeat_byte(7)],
-    };
-    assert!(matches!(
-        challenge.select(&other_payee, "a"),
-        Err(PaymentError::PolicyDenied { .. })
-    ));
+    let challenge = Challenge::from_v2_header(&encode_v2_header(&v2_payment_required("1"))).unwrap();
+    let other_payee = Allowlist { networks: Network::ALL.to_vec(), payees: vec![Address::repeat_byte(7)] };
+    assert!(matches!(challenge.select(&other_payee, "a"), Err(PaymentError::PolicyDenied { .. })));
 }
 
 // ---- malformed challenges: each one a typed error naming the field ----
@@ -161,12 +135,8 @@ fn unknown_version_is_rejected() {
 
 #[test]
 fn v1_body_sent_as_v2_header_is_explained() {
-    let error =
-        Challenge::from_v2_header(&encode_v2_header(&v1_payment_required("1"))).unwrap_err();
-    assert!(
-        error.problems[0].expected.contains("challenge.x402v1"),
-        "{error}"
-    );
+    let error = Challenge::from_v2_header(&encode_v2_header(&v1_payment_required("1"))).unwrap_err();
+    assert!(error.problems[0].expected.contains("challenge.x402v1"), "{error}");
 }
 
 #[test]
@@ -183,10 +153,7 @@ fn empty_accepts_is_rejected() {
     body["accepts"] = json!([]);
     let error = Challenge::from_v2_header(&encode_v2_header(&body)).unwrap_err();
     assert_eq!(error.problems[0].field, "challenge.x402.accepts");
-    assert_eq!(
-        error.problems[0].expected,
-        "at least one payment requirement"
-    );
+    assert_eq!(error.problems[0].expected, "at least one payment requirement");
 }
 
 #[test]
@@ -202,11 +169,7 @@ fn unsupported_scheme_is_rejected() {
     let body = entry_with(|e| {
         e.insert("scheme".into(), json!("upto"));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].scheme",
-        "\"exact\"",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].scheme", "\"exact\"");
 }
 
 #[test]
@@ -214,11 +177,7 @@ fn unknown_network_is_rejected() {
     let body = entry_with(|e| {
         e.insert("network".into(), json!("eip155:1"));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].network",
-        "eip155:84532",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].network", "eip155:84532");
 }
 
 #[test]
@@ -226,57 +185,32 @@ fn v1_network_name_in_v2_is_explained() {
     let body = entry_with(|e| {
         e.insert("network".into(), json!("base-sepolia"));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].network",
-        "x402 v2 uses CAIP-2",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].network", "x402 v2 uses CAIP-2");
 }
 
 #[test]
 fn wrong_usdc_address_is_rejected() {
     let body = entry_with(|e| {
         // Mainnet USDC offered on the testnet.
-        e.insert(
-            "asset".into(),
-            json!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
-        );
+        e.insert("asset".into(), json!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].asset",
-        "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].asset", "0x036CbD53842c5426634e7929541eC2318f3dCF7e");
 }
 
 #[test]
 fn bad_payee_checksum_is_rejected_with_the_right_checksum() {
     let body = entry_with(|e| {
-        e.insert(
-            "payTo".into(),
-            json!("0x209693bc6afc0C5328bA36FaF03C514EF312287C"),
-        );
+        e.insert("payTo".into(), json!("0x209693bc6afc0C5328bA36FaF03C514EF312287C"));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].payTo",
-        SAMPLE_PAYEE,
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].payTo", SAMPLE_PAYEE);
 }
 
 #[test]
 fn bad_asset_checksum_is_rejected() {
     let body = entry_with(|e| {
-        e.insert(
-            "asset".into(),
-            json!("0x036cbD53842c5426634e7929541eC2318f3dCF7e"),
-        );
+        e.insert("asset".into(), json!("0x036cbD53842c5426634e7929541eC2318f3dCF7e"));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].asset",
-        "EIP-55",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].asset", "EIP-55");
 }
 
 #[test]
@@ -284,63 +218,36 @@ fn short_address_is_rejected() {
     let body = entry_with(|e| {
         e.insert("payTo".into(), json!("0x1234"));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].payTo",
-        "40 hex digits",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].payTo", "40 hex digits");
 }
 
 #[test]
 fn zero_payee_is_rejected() {
     let body = entry_with(|e| {
-        e.insert(
-            "payTo".into(),
-            json!("0x0000000000000000000000000000000000000000"),
-        );
+        e.insert("payTo".into(), json!("0x0000000000000000000000000000000000000000"));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].payTo",
-        "the address of the payee",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].payTo", "the address of the payee");
 }
 
 #[test]
 fn zero_amount_is_rejected() {
-    assert_invalid(
-        select_v2(&v2_payment_required("0")),
-        "challenge.x402.accepts[0].amount",
-        "greater than zero",
-    );
+    assert_invalid(select_v2(&v2_payment_required("0")), "challenge.x402.accepts[0].amount", "greater than zero");
 }
 
 #[test]
 fn negative_amount_is_rejected() {
-    assert_invalid(
-        select_v2(&v2_payment_required("-100")),
-        "challenge.x402.accepts[0].amount",
-        "whole number",
-    );
+    assert_invalid(select_v2(&v2_payment_required("-100")), "challenge.x402.accepts[0].amount", "whole number");
 }
 
 #[test]
 fn fractional_amount_is_rejected() {
-    assert_invalid(
-        select_v2(&v2_payment_required("0.5")),
-        "challenge.x402.accepts[0].amount",
-        "whole number",
-    );
+    assert_invalid(select_v2(&v2_payment_required("0.5")), "challenge.x402.accepts[0].amount", "whole number");
 }
 
 #[test]
 fn overflowing_amount_is_rejected() {
     let huge = "115792089237316195423570985008687907853269984665640564039457584007913129639935";
-    assert_invalid(
-        select_v2(&v2_payment_required(huge)),
-        "challenge.x402.accepts[0].amount",
-        "at most",
-    );
+    assert_invalid(select_v2(&v2_payment_required(huge)), "challenge.x402.accepts[0].amount", "at most");
 }
 
 #[test]
@@ -348,11 +255,7 @@ fn numeric_amount_is_rejected() {
     let body = entry_with(|e| {
         e.insert("amount".into(), json!(10000));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].amount",
-        "decimal string",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].amount", "decimal string");
 }
 
 #[test]
@@ -361,11 +264,7 @@ fn v1_field_name_for_amount_in_v2_is_missing_amount() {
         let amount = e.remove("amount").unwrap();
         e.insert("maxAmountRequired".into(), amount);
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].amount",
-        "decimal string",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].amount", "decimal string");
 }
 
 #[test]
@@ -382,11 +281,7 @@ fn wrong_eip712_domain_name_is_rejected() {
     let body = entry_with(|e| {
         e.insert("extra".into(), json!({"name": "USD Coin", "version": "2"}));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].extra.name",
-        "EIP-712 domain name",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].extra.name", "EIP-712 domain name");
 }
 
 #[test]
@@ -394,11 +289,7 @@ fn wrong_eip712_domain_version_is_rejected() {
     let body = entry_with(|e| {
         e.insert("extra".into(), json!({"name": "USDC", "version": "1"}));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].extra.version",
-        "\"2\"",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].extra.version", "\"2\"");
 }
 
 #[test]
@@ -406,11 +297,7 @@ fn zero_timeout_is_rejected() {
     let body = entry_with(|e| {
         e.insert("maxTimeoutSeconds".into(), json!(0));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].maxTimeoutSeconds",
-        "from 1 to 3600",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].maxTimeoutSeconds", "from 1 to 3600");
 }
 
 #[test]
@@ -418,11 +305,7 @@ fn absurd_timeout_is_rejected() {
     let body = entry_with(|e| {
         e.insert("maxTimeoutSeconds".into(), json!(86_400 * 365));
     });
-    assert_invalid(
-        select_v2(&body),
-        "challenge.x402.accepts[0].maxTimeoutSeconds",
-        "from 1 to 3600",
-    );
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0].maxTimeoutSeconds", "from 1 to 3600");
 }
 
 #[test]
@@ -452,14 +335,8 @@ fn every_problem_of_an_entry_is_listed() {
 fn v1_with_caip2_network_is_explained() {
     let mut body = v1_payment_required("1");
     body["accepts"][0]["network"] = json!("eip155:84532");
-    let result = Challenge::from_v1_body(body)
-        .map_err(PaymentError::from)
-        .and_then(|c| c.select(&allow_all(), "a"));
-    assert_invalid(
-        result,
-        "challenge.x402v1.accepts[0].network",
-        "x402 v1 uses network names",
-    );
+    let result = Challenge::from_v1_body(body).map_err(PaymentError::from).and_then(|c| c.select(&allow_all(), "a"));
+    assert_invalid(result, "challenge.x402v1.accepts[0].network", "x402 v1 uses network names");
 }
 
 #[test]

@@ -22,42 +22,21 @@ fn stdout(output: &Output) -> String {
 #[test]
 fn policy_run_list_describe_and_ledger_work_together() {
     let dir = tempfile::tempdir().unwrap();
-    let set = agentpay(
-        dir.path(),
-        &[
-            "policy",
-            "set",
-            "demo-agent",
-            "--file",
-            "events/policy-demo-agent.json",
-        ],
-    );
+    let set = agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
     assert!(set.status.success(), "{set:?}");
     assert!(stdout(&set).contains("rolling 24 h limit"));
 
     let run = agentpay(dir.path(), &["run", "events/executions/paid-call.json"]);
     assert!(run.status.success(), "{run:?}");
     let text = stdout(&run);
-    assert!(
-        text.contains("status  SUCCEEDED") && text.contains("PAYMENT-SIGNATURE"),
-        "{text}"
-    );
-    assert!(
-        text.contains("RecordLedger"),
-        "the step history is printed: {text}"
-    );
+    assert!(text.contains("status  SUCCEEDED") && text.contains("PAYMENT-SIGNATURE"), "{text}");
+    assert!(text.contains("RecordLedger"), "the step history is printed: {text}");
 
-    let list = agentpay(
-        dir.path(),
-        &["--json", "executions", "list", "--status", "succeeded"],
-    );
+    let list = agentpay(dir.path(), &["--json", "executions", "list", "--status", "succeeded"]);
     let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
     let name = listed[0]["name"].as_str().unwrap().to_owned();
-    assert!(
-        name.starts_with("demo-paid-1-"),
-        "executions carry the key: {name}"
-    );
+    assert!(name.starts_with("demo-paid-1-"), "executions carry the key: {name}");
 
     let describe = agentpay(dir.path(), &["--json", "executions", "describe", &name]);
     let described: Value = serde_json::from_slice(&describe.stdout).unwrap();
@@ -66,35 +45,17 @@ fn policy_run_list_describe_and_ledger_work_together() {
 
     let ledger = agentpay(dir.path(), &["ledger", "show", "demo-agent"]);
     let text = stdout(&ledger);
-    assert!(
-        text.contains("AUTHORIZED") && text.contains("0.50 USDC of 1.00 USDC"),
-        "{text}"
-    );
+    assert!(text.contains("AUTHORIZED") && text.contains("0.50 USDC of 1.00 USDC"), "{text}");
 }
 
 #[test]
 fn a_failed_run_exits_1_and_explains() {
     let dir = tempfile::tempdir().unwrap();
-    agentpay(
-        dir.path(),
-        &[
-            "policy",
-            "set",
-            "demo-agent",
-            "--file",
-            "events/policy-demo-agent.json",
-        ],
-    );
-    let run = agentpay(
-        dir.path(),
-        &["run", "events/executions/invalid-challenge.json"],
-    );
+    agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
+    let run = agentpay(dir.path(), &["run", "events/executions/invalid-challenge.json"]);
     assert_eq!(run.status.code(), Some(1));
     let text = stdout(&run);
-    assert!(
-        text.contains("InvalidPaymentRequest") && text.contains("accepts[0].payTo"),
-        "{text}"
-    );
+    assert!(text.contains("InvalidPaymentRequest") && text.contains("accepts[0].payTo"), "{text}");
 }
 
 #[test]
@@ -121,15 +82,9 @@ fn policy_flags_pause_and_resume() {
     let policy: Value = serde_json::from_slice(&set.stdout).unwrap();
     assert_eq!(policy["policy"]["perTransactionLimitUsd"], "2.50");
     let paused = agentpay(dir.path(), &["--json", "policy", "pause", "a1"]);
-    assert_eq!(
-        serde_json::from_slice::<Value>(&paused.stdout).unwrap()["policy"]["paused"],
-        true
-    );
+    assert_eq!(serde_json::from_slice::<Value>(&paused.stdout).unwrap()["policy"]["paused"], true);
     let resumed = agentpay(dir.path(), &["--json", "policy", "resume", "a1"]);
-    assert_eq!(
-        serde_json::from_slice::<Value>(&resumed.stdout).unwrap()["policy"]["paused"],
-        false
-    );
+    assert_eq!(serde_json::from_slice::<Value>(&resumed.stdout).unwrap()["policy"]["paused"], false);
 }
 
 #[test]
@@ -179,11 +134,7 @@ fn bad_input_gets_a_message_a_person_can_act_on() {
 fn the_demo_behaves_as_it_says() {
     let dir = tempfile::tempdir().unwrap();
     let demo = agentpay(dir.path(), &["--json", "demo"]);
-    assert!(
-        demo.status.success(),
-        "{}",
-        String::from_utf8_lossy(&demo.stderr)
-    );
+    assert!(demo.status.success(), "{}", String::from_utf8_lossy(&demo.stderr));
     let report: Value = serde_json::from_slice(&demo.stdout).unwrap();
     assert_eq!(report["unexpected"], 0);
     assert_eq!(report["scenarios"].as_array().unwrap().len(), 7);

@@ -23,11 +23,19 @@ impl Fixture {
     }
 
     async fn claim(&self, input: &Value, execution: &str) -> Result<Claim, PaymentError> {
-        self.steps.check_idempotency(CheckIdempotencyInput { request: input.clone(), execution_id: execution.into() }).await
+        self.steps
+            .check_idempotency(CheckIdempotencyInput { request: input.clone(), execution_id: execution.into() })
+            .await
     }
 
     async fn spend(&self, input: &Value, execution: &str, claim: &Claim) -> Result<ReservationSummary, PaymentError> {
-        self.steps.check_spend(CheckSpendInput { request: input.clone(), execution_id: execution.into(), claim: claim.clone() }).await
+        self.steps
+            .check_spend(CheckSpendInput {
+                request: input.clone(),
+                execution_id: execution.into(),
+                claim: claim.clone(),
+            })
+            .await
     }
 
     /// CheckSpend, ProcessPayment, RecordLedger after a claim: the outcome's JSON.
@@ -44,16 +52,36 @@ impl Fixture {
             .await?;
         let outcome = self
             .steps
-            .record_ledger(RecordLedgerInput { request: input.clone(), execution_id: execution.into(), claim: claim.clone(), reservation, proof })
+            .record_ledger(RecordLedgerInput {
+                request: input.clone(),
+                execution_id: execution.into(),
+                claim: claim.clone(),
+                reservation,
+                proof,
+            })
             .await?;
         Ok(serde_json::to_value(outcome).unwrap())
     }
 
-    async fn compensate(&self, input: &Value, execution: &str, claim: &Claim, error: &str) -> Result<Value, PaymentError> {
-        let caught = CaughtError { error: error.into(), cause: format!("{{\"errorType\":\"{error}\",\"errorMessage\":\"{error} happened\"}}") };
+    async fn compensate(
+        &self,
+        input: &Value,
+        execution: &str,
+        claim: &Claim,
+        error: &str,
+    ) -> Result<Value, PaymentError> {
+        let caught = CaughtError {
+            error: error.into(),
+            cause: format!("{{\"errorType\":\"{error}\",\"errorMessage\":\"{error} happened\"}}"),
+        };
         let output = self
             .steps
-            .compensate(CompensateInput { request: input.clone(), execution_id: execution.into(), claim: claim.clone(), error: caught })
+            .compensate(CompensateInput {
+                request: input.clone(),
+                execution_id: execution.into(),
+                claim: claim.clone(),
+                error: caught,
+            })
             .await?;
         Ok(serde_json::to_value(output).unwrap())
     }
@@ -111,7 +139,10 @@ async fn in_flight_until_the_lease_passes_then_adopted(backend: Backend) {
     f.clock.advance(Duration::from_secs(301));
     let adopted = f.claim(&input, "exec-b").await.unwrap();
     // The same attempt: the same reservation and client token, so nothing is paid twice.
-    assert_eq!((adopted.attempt, &adopted.reservation_id, &adopted.client_token), (1, &first.reservation_id, &first.client_token));
+    assert_eq!(
+        (adopted.attempt, &adopted.reservation_id, &adopted.client_token),
+        (1, &first.reservation_id, &first.client_token)
+    );
     assert_eq!(f.claim(&input, "exec-a").await.unwrap_err().name(), "PaymentInFlight");
 }
 
@@ -180,12 +211,27 @@ async fn reserve_is_idempotent_and_authorize_and_settle_happen_once(backend: Bac
 
     let outcome = f.pay(&input, "exec-1", &claim).await.unwrap();
     // RecordLedger again (a retried step) answers the same outcome without writing.
-    let proof = f.steps.process_payment(ProcessPaymentInput {
-        request: input.clone(), execution_id: "exec-1".into(), claim: claim.clone(), reservation: first.clone(),
-    }).await.unwrap();
-    let again = f.steps.record_ledger(RecordLedgerInput {
-        request: input.clone(), execution_id: "exec-1".into(), claim: claim.clone(), reservation: first.clone(), proof,
-    }).await.unwrap();
+    let proof = f
+        .steps
+        .process_payment(ProcessPaymentInput {
+            request: input.clone(),
+            execution_id: "exec-1".into(),
+            claim: claim.clone(),
+            reservation: first.clone(),
+        })
+        .await
+        .unwrap();
+    let again = f
+        .steps
+        .record_ledger(RecordLedgerInput {
+            request: input.clone(),
+            execution_id: "exec-1".into(),
+            claim: claim.clone(),
+            reservation: first.clone(),
+            proof,
+        })
+        .await
+        .unwrap();
     assert_eq!(serde_json::to_value(again).unwrap()["paymentId"], outcome["paymentId"]);
     assert_eq!(f.store.audit_events(AGENT).await.unwrap().len(), 1);
 
@@ -215,7 +261,11 @@ fn settle_event(reservation: &agentpay::store::Reservation) -> agentpay::store::
         asset: Some(reservation.asset.clone()),
         payee: Some(reservation.pay_to.clone()),
         resource: reservation.resource.clone(),
-        context: agentpay::request::BusinessContext { decision: "settlement report".into(), delegated_by: "facilitator".into(), scope: "settlement".into() },
+        context: agentpay::request::BusinessContext {
+            decision: "settlement report".into(),
+            delegated_by: "facilitator".into(),
+            scope: "settlement".into(),
+        },
         limits: None,
         payment_id: reservation.payment_id.clone(),
         error: None,
@@ -237,12 +287,27 @@ async fn release_happens_once_and_never_after_authorization(backend: Backend) {
     assert_eq!(f.store.audit_events(AGENT).await.unwrap().len(), 1);
 
     // A released reservation cannot be authorized afterwards.
-    let proof = f.steps.process_payment(ProcessPaymentInput {
-        request: input.clone(), execution_id: "exec-1".into(), claim: claim.clone(), reservation: reservation.clone(),
-    }).await.unwrap();
-    let error = f.steps.record_ledger(RecordLedgerInput {
-        request: input.clone(), execution_id: "exec-1".into(), claim: claim.clone(), reservation, proof,
-    }).await.unwrap_err();
+    let proof = f
+        .steps
+        .process_payment(ProcessPaymentInput {
+            request: input.clone(),
+            execution_id: "exec-1".into(),
+            claim: claim.clone(),
+            reservation: reservation.clone(),
+        })
+        .await
+        .unwrap();
+    let error = f
+        .steps
+        .record_ledger(RecordLedgerInput {
+            request: input.clone(),
+            execution_id: "exec-1".into(),
+            claim: claim.clone(),
+            reservation,
+            proof,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(error.name(), "LedgerInconsistent");
 
     // And an authorized one cannot be released.
@@ -266,7 +331,10 @@ async fn every_policy_limit_denies(backend: Backend) {
         f.spend(&input, "e", &claim).await.unwrap();
     }
     let daily = deny(&f, "k-daily", "200001").await;
-    assert!(matches!(daily, PaymentError::SpendLimitExceeded { limit: agentpay::error::LimitKind::Rolling24Hours, .. }), "{daily}");
+    assert!(
+        matches!(daily, PaymentError::SpendLimitExceeded { limit: agentpay::error::LimitKind::Rolling24Hours, .. }),
+        "{daily}"
+    );
     assert!(daily.to_string().contains("remaining 200000"), "{daily}");
 
     let input = execution_input("k-third", AGENT, "1");
@@ -310,7 +378,10 @@ async fn audit_events_are_written_with_the_payment(backend: Backend) {
     assert_eq!(paid.amount.unwrap().get(), 10_000);
     assert_eq!(paid.context.decision, "credit check before approving invoice INV-1042");
     let limits = paid.limits.as_ref().unwrap();
-    assert_eq!((limits.spent_24h_before.get(), limits.spent_24h_after.get(), limits.daily_limit.get()), (0, 10_000, 5_000_000));
+    assert_eq!(
+        (limits.spent_24h_before.get(), limits.spent_24h_after.get(), limits.daily_limit.get()),
+        (0, 10_000, 5_000_000)
+    );
     let denial = events.iter().find(|e| e.kind == AuditKind::Denied).unwrap();
     assert_eq!(denial.error.as_ref().unwrap().error, "SpendLimitExceeded");
     assert!(denial.reservation_id.is_none());

@@ -6,20 +6,18 @@ use agentpay::executions::ExecutionStatus;
 use agentpay::faults::ProviderFault;
 use agentpay::policy::SpendPolicy;
 use agentpay::steps::StepName;
-use agentpay::store::{IdempotencyStatus, ReservationStatus, Store};
+use agentpay::store::{IdempotencyStatus, ReservationStatus};
 use serde_json::Value;
 
 use crate::helpers::TestApp;
 
 fn read(path: &str) -> Value {
     let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
-    serde_json::from_str(&std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{path}: {e}")))
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{path}: {e}"))).unwrap()
 }
 
 async fn demo_app() -> TestApp {
-    let policy: SpendPolicy =
-        serde_json::from_value(read("events/policy-demo-agent.json")).unwrap();
+    let policy: SpendPolicy = serde_json::from_value(read("events/policy-demo-agent.json")).unwrap();
     TestApp::with_policy("demo-agent", policy).await
 }
 
@@ -31,22 +29,15 @@ const EXECUTION_INPUTS: &[&str] = &[
     "ledger-failure.json",
     "x402-v1-challenge.json",
 ];
-const FUNCTION_EVENTS: &[&str] = &[
-    "check-idempotency.json",
-    "check-spend.json",
-    "process-payment.json",
-    "record-ledger.json",
-    "compensate.json",
-];
+const FUNCTION_EVENTS: &[&str] =
+    &["check-idempotency.json", "check-spend.json", "process-payment.json", "record-ledger.json", "compensate.json"];
 
 #[test]
 fn every_event_file_is_covered_by_a_test() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("events");
     let listed = |dir: &str| -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(root.join(dir))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let mut names: Vec<String> =
+            std::fs::read_dir(root.join(dir)).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
         names
     };
@@ -59,11 +50,7 @@ fn every_event_file_is_covered_by_a_test() {
     assert_eq!(listed("functions"), sorted(FUNCTION_EVENTS));
     // One function event per step crate under functions/.
     for step in StepName::ALL {
-        assert!(
-            root.join("functions")
-                .join(format!("{}.json", step.function_name()))
-                .exists()
-        );
+        assert!(root.join("functions").join(format!("{}.json", step.function_name())).exists());
         assert!(
             Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("functions")
@@ -104,31 +91,19 @@ async fn the_function_events_replay_the_happy_path_step_by_step() {
     let steps = &t.app.steps;
     let event = |name: &str| read(&format!("events/functions/{name}"));
 
-    let claim = steps
-        .invoke(StepName::CheckIdempotency, event("check-idempotency.json"))
-        .await
-        .unwrap();
+    let claim = steps.invoke(StepName::CheckIdempotency, event("check-idempotency.json")).await.unwrap();
     assert_eq!(claim["outcome"], "CLAIMED");
     // The later events carry this very claim.
     assert_eq!(claim, event("check-spend.json")["claim"]);
 
-    let reservation = steps
-        .invoke(StepName::CheckSpend, event("check-spend.json"))
-        .await
-        .unwrap();
+    let reservation = steps.invoke(StepName::CheckSpend, event("check-spend.json")).await.unwrap();
     assert_eq!(reservation, event("process-payment.json")["reservation"]);
 
-    let proof = steps
-        .invoke(StepName::ProcessPayment, event("process-payment.json"))
-        .await
-        .unwrap();
+    let proof = steps.invoke(StepName::ProcessPayment, event("process-payment.json")).await.unwrap();
     assert_eq!(proof["status"], "PROOF_GENERATED");
     assert_eq!(proof["header"]["name"], "PAYMENT-SIGNATURE");
 
-    let outcome = steps
-        .invoke(StepName::RecordLedger, event("record-ledger.json"))
-        .await
-        .unwrap();
+    let outcome = steps.invoke(StepName::RecordLedger, event("record-ledger.json")).await.unwrap();
     assert_eq!(outcome["status"], "AUTHORIZED");
     let reservations = t.app.store.reservations("demo-agent").await.unwrap();
     assert_eq!(reservations[0].status, ReservationStatus::Authorized);
@@ -139,59 +114,19 @@ async fn the_compensate_event_releases_what_check_spend_reserved() {
     let t = demo_app().await;
     let steps = &t.app.steps;
     let event = |name: &str| read(&format!("events/functions/{name}"));
-    steps
-        .invoke(StepName::CheckIdempotency, event("check-idempotency.json"))
-        .await
-        .unwrap();
-    steps
-        .invoke(StepName::CheckSpend, event("check-spend.json"))
-        .await
-        .unwrap();
+    steps.invoke(StepName::CheckIdempotency, event("check-idempotency.json")).await.unwrap();
+    steps.invoke(StepName::CheckSpend, event("check-spend.json")).await.unwrap();
 
-    let compensation = steps
-        .invoke(StepName::Compensate, event("compensate.json"))
-        .await
-        .unwrap();
+    let compensation = steps.invoke(StepName::Compensate, event("compensate.json")).await.unwrap();
     assert_eq!(compensation["released"], true);
     assert_eq!(compensation["error"], "ProviderRejected");
-    assert!(
-        compensation["cause"]
-            .as_str()
-            .unwrap()
-            .contains("insufficient funds")
-    );
-    let key = t
-        .app
-        .store
-        .idempotency("demo-paid-1", t.app.steps.clock().now())
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(compensation["cause"].as_str().unwrap().contains("insufficient funds"));
+    let key = t.app.store.idempotency("demo-paid-1", t.app.steps.clock().now()).await.unwrap().unwrap();
     assert_eq!(key.status, IdempotencyStatus::Failed);
 
     // Compensating twice is harmless, and says so.
-    let again = steps
-        .invoke(StepName::Compensate, event("compensate.json"))
-        .await
-        .unwrap();
-    assert_eq!(
-        (
-            again["released"].as_bool(),
-            again["alreadyCompensated"].as_bool()
-        ),
-        (Some(false), Some(true))
-    );
-    assert_eq!(
-        t.app.store.audit_events("demo-agent").await.unwrap().len(),
-        1
-    );
-    assert!(
-        t.app
-            .store
-            .agent_ledger("demo-agent")
-            .await
-            .unwrap()
-            .window
-            .is_empty()
-    );
+    let again = steps.invoke(StepName::Compensate, event("compensate.json")).await.unwrap();
+    assert_eq!((again["released"].as_bool(), again["alreadyCompensated"].as_bool()), (Some(false), Some(true)));
+    assert_eq!(t.app.store.audit_events("demo-agent").await.unwrap().len(), 1);
+    assert!(t.app.store.agent_ledger("demo-agent").await.unwrap().window.is_empty());
 }

@@ -6,7 +6,6 @@ use agentpay::config::Config;
 use agentpay::executions::{ExecutionRecord, ExecutionStore, HistoryEvent, HistoryKind};
 use agentpay::local::LocalApp;
 use agentpay::policy::SpendPolicy;
-use agentpay::store::Store;
 use agentpay::x402::Network;
 use serde_json::Value;
 
@@ -31,17 +30,10 @@ impl TestApp {
     pub async fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sleeper = Arc::new(RecordingSleeper::default());
-        let app = LocalApp::open(
-            &Config::local(dir.path()),
-            Arc::new(SystemClock),
-            sleeper.clone(),
-        )
-        .unwrap();
-        Self {
-            app,
-            sleeper,
-            _dir: dir,
-        }
+        let app = LocalApp::open(&Config::local(dir.path()), dir.path(), Arc::new(SystemClock), sleeper.clone())
+            .await
+            .unwrap();
+        Self { app, sleeper, _dir: dir }
     }
 
     /// A fresh app whose agent `agent` has `policy`.
@@ -56,7 +48,7 @@ impl TestApp {
     }
 
     pub async fn history(&self, record: &ExecutionRecord) -> Vec<HistoryEvent> {
-        self.app.store.history(&record.execution_id).await.unwrap()
+        self.app.executions.history(&record.execution_id).await.unwrap()
     }
 
     /// Names of the task states that were invoked, in order (one per TaskScheduled).

@@ -14,12 +14,7 @@ use crate::helpers::{TestApp, policy};
 const AGENT: &str = "agent-7";
 
 fn decode_header(value: &str) -> Value {
-    serde_json::from_slice(
-        &base64::engine::general_purpose::STANDARD
-            .decode(value)
-            .unwrap(),
-    )
-    .unwrap()
+    serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(value).unwrap()).unwrap()
 }
 
 #[tokio::test]
@@ -35,28 +30,14 @@ async fn a_paid_call_authorizes_records_and_audits() {
     assert_eq!(output["amount"]["network"], "eip155:84532");
     assert_eq!(output["header"]["name"], "PAYMENT-SIGNATURE");
     let payload = decode_header(output["header"]["value"].as_str().unwrap());
-    assert_eq!(
-        payload["payload"]["authorization"]["from"],
-        t.app.wallet_address
-    );
+    assert_eq!(payload["payload"]["authorization"]["from"], t.app.wallet_address);
 
-    assert_eq!(
-        t.tasks_run(&record).await,
-        [
-            "CheckIdempotency",
-            "CheckSpend",
-            "ProcessPayment",
-            "RecordLedger"
-        ]
-    );
+    assert_eq!(t.tasks_run(&record).await, ["CheckIdempotency", "CheckSpend", "ProcessPayment", "RecordLedger"]);
 
     let reservations = t.app.store.reservations(AGENT).await.unwrap();
     assert_eq!(reservations.len(), 1);
     assert_eq!(reservations[0].status, ReservationStatus::Authorized);
-    assert_eq!(
-        reservations[0].payment_id.as_deref(),
-        output["paymentId"].as_str()
-    );
+    assert_eq!(reservations[0].payment_id.as_deref(), output["paymentId"].as_str());
 
     let audit = t.app.store.audit_events(AGENT).await.unwrap();
     assert_eq!(audit.len(), 1);
@@ -66,19 +47,10 @@ async fn a_paid_call_authorizes_records_and_audits() {
     assert_eq!(event.context.delegated_by, "alice@example.com");
     assert_eq!(event.resource, "https://api.example.com/credit-report");
     let limits = event.limits.as_ref().unwrap();
-    assert_eq!(
-        (limits.spent_24h_before.get(), limits.spent_24h_after.get()),
-        (0, 10_000)
-    );
+    assert_eq!((limits.spent_24h_before.get(), limits.spent_24h_after.get()), (0, 10_000));
     assert_eq!(limits.daily_limit.get(), 5_000_000);
 
-    let key = t
-        .app
-        .store
-        .idempotency("pay-1", t.app.steps.clock().now())
-        .await
-        .unwrap()
-        .unwrap();
+    let key = t.app.store.idempotency("pay-1", t.app.steps.clock().now()).await.unwrap().unwrap();
     assert_eq!(key.status, IdempotencyStatus::Completed);
 }
 
@@ -88,10 +60,7 @@ async fn a_duplicate_returns_the_cached_proof_without_paying_again() {
     let first = t.run(execution_input("dup-1", AGENT, "10000")).await;
     let second = t.run(execution_input("dup-1", AGENT, "10000")).await;
     assert_eq!(second.status, ExecutionStatus::Succeeded);
-    let (a, b) = (
-        first.output.clone().unwrap(),
-        second.output.clone().unwrap(),
-    );
+    let (a, b) = (first.output.clone().unwrap(), second.output.clone().unwrap());
     assert_eq!(b["fromCache"], true);
     assert_eq!(a["paymentId"], b["paymentId"]);
     assert_eq!(a["header"], b["header"]);
@@ -116,47 +85,22 @@ async fn the_same_key_with_another_request_is_rejected() {
 #[tokio::test]
 async fn the_daily_cap_denies_and_the_denial_is_compensated_and_audited() {
     let t = TestApp::with_policy(AGENT, policy("1.00", "1.50", 10)).await;
-    assert_eq!(
-        t.run(execution_input("cap-1", AGENT, "1000000"))
-            .await
-            .status,
-        ExecutionStatus::Succeeded
-    );
+    assert_eq!(t.run(execution_input("cap-1", AGENT, "1000000")).await.status, ExecutionStatus::Succeeded);
     let denied = t.run(execution_input("cap-2", AGENT, "600000")).await;
     assert_eq!(denied.status, ExecutionStatus::Failed);
     let error = denied.error.clone().unwrap();
     assert_eq!(error.error, "SpendLimitExceeded");
-    assert!(
-        error.cause.contains("rolling 24-hour limit"),
-        "{}",
-        error.cause
-    );
-    assert!(
-        error.cause.contains("limit 1500000") && error.cause.contains("remaining 500000"),
-        "{}",
-        error.cause
-    );
+    assert!(error.cause.contains("rolling 24-hour limit"), "{}", error.cause);
+    assert!(error.cause.contains("limit 1500000") && error.cause.contains("remaining 500000"), "{}", error.cause);
     assert_eq!(denied.failed_state.as_deref(), Some("PaymentFailed"));
-    assert_eq!(
-        t.tasks_run(&denied).await,
-        ["CheckIdempotency", "CheckSpend", "Compensate"]
-    );
+    assert_eq!(t.tasks_run(&denied).await, ["CheckIdempotency", "CheckSpend", "Compensate"]);
 
     // Nothing reserved for the denied payment; the key is DENIED; the denial is audited.
     assert_eq!(t.app.store.reservations(AGENT).await.unwrap().len(), 1);
-    let key = t
-        .app
-        .store
-        .idempotency("cap-2", t.app.steps.clock().now())
-        .await
-        .unwrap()
-        .unwrap();
+    let key = t.app.store.idempotency("cap-2", t.app.steps.clock().now()).await.unwrap().unwrap();
     assert_eq!(key.status, IdempotencyStatus::Denied);
     let audit = t.app.store.audit_events(AGENT).await.unwrap();
-    assert_eq!(
-        audit.iter().map(|e| e.kind).collect::<Vec<_>>(),
-        [AuditKind::Authorized, AuditKind::Denied]
-    );
+    assert_eq!(audit.iter().map(|e| e.kind).collect::<Vec<_>>(), [AuditKind::Authorized, AuditKind::Denied]);
     assert_eq!(audit[1].error.as_ref().unwrap().error, "SpendLimitExceeded");
 }
 
@@ -165,35 +109,15 @@ async fn an_invalid_challenge_is_rejected_precisely_and_leaves_nothing_behind() 
     let t = TestApp::with_policy(AGENT, policy("1.00", "5.00", 10)).await;
     let mut body = agentpay::samples::v2_payment_required("10000");
     body["accepts"][0]["payTo"] = json!("0x209693bc6afc0C5328bA36FaF03C514EF312287C");
-    let input = execution_input_with_challenge(
-        "bad-1",
-        AGENT,
-        json!({"x402": agentpay::x402::encode_v2_header(&body)}),
-    );
+    let input =
+        execution_input_with_challenge("bad-1", AGENT, json!({"x402": agentpay::x402::encode_v2_header(&body)}));
     let record = t.run(input).await;
     assert_eq!(record.status, ExecutionStatus::Failed);
     let error = record.error.unwrap();
     assert_eq!(error.error, "InvalidPaymentRequest");
-    assert!(
-        error.cause.contains("challenge.x402.accepts[0].payTo"),
-        "{}",
-        error.cause
-    );
-    assert!(
-        error
-            .cause
-            .contains("0x209693Bc6afc0C5328bA36FaF03C514EF312287C"),
-        "{}",
-        error.cause
-    );
-    assert!(
-        t.app
-            .store
-            .idempotency("bad-1", t.app.steps.clock().now())
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(error.cause.contains("challenge.x402.accepts[0].payTo"), "{}", error.cause);
+    assert!(error.cause.contains("0x209693Bc6afc0C5328bA36FaF03C514EF312287C"), "{}", error.cause);
+    assert!(t.app.store.idempotency("bad-1", t.app.steps.clock().now()).await.unwrap().is_none());
     assert!(t.app.store.reservations(AGENT).await.unwrap().is_empty());
     assert!(t.app.store.audit_events(AGENT).await.unwrap().is_empty());
     assert_eq!(t.app.provider.delegated_calls(), 0);
@@ -219,23 +143,8 @@ async fn a_provider_outage_is_retried_as_the_asl_says_then_compensated() {
 
     let reservation = &t.app.store.reservations(AGENT).await.unwrap()[0];
     assert_eq!(reservation.status, ReservationStatus::Released);
-    assert!(
-        t.app
-            .store
-            .agent_ledger(AGENT)
-            .await
-            .unwrap()
-            .window
-            .is_empty(),
-        "the released amount no longer counts"
-    );
-    let key = t
-        .app
-        .store
-        .idempotency("down-1", t.app.steps.clock().now())
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(t.app.store.agent_ledger(AGENT).await.unwrap().window.is_empty(), "the released amount no longer counts");
+    let key = t.app.store.idempotency("down-1", t.app.steps.clock().now()).await.unwrap().unwrap();
     assert_eq!(key.status, IdempotencyStatus::Failed);
 
     // The same key may be paid again later: a new attempt, a new reservation.
@@ -251,12 +160,7 @@ async fn a_transient_outage_recovers_within_the_retries() {
     let record = t.run(execution_input("blip-1", AGENT, "10000")).await;
     assert_eq!(record.status, ExecutionStatus::Succeeded);
     assert_eq!(t.app.provider.delegated_calls(), 1);
-    let retries = t
-        .history(&record)
-        .await
-        .into_iter()
-        .filter(|e| e.kind == HistoryKind::TaskRetryScheduled)
-        .count();
+    let retries = t.history(&record).await.into_iter().filter(|e| e.kind == HistoryKind::TaskRetryScheduled).count();
     assert_eq!(retries, 2);
 }
 
@@ -267,26 +171,11 @@ async fn a_rejected_payment_is_compensated_at_once() {
     let record = t.run(execution_input("rejected-1", AGENT, "10000")).await;
     let error = record.error.clone().unwrap();
     assert_eq!(error.error, "ProviderRejected");
-    assert!(
-        error.cause.contains("insufficient funds"),
-        "{}",
-        error.cause
-    );
+    assert!(error.cause.contains("insufficient funds"), "{}", error.cause);
     // Not retryable: one try, then compensation.
-    assert_eq!(
-        t.tasks_run(&record).await,
-        [
-            "CheckIdempotency",
-            "CheckSpend",
-            "ProcessPayment",
-            "Compensate"
-        ]
-    );
+    assert_eq!(t.tasks_run(&record).await, ["CheckIdempotency", "CheckSpend", "ProcessPayment", "Compensate"]);
     assert!(t.sleeper.requested().is_empty());
-    assert_eq!(
-        t.app.store.reservations(AGENT).await.unwrap()[0].status,
-        ReservationStatus::Released
-    );
+    assert_eq!(t.app.store.reservations(AGENT).await.unwrap()[0].status, ReservationStatus::Released);
     let audit = t.app.store.audit_events(AGENT).await.unwrap();
     assert_eq!(audit[0].kind, AuditKind::Released);
     assert_eq!(audit[0].error.as_ref().unwrap().error, "ProviderRejected");
@@ -304,10 +193,7 @@ async fn a_failed_record_ledger_is_not_compensated_and_redrive_completes_it() {
     let tasks = t.tasks_run(&record).await;
     assert!(!tasks.contains(&"Compensate".to_owned()), "{tasks:?}");
     // The reservation still holds the money: the proof exists.
-    assert_eq!(
-        t.app.store.reservations(AGENT).await.unwrap()[0].status,
-        ReservationStatus::Reserved
-    );
+    assert_eq!(t.app.store.reservations(AGENT).await.unwrap()[0].status, ReservationStatus::Reserved);
 
     let redriven = t.app.runner.redrive(&record.execution_id).await.unwrap();
     assert_eq!(redriven.status, ExecutionStatus::Succeeded, "{redriven:?}");
@@ -319,20 +205,11 @@ async fn a_failed_record_ledger_is_not_compensated_and_redrive_completes_it() {
     assert_eq!(tasks.iter().filter(|s| *s == "CheckSpend").count(), 1);
     assert_eq!(tasks.iter().filter(|s| *s == "ProcessPayment").count(), 1);
     assert_eq!(tasks.last().map(String::as_str), Some("RecordLedger"));
-    assert_eq!(
-        t.app.store.reservations(AGENT).await.unwrap()[0].status,
-        ReservationStatus::Authorized
-    );
+    assert_eq!(t.app.store.reservations(AGENT).await.unwrap()[0].status, ReservationStatus::Authorized);
     assert_eq!(t.app.store.audit_events(AGENT).await.unwrap().len(), 1);
 
     // Redriving a succeeded execution is refused with the reason.
-    let error = t
-        .app
-        .runner
-        .redrive(&record.execution_id)
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = t.app.runner.redrive(&record.execution_id).await.unwrap_err().to_string();
     assert!(error.contains("only FAILED executions"), "{error}");
 }
 
@@ -352,46 +229,25 @@ async fn an_agent_without_policy_is_denied_before_claiming() {
     let record = t.run(execution_input("nopolicy-1", AGENT, "1")).await;
     let error = record.error.unwrap();
     assert_eq!(error.error, "PolicyDenied");
-    assert!(
-        error.cause.contains("agentpay policy set"),
-        "{}",
-        error.cause
-    );
-    assert!(
-        t.app
-            .store
-            .idempotency("nopolicy-1", t.app.steps.clock().now())
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(error.cause.contains("agentpay policy set"), "{}", error.cause);
+    assert!(t.app.store.idempotency("nopolicy-1", t.app.steps.clock().now()).await.unwrap().is_none());
 }
 
 #[tokio::test]
 async fn an_x402_v1_challenge_is_paid_with_an_x_payment_header() {
     let t = TestApp::with_policy(AGENT, policy("1.00", "5.00", 10)).await;
-    let input = execution_input_with_challenge(
-        "v1-1",
-        AGENT,
-        json!({"x402v1": v1_payment_required("2500")}),
-    );
+    let input = execution_input_with_challenge("v1-1", AGENT, json!({"x402v1": v1_payment_required("2500")}));
     let record = t.run(input).await;
     let output = record.output.unwrap();
     assert_eq!(output["header"]["name"], "X-PAYMENT");
-    assert_eq!(
-        decode_header(output["header"]["value"].as_str().unwrap())["x402Version"],
-        1
-    );
+    assert_eq!(decode_header(output["header"]["value"].as_str().unwrap())["x402Version"], 1);
 }
 
 #[tokio::test]
 async fn the_hourly_rate_limit_denies() {
     let t = TestApp::with_policy(AGENT, policy("1.00", "5.00", 2)).await;
     for key in ["rate-1", "rate-2"] {
-        assert_eq!(
-            t.run(execution_input(key, AGENT, "1")).await.status,
-            ExecutionStatus::Succeeded
-        );
+        assert_eq!(t.run(execution_input(key, AGENT, "1")).await.status, ExecutionStatus::Succeeded);
     }
     let denied = t.run(execution_input("rate-3", AGENT, "1")).await;
     assert_eq!(denied.error.unwrap().error, "RateLimitExceeded");
@@ -408,45 +264,20 @@ async fn a_happy_path_payment_takes_five_store_round_trips() {
 
     let dir = tempfile::tempdir().unwrap();
     let config = agentpay::config::Config::local(dir.path());
-    let sqlite = config.open_sqlite().unwrap();
-    let wallet = Arc::new(
-        config
-            .dev_wallet(sqlite.clone(), Arc::new(SystemClock))
-            .unwrap(),
-    );
+    let sqlite = Arc::new(agentpay::store::sqlite::SqliteStore::open(&dir.path().join("agentpay.db")).unwrap());
+    let wallet = Arc::new(config.dev_wallet(sqlite.clone(), Arc::new(SystemClock)).unwrap());
     let counting = Arc::new(CountingStore::new(sqlite.clone()));
-    let steps = Steps::new(
-        counting.clone(),
-        wallet,
-        Arc::new(SystemClock),
-        StepSettings::default(),
-    );
-    let runner = LocalRunner::new(
-        PAYMENT_DEFINITION,
-        steps,
-        sqlite.clone(),
-        Arc::new(RecordingSleeper::default()),
-    )
-    .unwrap();
-    sqlite
-        .put_policy(AGENT, &policy("1.00", "5.00", 10))
-        .await
-        .unwrap();
+    let steps = Steps::new(counting.clone(), wallet, Arc::new(SystemClock), StepSettings::default());
+    let runner =
+        LocalRunner::new(PAYMENT_DEFINITION, steps, sqlite.clone(), Arc::new(RecordingSleeper::default())).unwrap();
+    sqlite.put_policy(AGENT, &policy("1.00", "5.00", 10)).await.unwrap();
 
-    let record = runner
-        .start("count-1", execution_input("count-1", AGENT, "1000"))
-        .await
-        .unwrap();
+    let record = runner.start("count-1", execution_input("count-1", AGENT, "1000")).await.unwrap();
     assert_eq!(record.status, ExecutionStatus::Succeeded);
     let calls = counting.calls();
     assert_eq!(counting.total(), 5, "{calls:?}");
     assert_eq!(
-        (
-            calls["agent_ledger"],
-            calls["insert_idempotency"],
-            calls["reserve"],
-            calls["authorize"]
-        ),
+        (calls["agent_ledger"], calls["insert_idempotency"], calls["reserve"], calls["authorize"]),
         (2, 1, 1, 1)
     );
 }
@@ -464,83 +295,32 @@ async fn malformed_challenges_leave_no_record_no_reservation_and_no_signature() 
     };
     let cases: Vec<(&str, Value)> = vec![
         ("bad base64", json!({"x402": "%%%not-base64%%%"})),
-        (
-            "not JSON",
-            json!({"x402": base64::engine::general_purpose::STANDARD.encode("{oops")}),
-        ),
+        ("not JSON", json!({"x402": base64::engine::general_purpose::STANDARD.encode("{oops")})),
         ("unknown version", mutate(&|b| b["x402Version"] = json!(9))),
         ("empty accepts", mutate(&|b| b["accepts"] = json!([]))),
-        (
-            "unknown network",
-            mutate(&|b| b["accepts"][0]["network"] = json!("eip155:1")),
-        ),
-        (
-            "wrong USDC",
-            mutate(&|b| {
-                b["accepts"][0]["asset"] = json!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913")
-            }),
-        ),
-        (
-            "bad checksum",
-            mutate(&|b| {
-                b["accepts"][0]["payTo"] = json!("0x209693bc6afc0C5328bA36FaF03C514EF312287C")
-            }),
-        ),
-        (
-            "zero amount",
-            mutate(&|b| b["accepts"][0]["amount"] = json!("0")),
-        ),
-        (
-            "negative amount",
-            mutate(&|b| b["accepts"][0]["amount"] = json!("-5")),
-        ),
-        (
-            "fractional amount",
-            mutate(&|b| b["accepts"][0]["amount"] = json!("1.5")),
-        ),
-        (
-            "overflowing amount",
-            mutate(&|b| b["accepts"][0]["amount"] = json!("99999999999999999999999")),
-        ),
+        ("unknown network", mutate(&|b| b["accepts"][0]["network"] = json!("eip155:1"))),
+        ("wrong USDC", mutate(&|b| b["accepts"][0]["asset"] = json!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"))),
+        ("bad checksum", mutate(&|b| b["accepts"][0]["payTo"] = json!("0x209693bc6afc0C5328bA36FaF03C514EF312287C"))),
+        ("zero amount", mutate(&|b| b["accepts"][0]["amount"] = json!("0"))),
+        ("negative amount", mutate(&|b| b["accepts"][0]["amount"] = json!("-5"))),
+        ("fractional amount", mutate(&|b| b["accepts"][0]["amount"] = json!("1.5"))),
+        ("overflowing amount", mutate(&|b| b["accepts"][0]["amount"] = json!("99999999999999999999999"))),
         (
             "no EIP-712 domain",
             mutate(&|b| {
                 b["accepts"][0].as_object_mut().unwrap().remove("extra");
             }),
         ),
-        (
-            "unsupported scheme",
-            mutate(&|b| b["accepts"][0]["scheme"] = json!("upto")),
-        ),
-        (
-            "mpp without AgentCore",
-            json!({"mpp": "Payment realm=\"x\""}),
-        ),
+        ("unsupported scheme", mutate(&|b| b["accepts"][0]["scheme"] = json!("upto"))),
+        ("mpp without AgentCore", json!({"mpp": "Payment realm=\"x\""})),
     ];
     for (index, (what, challenge)) in cases.into_iter().enumerate() {
         let key = format!("malformed-{index}");
-        let record = t
-            .run(execution_input_with_challenge(&key, AGENT, challenge))
-            .await;
-        let error = record
-            .error
-            .clone()
-            .unwrap_or_else(|| panic!("{what}: expected a failure"));
-        assert_eq!(
-            error.error, "InvalidPaymentRequest",
-            "{what}: {}",
-            error.cause
-        );
+        let record = t.run(execution_input_with_challenge(&key, AGENT, challenge)).await;
+        let error = record.error.clone().unwrap_or_else(|| panic!("{what}: expected a failure"));
+        assert_eq!(error.error, "InvalidPaymentRequest", "{what}: {}", error.cause);
         assert_eq!(t.tasks_run(&record).await, ["CheckIdempotency"], "{what}");
-        assert!(
-            t.app
-                .store
-                .idempotency(&key, t.app.steps.clock().now())
-                .await
-                .unwrap()
-                .is_none(),
-            "{what}"
-        );
+        assert!(t.app.store.idempotency(&key, t.app.steps.clock().now()).await.unwrap().is_none(), "{what}");
     }
     assert!(t.app.store.reservations(AGENT).await.unwrap().is_empty());
     assert!(t.app.store.audit_events(AGENT).await.unwrap().is_empty());

@@ -8,6 +8,6 @@ use agentpay::steps::StepName;
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda::init_tracing();
-    let steps = Config::from_env()?.build_steps()?;
+    let steps = Config::from_env()?.build_steps().await?;
     lambda::serve(StepName::RecordLedger, steps).await
 }
