@@ -258,7 +258,7 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), Cl
             (args.agent.clone(), policy)
         }
         PolicyCommand::Show { agent } => {
-            let policy = store.agent_ledger(&agent).await?.policy.ok_or(format!("agent {agent:?} has no policy"))?;
+            let policy = store.agent_ledger(agent).await?.policy.ok_or(format!("agent {agent:?} has no policy"))?;
             (agent.clone(), policy)
         }
         PolicyCommand::Pause { agent } => set_paused(store.as_ref(), agent.clone(), true).await?,

@@ -360,7 +360,7 @@ impl DynamoStore {
         let update = Update::builder()
             .table_name(&self.tables.idempotency)
             .key("idempotencyKey", s(key))
-            .update_expression(format!("SET #status = :status, #extra = :extra, updatedAt = :now"))
+            .update_expression("SET #status = :status, #extra = :extra, updatedAt = :now")
             .condition_expression("#status = :in_progress AND attempt = :attempt")
             .expression_attribute_names("#status", "status")
             .expression_attribute_names("#extra", extra.0)
