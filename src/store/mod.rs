@@ -7,6 +7,7 @@
 
 pub mod counting;
 pub mod dynamodb;
+pub mod dynamodb_metrics;
 pub mod sqlite;
 
 use async_trait::async_trait;

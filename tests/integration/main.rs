@@ -3,9 +3,11 @@
 
 mod asl_file;
 mod cli;
+mod dynamodb;
 mod concurrency;
 mod conformance;
 mod events;
 mod helpers;
 mod stores;
+mod template;
 mod workflow;
