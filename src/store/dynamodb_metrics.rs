@@ -63,7 +63,8 @@ impl Intercept for RequestLogInterceptor {
         _cfg: &mut ConfigBag,
     ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
         let request = context.request();
-        let operation = request.headers().get("x-amz-target").and_then(|t| t.rsplit('.').next()).unwrap_or("?").to_owned();
+        let operation =
+            request.headers().get("x-amz-target").and_then(|t| t.rsplit('.').next()).unwrap_or("?").to_owned();
         let body: Value = request.body().bytes().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
         let values_size = |v: &Value| v.get("ExpressionAttributeValues").map_or(0, size);
         let (written_item_bytes, transactional) = match operation.as_str() {

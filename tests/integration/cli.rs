@@ -139,3 +139,41 @@ fn the_demo_behaves_as_it_says() {
     assert_eq!(report["unexpected"], 0);
     assert_eq!(report["scenarios"].as_array().unwrap().len(), 7);
 }
+
+#[test]
+fn the_whole_workflow_runs_locally_against_dynamodb() {
+    let endpoint = crate::stores::dynamodb_endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let id = hex::encode(rand::random::<[u8; 4]>());
+    let (idempotency, ledger) = (format!("cli-idem-{id}"), format!("cli-ledger-{id}"));
+    let dynamo = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_agentpay"))
+            .args(["--data-dir", dir.path().to_str().unwrap(), "--store", "dynamodb"])
+            .args(["--idempotency-table", &idempotency, "--ledger-table", &ledger])
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("AWS_ENDPOINT_URL_DYNAMODB", &endpoint)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .output()
+            .unwrap()
+    };
+    let created = dynamo(&["tables", "create"]);
+    assert!(created.status.success(), "{created:?}");
+    assert!(dynamo(&["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]).status.success());
+    let run = dynamo(&["--json", "run", "events/executions/paid-call.json"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let again = dynamo(&["--json", "run", "events/executions/paid-call.json"]);
+    let again: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["execution"]["output"]["fromCache"], true);
+    let ledger_json: Value =
+        serde_json::from_slice(&dynamo(&["--json", "ledger", "show", "demo-agent"]).stdout).unwrap();
+    assert_eq!(ledger_json["reservations"].as_array().unwrap().len(), 1);
+    assert_eq!(ledger_json["reservations"][0]["status"], "AUTHORIZED");
+    assert_eq!(ledger_json["audit"].as_array().unwrap().len(), 1);
+    // The SQLite file holds only the runner's history, not the payment.
+    let local = agentpay(dir.path(), &["--json", "ledger", "show", "demo-agent"]);
+    let local: Value = serde_json::from_slice(&local.stdout).unwrap();
+    assert!(local["reservations"].as_array().unwrap().is_empty());
+}

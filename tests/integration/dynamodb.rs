@@ -51,7 +51,11 @@ async fn a_happy_path_payment_is_five_store_requests() {
         .await
         .unwrap();
     let reservation = steps
-        .check_spend(CheckSpendInput { request: request.clone(), execution_id: execution_id.clone(), claim: claim.clone() })
+        .check_spend(CheckSpendInput {
+            request: request.clone(),
+            execution_id: execution_id.clone(),
+            claim: claim.clone(),
+        })
         .await
         .unwrap();
     let store_requests_before_wallet = log.requests().len();
@@ -103,7 +107,10 @@ async fn a_hundred_concurrent_reservations_never_pass_the_cap() {
                 let request = execution_input(&format!("dyn-c-{i}"), AGENT, "30000");
                 let execution_id = format!("exec-{i}");
                 let claim = steps
-                    .check_idempotency(CheckIdempotencyInput { request: request.clone(), execution_id: execution_id.clone() })
+                    .check_idempotency(CheckIdempotencyInput {
+                        request: request.clone(),
+                        execution_id: execution_id.clone(),
+                    })
                     .await
                     .unwrap();
                 steps.check_spend(CheckSpendInput { request, execution_id, claim }).await

@@ -3,9 +3,9 @@
 
 mod asl_file;
 mod cli;
-mod dynamodb;
 mod concurrency;
 mod conformance;
+mod dynamodb;
 mod events;
 mod helpers;
 mod stores;
