@@ -796,3 +796,65 @@ pub async fn create_table(client: &Client, name: &str, schema: schema::TableSche
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_dynamodb::operation::get_item::GetItemError;
+    use aws_sdk_dynamodb::types::error::{
+        InternalServerError, ProvisionedThroughputExceededException, ResourceNotFoundException,
+    };
+    use aws_smithy_types::body::SdkBody;
+    use aws_smithy_types::error::ErrorMetadata;
+
+    use super::*;
+
+    fn response(status: u16) -> HttpResponse {
+        HttpResponse::new(status.try_into().unwrap(), SdkBody::empty())
+    }
+
+    fn meta(code: &str) -> ErrorMetadata {
+        ErrorMetadata::builder().code(code).message("from the service").build()
+    }
+
+    #[test]
+    fn throttling_server_errors_and_timeouts_are_retryable() {
+        let throttled = SdkError::service_error(
+            GetItemError::ProvisionedThroughputExceededException(
+                ProvisionedThroughputExceededException::builder()
+                    .message("slow down")
+                    .meta(meta("ProvisionedThroughputExceededException"))
+                    .build(),
+            ),
+            response(400),
+        );
+        let internal = SdkError::service_error(
+            GetItemError::InternalServerError(InternalServerError::builder().meta(meta("InternalServerError")).build()),
+            response(500),
+        );
+        let unknown_503 = SdkError::service_error(GetItemError::generic(meta("SomethingNew")), response(503));
+        let timeout: SdkError<GetItemError, HttpResponse> = SdkError::timeout_error("no answer in 3 s");
+        for error in [throttled, internal, unknown_503, timeout] {
+            let classified = classify("read agent ledger", error);
+            assert_eq!(classified.name(), "StoreUnavailable", "{classified:?}");
+            assert!(classified.is_retryable());
+            assert!(std::error::Error::source(&classified).is_some(), "the SDK error stays the source");
+        }
+    }
+
+    #[test]
+    fn other_service_errors_are_rejections_naming_the_code() {
+        let missing = SdkError::service_error(
+            GetItemError::ResourceNotFoundException(
+                ResourceNotFoundException::builder()
+                    .message("Requested resource not found")
+                    .meta(meta("ResourceNotFoundException"))
+                    .build(),
+            ),
+            response(400),
+        );
+        let classified = classify("read agent ledger", missing);
+        assert_eq!(classified.name(), "StoreRejected");
+        assert!(!classified.is_retryable());
+        assert!(classified.chain_message().contains("ResourceNotFoundException"), "{}", classified.chain_message());
+    }
+}
