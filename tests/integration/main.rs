@@ -8,6 +8,7 @@ mod conformance;
 mod dynamodb;
 mod events;
 mod helpers;
+mod local_invoke;
 mod stores;
 mod template;
 mod workflow;

@@ -61,7 +61,11 @@ fn every_substitution_and_every_function_matches() {
     let functions: Vec<String> = resources
         .iter()
         .filter(|(_, r)| r["Type"].as_str() == Some("AWS::Serverless::Function"))
-        .map(|(_, r)| r["Metadata"]["Binary"].as_str().unwrap().to_owned())
+        .map(|(_, r)| {
+            // SAM reads the binary from BuildProperties; elsewhere it is ignored.
+            assert_eq!(r["Metadata"]["BuildMethod"].as_str(), Some("rust-cargolambda"));
+            r["Metadata"]["BuildProperties"]["Binary"].as_str().unwrap().to_owned()
+        })
         .collect();
     let mut crates: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/functions"))
         .unwrap()
