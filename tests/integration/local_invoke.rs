@@ -19,6 +19,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 struct Watch {
     child: Child,
     port: u16,
+    started: Instant,
 }
 
 impl Watch {
@@ -38,8 +39,8 @@ impl Watch {
         }
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command.spawn().expect("cargo lambda must be on PATH: run ./scripts/test, which installs it");
-        let watch = Self { child, port };
         let started = Instant::now();
+        let watch = Self { child, port, started };
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(started.elapsed() < Duration::from_secs(120), "cargo lambda watch did not listen on {port}");
             std::thread::sleep(Duration::from_millis(100));
@@ -123,6 +124,13 @@ async fn every_function_event_invokes_locally_through_cargo_lambda() {
     // A payment that fails in ProcessPayment: claim, reserve, compensate.
     let store = recreate(&client, &tables).await;
     assert_eq!(watch.invoke_ok("check-idempotency")["outcome"], "CLAIMED");
+    // A figure for the record (scripts/test prints it), not an assertion.
+    let first_invoke = watch.started.elapsed();
+    std::fs::write(
+        Path::new(ROOT).join("target/lambda-watch/first-invoke.txt"),
+        format!("{:.1} s from cargo lambda watch start to the first successful invoke\n", first_invoke.as_secs_f64()),
+    )
+    .unwrap();
     assert!(watch.invoke_ok("check-spend")["reservationId"].as_str().unwrap().starts_with("res-"));
     let compensation = watch.invoke_ok("compensate");
     assert_eq!(
