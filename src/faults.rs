@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use crate::clock::Timestamp;
 use crate::error::PaymentError;
-use crate::policy::{AgentLedger, SpendPolicy, WindowEntry};
+use crate::policy::{AgentLedger, SpendPolicy, WindowBucket};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::store::{
     AuditEvent, AuthorizationCommit, IdempotencyRecord, ReleaseCommit, Reservation, ReserveOutcome, Store, Transition,
@@ -125,7 +125,7 @@ impl Store for FaultyStore {
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
         self.inner.put_policy(agent_id, policy).await
     }
-    async fn reserve(&self, v: u64, window: &[WindowEntry], r: &Reservation) -> Result<ReserveOutcome, PaymentError> {
+    async fn reserve(&self, v: u64, window: &[WindowBucket], r: &Reservation) -> Result<ReserveOutcome, PaymentError> {
         self.inner.reserve(v, window, r).await
     }
     async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {

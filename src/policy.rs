@@ -58,21 +58,60 @@ mod checksummed_addresses {
     }
 }
 
-/// One live (not released) reservation counted in the agent's windows.
+/// Live (reserved, authorized or settled) spend of one minute.
+///
+/// Minute buckets bound the agent item — at most 1,441 of them, whatever the payment rate —
+/// where one entry per payment would outgrow a DynamoDB item (400 KB) for a busy agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct WindowEntry {
-    pub reservation_id: String,
+pub struct WindowBucket {
+    /// Minutes since the Unix epoch.
+    pub minute: i64,
     pub amount: AtomicAmount,
-    pub at: Timestamp,
+    pub count: u32,
 }
 
-/// The agent's state item: policy, live window entries and an optimistic-lock version.
+const MINUTE_MILLIS: i64 = 60_000;
+
+fn minute_of(at: Timestamp) -> i64 {
+    at.millis().div_euclid(MINUTE_MILLIS)
+}
+
+/// A bucket counts while any part of it lies inside the window: a payment may count up to a
+/// minute longer than exactly, never shorter, so a cap can deny slightly early but is never
+/// exceeded.
+fn counts_within(bucket: &WindowBucket, now: Timestamp, window: Duration) -> bool {
+    Timestamp::from_millis((bucket.minute + 1) * MINUTE_MILLIS) > now.minus(window)
+}
+
+/// The window without a released reservation of `amount` made at `reserved_at`.
+pub fn release_from_window(
+    window: Vec<WindowBucket>,
+    amount: AtomicAmount,
+    reserved_at: Timestamp,
+) -> Vec<WindowBucket> {
+    let minute = minute_of(reserved_at);
+    window
+        .into_iter()
+        .filter_map(|mut bucket| {
+            if bucket.minute == minute {
+                bucket.amount = bucket.amount.saturating_sub(amount);
+                bucket.count = bucket.count.saturating_sub(1);
+                if bucket.count == 0 {
+                    return None;
+                }
+            }
+            Some(bucket)
+        })
+        .collect()
+}
+
+/// The agent's state item: policy, live spend per minute and an optimistic-lock version.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentLedger {
     pub policy: Option<SpendPolicy>,
-    pub window: Vec<WindowEntry>,
+    pub window: Vec<WindowBucket>,
     /// 0 when the agent has never been written.
     pub version: u64,
 }
@@ -98,23 +137,21 @@ impl SpendSnapshot {
 /// What a successful decision writes: the new window and the figures for the audit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpendDecision {
-    pub window: Vec<WindowEntry>,
+    pub window: Vec<WindowBucket>,
     pub snapshot: SpendSnapshot,
 }
 
-/// Sum of the entries newer than `now - window` (saturating at the ledger ceiling, which is
-/// far above any cap, so saturation can only deny).
-pub fn spent_within(entries: &[WindowEntry], now: Timestamp, window: Duration) -> AtomicAmount {
-    let since = now.minus(window);
-    entries
+/// Live spend inside `now - window` (saturating at the ledger ceiling, which is far above any
+/// cap, so saturation can only deny).
+pub fn spent_within(buckets: &[WindowBucket], now: Timestamp, window: Duration) -> AtomicAmount {
+    buckets
         .iter()
-        .filter(|e| e.at > since)
-        .fold(AtomicAmount::ZERO, |sum, e| sum.checked_add(e.amount).unwrap_or(AtomicAmount::MAX))
+        .filter(|b| counts_within(b, now, window))
+        .fold(AtomicAmount::ZERO, |sum, b| sum.checked_add(b.amount).unwrap_or(AtomicAmount::MAX))
 }
 
-fn count_within(entries: &[WindowEntry], now: Timestamp, window: Duration) -> u32 {
-    let since = now.minus(window);
-    u32::try_from(entries.iter().filter(|e| e.at > since).count()).unwrap_or(u32::MAX)
+fn count_within(buckets: &[WindowBucket], now: Timestamp, window: Duration) -> u32 {
+    buckets.iter().filter(|b| counts_within(b, now, window)).fold(0u32, |sum, b| sum.saturating_add(b.count))
 }
 
 /// Evaluates every limit and, if all pass, returns the window with the new entry.
@@ -122,7 +159,6 @@ pub fn decide(
     agent: &str,
     ledger: &AgentLedger,
     requirement: &PaymentRequirement,
-    reservation_id: &str,
     now: Timestamp,
 ) -> Result<SpendDecision, PaymentError> {
     let Some(policy) = &ledger.policy else {
@@ -163,9 +199,9 @@ pub fn decide(
     let daily_limit = convert(policy.daily_limit_usd, "daily limit")?;
     let amount = requirement.amount;
 
-    // Entries older than the longest window no longer count: drop them as we write.
-    let since = now.minus(WINDOW_24H);
-    let mut window: Vec<WindowEntry> = ledger.window.iter().filter(|e| e.at > since).cloned().collect();
+    // Buckets older than the longest window no longer count: drop them as we write.
+    let mut window: Vec<WindowBucket> =
+        ledger.window.iter().filter(|b| counts_within(b, now, WINDOW_24H)).cloned().collect();
     let spent_24h_before = spent_within(&window, now, WINDOW_24H);
     let transactions_last_hour_before = count_within(&window, now, WINDOW_1H);
 
@@ -197,7 +233,14 @@ pub fn decide(
             limit: policy.max_transactions_per_hour,
         });
     }
-    window.push(WindowEntry { reservation_id: reservation_id.to_owned(), amount, at: now });
+    let minute = minute_of(now);
+    match window.iter_mut().find(|b| b.minute == minute) {
+        Some(bucket) => {
+            bucket.amount = bucket.amount.checked_add(amount).unwrap_or(AtomicAmount::MAX);
+            bucket.count = bucket.count.saturating_add(1);
+        }
+        None => window.push(WindowBucket { minute, amount, count: 1 }),
+    }
     Ok(SpendDecision {
         window,
         snapshot: SpendSnapshot {
@@ -236,15 +279,18 @@ mod tests {
     fn ledger_with(entries: &[(u64, i64)]) -> AgentLedger {
         AgentLedger {
             policy: Some(policy()),
-            window: entries
-                .iter()
-                .enumerate()
-                .map(|(i, (amount, at))| WindowEntry {
-                    reservation_id: format!("r{i}"),
-                    amount: AtomicAmount::new(*amount).unwrap(),
-                    at: Timestamp::from_millis(*at),
-                })
-                .collect(),
+            window: entries.iter().fold(Vec::new(), |window: Vec<WindowBucket>, (amount, at)| {
+                let mut window = window;
+                let minute = minute_of(Timestamp::from_millis(*at));
+                match window.iter_mut().find(|b| b.minute == minute) {
+                    Some(bucket) => {
+                        bucket.amount = bucket.amount.checked_add(AtomicAmount::new(*amount).unwrap()).unwrap();
+                        bucket.count += 1;
+                    }
+                    None => window.push(WindowBucket { minute, amount: AtomicAmount::new(*amount).unwrap(), count: 1 }),
+                }
+                window
+            }),
             version: 1,
         }
     }
@@ -255,7 +301,7 @@ mod tests {
     #[test]
     fn within_limits_reserves_and_snapshots() {
         let ledger = ledger_with(&[(500_000, NOW - 2 * HOUR)]);
-        let decision = decide("a", &ledger, &requirement("1000000"), "new", Timestamp::from_millis(NOW)).unwrap();
+        let decision = decide("a", &ledger, &requirement("1000000"), Timestamp::from_millis(NOW)).unwrap();
         assert_eq!(decision.window.len(), 2);
         assert_eq!(decision.snapshot.spent_24h_before.get(), 500_000);
         assert_eq!(decision.snapshot.spent_24h_after.get(), 1_500_000);
@@ -264,8 +310,7 @@ mod tests {
 
     #[test]
     fn per_transaction_cap_denies_with_figures() {
-        let error =
-            decide("a", &ledger_with(&[]), &requirement("1000001"), "n", Timestamp::from_millis(NOW)).unwrap_err();
+        let error = decide("a", &ledger_with(&[]), &requirement("1000001"), Timestamp::from_millis(NOW)).unwrap_err();
         match error {
             PaymentError::SpendLimitExceeded { limit: LimitKind::PerTransaction, cap, amount, .. } => {
                 assert_eq!((cap.get(), amount.get()), (1_000_000, 1_000_001));
@@ -276,25 +321,72 @@ mod tests {
 
     #[test]
     fn daily_cap_counts_the_rolling_window_only() {
-        // 2.0 USD spent inside the window, 5 USD just outside it.
-        let ledger =
-            ledger_with(&[(1_000_000, NOW - HOUR * 2), (1_000_000, NOW - HOUR * 3), (5_000_000, NOW - 24 * HOUR)]);
-        let error = decide("a", &ledger, &requirement("600000"), "n", Timestamp::from_millis(NOW)).unwrap_err();
+        // 2.0 USD spent inside the window, 5 USD in the minute before it.
+        let ledger = ledger_with(&[
+            (1_000_000, NOW - HOUR * 2),
+            (1_000_000, NOW - HOUR * 3),
+            (5_000_000, NOW - 24 * HOUR - 60_000),
+        ]);
+        let error = decide("a", &ledger, &requirement("600000"), Timestamp::from_millis(NOW)).unwrap_err();
         match error {
             PaymentError::SpendLimitExceeded { limit: LimitKind::Rolling24Hours, spent, remaining, .. } => {
                 assert_eq!((spent.get(), remaining.get()), (2_000_000, 500_000));
             }
             other => panic!("{other:?}"),
         }
-        let ok = decide("a", &ledger, &requirement("500000"), "n", Timestamp::from_millis(NOW)).unwrap();
-        // The expired entry was pruned from the window written back.
+        let ok = decide("a", &ledger, &requirement("500000"), Timestamp::from_millis(NOW)).unwrap();
+        // The expired bucket was pruned from the window written back.
         assert_eq!(ok.window.len(), 3);
+    }
+
+    #[test]
+    fn a_minute_partly_inside_the_window_still_counts() {
+        // Paid 30 s into the minute that begins exactly 24 h before NOW.
+        let ledger = ledger_with(&[(2_000_000, NOW - 24 * HOUR + 30_000)]);
+        // At NOW + 45 s the payment itself is outside the window, but its minute is not: it
+        // still counts (denied a little early, never late).
+        let error = decide("a", &ledger, &requirement("600000"), Timestamp::from_millis(NOW + 45_000)).unwrap_err();
+        assert_eq!(error.name(), "SpendLimitExceeded");
+        // Once the whole minute has left the window, it no longer counts.
+        let later = decide("a", &ledger, &requirement("600000"), Timestamp::from_millis(NOW + 60_000)).unwrap();
+        assert_eq!(later.snapshot.spent_24h_before.get(), 0);
+    }
+
+    #[test]
+    fn payments_share_their_minute_and_release_subtracts_exactly() {
+        let at = Timestamp::from_millis(NOW);
+        let mut ledger = ledger_with(&[]);
+        for _ in 0..3 {
+            ledger.window = decide("a", &ledger, &requirement("100000"), at).unwrap().window;
+        }
+        assert_eq!(
+            ledger.window,
+            [WindowBucket { minute: minute_of(at), amount: AtomicAmount::new(300_000).unwrap(), count: 3 }]
+        );
+        let released = release_from_window(ledger.window.clone(), AtomicAmount::new(100_000).unwrap(), at);
+        assert_eq!((released[0].amount.get(), released[0].count), (200_000, 2));
+        let empty = (0..3).fold(ledger.window, |w, _| release_from_window(w, AtomicAmount::new(100_000).unwrap(), at));
+        assert!(empty.is_empty(), "{empty:?}");
+    }
+
+    #[test]
+    fn the_window_stays_bounded_whatever_the_rate() {
+        let mut policy = policy();
+        policy.max_transactions_per_hour = u32::MAX;
+        policy.daily_limit_usd = "1000000".parse().unwrap();
+        let mut ledger = AgentLedger { policy: Some(policy), window: vec![], version: 1 };
+        // One payment every 30 s for two days.
+        for i in 0..(2 * 24 * 120) {
+            let at = Timestamp::from_millis(NOW + i * 30_000);
+            ledger.window = decide("a", &ledger, &requirement("1"), at).unwrap().window;
+        }
+        assert!(ledger.window.len() <= 1441, "{}", ledger.window.len());
     }
 
     #[test]
     fn hourly_rate_denies_the_fourth_payment() {
         let ledger = ledger_with(&[(1, NOW - 10), (1, NOW - 20), (1, NOW - 30), (1, NOW - 2 * HOUR)]);
-        let error = decide("a", &ledger, &requirement("1"), "n", Timestamp::from_millis(NOW)).unwrap_err();
+        let error = decide("a", &ledger, &requirement("1"), Timestamp::from_millis(NOW)).unwrap_err();
         assert!(matches!(error, PaymentError::RateLimitExceeded { count: 3, limit: 3, .. }), "{error:?}");
     }
 
@@ -303,18 +395,18 @@ mod tests {
         let mut ledger = ledger_with(&[]);
         ledger.policy.as_mut().unwrap().paused = true;
         assert_eq!(
-            decide("a", &ledger, &requirement("1"), "n", Timestamp::from_millis(NOW)).unwrap_err().name(),
+            decide("a", &ledger, &requirement("1"), Timestamp::from_millis(NOW)).unwrap_err().name(),
             "AgentPaused"
         );
         ledger.policy = None;
         assert_eq!(
-            decide("a", &ledger, &requirement("1"), "n", Timestamp::from_millis(NOW)).unwrap_err().name(),
+            decide("a", &ledger, &requirement("1"), Timestamp::from_millis(NOW)).unwrap_err().name(),
             "PolicyDenied"
         );
         let mut ledger = ledger_with(&[]);
         ledger.policy.as_mut().unwrap().allowed_payees = vec![Address::repeat_byte(1)];
         assert_eq!(
-            decide("a", &ledger, &requirement("1"), "n", Timestamp::from_millis(NOW)).unwrap_err().name(),
+            decide("a", &ledger, &requirement("1"), Timestamp::from_millis(NOW)).unwrap_err().name(),
             "PolicyDenied"
         );
     }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::clock::{Clock, Timestamp};
 use crate::error::{InvalidPaymentRequest, PaymentError, is_denial_name};
 use crate::money::AtomicAmount;
-use crate::policy::{SpendSnapshot, decide};
+use crate::policy::{SpendSnapshot, decide, release_from_window};
 use crate::provider::{PaymentHeader, PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::{PaymentRequest, derived_id};
 use crate::store::{
@@ -392,7 +392,7 @@ impl Steps {
         for attempt in 0..self.settings.ledger_attempts {
             let ledger = self.store.agent_ledger(agent).await?;
             let now = self.clock.now();
-            let decision = match decide(agent, &ledger, payment, reservation_id, now) {
+            let decision = match decide(agent, &ledger, payment, now) {
                 Ok(decision) => decision,
                 Err(denial) => {
                     // A retried step whose reservation already counts against the cap.
@@ -544,7 +544,7 @@ impl Steps {
             let release = match &reservation {
                 Some(r) if r.status == ReservationStatus::Reserved => {
                     let ledger = self.store.agent_ledger(agent).await?;
-                    let window = ledger.window.into_iter().filter(|e| e.reservation_id != r.id).collect();
+                    let window = release_from_window(ledger.window, r.amount, r.created_at);
                     Some(ReleasedReservation { id: r.id.clone(), expected_version: ledger.version, window })
                 }
                 Some(r) if r.status != ReservationStatus::Released => {

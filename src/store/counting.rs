@@ -65,7 +65,7 @@ impl Store for CountingStore {
         self.count("put_policy");
         self.inner.put_policy(agent_id, policy).await
     }
-    async fn reserve(&self, v: u64, window: &[WindowEntry], r: &Reservation) -> Result<ReserveOutcome, PaymentError> {
+    async fn reserve(&self, v: u64, window: &[WindowBucket], r: &Reservation) -> Result<ReserveOutcome, PaymentError> {
         self.count("reserve");
         self.inner.reserve(v, window, r).await
     }

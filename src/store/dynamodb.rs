@@ -332,7 +332,7 @@ impl DynamoStore {
         &self,
         agent_id: &str,
         expected_version: u64,
-        window: &[WindowEntry],
+        window: &[WindowBucket],
     ) -> Result<TransactWriteItem, PaymentError> {
         let update = Update::builder()
             .table_name(&self.tables.ledger)
@@ -523,7 +523,7 @@ impl Store for DynamoStore {
     async fn reserve(
         &self,
         expected_version: u64,
-        window: &[WindowEntry],
+        window: &[WindowBucket],
         reservation: &Reservation,
     ) -> Result<ReserveOutcome, PaymentError> {
         let agent_write = if expected_version == 0 {

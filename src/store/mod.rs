@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::clock::Timestamp;
 use crate::error::PaymentError;
 use crate::money::AtomicAmount;
-use crate::policy::{AgentLedger, SpendPolicy, SpendSnapshot, WindowEntry};
+use crate::policy::{AgentLedger, SpendPolicy, SpendSnapshot, WindowBucket};
 use crate::request::BusinessContext;
 use crate::x402::Network;
 
@@ -209,7 +209,7 @@ pub struct ReleaseCommit {
 pub struct ReleasedReservation {
     pub id: String,
     pub expected_version: u64,
-    pub window: Vec<WindowEntry>,
+    pub window: Vec<WindowBucket>,
 }
 
 #[async_trait]
@@ -240,7 +240,7 @@ pub trait Store: Send + Sync {
     async fn reserve(
         &self,
         expected_version: u64,
-        window: &[WindowEntry],
+        window: &[WindowBucket],
         reservation: &Reservation,
     ) -> Result<ReserveOutcome, PaymentError>;
 

@@ -147,7 +147,7 @@ fn get_ledger(tx: &Connection, agent_id: &str) -> SqlResult<AgentLedger> {
 }
 
 /// Writes the window if the agent's version is still `expected`; false on conflict.
-fn put_window(tx: &Connection, agent_id: &str, expected: u64, window: &[WindowEntry]) -> SqlResult<bool> {
+fn put_window(tx: &Connection, agent_id: &str, expected: u64, window: &[WindowBucket]) -> SqlResult<bool> {
     let window = to_json(&window)?;
     let expected = i64::try_from(expected).unwrap_or(i64::MAX);
     let changed = if expected == 0 {
@@ -255,7 +255,7 @@ impl Store for SqliteStore {
     async fn reserve(
         &self,
         expected_version: u64,
-        window: &[WindowEntry],
+        window: &[WindowBucket],
         reservation: &Reservation,
     ) -> Result<ReserveOutcome, PaymentError> {
         self.write("reserve", |tx| {

@@ -342,8 +342,9 @@ async fn every_policy_limit_denies(backend: Backend) {
     f.spend(&input, "e", &claim).await.unwrap();
     assert_eq!(deny(&f, "k-rate", "1").await.name(), "RateLimitExceeded");
 
-    // An hour later the rate resets; a day later the daily window too.
-    f.clock.advance(Duration::from_secs(3601));
+    // Once the payments' whole minute is more than an hour old, the rate resets (windows count
+    // whole minutes: a limit may hold up to a minute longer, never shorter).
+    f.clock.advance(Duration::from_secs(3600 + 60));
     let input = execution_input("k-next-hour", AGENT, "1");
     let claim = f.claim(&input, "e").await.unwrap();
     f.spend(&input, "e", &claim).await.unwrap();
