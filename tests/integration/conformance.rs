@@ -41,6 +41,17 @@ impl Fixture {
     /// CheckSpend, ProcessPayment, RecordLedger after a claim: the outcome's JSON.
     async fn pay(&self, input: &Value, execution: &str, claim: &Claim) -> Result<Value, PaymentError> {
         let reservation = self.spend(input, execution, claim).await?;
+        self.prove_and_record(input, execution, claim, &reservation).await
+    }
+
+    /// ProcessPayment then RecordLedger on a reservation: the outcome's JSON.
+    async fn prove_and_record(
+        &self,
+        input: &Value,
+        execution: &str,
+        claim: &Claim,
+        reservation: &ReservationSummary,
+    ) -> Result<Value, PaymentError> {
         let proof = self
             .steps
             .process_payment(ProcessPaymentInput {
@@ -56,7 +67,7 @@ impl Fixture {
                 request: input.clone(),
                 execution_id: execution.into(),
                 claim: claim.clone(),
-                reservation,
+                reservation: reservation.clone(),
                 proof,
             })
             .await?;
@@ -211,28 +222,8 @@ async fn reserve_is_idempotent_and_authorize_and_settle_happen_once(backend: Bac
 
     let outcome = f.pay(&input, "exec-1", &claim).await.unwrap();
     // RecordLedger again (a retried step) answers the same outcome without writing.
-    let proof = f
-        .steps
-        .process_payment(ProcessPaymentInput {
-            request: input.clone(),
-            execution_id: "exec-1".into(),
-            claim: claim.clone(),
-            reservation: first.clone(),
-        })
-        .await
-        .unwrap();
-    let again = f
-        .steps
-        .record_ledger(RecordLedgerInput {
-            request: input.clone(),
-            execution_id: "exec-1".into(),
-            claim: claim.clone(),
-            reservation: first.clone(),
-            proof,
-        })
-        .await
-        .unwrap();
-    assert_eq!(serde_json::to_value(again).unwrap()["paymentId"], outcome["paymentId"]);
+    let again = f.prove_and_record(&input, "exec-1", &claim, &first).await.unwrap();
+    assert_eq!(again["paymentId"], outcome["paymentId"]);
     assert_eq!(f.store.audit_events(AGENT).await.unwrap().len(), 1);
 
     let reservation = f.store.reservation(AGENT, &first.reservation_id).await.unwrap().unwrap();
@@ -287,27 +278,7 @@ async fn release_happens_once_and_never_after_authorization(backend: Backend) {
     assert_eq!(f.store.audit_events(AGENT).await.unwrap().len(), 1);
 
     // A released reservation cannot be authorized afterwards.
-    let proof = f
-        .steps
-        .process_payment(ProcessPaymentInput {
-            request: input.clone(),
-            execution_id: "exec-1".into(),
-            claim: claim.clone(),
-            reservation: reservation.clone(),
-        })
-        .await
-        .unwrap();
-    let error = f
-        .steps
-        .record_ledger(RecordLedgerInput {
-            request: input.clone(),
-            execution_id: "exec-1".into(),
-            claim: claim.clone(),
-            reservation,
-            proof,
-        })
-        .await
-        .unwrap_err();
+    let error = f.prove_and_record(&input, "exec-1", &claim, &reservation).await.unwrap_err();
     assert_eq!(error.name(), "LedgerInconsistent");
 
     // And an authorized one cannot be released.
