@@ -14,6 +14,10 @@ use crate::executions::{ExecutionFilter, ExecutionRecord, ExecutionStatus, Execu
 use crate::local::LocalApp;
 use crate::money::UsdAmount;
 use crate::policy::{SpendPolicy, WINDOW_24H, spent_within};
+use crate::provider::agentcore::{
+    AgentCorePolicy, AgentCoreProvider, AgentCoreSelection, SessionExpiry, check_manager_arn, check_resource_id,
+};
+use crate::request::{AgentId, UserId, derived_id};
 use crate::store::Store;
 use crate::store::dynamodb::{DynamoStore, TableNames, create_table, schema};
 use crate::x402::{Network, parse_address};
@@ -36,8 +40,18 @@ pub struct Cli {
     pub idempotency_table: String,
     #[arg(long, global = true, env = "AGENTPAY_LEDGER_TABLE", default_value = "agentpay-ledger")]
     pub ledger_table: String,
+    /// Who signs payment proofs: the local dev wallet, or AgentCore Payments through the
+    /// standard AWS configuration chain (`AWS_ENDPOINT_URL_BEDROCK_AGENTCORE` for a local endpoint).
+    #[arg(long, global = true, value_enum, default_value_t = ProviderKind::DevWallet)]
+    pub provider: ProviderKind,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProviderKind {
+    DevWallet,
+    Agentcore,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,6 +89,31 @@ pub enum Command {
     /// Create the DynamoDB tables (for `--store dynamodb` against a local endpoint).
     #[command(subcommand)]
     Tables(TablesCommand),
+    /// AgentCore Payments operations (standard AWS configuration chain).
+    #[command(subcommand)]
+    Agentcore(AgentcoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentcoreCommand {
+    /// Create a payment session for an agent's user, with an expiry and an optional budget.
+    CreateSession {
+        #[arg(long, value_parser = |s: &str| check_manager_arn(s).map(|()| s.to_owned()).map_err(|e| format!("expected {e}")))]
+        manager_arn: String,
+        #[arg(long)]
+        user_id: String,
+        #[arg(long)]
+        agent: String,
+        /// 15 to 480 minutes.
+        #[arg(long, default_value_t = 60)]
+        expiry_minutes: i64,
+        /// Session budget in USD, e.g. 5.00.
+        #[arg(long)]
+        max_spend_usd: Option<UsdAmount>,
+        /// Makes a retried create return the same session (default: derived from the other arguments).
+        #[arg(long)]
+        client_token: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +175,22 @@ pub struct PolicySetArgs {
     /// Payee allowed (repeatable); none means any payee.
     #[arg(long, value_parser = |s: &str| parse_address(s).map_err(|e| format!("expected {e}")))]
     pub payee: Vec<alloy_primitives::Address>,
+    /// AgentCore payment manager ARN used when the execution input does not name one.
+    #[arg(long, value_parser = |s: &str| check_manager_arn(s).map(|()| s.to_owned()).map_err(|e| format!("expected {e}")))]
+    pub agentcore_manager_arn: Option<String>,
+    /// AgentCore payment session id used when the execution input does not name one.
+    #[arg(long, value_parser = |s: &str| check_resource_id(s).map(|()| s.to_owned()).map_err(|e| format!("expected {e}")))]
+    pub agentcore_session_id: Option<String>,
+    /// AgentCore payment instrument id used when the execution input does not name one.
+    #[arg(long, value_parser = |s: &str| check_resource_id(s).map(|()| s.to_owned()).map_err(|e| format!("expected {e}")))]
+    pub agentcore_instrument_id: Option<String>,
+    /// Let AgentCore charge MPP network fees to the wallet when a challenge does not sponsor them.
+    #[arg(long)]
+    pub buyer_pays_gas_fees: bool,
+    /// Read the AgentCore session before paying; deny without a wallet operation when it is
+    /// expired or its budget is short.
+    #[arg(long)]
+    pub check_session_first: bool,
 }
 
 /// A failure of the CLI itself, shown as `error: ...` with its causes.
@@ -152,10 +207,14 @@ impl Cli {
     }
 
     fn config(&self) -> Config {
-        match self.store {
+        let mut config = match self.store {
             StoreKind::Sqlite => Config::local(&self.data_dir),
             StoreKind::Dynamodb => Config::local_dynamo(&self.data_dir, self.tables()),
+        };
+        if self.provider == ProviderKind::Agentcore {
+            config.provider = crate::config::ProviderConfig::AgentCore;
         }
+        config
     }
 
     async fn open(&self, fast_retries: bool) -> Result<Context, CliError> {
@@ -219,6 +278,37 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             Ok(0)
         }
         Command::Demo => crate::demo::run(cli.json).await,
+        Command::Agentcore(AgentcoreCommand::CreateSession {
+            manager_arn,
+            user_id,
+            agent,
+            expiry_minutes,
+            max_spend_usd,
+            client_token,
+        }) => {
+            // Checked before any AWS client is built.
+            let expiry = SessionExpiry::minutes(*expiry_minutes)?;
+            UserId::parse("--user-id", user_id)?;
+            AgentId::parse("--agent", agent)?;
+            let token = client_token.clone().unwrap_or_else(|| {
+                let budget = max_spend_usd.map(|b| b.to_string()).unwrap_or_default();
+                derived_id("session", &[manager_arn, user_id, agent, &expiry_minutes.to_string(), &budget])
+            });
+            let provider = AgentCoreProvider::from_env(Arc::new(SystemClock)).await;
+            let selection = AgentCoreSelection { payment_manager_arn: Some(manager_arn.clone()), ..Default::default() };
+            let session = provider.create_session(&selection, user_id, agent, expiry, *max_spend_usd, &token).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&session)?);
+            } else {
+                println!(
+                    "created payment session {} (expires {} after {} minutes)",
+                    session.payment_session_id,
+                    session.expires_at.to_rfc3339(),
+                    session.expiry_time_in_minutes
+                );
+            }
+            Ok(0)
+        }
         Command::Tables(TablesCommand::Create) => {
             let store = DynamoStore::from_env(cli.tables()).await;
             for (name, schema) in [(&cli.idempotency_table, schema::IDEMPOTENCY), (&cli.ledger_table, schema::LEDGER)] {
@@ -242,7 +332,16 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), Cl
                 Some(file) => {
                     let text =
                         std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                    serde_json::from_str::<SpendPolicy>(&text).map_err(|e| format!("{}: {e}", file.display()))?
+                    let policy =
+                        serde_json::from_str::<SpendPolicy>(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+                    if let Some(agentcore) = &policy.agentcore {
+                        let defaults = serde_json::to_value(&agentcore.defaults)?;
+                        AgentCoreSelection::parse(&defaults, "agentcore.defaults").map_err(|problems| {
+                            let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                            format!("{}: {}", file.display(), listed.join("; "))
+                        })?;
+                    }
+                    policy
                 }
                 None => SpendPolicy {
                     paused: false,
@@ -251,6 +350,7 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), Cl
                     max_transactions_per_hour: args.max_per_hour.ok_or("--max-per-hour is required")?,
                     allowed_networks: args.network.clone(),
                     allowed_payees: args.payee.clone(),
+                    agentcore: agentcore_policy(args),
                 },
             };
             crate::request::AgentId::parse("agent", &args.agent)?;
@@ -270,6 +370,19 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), Cl
         println!("{}", policy_table(&agent, &policy));
     }
     Ok(())
+}
+
+fn agentcore_policy(args: &PolicySetArgs) -> Option<AgentCorePolicy> {
+    let policy = AgentCorePolicy {
+        defaults: AgentCoreSelection {
+            payment_manager_arn: args.agentcore_manager_arn.clone(),
+            payment_session_id: args.agentcore_session_id.clone(),
+            payment_instrument_id: args.agentcore_instrument_id.clone(),
+        },
+        buyer_pays_gas_fees: args.buyer_pays_gas_fees,
+        check_session_first: args.check_session_first,
+    };
+    (policy != AgentCorePolicy::default()).then_some(policy)
 }
 
 async fn set_paused(store: &dyn Store, agent: String, paused: bool) -> Result<(String, SpendPolicy), CliError> {

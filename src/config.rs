@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
+use crate::provider::agentcore::AgentCoreProvider;
 use crate::provider::dev_wallet::DevWallet;
 use crate::provider::{IssuedProofs, PaymentProvider};
 use crate::steps::{StepSettings, Steps};
@@ -50,6 +51,15 @@ impl std::fmt::Debug for DevWalletKey {
 #[derive(Debug, Clone)]
 pub enum ProviderConfig {
     DevWallet(DevWalletKey),
+    /// Amazon Bedrock AgentCore Payments; endpoint, region and credentials from the standard
+    /// AWS chain (`AWS_ENDPOINT_URL_BEDROCK_AGENTCORE` for a local endpoint).
+    AgentCore,
+}
+
+/// The provider the steps use, and the dev wallet's address when that is the provider.
+pub struct BuiltProvider {
+    pub provider: Arc<dyn PaymentProvider>,
+    pub wallet_address: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,11 +129,12 @@ impl Config {
                     }
                 },
             ),
+            "agentcore" => ProviderConfig::AgentCore,
             other => {
                 return Err(ConfigError::Invalid {
                     variable: "AGENTPAY_PROVIDER",
                     received: other.into(),
-                    expected: "\"dev-wallet\"",
+                    expected: "\"dev-wallet\" or \"agentcore\"",
                 });
             }
         };
@@ -174,26 +185,59 @@ impl Config {
         })
     }
 
-    pub fn dev_wallet(&self, proofs: Arc<dyn IssuedProofs>, clock: Arc<dyn Clock>) -> Result<DevWallet, ConfigError> {
-        let ProviderConfig::DevWallet(key) = &self.provider;
-        let hex = match key {
-            DevWalletKey::Hex(hex) => hex.clone(),
-            DevWalletKey::File(path) => read_or_create_key(path)?,
-        };
-        DevWallet::from_hex_key(&hex, proofs, clock).map_err(|_| ConfigError::Invalid {
-            variable: "AGENTPAY_DEV_WALLET_KEY",
-            received: "<redacted>".into(),
-            expected: KEY_EXPECTED,
+    /// The configured provider, built once.
+    pub async fn payment_provider(
+        &self,
+        proofs: Arc<dyn IssuedProofs>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<BuiltProvider, ConfigError> {
+        Ok(match &self.provider {
+            ProviderConfig::DevWallet(key) => {
+                let wallet = dev_wallet(key, proofs, clock)?;
+                let wallet_address = Some(wallet.address().to_checksum(None));
+                BuiltProvider { provider: Arc::new(wallet), wallet_address }
+            }
+            ProviderConfig::AgentCore => {
+                BuiltProvider { provider: Arc::new(AgentCoreProvider::from_env(clock).await), wallet_address: None }
+            }
         })
+    }
+
+    /// The dev wallet from the configured key (whatever the configured provider).
+    pub fn dev_wallet(&self, proofs: Arc<dyn IssuedProofs>, clock: Arc<dyn Clock>) -> Result<DevWallet, ConfigError> {
+        match &self.provider {
+            ProviderConfig::DevWallet(key) => dev_wallet(key, proofs, clock),
+            ProviderConfig::AgentCore => Err(ConfigError::Invalid {
+                variable: "AGENTPAY_PROVIDER",
+                received: "agentcore".into(),
+                expected: "\"dev-wallet\" for a dev wallet",
+            }),
+        }
     }
 
     /// Builds the steps once: store, provider and clock wired in.
     pub async fn build_steps(&self) -> Result<Steps, ConfigError> {
         let opened = self.open_store().await?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let provider: Arc<dyn PaymentProvider> = Arc::new(self.dev_wallet(opened.proofs, clock.clone())?);
-        Ok(Steps::new(opened.store, provider, clock, self.settings.clone()))
+        let built = self.payment_provider(opened.proofs, clock.clone()).await?;
+        Ok(Steps::new(opened.store, built.provider, clock, self.settings.clone()))
     }
+}
+
+fn dev_wallet(
+    key: &DevWalletKey,
+    proofs: Arc<dyn IssuedProofs>,
+    clock: Arc<dyn Clock>,
+) -> Result<DevWallet, ConfigError> {
+    let hex = match key {
+        DevWalletKey::Hex(hex) => hex.clone(),
+        DevWalletKey::File(path) => read_or_create_key(path)?,
+    };
+    DevWallet::from_hex_key(&hex, proofs, clock).map_err(|_| ConfigError::Invalid {
+        variable: "AGENTPAY_DEV_WALLET_KEY",
+        received: "<redacted>".into(),
+        expected: KEY_EXPECTED,
+    })
 }
 
 /// Reads the key file, or creates it with a fresh key (owner-only permissions).
@@ -243,7 +287,9 @@ mod tests {
         assert_eq!(error, "AGENTPAY_STORE: received \"mongo\", expected \"dynamodb\" or \"sqlite\"");
         let sqlite = ("AGENTPAY_STORE", "sqlite");
         let error = Config::from_lookup(lookup(&[sqlite, ("AGENTPAY_PROVIDER", "paypal")])).unwrap_err().to_string();
-        assert_eq!(error, "AGENTPAY_PROVIDER: received \"paypal\", expected \"dev-wallet\"");
+        assert_eq!(error, "AGENTPAY_PROVIDER: received \"paypal\", expected \"dev-wallet\" or \"agentcore\"");
+        let agentcore = Config::from_lookup(lookup(&[sqlite, ("AGENTPAY_PROVIDER", "agentcore")])).unwrap();
+        assert!(matches!(agentcore.provider, ProviderConfig::AgentCore), "no dev wallet key needed");
         let error = Config::from_lookup(lookup(&[sqlite])).unwrap_err().to_string();
         assert!(error.starts_with("AGENTPAY_DEV_WALLET_KEY is not set"), "{error}");
         let error =

@@ -78,7 +78,9 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
     app.store.put_policy(AGENT, &policy).await?;
     if !json_output {
         println!("agentpay demo — a fresh embedded store in {}", data_dir.display());
-        println!("dev wallet {} (key in {}/dev-wallet.key, never printed)", app.wallet_address, data_dir.display());
+        if let Some(address) = &app.wallet_address {
+            println!("dev wallet {address} (key in {}/dev-wallet.key, never printed)", data_dir.display());
+        }
         println!("{}", crate::cli::policy_table(AGENT, &policy));
         println!("retry waits are the state machine's, scaled 1/{TIME_SCALE} for the demo");
     }

@@ -155,6 +155,17 @@ pub enum PaymentError {
     #[error("payment provider {provider} rejected the payment: {message}")]
     ProviderRejected { provider: &'static str, message: String },
 
+    /// The provider refused for a reason a person must fix; `kind` names it and `hint` says how.
+    #[error("payment provider {provider}: {kind}: {message}. {hint}")]
+    ProviderFailed {
+        provider: &'static str,
+        kind: ProviderFailure,
+        message: String,
+        hint: &'static str,
+        #[source]
+        source: Option<BoxError>,
+    },
+
     #[error("store unavailable during {operation}")]
     StoreUnavailable {
         operation: &'static str,
@@ -193,6 +204,7 @@ impl PaymentError {
             PaymentError::AgentPaused { .. } => "AgentPaused",
             PaymentError::ProviderUnavailable { .. } => "ProviderUnavailable",
             PaymentError::ProviderRejected { .. } => "ProviderRejected",
+            PaymentError::ProviderFailed { kind, .. } => kind.name(),
             PaymentError::StoreUnavailable { .. } => "StoreUnavailable",
             PaymentError::StoreRejected { .. } => "StoreRejected",
             PaymentError::LedgerConflict { .. } => "LedgerConflict",
@@ -232,6 +244,60 @@ impl PaymentError {
     }
 }
 
+/// Why a provider refused, each with its own error name in the state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderFailure {
+    /// The session's remaining budget is below the payment.
+    SessionBudgetExhausted,
+    /// The payment session is past its expiry.
+    SessionExpired,
+    AccessDenied,
+    /// The payment manager, session or instrument does not exist.
+    ResourceNotFound,
+    /// The client token was used with different parameters, or the resource is changing.
+    Conflict,
+    QuotaExceeded,
+    SubscriptionRequired,
+}
+
+impl ProviderFailure {
+    pub const ALL: [ProviderFailure; 7] = [
+        ProviderFailure::SessionBudgetExhausted,
+        ProviderFailure::SessionExpired,
+        ProviderFailure::AccessDenied,
+        ProviderFailure::ResourceNotFound,
+        ProviderFailure::Conflict,
+        ProviderFailure::QuotaExceeded,
+        ProviderFailure::SubscriptionRequired,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderFailure::SessionBudgetExhausted => "SessionBudgetExhausted",
+            ProviderFailure::SessionExpired => "SessionExpired",
+            ProviderFailure::AccessDenied => "ProviderAccessDenied",
+            ProviderFailure::ResourceNotFound => "ProviderResourceNotFound",
+            ProviderFailure::Conflict => "ProviderConflict",
+            ProviderFailure::QuotaExceeded => "ProviderQuotaExceeded",
+            ProviderFailure::SubscriptionRequired => "ProviderSubscriptionRequired",
+        }
+    }
+}
+
+impl std::fmt::Display for ProviderFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProviderFailure::SessionBudgetExhausted => "session budget exhausted",
+            ProviderFailure::SessionExpired => "session expired",
+            ProviderFailure::AccessDenied => "access denied",
+            ProviderFailure::ResourceNotFound => "resource not found",
+            ProviderFailure::Conflict => "conflict",
+            ProviderFailure::QuotaExceeded => "service quota exceeded",
+            ProviderFailure::SubscriptionRequired => "subscription required",
+        })
+    }
+}
+
 /// Whether an error name (as caught by the state machine) is a policy denial.
 pub fn is_denial_name(name: &str) -> bool {
     matches!(name, "PolicyDenied" | "SpendLimitExceeded" | "RateLimitExceeded" | "AgentPaused")
@@ -248,6 +314,13 @@ pub const ERROR_NAMES: &[&str] = &[
     "AgentPaused",
     "ProviderUnavailable",
     "ProviderRejected",
+    "SessionBudgetExhausted",
+    "SessionExpired",
+    "ProviderAccessDenied",
+    "ProviderResourceNotFound",
+    "ProviderConflict",
+    "ProviderQuotaExceeded",
+    "ProviderSubscriptionRequired",
     "StoreUnavailable",
     "StoreRejected",
     "LedgerConflict",
@@ -275,6 +348,13 @@ mod tests {
         let problem = FieldProblem::new("x", "a".repeat(500), "short");
         assert!(problem.received.len() < 200);
         assert!(problem.received.ends_with("(500 chars)"));
+    }
+
+    #[test]
+    fn every_provider_failure_name_is_listed() {
+        for kind in ProviderFailure::ALL {
+            assert!(ERROR_NAMES.contains(&kind.name()), "{}", kind.name());
+        }
     }
 
     #[test]

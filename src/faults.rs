@@ -11,9 +11,12 @@ use crate::clock::Timestamp;
 use crate::error::PaymentError;
 use crate::policy::{AgentLedger, SpendPolicy, WindowBucket};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
+use crate::request::PaymentRequest;
 use crate::store::{
     AuditEvent, AuthorizationCommit, IdempotencyRecord, ReleaseCommit, Reservation, ReserveOutcome, Store, Transition,
 };
+use crate::x402::PaymentRequirement;
+use serde_json::Value;
 
 /// Takes one failure off the budget; true while failures remain.
 fn take(budget: &AtomicU32) -> bool {
@@ -62,6 +65,15 @@ impl FaultyProvider {
 impl PaymentProvider for FaultyProvider {
     fn name(&self) -> &'static str {
         self.inner.name()
+    }
+
+    fn prepare(
+        &self,
+        request: &PaymentRequest,
+        policy: &SpendPolicy,
+        payment: &PaymentRequirement,
+    ) -> Result<Option<Value>, PaymentError> {
+        self.inner.prepare(request, policy, payment)
     }
 
     async fn process_payment(&self, order: &PaymentOrder) -> Result<PaymentProof, PaymentError> {

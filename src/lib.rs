@@ -12,6 +12,7 @@ pub mod faults;
 pub mod lambda;
 pub mod local;
 pub mod money;
+pub mod mpp;
 pub mod policy;
 pub mod provider;
 pub mod request;

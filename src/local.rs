@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::asl::{LocalRunner, PAYMENT_DEFINITION, RunnerError, Sleeper};
 use crate::clock::Clock;
-use crate::config::{Config, ConfigError};
+use crate::config::{BuiltProvider, Config, ConfigError};
 use crate::executions::ExecutionRecord;
 use crate::faults::{FaultyProvider, FaultyStore, ProviderFault};
 use crate::provider::PaymentProvider;
@@ -50,7 +50,8 @@ pub struct LocalApp {
     pub provider: Arc<FaultyProvider>,
     /// Pass-through unless the demo or a test injects ledger-write faults.
     pub ledger: Arc<FaultyStore>,
-    pub wallet_address: String,
+    /// The dev wallet's address, when the dev wallet is the provider.
+    pub wallet_address: Option<String>,
     pub steps: Steps,
     pub runner: LocalRunner,
 }
@@ -62,11 +63,26 @@ impl LocalApp {
         clock: Arc<dyn Clock>,
         sleeper: Arc<dyn Sleeper>,
     ) -> Result<Self, LocalError> {
+        Self::open_with_provider(config, data_dir, clock, sleeper, None).await
+    }
+
+    /// As [`LocalApp::open`], with `provider` in place of the configured one (tests point an
+    /// AgentCore client at an emulator this way).
+    pub async fn open_with_provider(
+        config: &Config,
+        data_dir: &std::path::Path,
+        clock: Arc<dyn Clock>,
+        sleeper: Arc<dyn Sleeper>,
+        provider: Option<Arc<dyn PaymentProvider>>,
+    ) -> Result<Self, LocalError> {
         let executions = Arc::new(SqliteStore::open(&data_dir.join("agentpay.db")).map_err(ConfigError::Store)?);
         let opened = config.open_store().await?;
-        let wallet = config.dev_wallet(opened.proofs, clock.clone())?;
-        let wallet_address = wallet.address().to_checksum(None);
-        let provider = Arc::new(FaultyProvider::new(Arc::new(wallet), ProviderFault::Unavailable, 0));
+        let built = match provider {
+            Some(provider) => BuiltProvider { provider, wallet_address: None },
+            None => config.payment_provider(opened.proofs, clock.clone()).await?,
+        };
+        let wallet_address = built.wallet_address;
+        let provider = Arc::new(FaultyProvider::new(built.provider, ProviderFault::Unavailable, 0));
         let store = opened.store;
         let ledger = Arc::new(FaultyStore::new(store.clone()));
         let steps = Steps::new(

@@ -31,6 +31,9 @@ pub struct SpendPolicy {
     /// Empty: any payee.
     #[serde(default, with = "checksummed_addresses")]
     pub allowed_payees: Vec<Address>,
+    /// Session, instrument and switches for the AgentCore provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agentcore: Option<crate::provider::agentcore::AgentCorePolicy>,
 }
 
 impl SpendPolicy {
@@ -268,6 +271,7 @@ mod tests {
             max_transactions_per_hour: 3,
             allowed_networks: vec![Network::BaseSepolia],
             allowed_payees: vec![],
+            agentcore: None,
         }
     }
 

@@ -4,8 +4,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::error::{FieldProblem, InvalidPaymentRequest};
-use crate::x402::{Challenge, describe};
+use crate::error::{FieldProblem, InvalidPaymentRequest, PaymentError};
+use crate::mpp::MppChallenge;
+use crate::provider::agentcore::AgentCoreSelection;
+use crate::x402::{Allowlist, Challenge, PaymentRequirement, describe};
 
 macro_rules! validated_id {
     ($(#[$meta:meta])* $name:ident, max = $max:expr, extra = $extra:expr, what = $what:expr) => {
@@ -84,8 +86,8 @@ pub struct PaymentRequest {
     pub challenge: ChallengeInput,
     pub resource: String,
     pub context: BusinessContext,
-    /// Provider-specific settings (AgentCore session and instrument), passed through.
-    pub agentcore: Option<Value>,
+    /// AgentCore session and instrument for this payment (override the agent's policy).
+    pub agentcore: Option<AgentCoreSelection>,
     fingerprint: String,
 }
 
@@ -133,7 +135,10 @@ impl PaymentRequest {
             }
         });
         let context = parse_context(fields.get("context"), &mut problems);
-        let agentcore = fields.get("agentcore").filter(|v| !v.is_null()).cloned();
+        let agentcore = fields
+            .get("agentcore")
+            .filter(|v| !v.is_null())
+            .and_then(|v| AgentCoreSelection::parse(v, "agentcore").map_err(|p| problems.extend(p)).ok());
 
         match (idempotency_key, agent_id, user_id, challenge, resource, context) {
             (Some(idempotency_key), Some(agent_id), Some(user_id), Some(challenge), Some(resource), Some(context))
@@ -159,16 +164,13 @@ impl PaymentRequest {
         &self.fingerprint
     }
 
-    /// Parses the x402 challenge structure (entries are validated at selection).
-    pub fn x402_challenge(&self) -> Result<Challenge, InvalidPaymentRequest> {
+    /// Validates the challenge and chooses what to pay: the first x402 `accepts[]` entry the
+    /// allowlist permits, or the MPP charge.
+    pub fn select_payment(&self, allow: &Allowlist, agent: &str) -> Result<PaymentRequirement, PaymentError> {
         match &self.challenge {
-            ChallengeInput::X402Header(header) => Challenge::from_v2_header(header),
-            ChallengeInput::X402V1Body(body) => Challenge::from_v1_body(body.clone()),
-            ChallengeInput::Mpp(_) => Err(InvalidPaymentRequest::field(
-                "challenge.mpp",
-                "an MPP challenge",
-                "an x402 challenge (challenge.x402 or challenge.x402v1): the configured payment provider pays x402 only",
-            )),
+            ChallengeInput::X402Header(header) => Challenge::from_v2_header(header)?.select(allow, agent),
+            ChallengeInput::X402V1Body(body) => Challenge::from_v1_body(body.clone())?.select(allow, agent),
+            ChallengeInput::Mpp(header) => MppChallenge::parse(header)?.select(allow, agent),
         }
     }
 }

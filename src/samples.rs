@@ -67,3 +67,28 @@ pub fn execution_input_with_challenge(key: &str, agent: &str, challenge: Value) 
         }
     })
 }
+
+/// An MPP `charge` challenge (`WWW-Authenticate` value) for `amount` atomic USDC on Base Sepolia.
+pub fn mpp_challenge(id: &str, amount: &str) -> String {
+    let usdc = Network::BaseSepolia.usdc();
+    crate::mpp::encode_challenge(
+        id,
+        "evm",
+        &json!({
+            "amount": amount,
+            "currency": usdc.address.to_checksum(None),
+            "recipient": SAMPLE_PAYEE,
+            "decimals": usdc.decimals,
+            "methodDetails": {"chainId": Network::BaseSepolia.chain_id()}
+        }),
+    )
+}
+
+/// A sample AgentCore selection for the execution input's `agentcore` block.
+pub fn agentcore_block() -> Value {
+    json!({
+        "paymentManagerArn": "arn:aws:bedrock-agentcore:us-east-1:123456789012:payment-manager/pm-demo",
+        "paymentSessionId": "ps-demo-1",
+        "paymentInstrumentId": "pi-demo-1"
+    })
+}

@@ -106,6 +106,9 @@ pub struct Claim {
     pub payment: Option<PaymentRequirement>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
+    /// The provider's settings for this payment (see `PaymentProvider::prepare`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_context: Option<Value>,
 }
 
 /// CheckSpend's output (`$.reservation`).
@@ -289,7 +292,6 @@ impl Steps {
     /// Validates the request and claims its idempotency key.
     pub async fn check_idempotency(&self, input: CheckIdempotencyInput) -> Result<Claim, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
-        let challenge = request.x402_challenge()?;
         let agent = request.agent_id.as_str();
         let ledger = self.store.agent_ledger(agent).await?;
         let Some(policy) = &ledger.policy else {
@@ -300,7 +302,8 @@ impl Steps {
                 ),
             });
         };
-        let payment = challenge.select(&policy.allowlist(), agent)?;
+        let payment = request.select_payment(&policy.allowlist(), agent)?;
+        let provider_context = self.provider.prepare(&request, policy, &payment)?;
 
         let key = request.idempotency_key.as_str();
         let now = self.clock.now();
@@ -324,6 +327,7 @@ impl Steps {
             client_token: derived_id("agentpay", &[key, &attempt.to_string()]),
             payment: Some(payment.clone()),
             result: None,
+            provider_context: provider_context.clone(),
         };
 
         let mut blocking = self.store.insert_idempotency(&fresh).await?;
@@ -349,6 +353,7 @@ impl Steps {
                         outcome: ClaimOutcome::Cached,
                         payment: None,
                         result: Some(result),
+                        provider_context: None,
                         ..claimed(current.attempt)
                     });
                 }
@@ -438,7 +443,12 @@ impl Steps {
                 input.reservation.reservation_id, input.reservation.amount, requirement.amount
             )));
         }
-        let order = PaymentOrder { client_token: input.claim.client_token.clone(), requirement, request };
+        let order = PaymentOrder {
+            client_token: input.claim.client_token.clone(),
+            requirement,
+            request,
+            context: input.claim.provider_context.clone(),
+        };
         let proof = self.provider.process_payment(&order).await?;
         let provider = self.provider.name();
         if proof.status != "PROOF_GENERATED" {

@@ -154,7 +154,7 @@ pub struct Challenge {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentRequirement {
-    pub x402_version: X402Version,
+    pub protocol: PaymentProtocol,
     /// Index in `accepts[]`.
     pub index: usize,
     pub network: Network,
@@ -169,6 +169,16 @@ pub struct PaymentRequirement {
     pub resource: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extensions: Option<Value>,
+}
+
+/// How the payment is asked for and how its proof travels back.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PaymentProtocol {
+    /// x402 `exact` on an EVM network.
+    X402 { version: X402Version },
+    /// MPP `charge` (`WWW-Authenticate: Payment`); only a provider that speaks MPP can pay it.
+    Mpp(crate::mpp::MppDetails),
 }
 
 impl PaymentRequirement {
@@ -444,7 +454,7 @@ impl Challenge {
                 if problems.is_empty() =>
             {
                 Ok(PaymentRequirement {
-                    x402_version: version,
+                    protocol: PaymentProtocol::X402 { version },
                     index,
                     network,
                     asset,

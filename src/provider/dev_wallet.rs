@@ -18,9 +18,10 @@ use serde_json::{Value, json};
 
 use super::{IssuedProofs, PaymentHeader, PaymentOrder, PaymentProof, PaymentProvider};
 use crate::clock::{Clock, Timestamp};
-use crate::error::PaymentError;
-use crate::request::derived_id;
-use crate::x402::{PaymentRequirement, X402Version};
+use crate::error::{InvalidPaymentRequest, PaymentError};
+use crate::policy::SpendPolicy;
+use crate::request::{PaymentRequest, derived_id};
+use crate::x402::{PaymentProtocol, PaymentRequirement, X402Version};
 
 sol! {
     /// EIP-3009, as USDC implements it.
@@ -123,8 +124,8 @@ pub fn eip712_domain(requirement: &PaymentRequirement) -> Eip712Domain {
 }
 
 /// The x402 payment payload the agent sends back, and the header that carries it.
-pub fn payment_header(requirement: &PaymentRequirement, scheme_payload: Value) -> PaymentHeader {
-    let body = match requirement.x402_version {
+pub fn payment_header(requirement: &PaymentRequirement, version: X402Version, scheme_payload: Value) -> PaymentHeader {
+    let body = match version {
         X402Version::V2 => {
             let mut body = json!({
                 "x402Version": 2,
@@ -147,8 +148,20 @@ pub fn payment_header(requirement: &PaymentRequirement, scheme_payload: Value) -
         }),
     };
     PaymentHeader {
-        name: requirement.x402_version.payment_header_name().to_owned(),
+        name: version.payment_header_name().to_owned(),
         value: base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+    }
+}
+
+/// The dev wallet signs x402 only; an MPP challenge is refused before anything is reserved.
+fn x402_version(payment: &PaymentRequirement) -> Result<X402Version, InvalidPaymentRequest> {
+    match &payment.protocol {
+        PaymentProtocol::X402 { version } => Ok(*version),
+        PaymentProtocol::Mpp(_) => Err(InvalidPaymentRequest::field(
+            "challenge.mpp",
+            "an MPP challenge",
+            "an x402 challenge (challenge.x402 or challenge.x402v1): the local dev wallet signs x402 only; MPP is paid through AgentCore (AGENTPAY_PROVIDER=agentcore)",
+        )),
     }
 }
 
@@ -158,7 +171,18 @@ impl PaymentProvider for DevWallet {
         "dev-wallet"
     }
 
+    fn prepare(
+        &self,
+        _request: &PaymentRequest,
+        _policy: &SpendPolicy,
+        payment: &PaymentRequirement,
+    ) -> Result<Option<Value>, PaymentError> {
+        x402_version(payment)?;
+        Ok(None)
+    }
+
     async fn process_payment(&self, order: &PaymentOrder) -> Result<PaymentProof, PaymentError> {
+        let version = x402_version(&order.requirement)?;
         if let Some(proof) = self.issued.issued(&order.client_token).await? {
             return Ok(proof);
         }
@@ -168,7 +192,7 @@ impl PaymentProvider for DevWallet {
             payment_id: derived_id("devpay", &[&order.client_token]),
             provider: self.name().to_owned(),
             status: "PROOF_GENERATED".to_owned(),
-            header: payment_header(&order.requirement, payload),
+            header: payment_header(&order.requirement, version, payload),
             payer: Some(self.address().to_checksum(None)),
             valid_before: Some(valid_before),
             issued_at: now,
@@ -198,8 +222,8 @@ mod tests {
     fn order(input: Value, token: &str) -> PaymentOrder {
         let request = PaymentRequest::parse(&input).unwrap();
         let allow = Allowlist { networks: Network::ALL.to_vec(), payees: vec![] };
-        let requirement = request.x402_challenge().unwrap().select(&allow, "a").unwrap();
-        PaymentOrder { client_token: token.into(), requirement, request }
+        let requirement = request.select_payment(&allow, "a").unwrap();
+        PaymentOrder { client_token: token.into(), requirement, request, context: None }
     }
 
     fn decode(value: &str) -> Value {

@@ -1,13 +1,17 @@
 //! The `PaymentProvider` port: turn a selected payment requirement into a proof the agent
 //! sends back to the resource server.
 
+pub mod agentcore;
 pub mod dev_wallet;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use serde_json::Value;
+
 use crate::clock::Timestamp;
 use crate::error::PaymentError;
+use crate::policy::SpendPolicy;
 use crate::request::PaymentRequest;
 use crate::x402::PaymentRequirement;
 
@@ -18,6 +22,8 @@ pub struct PaymentOrder {
     pub client_token: String,
     pub requirement: PaymentRequirement,
     pub request: PaymentRequest,
+    /// What [`PaymentProvider::prepare`] returned when the key was claimed.
+    pub context: Option<Value>,
 }
 
 /// The HTTP header the agent adds to its retried request.
@@ -45,6 +51,17 @@ pub struct PaymentProof {
 #[async_trait]
 pub trait PaymentProvider: Send + Sync {
     fn name(&self) -> &'static str;
+
+    /// Checks, before anything is reserved, that this provider can pay `payment` for this
+    /// request and policy; returns the provider's settings for the payment, carried in the
+    /// claim to [`PaymentProvider::process_payment`] (so its inputs are fixed at claim time).
+    fn prepare(
+        &self,
+        request: &PaymentRequest,
+        policy: &SpendPolicy,
+        payment: &PaymentRequirement,
+    ) -> Result<Option<Value>, PaymentError>;
+
     async fn process_payment(&self, order: &PaymentOrder) -> Result<PaymentProof, PaymentError>;
 }
 

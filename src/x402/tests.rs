@@ -54,7 +54,7 @@ fn valid_v2_challenge_selects_the_entry() {
 fn valid_v1_body_maps_network_names() {
     let challenge = Challenge::from_v1_body(v1_payment_required("2500")).unwrap();
     let requirement = challenge.select(&allow_all(), "agent-1").unwrap();
-    assert_eq!(requirement.x402_version, X402Version::V1);
+    assert_eq!(requirement.protocol, PaymentProtocol::X402 { version: X402Version::V1 });
     assert_eq!(requirement.network, Network::BaseSepolia);
     assert_eq!(requirement.amount.get(), 2500);
 }

@@ -6,6 +6,7 @@ use agentpay::config::Config;
 use agentpay::executions::{ExecutionRecord, ExecutionStore, HistoryEvent, HistoryKind};
 use agentpay::local::LocalApp;
 use agentpay::policy::SpendPolicy;
+use agentpay::provider::PaymentProvider;
 use agentpay::x402::Network;
 use serde_json::Value;
 
@@ -23,6 +24,7 @@ pub fn policy(per_transaction: &str, daily: &str, per_hour: u32) -> SpendPolicy 
         max_transactions_per_hour: per_hour,
         allowed_networks: vec![Network::BaseSepolia],
         allowed_payees: vec![],
+        agentcore: None,
     }
 }
 
@@ -33,6 +35,23 @@ impl TestApp {
         let app = LocalApp::open(&Config::local(dir.path()), dir.path(), Arc::new(SystemClock), sleeper.clone())
             .await
             .unwrap();
+        Self { app, sleeper, _dir: dir }
+    }
+
+    /// A fresh app paying through `provider` (e.g. AgentCore pointed at the emulator).
+    pub async fn with_provider(agent: &str, policy: SpendPolicy, provider: Arc<dyn PaymentProvider>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sleeper = Arc::new(RecordingSleeper::default());
+        let app = LocalApp::open_with_provider(
+            &Config::local(dir.path()),
+            dir.path(),
+            Arc::new(SystemClock),
+            sleeper.clone(),
+            Some(provider),
+        )
+        .await
+        .unwrap();
+        app.store.put_policy(agent, &policy).await.unwrap();
         Self { app, sleeper, _dir: dir }
     }
 

@@ -1,6 +1,8 @@
 //! One integration-test binary; every test gets its own store (a temp SQLite file, or fresh
 //! DynamoDB tables on the moto server the test command starts).
 
+mod agentcore;
+mod agentcore_emulator;
 mod asl_file;
 mod cli;
 mod concurrency;

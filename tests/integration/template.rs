@@ -78,3 +78,45 @@ fn every_substitution_and_every_function_matches() {
     let steps: Vec<&str> = StepName::ALL.iter().map(|s| s.function_name()).collect();
     assert_eq!(functions, steps);
 }
+
+/// Every IAM action of every function, by function.
+fn function_actions(template: &Value) -> Vec<(String, Vec<String>)> {
+    let resources = template["Resources"].as_mapping().unwrap();
+    resources
+        .iter()
+        .filter(|(_, r)| r["Type"].as_str() == Some("AWS::Serverless::Function"))
+        .map(|(name, r)| {
+            let mut actions = Vec::new();
+            for policy in r["Properties"]["Policies"].as_sequence().into_iter().flatten() {
+                for statement in policy["Statement"].as_sequence().into_iter().flatten() {
+                    match &statement["Action"] {
+                        Value::String(a) => actions.push(a.clone()),
+                        Value::Sequence(list) => actions.extend(list.iter().map(|a| a.as_str().unwrap().to_owned())),
+                        other => panic!("{name:?}: unexpected Action {other:?}"),
+                    }
+                }
+            }
+            (name.as_str().unwrap().to_owned(), actions)
+        })
+        .collect()
+}
+
+#[test]
+fn only_process_payment_may_call_agentcore_and_no_action_is_a_wildcard() {
+    let template = template();
+    for (function, actions) in function_actions(&template) {
+        assert!(!actions.is_empty(), "{function} has explicit permissions");
+        assert!(actions.iter().all(|a| !a.contains('*')), "{function}: wildcard action in {actions:?}");
+        let agentcore: Vec<&String> = actions.iter().filter(|a| a.starts_with("bedrock-agentcore:")).collect();
+        if function == "ProcessPaymentFunction" {
+            assert_eq!(agentcore, ["bedrock-agentcore:ProcessPayment", "bedrock-agentcore:GetPaymentSession"]);
+        } else {
+            assert!(agentcore.is_empty(), "{function} must not reach AgentCore: {agentcore:?}");
+        }
+    }
+    // Every function runs with the same provider (CheckIdempotency resolves its settings).
+    let globals = &template["Globals"]["Function"]["Environment"]["Variables"];
+    let Value::Tagged(provider) = &globals["AGENTPAY_PROVIDER"] else { panic!("AGENTPAY_PROVIDER is not a !Ref") };
+    assert_eq!((provider.tag.to_string().as_str(), provider.value.as_str()), ("!Ref", Some("PaymentProvider")));
+    assert_eq!(template["Parameters"]["PaymentProvider"]["Default"].as_str(), Some("agentcore"));
+}

@@ -30,7 +30,7 @@ async fn a_paid_call_authorizes_records_and_audits() {
     assert_eq!(output["amount"]["network"], "eip155:84532");
     assert_eq!(output["header"]["name"], "PAYMENT-SIGNATURE");
     let payload = decode_header(output["header"]["value"].as_str().unwrap());
-    assert_eq!(payload["payload"]["authorization"]["from"], t.app.wallet_address);
+    assert_eq!(payload["payload"]["authorization"]["from"], t.app.wallet_address.clone().unwrap());
 
     assert_eq!(t.tasks_run(&record).await, ["CheckIdempotency", "CheckSpend", "ProcessPayment", "RecordLedger"]);
 
@@ -312,7 +312,7 @@ async fn malformed_challenges_leave_no_record_no_reservation_and_no_signature() 
             }),
         ),
         ("unsupported scheme", mutate(&|b| b["accepts"][0]["scheme"] = json!("upto"))),
-        ("mpp without AgentCore", json!({"mpp": "Payment realm=\"x\""})),
+        ("mpp with the dev wallet", json!({"mpp": agentpay::samples::mpp_challenge("ch-1", "10000")})),
     ];
     for (index, (what, challenge)) in cases.into_iter().enumerate() {
         let key = format!("malformed-{index}");
