@@ -44,8 +44,21 @@ pub struct Cli {
     /// standard AWS configuration chain (`AWS_ENDPOINT_URL_BEDROCK_AGENTCORE` for a local endpoint).
     #[arg(long, global = true, value_enum, default_value_t = ProviderKind::DevWallet)]
     pub provider: ProviderKind,
+    /// Where `start/status/list/history/replay` act: the local runner, or AWS Step Functions
+    /// (standard AWS configuration chain; `AWS_ENDPOINT_URL_SFN` for a local endpoint).
+    #[arg(long, global = true, value_enum, default_value_t = BackendKind::Local)]
+    pub backend: BackendKind,
+    /// The payment state machine (`--backend aws`).
+    #[arg(long, global = true, env = "AGENTPAY_STATE_MACHINE_ARN")]
+    pub state_machine_arn: Option<String>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    Local,
+    Aws,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -92,6 +105,61 @@ pub enum Command {
     /// AgentCore Payments operations (standard AWS configuration chain).
     #[command(subcommand)]
     Agentcore(AgentcoreCommand),
+    /// Start the payment execution for an input file, named after its idempotency key; an
+    /// existing execution of the same input is described instead.
+    Start {
+        file: PathBuf,
+        /// Wait for the outcome (bounded polling with backoff).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 60)]
+        timeout_seconds: u64,
+    },
+    /// Describe one execution (ARN or name) and what the agent does next.
+    Status { id: String },
+    /// List executions, newest first.
+    List {
+        /// RUNNING, SUCCEEDED, FAILED, TIMED_OUT, ABORTED, PENDING_REDRIVE.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        /// RFC 3339 time, e.g. 2026-11-21T00:00:00Z.
+        #[arg(long, value_parser = parse_time)]
+        since: Option<Timestamp>,
+        #[arg(long, value_parser = parse_time)]
+        until: Option<Timestamp>,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// The steps of one execution with their inputs, outputs and errors.
+    History { id: String },
+    /// Redrive a failed execution (or, with --all, every failed one in a time range).
+    Replay {
+        /// Execution ARN or name; omit with --all.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_parser = parse_time)]
+        since: Option<Timestamp>,
+        #[arg(long, value_parser = parse_time)]
+        until: Option<Timestamp>,
+        /// When redrive is impossible, start a new execution with the same input.
+        #[arg(long)]
+        fresh: bool,
+        /// Show what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Wait for each replayed execution to finish.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+fn parse_time(text: &str) -> Result<Timestamp, String> {
+    Timestamp::parse_rfc3339(text)
+        .ok_or_else(|| format!("expected an RFC 3339 time such as 2026-11-21T00:00:00Z, got {text:?}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,6 +285,10 @@ impl Cli {
         config
     }
 
+    pub(crate) async fn open_app(&self) -> Result<LocalApp, CliError> {
+        Ok(self.open(false).await?.app)
+    }
+
     async fn open(&self, fast_retries: bool) -> Result<Context, CliError> {
         let sleeper: Arc<dyn Sleeper> =
             if fast_retries { Arc::new(ScaledSleeper(100)) } else { Arc::new(TokioSleeper) };
@@ -309,6 +381,11 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             }
             Ok(0)
         }
+        Command::Start { .. }
+        | Command::Status { .. }
+        | Command::List { .. }
+        | Command::History { .. }
+        | Command::Replay { .. } => crate::client_cli::run(&cli).await,
         Command::Tables(TablesCommand::Create) => {
             let store = DynamoStore::from_env(cli.tables()).await;
             for (name, schema) in [(&cli.idempotency_table, schema::IDEMPOTENCY), (&cli.ledger_table, schema::LEDGER)] {
@@ -413,7 +490,7 @@ pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
     table
 }
 
-fn new_table(header: &[&str]) -> Table {
+pub(crate) fn new_table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table
         .load_style(UTF8_FULL_CONDENSED)

@@ -3,6 +3,8 @@
 
 pub mod asl;
 pub mod cli;
+pub mod client;
+pub mod client_cli;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -53,7 +53,7 @@ pub struct LocalApp {
     /// The dev wallet's address, when the dev wallet is the provider.
     pub wallet_address: Option<String>,
     pub steps: Steps,
-    pub runner: LocalRunner,
+    pub runner: Arc<LocalRunner>,
 }
 
 impl LocalApp {
@@ -91,8 +91,16 @@ impl LocalApp {
             clock,
             config.settings.clone(),
         );
-        let runner = LocalRunner::new(PAYMENT_DEFINITION, steps.clone(), executions.clone(), sleeper)?;
+        let runner = Arc::new(LocalRunner::new(PAYMENT_DEFINITION, steps.clone(), executions.clone(), sleeper)?);
         Ok(Self { store, executions, provider, ledger, wallet_address, steps, runner })
+    }
+
+    /// The agent-facing client on this app's runner.
+    pub fn client(&self) -> crate::client::PaymentClient {
+        crate::client::PaymentClient::new(Box::new(crate::client::local::LocalBackend::new(
+            self.runner.clone(),
+            self.executions.clone(),
+        )))
     }
 
     /// Starts one execution named after the request's idempotency key, unique per run.

@@ -177,3 +177,38 @@ fn the_whole_workflow_runs_locally_against_dynamodb() {
     let local: Value = serde_json::from_slice(&local.stdout).unwrap();
     assert!(local["reservations"].as_array().unwrap().is_empty());
 }
+
+#[test]
+fn start_status_list_history_and_replay_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
+    assert!(set.status.success(), "{set:?}");
+
+    let start = agentpay(dir.path(), &["--json", "start", "events/executions/paid-call.json", "--wait"]);
+    assert!(start.status.success(), "{start:?}");
+    let started: Value = serde_json::from_slice(&start.stdout).unwrap();
+    assert_eq!(started["answer"]["outcome"], "PAID");
+    assert_eq!(started["answer"]["header"]["name"], "PAYMENT-SIGNATURE");
+    let name = started["execution"]["name"].as_str().unwrap().to_owned();
+
+    let again = agentpay(dir.path(), &["start", "events/executions/paid-call.json"]);
+    assert!(again.status.success());
+    assert!(stdout(&again).contains("existed already"), "{}", stdout(&again));
+
+    let status = agentpay(dir.path(), &["status", &name]);
+    assert!(stdout(&status).contains("retry the request with header PAYMENT-SIGNATURE"), "{}", stdout(&status));
+    let list = agentpay(dir.path(), &["list", "--agent", "demo-agent"]);
+    assert!(stdout(&list).contains(&name));
+    let history = agentpay(dir.path(), &["history", &name]);
+    assert!(stdout(&history).contains("RecordLedger"), "{}", stdout(&history));
+
+    let replay = agentpay(dir.path(), &["replay", &name]);
+    assert!(stdout(&replay).contains("status is SUCCEEDED"), "{}", stdout(&replay));
+    let bulk = agentpay(dir.path(), &["--json", "replay", "--all", "--dry-run"]);
+    let summary: Value = serde_json::from_slice(&bulk.stdout).unwrap();
+    assert_eq!(summary["summary"]["total"], 0, "nothing failed");
+
+    let aws = agentpay(dir.path(), &["--backend", "aws", "status", &name]);
+    assert!(!aws.status.success());
+    assert!(String::from_utf8_lossy(&aws.stderr).contains("AGENTPAY_STATE_MACHINE_ARN"));
+}

@@ -5,6 +5,7 @@ mod agentcore;
 mod agentcore_emulator;
 mod asl_file;
 mod cli;
+mod client;
 mod concurrency;
 mod conformance;
 mod dynamodb;

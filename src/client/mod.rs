@@ -1,0 +1,426 @@
+//! The agent-facing client: start a payment execution, watch it, replay it — against AWS Step
+//! Functions ([`sfn::SfnBackend`]) or the local runner ([`local::LocalBackend`]), behind one
+//! trait. The CLI's `start/status/list/history/replay` use it; so can a Rust agent.
+
+pub mod local;
+pub mod sfn;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::clock::Timestamp;
+use crate::local::execution_name;
+use crate::provider::PaymentHeader;
+
+/// Redrive is possible within this many days of the execution's stop (Step Functions' rule).
+pub const REDRIVE_WINDOW: Duration = Duration::from_secs(14 * 24 * 3600);
+/// Step Functions refuses to redrive an execution whose history reached this many events.
+pub const HISTORY_LIMIT: usize = 25_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the execution input has no usable idempotencyKey (a string is required to name the execution)")]
+    NoIdempotencyKey,
+    #[error(
+        "execution {name:?} exists with a different input: the idempotency key was reused for another request; use a new key"
+    )]
+    NameTakenByOtherInput { name: String },
+    #[error("no execution {0:?}")]
+    NotFound(String),
+    #[error("execution {id} is not redrivable: {reason}")]
+    NotRedrivable { id: String, reason: String },
+    #[error("{operation} failed")]
+    Backend {
+        operation: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl ClientError {
+    pub fn backend(operation: &'static str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        ClientError::Backend { operation, source: source.into() }
+    }
+}
+
+/// One execution as both backends describe it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Execution {
+    pub execution_arn: String,
+    pub name: String,
+    /// RUNNING, SUCCEEDED, FAILED, TIMED_OUT, ABORTED or PENDING_REDRIVE.
+    pub status: String,
+    pub started_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<Timestamp>,
+    pub redrive_count: u32,
+    /// Read from the input (absent when a listing did not fetch it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+    /// The backend's own verdict when it gives one (Step Functions' redriveStatusReason).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_redrivable_reason: Option<String>,
+}
+
+impl Execution {
+    pub fn agent_id(&self) -> Option<&str> {
+        self.input.as_ref()?.get("agentId")?.as_str()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.status != "RUNNING" && self.status != "PENDING_REDRIVE"
+    }
+
+    /// What the agent does next.
+    pub fn answer(&self) -> PaymentAnswer {
+        match self.status.as_str() {
+            "SUCCEEDED" => {
+                let output = self.output.clone().unwrap_or_default();
+                match serde_json::from_value::<PaymentHeader>(output["header"].clone()) {
+                    Ok(header) => PaymentAnswer::Paid {
+                        header,
+                        payment_id: output["paymentId"].as_str().unwrap_or_default().to_owned(),
+                        from_cache: output["fromCache"].as_bool().unwrap_or(false),
+                    },
+                    Err(_) => PaymentAnswer::Failed {
+                        error: "MalformedOutput".into(),
+                        cause: "the execution succeeded without a payment header in its output".into(),
+                    },
+                }
+            }
+            "RUNNING" | "PENDING_REDRIVE" => PaymentAnswer::Running,
+            _ => {
+                let error = self.error.clone().unwrap_or_else(|| self.status.clone());
+                let cause = self.cause.clone().unwrap_or_default();
+                if crate::error::is_denial_name(&error) {
+                    PaymentAnswer::Denied { error, cause }
+                } else {
+                    PaymentAnswer::Failed { error, cause }
+                }
+            }
+        }
+    }
+}
+
+/// The outcome as the agent needs it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PaymentAnswer {
+    /// Retry the request with this header.
+    #[serde(rename_all = "camelCase")]
+    Paid {
+        header: PaymentHeader,
+        payment_id: String,
+        from_cache: bool,
+    },
+    /// A policy said no: do not retry with the same key.
+    Denied {
+        error: String,
+        cause: String,
+    },
+    Failed {
+        error: String,
+        cause: String,
+    },
+    /// Not finished (yet): poll `status`.
+    Running,
+}
+
+/// One history event, readable.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepEvent {
+    pub id: u64,
+    pub at: Timestamp,
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Input, output, error and cause, whichever the event has.
+    pub detail: Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// RUNNING, SUCCEEDED, FAILED, TIMED_OUT, ABORTED, PENDING_REDRIVE.
+    pub status: Option<String>,
+    pub agent_id: Option<String>,
+    pub since: Option<Timestamp>,
+    pub until: Option<Timestamp>,
+    pub limit: Option<usize>,
+}
+
+/// The two backends.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Starts an execution; `Ok(None)` when one with that name exists already.
+    async fn start_named(&self, name: &str, input: &Value) -> Result<Option<String>, ClientError>;
+    async fn describe(&self, id: &str) -> Result<Execution, ClientError>;
+    /// Full id (ARN) of an execution name.
+    fn execution_arn(&self, name: &str) -> String;
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Execution>, ClientError>;
+    async fn history(&self, id: &str) -> Result<Vec<StepEvent>, ClientError>;
+    /// Standard workflow? (Express workflows cannot be redriven.)
+    async fn is_standard(&self) -> Result<bool, ClientError>;
+    async fn redrive(&self, execution_arn: &str) -> Result<(), ClientError>;
+}
+
+/// Bounded polling: first delay, growth, cap, overall deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitOptions {
+    pub timeout: Duration,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for WaitOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(60),
+            first_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Started {
+    pub execution: Execution,
+    /// The name was taken by an execution with this input: this is that execution.
+    pub already_existed: bool,
+    pub answer: PaymentAnswer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReplayAction {
+    Redriven,
+    StartedFresh,
+    /// Dry run: what would have been done.
+    WouldRedrive,
+    WouldStartFresh,
+    Skipped,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replay {
+    pub execution_arn: String,
+    pub action: ReplayAction,
+    /// Why not redriven, when it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The execution after the replay (the fresh one for StartedFresh).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Execution>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplayOptions {
+    /// When redrive is impossible, start a new execution with the same input (derived name).
+    pub fresh: bool,
+    pub dry_run: bool,
+    /// Wait for the replayed execution to finish.
+    pub wait: Option<WaitOptions>,
+}
+
+/// The client an agent or the CLI uses.
+pub struct PaymentClient {
+    backend: Box<dyn Backend>,
+}
+
+impl PaymentClient {
+    pub fn new(backend: Box<dyn Backend>) -> Self {
+        Self { backend }
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    /// Starts the payment named after its idempotency key; an existing execution of the same
+    /// input is described instead (an agent retrying after a crash gets the same outcome).
+    pub async fn start(&self, input: &Value, wait: Option<WaitOptions>) -> Result<Started, ClientError> {
+        let key = input.get("idempotencyKey").and_then(Value::as_str).filter(|k| !k.is_empty());
+        let name = execution_name(key.ok_or(ClientError::NoIdempotencyKey)?, None);
+        let (arn, already_existed) = match self.backend.start_named(&name, input).await? {
+            Some(arn) => (arn, false),
+            None => {
+                let arn = self.backend.execution_arn(&name);
+                let existing = self.backend.describe(&arn).await?;
+                if existing.input.as_ref() != Some(input) {
+                    return Err(ClientError::NameTakenByOtherInput { name });
+                }
+                (arn, true)
+            }
+        };
+        let execution = match wait {
+            Some(options) => self.wait(&arn, options).await?,
+            None => self.backend.describe(&arn).await?,
+        };
+        let answer = execution.answer();
+        Ok(Started { execution, already_existed, answer })
+    }
+
+    /// Polls until the execution closes or `options.timeout` passes (then it is returned RUNNING).
+    pub async fn wait(&self, id: &str, options: WaitOptions) -> Result<Execution, ClientError> {
+        let deadline = tokio::time::Instant::now() + options.timeout;
+        let mut delay = options.first_delay;
+        loop {
+            let execution = self.backend.describe(id).await?;
+            let now = tokio::time::Instant::now();
+            if execution.is_closed() || now >= deadline {
+                return Ok(execution);
+            }
+            tokio::time::sleep(delay.min(deadline - now)).await;
+            delay = (delay * 2).min(options.max_delay);
+        }
+    }
+
+    pub async fn status(&self, id: &str) -> Result<Execution, ClientError> {
+        self.backend.describe(id).await
+    }
+
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Execution>, ClientError> {
+        self.backend.list(filter).await
+    }
+
+    pub async fn history(&self, id: &str) -> Result<Vec<StepEvent>, ClientError> {
+        self.backend.history(id).await
+    }
+
+    /// Why `execution` cannot be redriven, if it cannot.
+    pub async fn redrive_refusal(&self, execution: &Execution, now: Timestamp) -> Result<Option<String>, ClientError> {
+        if !matches!(execution.status.as_str(), "FAILED" | "TIMED_OUT" | "ABORTED") {
+            return Ok(Some(format!(
+                "its status is {}; only FAILED, TIMED_OUT or ABORTED executions are redriven",
+                execution.status
+            )));
+        }
+        if !self.backend.is_standard().await? {
+            return Ok(Some("the state machine is an Express workflow; only Standard workflows are redriven".into()));
+        }
+        if let Some(stopped) = execution.stopped_at
+            && stopped.plus(REDRIVE_WINDOW) <= now
+        {
+            return Ok(Some(format!(
+                "it stopped at {}, more than 14 days ago (the redrive window)",
+                stopped.to_rfc3339()
+            )));
+        }
+        if let Some(reason) = &execution.not_redrivable_reason {
+            return Ok(Some(reason.clone()));
+        }
+        let events = self.backend.history(&execution.execution_arn).await?.len();
+        if events >= HISTORY_LIMIT {
+            return Ok(Some(format!("its history has {events} events, at the {HISTORY_LIMIT}-event limit")));
+        }
+        Ok(None)
+    }
+
+    /// Redrives a failed execution (succeeded states are not run again); when it cannot be,
+    /// says why and — only with `options.fresh` — starts a new execution with the same input
+    /// under a derived name. The idempotency record and the client token keep either from
+    /// paying twice.
+    pub async fn replay(&self, id: &str, now: Timestamp, options: ReplayOptions) -> Result<Replay, ClientError> {
+        let execution = self.backend.describe(id).await?;
+        let arn = execution.execution_arn.clone();
+        let refusal = self.redrive_refusal(&execution, now).await?;
+        let done = |action, reason, result| Ok(Replay { execution_arn: arn.clone(), action, reason, result });
+        match (refusal, options.fresh, options.dry_run) {
+            (None, _, true) => done(ReplayAction::WouldRedrive, None, None),
+            (None, _, false) => {
+                self.backend.redrive(&arn).await?;
+                let result = match options.wait {
+                    Some(wait) => self.wait(&arn, wait).await?,
+                    None => self.backend.describe(&arn).await?,
+                };
+                done(ReplayAction::Redriven, None, Some(result))
+            }
+            (Some(reason), false, _) => done(
+                ReplayAction::Skipped,
+                Some(format!("{reason} (pass --fresh to start a new execution with the same input)")),
+                None,
+            ),
+            (Some(reason), true, true) => done(ReplayAction::WouldStartFresh, Some(reason), None),
+            (Some(reason), true, false) => {
+                let input = execution.input.clone().ok_or_else(|| ClientError::NotFound(format!("input of {arn}")))?;
+                let fresh = self.start_fresh(&execution.name, &input).await?;
+                let result = match options.wait {
+                    Some(wait) => self.wait(&fresh, wait).await?,
+                    None => self.backend.describe(&fresh).await?,
+                };
+                done(ReplayAction::StartedFresh, Some(reason), Some(result))
+            }
+        }
+    }
+
+    /// `<name>-fresh-N` with the first N not taken (names stay within 80 characters).
+    async fn start_fresh(&self, name: &str, input: &Value) -> Result<String, ClientError> {
+        for n in 1..=1000 {
+            let fresh = execution_name(name, Some(&format!("fresh-{n}")));
+            if let Some(arn) = self.backend.start_named(&fresh, input).await? {
+                return Ok(arn);
+            }
+        }
+        Err(ClientError::backend("start fresh", format!("{name}: 1000 fresh executions exist already")))
+    }
+
+    /// Replays every FAILED (and TIMED_OUT, ABORTED) execution started in `[since, until)`,
+    /// reporting each one to `progress` as it is done.
+    pub async fn replay_all(
+        &self,
+        filter: &ListFilter,
+        now: Timestamp,
+        options: ReplayOptions,
+        mut progress: impl FnMut(usize, usize, &Replay),
+    ) -> Result<Vec<Replay>, ClientError> {
+        let mut failed = Vec::new();
+        for status in ["FAILED", "TIMED_OUT", "ABORTED"] {
+            if filter.status.as_deref().is_some_and(|s| s != status) {
+                continue;
+            }
+            failed.extend(self.backend.list(&ListFilter { status: Some(status.into()), ..filter.clone() }).await?);
+        }
+        failed.sort_by_key(|e| e.started_at);
+        let total = failed.len();
+        let mut replays = Vec::with_capacity(total);
+        for (index, execution) in failed.iter().enumerate() {
+            let replay = match self.replay(&execution.execution_arn, now, options).await {
+                Ok(replay) => replay,
+                Err(error) => Replay {
+                    execution_arn: execution.execution_arn.clone(),
+                    action: ReplayAction::Skipped,
+                    reason: Some(error_chain(&error)),
+                    result: None,
+                },
+            };
+            progress(index + 1, total, &replay);
+            replays.push(replay);
+        }
+        Ok(replays)
+    }
+}
+
+/// The error and its causes on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
