@@ -421,3 +421,29 @@ async fn the_cli_creates_sessions_within_bounds_and_pays_through_agentcore() {
     assert_eq!(pay[0].body["paymentSessionId"], session["paymentSessionId"]);
     assert_eq!(pay[0].body["paymentInstrumentId"], "pi-cli");
 }
+
+#[tokio::test]
+async fn the_sample_mpp_event_pays_through_agentcore_and_is_refused_by_the_dev_wallet() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/events/executions/agentcore-mpp.json");
+    let input: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let demo: SpendPolicy = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/events/policy-demo-agent.json")).unwrap(),
+    )
+    .unwrap();
+
+    let emulator = AgentCoreEmulator::start().await;
+    let provider = AgentCoreProvider::from_sdk_config(&emulator.sdk_config().await, Arc::new(SystemClock));
+    let t = TestApp::with_provider("demo-agent", demo.clone(), Arc::new(provider)).await;
+    let record = t.run(input.clone()).await;
+    assert_eq!(record.status, ExecutionStatus::Succeeded, "{record:?}");
+    assert_eq!(record.output.unwrap()["header"]["name"], "Authorization");
+    assert_eq!(
+        emulator.process_payment_calls()[0].body["paymentInput"]["mpp"]["wwwAuthenticateHeaders"][0],
+        input["challenge"]["mpp"]
+    );
+
+    let t = TestApp::with_policy("demo-agent", demo).await;
+    let error = t.run(input).await.error.unwrap();
+    assert_eq!(error.error, "InvalidPaymentRequest");
+    assert!(error.cause.contains("AGENTPAY_PROVIDER=agentcore"), "{}", error.cause);
+}

@@ -22,6 +22,7 @@ async fn demo_app() -> TestApp {
 }
 
 const EXECUTION_INPUTS: &[&str] = &[
+    "agentcore-mpp.json", // with the AgentCore provider: tests/integration/agentcore.rs
     "paid-call.json",
     "over-daily-cap.json",
     "invalid-challenge.json",
