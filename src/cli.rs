@@ -120,7 +120,7 @@ pub enum Command {
     /// List executions, newest first.
     List {
         /// RUNNING, SUCCEEDED, FAILED, TIMED_OUT, ABORTED, PENDING_REDRIVE.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_status)]
         status: Option<String>,
         #[arg(long)]
         agent: Option<String>,
@@ -155,6 +155,16 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
+}
+
+fn parse_status(text: &str) -> Result<String, String> {
+    const STATUSES: [&str; 6] = ["RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED", "PENDING_REDRIVE"];
+    let upper = text.to_ascii_uppercase();
+    if STATUSES.contains(&upper.as_str()) {
+        Ok(upper)
+    } else {
+        Err(format!("expected one of {}, got {text:?}", STATUSES.join(", ")))
+    }
 }
 
 fn parse_time(text: &str) -> Result<Timestamp, String> {

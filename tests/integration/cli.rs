@@ -208,6 +208,10 @@ fn start_status_list_history_and_replay_from_the_command_line() {
     let summary: Value = serde_json::from_slice(&bulk.stdout).unwrap();
     assert_eq!(summary["summary"]["total"], 0, "nothing failed");
 
+    let bad = agentpay(dir.path(), &["list", "--status", "done"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected one of RUNNING, SUCCEEDED"));
+
     let aws = agentpay(dir.path(), &["--backend", "aws", "status", &name]);
     assert!(!aws.status.success());
     assert!(String::from_utf8_lossy(&aws.stderr).contains("AGENTPAY_STATE_MACHINE_ARN"));
