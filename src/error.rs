@@ -229,19 +229,24 @@ impl PaymentError {
 
     /// The full message including the source chain, for causes and logs.
     pub fn chain_message(&self) -> String {
-        let mut message = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        message
+        error_chain(self)
     }
 
     pub fn store(operation: &'static str, source: impl Into<BoxError>) -> Self {
         PaymentError::StoreUnavailable { operation, source: source.into() }
     }
+}
+
+/// Any error and its causes on one line (`error: cause: cause`).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 /// Why a provider refused, each with its own error name in the state machine.

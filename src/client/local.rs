@@ -43,6 +43,7 @@ pub fn to_execution(record: ExecutionRecord) -> Execution {
         error,
         cause,
         not_redrivable_reason: None,
+        redrivable_per_backend: false,
     }
 }
 
@@ -128,7 +129,7 @@ impl Backend for LocalBackend {
         Ok(true)
     }
 
-    async fn redrive(&self, execution_arn: &str) -> Result<(), ClientError> {
+    async fn redrive(&self, execution_arn: &str, _redrive_count: u32) -> Result<(), ClientError> {
         self.runner.redrive(execution_arn).await.map(|_| ()).map_err(|e| runner_error("RedriveExecution", e))
     }
 }

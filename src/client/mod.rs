@@ -70,6 +70,10 @@ pub struct Execution {
     /// The backend's own verdict when it gives one (Step Functions' redriveStatusReason).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_redrivable_reason: Option<String>,
+    /// Step Functions said REDRIVABLE (its verdict covers the history limit, so the events
+    /// need not be counted here).
+    #[serde(skip)]
+    pub redrivable_per_backend: bool,
 }
 
 impl Execution {
@@ -172,7 +176,8 @@ pub trait Backend: Send + Sync {
     async fn history(&self, id: &str) -> Result<Vec<StepEvent>, ClientError>;
     /// Standard workflow? (Express workflows cannot be redriven.)
     async fn is_standard(&self) -> Result<bool, ClientError>;
-    async fn redrive(&self, execution_arn: &str) -> Result<(), ClientError>;
+    /// `redrive_count` is the execution's current count (it keys the request's client token).
+    async fn redrive(&self, execution_arn: &str, redrive_count: u32) -> Result<(), ClientError>;
 }
 
 /// Bounded polling: first delay, growth, cap, overall deadline.
@@ -322,9 +327,11 @@ impl PaymentClient {
         if let Some(reason) = &execution.not_redrivable_reason {
             return Ok(Some(reason.clone()));
         }
-        let events = self.backend.history(&execution.execution_arn).await?.len();
-        if events >= HISTORY_LIMIT {
-            return Ok(Some(format!("its history has {events} events, at the {HISTORY_LIMIT}-event limit")));
+        if !execution.redrivable_per_backend {
+            let events = self.backend.history(&execution.execution_arn).await?.len();
+            if events >= HISTORY_LIMIT {
+                return Ok(Some(format!("its history has {events} events, at the {HISTORY_LIMIT}-event limit")));
+            }
         }
         Ok(None)
     }
@@ -341,7 +348,7 @@ impl PaymentClient {
         match (refusal, options.fresh, options.dry_run) {
             (None, _, true) => done(ReplayAction::WouldRedrive, None, None),
             (None, _, false) => {
-                self.backend.redrive(&arn).await?;
+                self.backend.redrive(&arn, execution.redrive_count).await?;
                 let result = match options.wait {
                     Some(wait) => self.wait(&arn, wait).await?,
                     None => self.backend.describe(&arn).await?,
@@ -402,7 +409,7 @@ impl PaymentClient {
                 Err(error) => Replay {
                     execution_arn: execution.execution_arn.clone(),
                     action: ReplayAction::Skipped,
-                    reason: Some(error_chain(&error)),
+                    reason: Some(crate::error::error_chain(&error)),
                     result: None,
                 },
             };
@@ -411,16 +418,4 @@ impl PaymentClient {
         }
         Ok(replays)
     }
-}
-
-/// The error and its causes on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -92,6 +92,7 @@ impl Backend for SfnBackend {
             ),
             _ => None,
         };
+        let redrivable_per_backend = output.redrive_status == Some(ExecutionRedriveStatus::Redrivable);
         Ok(Execution {
             name: output.name.clone().unwrap_or_else(|| arn.rsplit(':').next().unwrap_or_default().to_owned()),
             execution_arn: output.execution_arn,
@@ -104,6 +105,7 @@ impl Backend for SfnBackend {
             error: output.error,
             cause: output.cause,
             not_redrivable_reason,
+            redrivable_per_backend,
         })
     }
 
@@ -143,6 +145,7 @@ impl Backend for SfnBackend {
                     error: None,
                     cause: None,
                     not_redrivable_reason: None,
+                    redrivable_per_backend: false,
                 }
             };
             if filter.agent_id.as_deref().is_some_and(|agent| execution.agent_id() != Some(agent)) {
@@ -182,10 +185,9 @@ impl Backend for SfnBackend {
         Ok(machine.r#type == StateMachineType::Standard)
     }
 
-    async fn redrive(&self, execution_arn: &str) -> Result<(), ClientError> {
+    async fn redrive(&self, execution_arn: &str, redrive_count: u32) -> Result<(), ClientError> {
         // One client token per (execution, redrive count): a retried call does not redrive twice.
-        let count = self.describe(execution_arn).await?.redrive_count;
-        let token = crate::request::derived_id("redrive", &[execution_arn, &count.to_string()]);
+        let token = crate::request::derived_id("redrive", &[execution_arn, &redrive_count.to_string()]);
         match self.client.redrive_execution().execution_arn(execution_arn).client_token(token).send().await {
             Ok(_) => Ok(()),
             Err(error) if error.as_service_error().is_some_and(|e| e.is_execution_not_redrivable()) => {

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::helpers::{TestApp, policy};
-use crate::stores::dynamodb_endpoint;
+use crate::stores::{dynamodb_endpoint, local_aws_config};
 
 const AGENT: &str = "agent-client";
 
@@ -156,13 +156,7 @@ async fn bulk_replay_redrives_every_failed_execution_in_range_once() {
 }
 
 async fn sfn_client(endpoint: &str) -> aws_sdk_sfn::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(aws_config::Region::new("us-east-1"))
-        .test_credentials()
-        .load()
-        .await;
-    aws_sdk_sfn::Client::new(&config)
+    aws_sdk_sfn::Client::new(&local_aws_config(endpoint).await)
 }
 
 /// The deployed definition, its Lambda ARNs substituted, as a state machine on moto.

@@ -21,15 +21,18 @@ pub fn dynamodb_endpoint() -> String {
     })
 }
 
-pub async fn dynamodb_client() -> aws_sdk_dynamodb::Client {
-    let endpoint = dynamodb_endpoint();
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+/// AWS configuration for a local endpoint: fixed region, test credentials.
+pub async fn local_aws_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(endpoint)
         .region(aws_config::Region::new("us-east-1"))
         .test_credentials()
         .load()
-        .await;
-    aws_sdk_dynamodb::Client::new(&config)
+        .await
+}
+
+pub async fn dynamodb_client() -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&local_aws_config(&dynamodb_endpoint()).await)
 }
 
 /// Fresh tables with the template's key schema; the names are unique per call.
