@@ -155,6 +155,27 @@ pub enum PaymentError {
     #[error("payment provider {provider} rejected the payment: {message}")]
     ProviderRejected { provider: &'static str, message: String },
 
+    /// The provider may have issued a proof: a time-out or lost connection after the request
+    /// was sent, a 5xx, an unreadable or malformed success. Never compensated: the reservation
+    /// stays counted and the key keeps its client token, so asking again returns the proof
+    /// that was issued, or a definite answer.
+    #[error(
+        "payment provider {provider}: outcome unknown, a proof may have been issued: {message}. The reservation stays counted; ask again with the same client token (retry, or start the same idempotency key again)"
+    )]
+    PaymentOutcomeUnknown {
+        provider: &'static str,
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// Another execution took this key over after its lease expired; this one may no longer
+    /// move the claim or its reservation. The other execution's outcome is the payment's.
+    #[error(
+        "execution {execution_id} no longer holds idempotency key {key:?}: execution {holder} took it over after the lease expired; that execution's outcome is this payment's outcome"
+    )]
+    ClaimSuperseded { key: String, execution_id: String, holder: String },
+
     /// The provider refused for a reason a person must fix; `kind` names it and `hint` says how.
     #[error("payment provider {provider}: {kind}: {message}. {hint}")]
     ProviderFailed {
@@ -204,6 +225,8 @@ impl PaymentError {
             PaymentError::AgentPaused { .. } => "AgentPaused",
             PaymentError::ProviderUnavailable { .. } => "ProviderUnavailable",
             PaymentError::ProviderRejected { .. } => "ProviderRejected",
+            PaymentError::PaymentOutcomeUnknown { .. } => "PaymentOutcomeUnknown",
+            PaymentError::ClaimSuperseded { .. } => "ClaimSuperseded",
             PaymentError::ProviderFailed { kind, .. } => kind.name(),
             PaymentError::StoreUnavailable { .. } => "StoreUnavailable",
             PaymentError::StoreRejected { .. } => "StoreRejected",
@@ -217,6 +240,7 @@ impl PaymentError {
         matches!(
             self,
             PaymentError::ProviderUnavailable { .. }
+                | PaymentError::PaymentOutcomeUnknown { .. }
                 | PaymentError::StoreUnavailable { .. }
                 | PaymentError::LedgerConflict { .. }
         )
@@ -308,6 +332,29 @@ pub fn is_denial_name(name: &str) -> bool {
     matches!(name, "PolicyDenied" | "SpendLimitExceeded" | "RateLimitExceeded" | "AgentPaused")
 }
 
+/// The errors out of ProcessPayment that prove no proof was issued: the provider answered
+/// that it refused (or was never asked). Only these may release a reservation; every other
+/// error out of ProcessPayment, Lambda crashes and time-outs included, is an unknown outcome.
+pub const DEFINITE_REFUSALS: &[&str] = &[
+    "InvalidPaymentRequest",
+    "PolicyDenied",
+    "AgentPaused",
+    "ProviderUnavailable",
+    "ProviderRejected",
+    "SessionBudgetExhausted",
+    "SessionExpired",
+    "ProviderAccessDenied",
+    "ProviderResourceNotFound",
+    "ProviderConflict",
+    "ProviderQuotaExceeded",
+    "ProviderSubscriptionRequired",
+];
+
+/// Whether an error name caught after ProcessPayment proves that nothing was issued.
+pub fn is_definite_refusal_name(name: &str) -> bool {
+    DEFINITE_REFUSALS.contains(&name)
+}
+
 /// Every error name the workflow can produce, for docs and the ASL consistency test.
 pub const ERROR_NAMES: &[&str] = &[
     "InvalidPaymentRequest",
@@ -319,6 +366,8 @@ pub const ERROR_NAMES: &[&str] = &[
     "AgentPaused",
     "ProviderUnavailable",
     "ProviderRejected",
+    "PaymentOutcomeUnknown",
+    "ClaimSuperseded",
     "SessionBudgetExhausted",
     "SessionExpired",
     "ProviderAccessDenied",

@@ -58,12 +58,18 @@ pub struct ExecutionRecord {
     pub agent_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The runner driving it while RUNNING (`pid:<pid>:<nonce>`): a RUNNING execution whose
+    /// runner is gone can be resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HistoryKind {
     ExecutionStarted,
     ExecutionRedriven,
+    /// A RUNNING execution whose runner died, resumed where its history ends.
+    ExecutionResumed,
     StateEntered,
     TaskScheduled,
     TaskSucceeded,

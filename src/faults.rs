@@ -1,11 +1,13 @@
-//! Fault injection for the demo and the tests: a provider that is down for a while, a store
-//! whose ledger write fails for a while. They wrap the real adapters, so everything else
-//! (retries, compensation, redrive) runs for real.
+//! Fault injection for the demo, the tests and the fault simulator: wrappers around the real
+//! store and provider that can fail a call, or let a [`FaultHook`] act before and after every
+//! store write and provider call (crash there, start another execution, move the clock).
+//! Everything else (retries, compensation, redrive, fencing) runs for real.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use serde_json::Value;
 
 use crate::clock::Timestamp;
 use crate::error::PaymentError;
@@ -13,39 +15,63 @@ use crate::policy::{AgentLedger, SpendPolicy, WindowBucket};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::PaymentRequest;
 use crate::store::{
-    AuditEvent, AuthorizationCommit, IdempotencyRecord, ReleaseCommit, Reservation, ReserveOutcome, Store, Transition,
+    AuditEvent, AuthorizationCommit, ClaimFence, HoldCommit, IdempotencyRecord, ReleaseCommit, Reservation,
+    ReserveOutcome, Store, Transition,
 };
 use crate::x402::PaymentRequirement;
-use serde_json::Value;
 
 /// Takes one failure off the budget; true while failures remain.
 fn take(budget: &AtomicU32) -> bool {
     budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
 }
 
+/// A place a call can be interrupted: before it (nothing happened) or after it (it happened,
+/// but its caller never learns the answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    Before(&'static str),
+    After(&'static str),
+}
+
+/// Decides what happens at each [`FaultPoint`]. An error replaces the call's result.
+#[async_trait]
+pub trait FaultHook: Send + Sync {
+    async fn at(&self, point: FaultPoint, order: Option<&PaymentOrder>) -> Result<(), PaymentError>;
+}
+
+type HookSlot = Mutex<Option<Arc<dyn FaultHook>>>;
+
+fn current(slot: &HookSlot) -> Option<Arc<dyn FaultHook>> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderFault {
-    /// Transient: the state machine retries it.
+    /// The provider refused before processing (throttled): definite, retried, then compensated.
     Unavailable,
     /// Final: the state machine compensates.
     Rejected,
+    /// The proof was issued but the answer was lost: unknown, retried with the same token.
+    OutcomeUnknownAfterProof,
 }
 
 /// Fails the next `failures` calls, then delegates; counts every call that reached the wallet.
 pub struct FaultyProvider {
     inner: Arc<dyn PaymentProvider>,
-    fault: std::sync::Mutex<ProviderFault>,
+    fault: Mutex<ProviderFault>,
     failures: AtomicU32,
     delegated: AtomicU32,
+    hook: HookSlot,
 }
 
 impl FaultyProvider {
     pub fn new(inner: Arc<dyn PaymentProvider>, fault: ProviderFault, failures: u32) -> Self {
         Self {
             inner,
-            fault: std::sync::Mutex::new(fault),
+            fault: Mutex::new(fault),
             failures: AtomicU32::new(failures),
             delegated: AtomicU32::new(0),
+            hook: Mutex::new(None),
         }
     }
 
@@ -58,6 +84,10 @@ impl FaultyProvider {
     /// Calls that reached the wrapped provider.
     pub fn delegated_calls(&self) -> u32 {
         self.delegated.load(Ordering::SeqCst)
+    }
+
+    pub fn set_hook(&self, hook: Option<Arc<dyn FaultHook>>) {
+        *self.hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
     }
 }
 
@@ -77,38 +107,76 @@ impl PaymentProvider for FaultyProvider {
     }
 
     async fn process_payment(&self, order: &PaymentOrder) -> Result<PaymentProof, PaymentError> {
-        if take(&self.failures) {
-            let fault = *self.fault.lock().unwrap_or_else(|p| p.into_inner());
+        let hook = current(&self.hook);
+        if let Some(hook) = &hook {
+            hook.at(FaultPoint::Before("process_payment"), Some(order)).await?;
+        }
+        let fault = *self.fault.lock().unwrap_or_else(|p| p.into_inner());
+        if fault != ProviderFault::OutcomeUnknownAfterProof && take(&self.failures) {
             return Err(match fault {
-                ProviderFault::Unavailable => PaymentError::ProviderUnavailable {
-                    provider: self.inner.name(),
-                    message: "injected fault: provider did not answer".into(),
-                    source: None,
-                },
                 ProviderFault::Rejected => PaymentError::ProviderRejected {
                     provider: self.inner.name(),
                     message: "injected fault: wallet has insufficient funds".into(),
                 },
+                _ => PaymentError::ProviderUnavailable {
+                    provider: self.inner.name(),
+                    message: "injected fault: the provider throttled the request before processing it".into(),
+                    source: None,
+                },
             });
         }
         self.delegated.fetch_add(1, Ordering::SeqCst);
-        self.inner.process_payment(order).await
+        let proof = self.inner.process_payment(order).await?;
+        if fault == ProviderFault::OutcomeUnknownAfterProof && take(&self.failures) {
+            return Err(PaymentError::PaymentOutcomeUnknown {
+                provider: self.inner.name(),
+                message: "injected fault: the call timed out after the proof was issued".into(),
+                source: None,
+            });
+        }
+        if let Some(hook) = &hook {
+            hook.at(FaultPoint::After("process_payment"), Some(order)).await?;
+        }
+        Ok(proof)
     }
 }
 
-/// Fails the next `failures` ledger commits (`authorize`) with `StoreUnavailable`.
+/// Fails the next `failures` ledger commits (`authorize`) with `StoreUnavailable`, and runs
+/// the hook around every write.
 pub struct FaultyStore {
     inner: Arc<dyn Store>,
     authorize_failures: AtomicU32,
+    hook: HookSlot,
 }
 
 impl FaultyStore {
     pub fn new(inner: Arc<dyn Store>) -> Self {
-        Self { inner, authorize_failures: AtomicU32::new(0) }
+        Self { inner, authorize_failures: AtomicU32::new(0), hook: Mutex::new(None) }
     }
 
     pub fn fail_next_authorizations(&self, count: u32) {
         self.authorize_failures.store(count, Ordering::SeqCst);
+    }
+
+    pub fn set_hook(&self, hook: Option<Arc<dyn FaultHook>>) {
+        *self.hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
+    /// Runs `write` between the hook's `Before` and `After` for `operation`.
+    async fn around<T>(
+        &self,
+        operation: &'static str,
+        write: impl std::future::Future<Output = Result<T, PaymentError>> + Send,
+    ) -> Result<T, PaymentError> {
+        let hook = current(&self.hook);
+        if let Some(hook) = &hook {
+            hook.at(FaultPoint::Before(operation), None).await?;
+        }
+        let result = write.await?;
+        if let Some(hook) = &hook {
+            hook.at(FaultPoint::After(operation), None).await?;
+        }
+        Ok(result)
     }
 }
 
@@ -119,14 +187,14 @@ struct InjectedOutage;
 #[async_trait]
 impl Store for FaultyStore {
     async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError> {
-        self.inner.insert_idempotency(record).await
+        self.around("insert_idempotency", self.inner.insert_idempotency(record)).await
     }
     async fn replace_idempotency(
         &self,
         expected: &IdempotencyRecord,
         record: &IdempotencyRecord,
     ) -> Result<Option<Option<IdempotencyRecord>>, PaymentError> {
-        self.inner.replace_idempotency(expected, record).await
+        self.around("replace_idempotency", self.inner.replace_idempotency(expected, record)).await
     }
     async fn idempotency(&self, key: &str, now: Timestamp) -> Result<Option<IdempotencyRecord>, PaymentError> {
         self.inner.idempotency(key, now).await
@@ -134,11 +202,25 @@ impl Store for FaultyStore {
     async fn agent_ledger(&self, agent_id: &str) -> Result<AgentLedger, PaymentError> {
         self.inner.agent_ledger(agent_id).await
     }
+    async fn agent_and_key(
+        &self,
+        agent_id: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError> {
+        self.inner.agent_and_key(agent_id, key, now).await
+    }
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
         self.inner.put_policy(agent_id, policy).await
     }
-    async fn reserve(&self, v: u64, window: &[WindowBucket], r: &Reservation) -> Result<ReserveOutcome, PaymentError> {
-        self.inner.reserve(v, window, r).await
+    async fn reserve(
+        &self,
+        v: u64,
+        window: &[WindowBucket],
+        r: &Reservation,
+        fence: &ClaimFence,
+    ) -> Result<ReserveOutcome, PaymentError> {
+        self.around("reserve", self.inner.reserve(v, window, r, fence)).await
     }
     async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
         self.inner.reservation(agent_id, id).await
@@ -150,13 +232,16 @@ impl Store for FaultyStore {
         if take(&self.authorize_failures) {
             return Err(PaymentError::store("record ledger", InjectedOutage));
         }
-        self.inner.authorize(commit).await
+        self.around("authorize", self.inner.authorize(commit)).await
     }
     async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError> {
-        self.inner.release(commit).await
+        self.around("release", self.inner.release(commit)).await
+    }
+    async fn hold(&self, commit: &HoldCommit) -> Result<Transition, PaymentError> {
+        self.around("hold", self.inner.hold(commit)).await
     }
     async fn settle(&self, id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
-        self.inner.settle(id, audit).await
+        self.around("settle", self.inner.settle(id, audit)).await
     }
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError> {
         self.inner.audit_events(agent_id).await

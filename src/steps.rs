@@ -21,6 +21,7 @@ use crate::store::{
     AuditEvent, AuditKind, AuthorizationCommit, ErrorRecord, IdempotencyRecord, IdempotencyStatus, ReleaseCommit,
     ReleasedReservation, Reservation, ReservationStatus, ReserveOutcome, Store, Transition,
 };
+use crate::store::{ClaimFence, HoldCommit};
 use crate::x402::{Network, PaymentRequirement};
 
 /// The steps, by the names the state machine uses.
@@ -62,17 +63,35 @@ impl StepName {
 
 #[derive(Debug, Clone)]
 pub struct StepSettings {
-    /// How long a claim keeps other executions of the same key away.
+    /// How long a claim keeps other executions of the same key away. It covers the longest
+    /// time one run of the state machine can hold a claim (every Task's TimeoutSeconds times
+    /// its attempts, plus the retry waits: a test computes that bound from the ASL), so a key
+    /// is taken over only from an execution that has stopped. Safety does not rest on it:
+    /// every write is fenced by the holding execution, and a takeover keeps the client token.
     pub lease: Duration,
-    /// How long a key's record lives (DynamoDB TTL; compared explicitly, never trusted).
+    /// How long a finished key's record lives (DynamoDB TTL; compared explicitly, never trusted).
     pub idempotency_ttl: Duration,
+    /// How long an unfinished (IN_PROGRESS) record lives: longer than Step Functions' 14-day
+    /// redrive window, so a redrive of RecordLedger on day 13 still finds its claim.
+    pub unfinished_ttl: Duration,
     /// Optimistic-lock attempts on the agent item before `LedgerConflict`.
     pub ledger_attempts: u32,
 }
 
+/// Step Functions redrives a Standard execution up to 14 days after it stopped; a day more.
+pub const UNFINISHED_CLAIM_LIFETIME: Duration = Duration::from_secs(15 * 24 * 3600);
+
+/// The default lease: above the longest hold the ASL allows (see [`StepSettings::lease`]).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(20 * 60);
+
 impl Default for StepSettings {
     fn default() -> Self {
-        Self { lease: Duration::from_secs(300), idempotency_ttl: Duration::from_secs(24 * 3600), ledger_attempts: 8 }
+        Self {
+            lease: DEFAULT_LEASE,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            unfinished_ttl: UNFINISHED_CLAIM_LIFETIME,
+            ledger_attempts: 8,
+        }
     }
 }
 
@@ -98,9 +117,13 @@ pub enum ClaimOutcome {
 #[serde(rename_all = "camelCase")]
 pub struct Claim {
     pub outcome: ClaimOutcome,
+    /// The key record's lifetime id (see `IdempotencyRecord::claim_id`).
+    #[serde(default)]
+    pub claim_id: String,
     pub attempt: u32,
     pub reservation_id: String,
-    /// Passed to the provider: derived from (key, attempt), so retries get the same proof.
+    /// Passed to the provider: derived from (key, claim id, attempt), so retries and
+    /// takeovers get the same proof, and a key reused after its record expired a new one.
     pub client_token: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment: Option<PaymentRequirement>,
@@ -152,7 +175,8 @@ pub struct PaymentOutcome {
     pub valid_before: Option<Timestamp>,
 }
 
-/// Compensate's output (`$.compensation`); the Fail state reads `error` and `cause`.
+/// Compensate's output (`$.compensation`, or `$.hold` after an unknown outcome); the Fail
+/// state reads `error` and `cause`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Compensation {
@@ -164,6 +188,20 @@ pub struct Compensation {
     pub idempotency_status: IdempotencyStatus,
     /// Everything had been compensated before: nothing was written.
     pub already_compensated: bool,
+    /// The outcome was unknown: the reservation stays counted and the claim keeps its token.
+    #[serde(default)]
+    pub held: bool,
+}
+
+/// What Compensate is asked to do with the caught error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CompensationMode {
+    /// Nothing was issued (a failure before ProcessPayment, or a definite refusal): release.
+    #[default]
+    Release,
+    /// ProcessPayment's outcome is unknown: keep the reservation and the claim, end the lease.
+    HoldUnknown,
 }
 
 /// An error as Step Functions hands it to a Catch: `{"Error": ..., "Cause": ...}`.
@@ -226,6 +264,12 @@ pub struct CompensateInput {
     pub execution_id: String,
     pub claim: Claim,
     pub error: CaughtError,
+    #[serde(default)]
+    pub mode: CompensationMode,
+    /// `$$.State.EnteredTime`: one audit event per entry into the state, however often the
+    /// Lambda is retried within it.
+    #[serde(default)]
+    pub entered_at: Option<String>,
 }
 
 fn parse_input<T: DeserializeOwned>(step: StepName, input: Value) -> Result<T, PaymentError> {
@@ -252,6 +296,26 @@ fn claimed_payment(claim: &Claim) -> Result<&PaymentRequirement, PaymentError> {
         )
         .into()
     })
+}
+
+impl Claim {
+    /// The fence every write for this claim carries.
+    pub fn fence(&self, key: &str, execution_id: &str) -> ClaimFence {
+        ClaimFence {
+            key: key.to_owned(),
+            claim_id: self.claim_id.clone(),
+            attempt: self.attempt,
+            execution_id: execution_id.to_owned(),
+        }
+    }
+}
+
+/// Reservation id and client token of one claim lifetime and attempt. Records written before
+/// claim ids existed keep their (key, attempt) derivation, so their in-flight claims resume.
+fn claim_ids(key: &str, claim_id: &str, attempt: u32) -> (String, String) {
+    let attempt = attempt.to_string();
+    let parts: Vec<&str> = if claim_id.is_empty() { vec![key, &attempt] } else { vec![key, claim_id, &attempt] };
+    (derived_id("res", &parts), derived_id("agentpay", &parts))
 }
 
 /// Bounded, jittered backoff between optimistic-lock attempts.
@@ -289,11 +353,22 @@ impl Steps {
         }
     }
 
-    /// Validates the request and claims its idempotency key.
+    /// Validates the request and claims its idempotency key. A key that completed answers
+    /// from its cache first: a policy edited since cannot turn a paid key into a denial.
     pub async fn check_idempotency(&self, input: CheckIdempotencyInput) -> Result<Claim, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
         let agent = request.agent_id.as_str();
-        let ledger = self.store.agent_ledger(agent).await?;
+        let key = request.idempotency_key.as_str();
+        let now = self.clock.now();
+        let (ledger, existing) = self.store.agent_and_key(agent, key, now).await?;
+        if let Some(record) = &existing {
+            if record.fingerprint != request.fingerprint() {
+                return Err(key_reused(key, record, &request));
+            }
+            if record.status == IdempotencyStatus::Completed {
+                return cached(key, record);
+            }
+        }
         let Some(policy) = &ledger.policy else {
             return Err(PaymentError::PolicyDenied {
                 agent: agent.to_owned(),
@@ -305,12 +380,15 @@ impl Steps {
         let payment = request.select_payment(&policy.allowlist(), agent)?;
         let provider_context = self.provider.prepare(&request, policy, &payment)?;
 
-        let key = request.idempotency_key.as_str();
-        let now = self.clock.now();
         let fresh = IdempotencyRecord {
             key: key.to_owned(),
             fingerprint: request.fingerprint().to_owned(),
             status: IdempotencyStatus::InProgress,
+            // New per record lifetime: a record is created by a new execution, and Step
+            // Functions never reuses an execution id within the 90 days a name stays taken
+            // (longer than any record lives). Derived, not random, so a retried
+            // CheckIdempotency and a seeded simulation give the same id.
+            claim_id: derived_id("claim", &[key, &input.execution_id]),
             attempt: 1,
             execution_id: input.execution_id.clone(),
             lease_expires_at: now.plus(self.settings.lease),
@@ -318,48 +396,39 @@ impl Steps {
             error: None,
             created_at: now,
             updated_at: now,
-            expires_at: now.plus(self.settings.idempotency_ttl),
+            expires_at: now.plus(self.settings.unfinished_ttl),
         };
-        let claimed = |attempt: u32| Claim {
-            outcome: ClaimOutcome::Claimed,
-            attempt,
-            reservation_id: derived_id("res", &[key, &attempt.to_string()]),
-            client_token: derived_id("agentpay", &[key, &attempt.to_string()]),
-            payment: Some(payment.clone()),
-            result: None,
-            provider_context: provider_context.clone(),
+        let claimed = |record: &IdempotencyRecord| {
+            let (reservation_id, client_token) = claim_ids(key, &record.claim_id, record.attempt);
+            Claim {
+                outcome: ClaimOutcome::Claimed,
+                claim_id: record.claim_id.clone(),
+                attempt: record.attempt,
+                reservation_id,
+                client_token,
+                payment: Some(payment.clone()),
+                result: None,
+                provider_context: provider_context.clone(),
+            }
         };
 
-        let mut blocking = self.store.insert_idempotency(&fresh).await?;
+        let mut blocking = match existing {
+            Some(record) => Some(record),
+            None => self.store.insert_idempotency(&fresh).await?,
+        };
         // Each round either claims, answers, or loses a race to a writer that changed the record.
         for _ in 0..4 {
             let Some(current) = blocking else {
-                return Ok(claimed(fresh.attempt));
+                return Ok(claimed(&fresh));
             };
             if current.fingerprint != fresh.fingerprint {
-                return Err(PaymentError::IdempotencyKeyReused {
-                    key: key.to_owned(),
-                    stored: current.fingerprint,
-                    received: fresh.fingerprint,
-                });
+                return Err(key_reused(key, &current, &request));
             }
-            let reclaim_attempt = match current.status {
-                IdempotencyStatus::Completed => {
-                    let mut result = current.result.clone().ok_or_else(|| {
-                        PaymentError::LedgerInconsistent(format!("key {key:?} is COMPLETED without a result"))
-                    })?;
-                    result["fromCache"] = Value::Bool(true);
-                    return Ok(Claim {
-                        outcome: ClaimOutcome::Cached,
-                        payment: None,
-                        result: Some(result),
-                        provider_context: None,
-                        ..claimed(current.attempt)
-                    });
-                }
+            let attempt = match current.status {
+                IdempotencyStatus::Completed => return cached(key, &current),
                 // A retried or redriven step of the execution that holds the claim.
                 IdempotencyStatus::InProgress if current.execution_id == input.execution_id => {
-                    return Ok(claimed(current.attempt));
+                    return Ok(claimed(&current));
                 }
                 IdempotencyStatus::InProgress if current.lease_expires_at > now => {
                     return Err(PaymentError::PaymentInFlight {
@@ -368,15 +437,23 @@ impl Steps {
                         lease_expires_at: current.lease_expires_at.to_rfc3339(),
                     });
                 }
-                // The holder stopped renewing: adopt its attempt, so its reservation and
-                // client token (and any proof already issued) are reused, not duplicated.
+                // The holder stopped (or held an unknown outcome): adopt its claim and attempt,
+                // so its reservation and client token (and any proof already issued) are
+                // reused, not duplicated. The new execution id fences the old holder out.
                 IdempotencyStatus::InProgress => current.attempt,
+                // A definite refusal came first: a new attempt may pay.
                 IdempotencyStatus::Failed | IdempotencyStatus::Denied => current.attempt + 1,
             };
-            let reclaimed =
-                IdempotencyRecord { attempt: reclaim_attempt, created_at: current.created_at, ..fresh.clone() };
+            let reclaimed = IdempotencyRecord {
+                claim_id: current.claim_id.clone(),
+                attempt,
+                created_at: current.created_at,
+                result: None,
+                error: None,
+                ..fresh.clone()
+            };
             blocking = match self.store.replace_idempotency(&current, &reclaimed).await? {
-                None => return Ok(claimed(reclaim_attempt)),
+                None => return Ok(claimed(&reclaimed)),
                 Some(Some(changed)) => Some(changed),
                 Some(None) => self.store.insert_idempotency(&fresh).await?,
             };
@@ -394,6 +471,7 @@ impl Steps {
         let payment = claimed_payment(&input.claim)?;
         let agent = request.agent_id.as_str();
         let reservation_id = &input.claim.reservation_id;
+        let fence = input.claim.fence(request.idempotency_key.as_str(), &input.execution_id);
         for attempt in 0..self.settings.ledger_attempts {
             let ledger = self.store.agent_ledger(agent).await?;
             let now = self.clock.now();
@@ -414,6 +492,7 @@ impl Steps {
                 attempt: input.claim.attempt,
                 execution_id: input.execution_id.clone(),
                 status: ReservationStatus::Reserved,
+                client_token: input.claim.client_token.clone(),
                 amount: payment.amount,
                 network: payment.network,
                 asset: payment.asset.to_checksum(None),
@@ -424,10 +503,11 @@ impl Steps {
                 created_at: now,
                 updated_at: now,
             };
-            match self.store.reserve(ledger.version, &decision.window, &reservation).await? {
+            match self.store.reserve(ledger.version, &decision.window, &reservation, &fence).await? {
                 ReserveOutcome::Reserved => return Ok(summary(&reservation)),
                 ReserveOutcome::AlreadyExists(existing) => return existing_reservation(*existing),
                 ReserveOutcome::VersionConflict => conflict_backoff(attempt).await,
+                ReserveOutcome::Fenced(holder) => return Err(superseded(&fence, holder)),
             }
         }
         Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: self.settings.ledger_attempts })
@@ -450,17 +530,20 @@ impl Steps {
             context: input.claim.provider_context.clone(),
         };
         let proof = self.provider.process_payment(&order).await?;
+        // A success we cannot use may still be a proof the provider issued: unknown, not failed.
         let provider = self.provider.name();
         if proof.status != "PROOF_GENERATED" {
-            return Err(PaymentError::ProviderRejected {
+            return Err(PaymentError::PaymentOutcomeUnknown {
                 provider,
                 message: format!("status {:?}, expected PROOF_GENERATED", proof.status),
+                source: None,
             });
         }
         if proof.payment_id.is_empty() || proof.header.value.is_empty() {
-            return Err(PaymentError::ProviderRejected {
+            return Err(PaymentError::PaymentOutcomeUnknown {
                 provider,
                 message: "empty payment id or payment header in the response".into(),
+                source: None,
             });
         }
         Ok(proof)
@@ -510,20 +593,21 @@ impl Steps {
             payment_id: Some(outcome.payment_id.clone()),
             error: None,
         };
+        let fence = input.claim.fence(request.idempotency_key.as_str(), &input.execution_id);
         let commit = AuthorizationCommit {
             reservation_id: input.reservation.reservation_id.clone(),
             payment_id: outcome.payment_id.clone(),
-            idempotency_key: request.idempotency_key.to_string(),
-            attempt: input.claim.attempt,
+            fence: fence.clone(),
             result: to_output(&outcome)?,
             audit,
             now,
+            expires_at: now.plus(self.settings.idempotency_ttl),
         };
         match self.store.authorize(&commit).await? {
             Transition::Applied => Ok(outcome),
             Transition::AlreadyApplied => {
                 // Recorded by an earlier try: answer with what was stored.
-                match self.store.idempotency(&commit.idempotency_key, now).await? {
+                match self.store.idempotency(&fence.key, now).await? {
                     Some(IdempotencyRecord { result: Some(stored), .. }) => serde_json::from_value(stored)
                         .map_err(|e| PaymentError::LedgerInconsistent(format!("stored result unreadable: {e}"))),
                     _ => Ok(outcome),
@@ -531,19 +615,26 @@ impl Steps {
             }
             Transition::Refused(why) => Err(PaymentError::LedgerInconsistent(format!(
                 "cannot record payment {} for key {:?}: {why}",
-                commit.payment_id, commit.idempotency_key
+                commit.payment_id, fence.key
             ))),
             Transition::VersionConflict => {
                 Err(PaymentError::LedgerConflict { agent: request.agent_id.to_string(), attempts: 1 })
             }
+            Transition::Fenced(holder) => Err(superseded(&fence, holder)),
         }
     }
 
     /// Releases the reservation (if any), marks the key FAILED or DENIED, audits. Idempotent.
+    /// After an unknown outcome it holds instead: nothing is released.
     pub async fn compensate(&self, input: CompensateInput) -> Result<Compensation, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
+        // Defence in depth: an unknown outcome is never released, whatever route led here.
+        if input.mode == CompensationMode::HoldUnknown || input.error.error == "PaymentOutcomeUnknown" {
+            return self.hold_unknown(&request, &input).await;
+        }
         let agent = request.agent_id.as_str();
         let reservation_id = input.claim.reservation_id.clone();
+        let fence = input.claim.fence(request.idempotency_key.as_str(), &input.execution_id);
         let denied = is_denial_name(&input.error.error);
         let status = if denied { IdempotencyStatus::Denied } else { IdempotencyStatus::Failed };
         let error = ErrorRecord { error: input.error.error.clone(), cause: input.error.message() };
@@ -567,40 +658,23 @@ impl Steps {
                 _ => None,
             };
             let releasing = release.is_some();
+            let kind = if releasing || !denied { AuditKind::Released } else { AuditKind::Denied };
             let audit = AuditEvent {
                 event_id: derived_id("evt", &[&reservation_id, if releasing { "RELEASED" } else { status.as_str() }]),
-                kind: if releasing {
-                    AuditKind::Released
-                } else if denied {
-                    AuditKind::Denied
-                } else {
-                    AuditKind::Released
-                },
-                agent_id: agent.to_owned(),
-                user_id: request.user_id.to_string(),
-                at: now,
-                idempotency_key: request.idempotency_key.to_string(),
-                execution_id: input.execution_id.clone(),
-                reservation_id: reservation.as_ref().map(|r| r.id.clone()),
-                amount: reservation.as_ref().map(|r| r.amount).or(input.claim.payment.as_ref().map(|p| p.amount)),
-                network: input.claim.payment.as_ref().map(|p| p.network),
-                asset: input.claim.payment.as_ref().map(|p| p.asset.to_checksum(None)),
-                payee: input.claim.payment.as_ref().map(|p| p.pay_to.to_checksum(None)),
-                resource: request.resource.clone(),
-                context: request.context.clone(),
-                limits: reservation.as_ref().map(|r| r.snapshot.clone()),
-                payment_id: None,
+                kind,
                 error: Some(error.clone()),
+                ..self.claim_audit(&request, &input, reservation.as_ref(), now)
             };
             let commit = ReleaseCommit {
                 agent_id: agent.to_owned(),
+                reservation_id: reservation_id.clone(),
                 reservation: release,
-                idempotency_key: request.idempotency_key.to_string(),
-                attempt: input.claim.attempt,
+                fence: fence.clone(),
                 status,
                 error: error.clone(),
                 audit,
                 now,
+                expires_at: now.plus(self.settings.idempotency_ttl),
             };
             let compensation = |already_compensated: bool| Compensation {
                 error: error.error.clone(),
@@ -609,15 +683,136 @@ impl Steps {
                 released: releasing && !already_compensated,
                 idempotency_status: status,
                 already_compensated,
+                held: false,
             };
             match self.store.release(&commit).await? {
                 Transition::Applied => return Ok(compensation(false)),
                 Transition::AlreadyApplied => return Ok(compensation(true)),
                 Transition::VersionConflict => conflict_backoff(attempt).await,
                 Transition::Refused(why) => return Err(PaymentError::LedgerInconsistent(why)),
+                Transition::Fenced(holder) => return Ok(superseded_compensation(&fence, holder, &reservation_id)),
             }
         }
         Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: self.settings.ledger_attempts })
+    }
+
+    /// An unknown outcome: the reservation stays counted, the claim keeps its client token,
+    /// its lease ends (a replay of the key adopts it at once), and the audit trail says so.
+    async fn hold_unknown(
+        &self,
+        request: &PaymentRequest,
+        input: &CompensateInput,
+    ) -> Result<Compensation, PaymentError> {
+        let now = self.clock.now();
+        let reservation_id = input.claim.reservation_id.clone();
+        let fence = input.claim.fence(request.idempotency_key.as_str(), &input.execution_id);
+        let reservation = self.store.reservation(request.agent_id.as_str(), &reservation_id).await?;
+        let entered = input.entered_at.clone().unwrap_or_else(|| now.millis().to_string());
+        let cause = format!(
+            "{} ({}). A payment proof may have been issued: reservation {reservation_id} stays counted against the agent's limits and idempotency key {:?} keeps its client token. Resolve it by asking the provider again with that token: start the same idempotency key again (`agentpay replay <execution> --fresh`, or StartExecution with the same input); the provider answers with the proof it issued or a definite refusal.",
+            input.error.error,
+            input.error.message(),
+            fence.key,
+        );
+        let audit = AuditEvent {
+            event_id: derived_id("evt", &[&reservation_id, "OUTCOME_UNKNOWN", &input.execution_id, &entered]),
+            kind: AuditKind::OutcomeUnknown,
+            error: Some(ErrorRecord { error: "PaymentOutcomeUnknown".into(), cause: cause.clone() }),
+            ..self.claim_audit(request, input, reservation.as_ref(), now)
+        };
+        let held = |already_compensated: bool| Compensation {
+            error: "PaymentOutcomeUnknown".into(),
+            cause: cause.clone(),
+            reservation_id: reservation_id.clone(),
+            released: false,
+            idempotency_status: IdempotencyStatus::InProgress,
+            already_compensated,
+            held: true,
+        };
+        match self.store.hold(&HoldCommit { fence: fence.clone(), audit, now }).await? {
+            Transition::Applied => Ok(held(false)),
+            Transition::AlreadyApplied => Ok(held(true)),
+            Transition::Fenced(holder) => Ok(superseded_compensation(&fence, holder, &reservation_id)),
+            Transition::VersionConflict => {
+                Err(PaymentError::LedgerConflict { agent: request.agent_id.to_string(), attempts: 1 })
+            }
+            Transition::Refused(why) => Err(PaymentError::LedgerInconsistent(why)),
+        }
+    }
+
+    /// The audit event's common part for a claim: who, what, under which limits.
+    fn claim_audit(
+        &self,
+        request: &PaymentRequest,
+        input: &CompensateInput,
+        reservation: Option<&Reservation>,
+        now: Timestamp,
+    ) -> AuditEvent {
+        let payment = input.claim.payment.as_ref();
+        AuditEvent {
+            event_id: String::new(),
+            kind: AuditKind::Released,
+            agent_id: request.agent_id.to_string(),
+            user_id: request.user_id.to_string(),
+            at: now,
+            idempotency_key: request.idempotency_key.to_string(),
+            execution_id: input.execution_id.clone(),
+            reservation_id: reservation.map(|r| r.id.clone()),
+            amount: reservation.map(|r| r.amount).or(payment.map(|p| p.amount)),
+            network: payment.map(|p| p.network),
+            asset: payment.map(|p| p.asset.to_checksum(None)),
+            payee: payment.map(|p| p.pay_to.to_checksum(None)),
+            resource: request.resource.clone(),
+            context: request.context.clone(),
+            limits: reservation.map(|r| r.snapshot.clone()),
+            payment_id: None,
+            error: None,
+        }
+    }
+}
+
+fn key_reused(key: &str, record: &IdempotencyRecord, request: &PaymentRequest) -> PaymentError {
+    PaymentError::IdempotencyKeyReused {
+        key: key.to_owned(),
+        stored: record.fingerprint.clone(),
+        received: request.fingerprint().to_owned(),
+    }
+}
+
+/// The cached outcome of a completed key: nothing is paid again.
+fn cached(key: &str, record: &IdempotencyRecord) -> Result<Claim, PaymentError> {
+    let mut result = record
+        .result
+        .clone()
+        .ok_or_else(|| PaymentError::LedgerInconsistent(format!("key {key:?} is COMPLETED without a result")))?;
+    result["fromCache"] = Value::Bool(true);
+    let (reservation_id, client_token) = claim_ids(key, &record.claim_id, record.attempt);
+    Ok(Claim {
+        outcome: ClaimOutcome::Cached,
+        claim_id: record.claim_id.clone(),
+        attempt: record.attempt,
+        reservation_id,
+        client_token,
+        payment: None,
+        result: Some(result),
+        provider_context: None,
+    })
+}
+
+fn superseded(fence: &ClaimFence, holder: String) -> PaymentError {
+    PaymentError::ClaimSuperseded { key: fence.key.clone(), execution_id: fence.execution_id.clone(), holder }
+}
+
+/// A fenced Compensate: it wrote nothing; the execution ends with the takeover named.
+fn superseded_compensation(fence: &ClaimFence, holder: String, reservation_id: &str) -> Compensation {
+    Compensation {
+        error: "ClaimSuperseded".into(),
+        cause: superseded(fence, holder).to_string(),
+        reservation_id: reservation_id.to_owned(),
+        released: false,
+        idempotency_status: IdempotencyStatus::InProgress,
+        already_compensated: false,
+        held: false,
     }
 }
 

@@ -64,6 +64,8 @@ pub struct TaskState {
     pub result_path: Option<JsonPath>,
     pub retry: Vec<Retrier>,
     pub catch: Vec<Catcher>,
+    /// `TimeoutSeconds`: past it the attempt fails with `States.Timeout`.
+    pub timeout_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,6 +339,14 @@ fn parse_state(name: &str, map: &Map<String, Value>) -> Result<State, Definition
                 result_path: fields.path_or_null("ResultPath")?,
                 retry: parse_retry(name, map.get("Retry"))?,
                 catch: parse_catch(name, map.get("Catch"))?,
+                timeout_seconds: match map.get("TimeoutSeconds") {
+                    None => None,
+                    Some(value) => Some(value.as_u64().filter(|s| *s > 0).ok_or_else(|| {
+                        DefinitionError::Invalid(format!(
+                            "state {name:?}: TimeoutSeconds must be a positive integer, found {value}"
+                        ))
+                    })?),
+                },
             })
         }
         "Pass" => {

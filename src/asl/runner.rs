@@ -1,7 +1,7 @@
 //! Runs the deployed state machine file locally, dispatching each Task to the in-process
 //! step code, and keeps every execution's history in the embedded store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use super::definition::{
     Catcher, DefinitionError, Jitter, Retrier, State, StateKind, StateMachine, TaskState, Transition,
 };
 use super::path::JsonPath;
-use crate::clock::Timestamp;
+use crate::clock::{Clock, Timestamp};
 use crate::error::PaymentError;
 use crate::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
 use crate::steps::{StepName, Steps};
@@ -80,6 +80,63 @@ impl Sleeper for RecordingSleeper {
     }
 }
 
+/// A Task's failure as Step Functions sees it: the error name its Retry and Catch match, and
+/// the cause (a Lambda's is its JSON error document).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFailure {
+    pub error: String,
+    pub cause: String,
+}
+
+impl From<PaymentError> for TaskFailure {
+    fn from(failure: PaymentError) -> Self {
+        let cause = json!({"errorType": failure.name(), "errorMessage": failure.chain_message()}).to_string();
+        Self { error: failure.name().to_owned(), cause }
+    }
+}
+
+/// What a Task state runs: the steps in-process ([`Steps`]); the fault simulator wraps it to
+/// fail an invocation the way Lambda does (`Sandbox.Timedout`, `Lambda.Unknown`).
+#[async_trait]
+pub trait TaskHandler: Send + Sync {
+    async fn invoke(&self, step: StepName, input: Value) -> Result<Value, TaskFailure>;
+}
+
+#[async_trait]
+impl TaskHandler for Steps {
+    async fn invoke(&self, step: StepName, input: Value) -> Result<Value, TaskFailure> {
+        Steps::invoke(self, step, input).await.map_err(|failure| {
+            tracing::warn!(step = step.function_name(), error = failure.name(), message = %failure.chain_message(), "task failed");
+            TaskFailure::from(failure)
+        })
+    }
+}
+
+/// Whether the process that owned a RUNNING execution still exists.
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        std::path::Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        // No cheap portable check: assume it lives, so nothing is resumed twice.
+        true
+    }
+}
+
+/// Removes an execution from the runner's live set when its drive ends, however it ends
+/// (a dropped future included: that is how a dying process looks from inside).
+struct LiveGuard {
+    live: Arc<Mutex<HashSet<String>>>,
+    execution_id: String,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&self.execution_id);
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
     #[error(transparent)]
@@ -96,10 +153,15 @@ pub enum RunnerError {
 
 pub struct LocalRunner {
     machine: StateMachine,
-    steps: Steps,
+    handler: Arc<dyn TaskHandler>,
+    clock: Arc<dyn Clock>,
     executions: Arc<dyn ExecutionStore>,
     sleeper: Arc<dyn Sleeper>,
     resources: HashMap<String, StepName>,
+    /// `pid:<pid>:<nonce>`, written into the records this runner drives.
+    instance: String,
+    /// Executions this runner is driving now.
+    live: Arc<Mutex<HashSet<String>>>,
 }
 
 enum StateResult {
@@ -208,6 +270,18 @@ impl LocalRunner {
         executions: Arc<dyn ExecutionStore>,
         sleeper: Arc<dyn Sleeper>,
     ) -> Result<Self, DefinitionError> {
+        let clock = steps.clock().clone();
+        Self::with_handler(definition, Arc::new(steps), clock, executions, sleeper)
+    }
+
+    /// As [`LocalRunner::new`], with Tasks dispatched to `handler`.
+    pub fn with_handler(
+        definition: &str,
+        handler: Arc<dyn TaskHandler>,
+        clock: Arc<dyn Clock>,
+        executions: Arc<dyn ExecutionStore>,
+        sleeper: Arc<dyn Sleeper>,
+    ) -> Result<Self, DefinitionError> {
         let machine = StateMachine::parse(definition, &local_substitutions())?;
         let resources: HashMap<String, StepName> = StepName::ALL.iter().map(|s| (local_function_arn(*s), *s)).collect();
         for state in machine.states.values() {
@@ -220,7 +294,30 @@ impl LocalRunner {
                 )));
             }
         }
-        Ok(Self { machine, steps, executions, sleeper, resources })
+        let instance = format!("pid:{}:{}", std::process::id(), hex::encode(rand::random::<[u8; 4]>()));
+        Ok(Self { machine, handler, clock, executions, sleeper, resources, instance, live: Default::default() })
+    }
+
+    /// Marks `execution_id` live in this runner until the returned guard drops.
+    fn go_live(&self, execution_id: &str) -> LiveGuard {
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(execution_id.to_owned());
+        }
+        LiveGuard { live: self.live.clone(), execution_id: execution_id.to_owned() }
+    }
+
+    /// Why a RUNNING execution cannot be resumed: its runner may still be driving it.
+    fn still_driven(&self, record: &ExecutionRecord) -> Option<String> {
+        if self.live.lock().is_ok_and(|live| live.contains(&record.execution_id)) {
+            return Some("it is running in this process".into());
+        }
+        let owner = record.owner.as_deref()?;
+        let pid: u32 = owner.strip_prefix("pid:")?.split(':').next()?.parse().ok()?;
+        let same_runner = owner == self.instance;
+        if !same_runner && pid == std::process::id() {
+            return Some(format!("another runner in this process ({owner}) may be driving it"));
+        }
+        (!same_runner && process_alive(pid)).then(|| format!("process {pid} that runs it is still alive"))
     }
 
     pub fn executions(&self) -> &Arc<dyn ExecutionStore> {
@@ -229,7 +326,7 @@ impl LocalRunner {
 
     /// Starts an execution named `name` and runs it to the end.
     pub async fn start(&self, name: &str, input: Value) -> Result<ExecutionRecord, RunnerError> {
-        let now = self.steps.clock().now();
+        let now = self.clock.now();
         let text = |key: &str| input.get(key).and_then(Value::as_str).map(str::to_owned);
         let mut record = ExecutionRecord {
             execution_id: local_execution_arn(name),
@@ -244,7 +341,9 @@ impl LocalRunner {
             redrive_count: 0,
             agent_id: text("agentId"),
             idempotency_key: text("idempotencyKey"),
+            owner: Some(self.instance.clone()),
         };
+        let _live = self.go_live(&record.execution_id);
         if !self.executions.create_execution(&record).await? {
             return Err(RunnerError::ExecutionAlreadyExists(name.to_owned()));
         }
@@ -280,12 +379,14 @@ impl LocalRunner {
             .find(|e| e.kind == HistoryKind::StateEntered && e.state.as_deref() == Some(failed_state.as_str()))
             .and_then(|e| e.details.get("input").cloned())
             .ok_or_else(|| not_redrivable(format!("no recorded input for state {failed_state:?}")))?;
-        let now = self.steps.clock().now();
+        let now = self.clock.now();
+        let _live = self.go_live(&record.execution_id);
         record.status = ExecutionStatus::Running;
         record.redrive_count += 1;
         record.error = None;
         record.failed_state = None;
         record.stopped_at = None;
+        record.owner = Some(self.instance.clone());
         self.executions.update_execution(&record).await?;
         let mut recorder = Recorder {
             execution_id: record.execution_id.clone(),
@@ -296,9 +397,68 @@ impl LocalRunner {
             now,
             HistoryKind::ExecutionRedriven,
             Some(&failed_state),
-            json!({"redriveCount": record.redrive_count}),
+            json!({"redriveCount": record.redrive_count, "input": state_input}),
         );
         self.drive(&mut record, &mut recorder, failed_state, state_input).await?;
+        Ok(record)
+    }
+
+    /// Resumes a RUNNING execution whose runner died (its process exited, or its future was
+    /// dropped), at the state its recorded history ends in, with that state's input. The
+    /// state that was running is run again: every step is idempotent and fenced, so running
+    /// it twice pays nothing twice.
+    pub async fn resume(&self, id_or_name: &str) -> Result<ExecutionRecord, RunnerError> {
+        let mut record = self
+            .executions
+            .execution(id_or_name)
+            .await?
+            .ok_or_else(|| RunnerError::ExecutionNotFound(id_or_name.to_owned()))?;
+        let refuse = |reason: String| RunnerError::NotRedrivable { id: record.execution_id.clone(), reason };
+        if record.status != ExecutionStatus::Running {
+            return Err(refuse(format!(
+                "its status is {}, only a RUNNING execution is resumed",
+                record.status.as_str()
+            )));
+        }
+        if let Some(reason) = self.still_driven(&record) {
+            return Err(refuse(format!("{reason}; resume only an execution whose runner is gone")));
+        }
+        let _live = self.go_live(&record.execution_id);
+        let history = self.executions.history(&record.execution_id).await?;
+        let mut recorder = Recorder {
+            execution_id: record.execution_id.clone(),
+            next_seq: history.last().map_or(0, |e| e.seq + 1),
+            pending: vec![],
+        };
+        let now = self.clock.now();
+        // The runner died after recording the end but before updating the record.
+        if let Some(last) = history.last() {
+            match last.kind {
+                HistoryKind::ExecutionSucceeded => {
+                    record.status = ExecutionStatus::Succeeded;
+                    record.output = last.details.get("output").cloned();
+                    record.stopped_at = Some(last.at);
+                    self.executions.update_execution(&record).await?;
+                    return Ok(record);
+                }
+                HistoryKind::ExecutionFailed => {
+                    let text = |key: &str| last.details.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
+                    record.status = ExecutionStatus::Failed;
+                    record.error = Some(ErrorRecord { error: text("error"), cause: text("cause") });
+                    record.failed_state = last.state.clone();
+                    record.stopped_at = Some(last.at);
+                    self.executions.update_execution(&record).await?;
+                    return Ok(record);
+                }
+                _ => {}
+            }
+        }
+        let (state, input) = resume_point(&history, &self.machine.start_at, &record.input)
+            .ok_or_else(|| refuse("its history names no state to resume at".into()))?;
+        record.owner = Some(self.instance.clone());
+        self.executions.update_execution(&record).await?;
+        recorder.push(now, HistoryKind::ExecutionResumed, Some(&state), json!({"input": input}));
+        self.drive(&mut record, &mut recorder, state, input).await?;
         Ok(record)
     }
 
@@ -309,7 +469,7 @@ impl LocalRunner {
         mut state_name: String,
         mut data: Value,
     ) -> Result<(), RunnerError> {
-        let clock = self.steps.clock().clone();
+        let clock = self.clock.clone();
         loop {
             let state = self
                 .machine
@@ -333,7 +493,13 @@ impl LocalRunner {
             let now = clock.now();
             match result {
                 StateResult::Next(next, output) => {
-                    recorder.push(now, HistoryKind::StateExited, Some(&state_name), json!({"output": output}));
+                    // `next` too: a resumed execution continues from here.
+                    recorder.push(
+                        now,
+                        HistoryKind::StateExited,
+                        Some(&state_name),
+                        json!({"output": output, "next": next}),
+                    );
                     recorder.flush(self.executions.as_ref()).await?;
                     state_name = next;
                     data = output;
@@ -434,7 +600,7 @@ impl LocalRunner {
         mut context: Value,
         recorder: &mut Recorder,
     ) -> StateResult {
-        let clock = self.steps.clock().clone();
+        let clock = self.clock.clone();
         let step = self.resources[&task.resource];
         let mut retries_used = vec![0u32; task.retry.len()];
         let mut retry_count = 0u32;
@@ -453,7 +619,19 @@ impl LocalRunner {
                 Some(&state.name),
                 json!({"resource": task.resource, "parameters": parameters}),
             );
-            let (error, cause) = match self.steps.invoke(step, parameters).await {
+            let invocation = self.handler.invoke(step, parameters);
+            let outcome = match task.timeout_seconds {
+                Some(seconds) => {
+                    tokio::time::timeout(Duration::from_secs(seconds), invocation).await.unwrap_or_else(|_| {
+                        Err(TaskFailure {
+                            error: "States.Timeout".into(),
+                            cause: format!("the task did not finish within its TimeoutSeconds ({seconds} s)"),
+                        })
+                    })
+                }
+                None => invocation.await,
+            };
+            let (error, cause) = match outcome {
                 Ok(result) => {
                     recorder.push(
                         clock.now(),
@@ -473,13 +651,7 @@ impl LocalRunner {
                         Err(cause) => runtime_error(cause),
                     };
                 }
-                Err(failure) => {
-                    tracing::warn!(state = %state.name, error = failure.name(), message = %failure.chain_message(), "task failed");
-                    // The shape Lambda gives Step Functions: Cause is the JSON error document.
-                    let cause =
-                        json!({"errorType": failure.name(), "errorMessage": failure.chain_message()}).to_string();
-                    (failure.name().to_owned(), cause)
-                }
+                Err(TaskFailure { error, cause }) => (error, cause),
             };
             recorder.push(
                 clock.now(),
@@ -524,6 +696,25 @@ impl LocalRunner {
             };
         }
     }
+}
+
+/// Where a dead runner's execution continues: the newest recorded point in its history.
+fn resume_point(history: &[HistoryEvent], start_at: &str, input: &Value) -> Option<(String, Value)> {
+    for event in history.iter().rev() {
+        let state = event.state.clone();
+        match event.kind {
+            HistoryKind::StateExited => {
+                let next = event.details.get("next").and_then(Value::as_str)?;
+                return Some((next.to_owned(), event.details.get("output")?.clone()));
+            }
+            HistoryKind::StateEntered | HistoryKind::ExecutionRedriven | HistoryKind::ExecutionResumed => {
+                return Some((state?, event.details.get("input")?.clone()));
+            }
+            HistoryKind::ExecutionStarted => return Some((start_at.to_owned(), input.clone())),
+            _ => {}
+        }
+    }
+    Some((start_at.to_owned(), input.clone()))
 }
 
 #[cfg(test)]

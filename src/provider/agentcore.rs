@@ -388,13 +388,12 @@ impl PaymentProvider for AgentCoreProvider {
             .map_err(|e| classify("ProcessPayment", e))?;
 
         if output.status != PaymentStatus::ProofGenerated {
-            return Err(PaymentError::ProviderRejected {
-                provider: PROVIDER,
-                message: format!(
-                    "ProcessPayment answered status {:?}, expected PROOF_GENERATED",
-                    output.status.as_str()
-                ),
-            });
+            // PROOF_GENERATED is the only status the service models: anything else is an
+            // answer we cannot read, and a proof may exist behind it.
+            return Err(malformed(
+                "ProcessPayment",
+                &format!("status {:?}, expected PROOF_GENERATED", output.status.as_str()),
+            ));
         }
         if output.process_payment_id.is_empty() {
             return Err(malformed("ProcessPayment", "an empty processPaymentId"));
@@ -467,6 +466,7 @@ fn proof_header(
                     "an x402 payload without a 0x signature and an authorization object",
                 ));
             };
+            check_authorization_terms(requirement, authorization)?;
             let payer = authorization.get("from").and_then(Value::as_str).map(str::to_owned);
             let valid_before = authorization
                 .get("validBefore")
@@ -603,8 +603,53 @@ validation_fields!(
         => aws_sdk_bedrockagentcore::operation::create_payment_session::CreatePaymentSessionError::ValidationException,
 );
 
-/// Maps an SDK error to the workflow's error names (see the README's error table).
+/// The signed authorization must pay what was asked: the payee and the amount. A proof for
+/// other terms was still issued, so it is an unknown outcome (held), never a refusal.
+fn check_authorization_terms(requirement: &PaymentRequirement, authorization: &Value) -> Result<(), PaymentError> {
+    let to = authorization.get("to").and_then(Value::as_str).unwrap_or_default();
+    let value = authorization.get("value").and_then(Value::as_str).unwrap_or_default();
+    let pay_to = requirement.pay_to.to_checksum(None);
+    if !to.eq_ignore_ascii_case(&pay_to) || value != requirement.amount.to_string() {
+        return Err(malformed(
+            "ProcessPayment",
+            &format!(
+                "an authorization paying {value:?} to {to:?}, but the request pays {} to {pay_to}",
+                requirement.amount
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a dispatch failure happened while connecting: the request was never sent, so the
+/// provider cannot have processed it. Anything else after dispatch may have reached it.
+fn failed_to_connect(error: &(dyn std::error::Error + 'static)) -> bool {
+    let text = aws_smithy_types::error::display::DisplayErrorContext(error).to_string().to_ascii_lowercase();
+    ["(connect)", "tcp connect error", "dns error", "connection refused"].iter().any(|needle| text.contains(needle))
+}
+
+/// Maps an SDK error to the workflow's error names (see the README's error table). For
+/// ProcessPayment, whatever may have reached the service without a definite answer (time-out,
+/// lost connection, unreadable response, 5xx) is `PaymentOutcomeUnknown`; for the other
+/// operations (reads, sessions) it is `ProviderUnavailable`.
 fn classify<E>(operation: &'static str, error: SdkError<E, HttpResponse>) -> PaymentError
+where
+    E: ProvideErrorMetadata + ValidationFields + std::error::Error + Send + Sync + 'static,
+{
+    match classify_any(operation, error) {
+        PaymentError::PaymentOutcomeUnknown { message, source, .. } if operation != "ProcessPayment" => {
+            PaymentError::ProviderUnavailable { provider: PROVIDER, message, source }
+        }
+        other => other,
+    }
+}
+
+fn outcome_unknown(message: String, source: Option<BoxError>) -> PaymentError {
+    PaymentError::PaymentOutcomeUnknown { provider: PROVIDER, message, source }
+}
+
+/// Maps an SDK error to the workflow's error names (see the README's error table).
+fn classify_any<E>(operation: &'static str, error: SdkError<E, HttpResponse>) -> PaymentError
 where
     E: ProvideErrorMetadata + ValidationFields + std::error::Error + Send + Sync + 'static,
 {
@@ -615,12 +660,18 @@ where
             status: context.raw().status().as_u16(),
             fields: context.err().validation_fields(),
         },
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+        SdkError::DispatchFailure(_) if failed_to_connect(&error) => {
             return PaymentError::ProviderUnavailable {
                 provider: PROVIDER,
-                message: format!("{operation} did not complete (time-out, connection or unreadable response)"),
+                message: format!("{operation} was not sent: could not connect to the service"),
                 source: Some(Box::new(error) as BoxError),
             };
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            return outcome_unknown(
+                format!("{operation} did not complete (time-out, lost connection or unreadable response)"),
+                Some(Box::new(error) as BoxError),
+            );
         }
         _ => {
             return PaymentError::ProviderRejected {
@@ -644,14 +695,13 @@ fn classify_fault(operation: &'static str, fault: ServiceFault, source: BoxError
         source: Some(source),
     };
     match fault.code.as_str() {
-        "ThrottlingException" | "InternalServerException" | "ServiceUnavailableException" => {
-            PaymentError::ProviderUnavailable {
-                provider: PROVIDER,
-                message: format!("{operation}: {} ({}); retried by the state machine", fault.message, fault.code),
-                source: None,
-            }
-        }
-        _ if fault.status == 429 || fault.status >= 500 => PaymentError::ProviderUnavailable {
+        // Throttling is refused before processing: definite, and retried.
+        "ThrottlingException" => PaymentError::ProviderUnavailable {
+            provider: PROVIDER,
+            message: format!("{operation}: {} ({}); retried by the state machine", fault.message, fault.code),
+            source: None,
+        },
+        _ if fault.status == 429 => PaymentError::ProviderUnavailable {
             provider: PROVIDER,
             message: format!(
                 "{operation}: HTTP {} {} ({}); retried by the state machine",
@@ -659,6 +709,18 @@ fn classify_fault(operation: &'static str, fault: ServiceFault, source: BoxError
             ),
             source: None,
         },
+        // A server error says nothing about whether the payment was processed.
+        "InternalServerException" | "ServiceUnavailableException" => outcome_unknown(
+            format!("{operation}: {} ({}); asked again with the same client token", fault.message, fault.code),
+            None,
+        ),
+        _ if fault.status >= 500 => outcome_unknown(
+            format!(
+                "{operation}: HTTP {} {} ({}); asked again with the same client token",
+                fault.status, fault.message, fault.code
+            ),
+            None,
+        ),
         "ValidationException" => {
             let text = fault.message.to_ascii_lowercase();
             if ["budget", "spend limit", "insufficient", "exceeds the available", "available spend"]
@@ -692,10 +754,14 @@ fn classify_fault(operation: &'static str, fault: ServiceFault, source: BoxError
     }
 }
 
+/// An answer we cannot use. From ProcessPayment it may still stand for an issued proof, so it
+/// is an unknown outcome (held, asked again with the same token); elsewhere a refusal.
 fn malformed(operation: &str, what: &str) -> PaymentError {
-    PaymentError::ProviderRejected {
-        provider: PROVIDER,
-        message: format!("{operation} answered with {what}; no proof is used from a malformed response"),
+    let message = format!("{operation} answered with {what}; no proof is used from a malformed response");
+    if operation == "ProcessPayment" {
+        outcome_unknown(message, None)
+    } else {
+        PaymentError::ProviderRejected { provider: PROVIDER, message }
     }
 }
 

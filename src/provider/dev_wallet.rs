@@ -16,9 +16,9 @@ use async_trait::async_trait;
 use base64::Engine;
 use serde_json::{Value, json};
 
-use super::{IssuedProofs, PaymentHeader, PaymentOrder, PaymentProof, PaymentProvider};
+use super::{IssuedProof, IssuedProofs, PaymentHeader, PaymentOrder, PaymentProof, PaymentProvider, PaymentTerms};
 use crate::clock::{Clock, Timestamp};
-use crate::error::{InvalidPaymentRequest, PaymentError};
+use crate::error::{InvalidPaymentRequest, PaymentError, ProviderFailure};
 use crate::policy::SpendPolicy;
 use crate::request::{PaymentRequest, derived_id};
 use crate::x402::{PaymentProtocol, PaymentRequirement, X402Version};
@@ -183,8 +183,9 @@ impl PaymentProvider for DevWallet {
 
     async fn process_payment(&self, order: &PaymentOrder) -> Result<PaymentProof, PaymentError> {
         let version = x402_version(&order.requirement)?;
-        if let Some(proof) = self.issued.issued(&order.client_token).await? {
-            return Ok(proof);
+        let terms = PaymentTerms::of(&order.requirement);
+        if let Some(entry) = self.issued.issued(&order.client_token).await? {
+            return journal_proof(entry, &terms);
         }
         let now = self.clock.now();
         let (payload, valid_before) = self.sign(&order.requirement, now)?;
@@ -198,7 +199,33 @@ impl PaymentProvider for DevWallet {
             issued_at: now,
         };
         // Two racing calls with one token both sign, but only the first proof is ever returned.
-        self.issued.record_issued(&order.client_token, &proof).await
+        let entry = IssuedProof { proof, terms: Some(terms.clone()) };
+        journal_proof(self.issued.record_issued(&order.client_token, &entry).await?, &terms)
+    }
+}
+
+/// The journal's proof for a token, if it was issued for exactly these terms. A token used for
+/// other terms is what AgentCore answers ConflictException to: nothing was issued for this
+/// request. An entry whose terms were not kept cannot be checked, and may be this payment's
+/// proof: unknown, so the reservation stays.
+fn journal_proof(entry: IssuedProof, terms: &PaymentTerms) -> Result<PaymentProof, PaymentError> {
+    match &entry.terms {
+        Some(stored) if stored == terms => Ok(entry.proof),
+        Some(stored) => Err(PaymentError::ProviderFailed {
+            provider: "dev-wallet",
+            kind: ProviderFailure::Conflict,
+            message: format!(
+                "the client token was used for another payment ({} to {} on {}), not {} to {} on {}",
+                stored.amount, stored.pay_to, stored.network, terms.amount, terms.pay_to, terms.network
+            ),
+            hint: "a client token belongs to one payment; start a new idempotency key for a new payment",
+            source: None,
+        }),
+        None => Err(PaymentError::PaymentOutcomeUnknown {
+            provider: "dev-wallet",
+            message: "the journal holds a proof for this client token without the terms it was issued for".into(),
+            source: None,
+        }),
     }
 }
 

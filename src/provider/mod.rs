@@ -65,10 +65,41 @@ pub trait PaymentProvider: Send + Sync {
     async fn process_payment(&self, order: &PaymentOrder) -> Result<PaymentProof, PaymentError>;
 }
 
+/// What a proof pays: checked against the request before a stored or returned proof is used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentTerms {
+    pub pay_to: String,
+    pub amount: crate::money::AtomicAmount,
+    pub asset: String,
+    pub network: crate::x402::Network,
+}
+
+impl PaymentTerms {
+    pub fn of(requirement: &PaymentRequirement) -> Self {
+        Self {
+            pay_to: requirement.pay_to.to_checksum(None),
+            amount: requirement.amount,
+            asset: requirement.asset.to_checksum(None),
+            network: requirement.network,
+        }
+    }
+}
+
+/// One journal entry: the proof and the terms it was issued for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedProof {
+    pub proof: PaymentProof,
+    /// Absent on entries written before terms were kept: such an entry cannot be checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terms: Option<PaymentTerms>,
+}
+
 /// Proofs a provider issued, by client token: what makes a retried call idempotent.
 #[async_trait]
 pub trait IssuedProofs: Send + Sync {
-    async fn issued(&self, client_token: &str) -> Result<Option<PaymentProof>, PaymentError>;
-    /// Stores `proof` unless one exists for the token; returns the one that is stored.
-    async fn record_issued(&self, client_token: &str, proof: &PaymentProof) -> Result<PaymentProof, PaymentError>;
+    async fn issued(&self, client_token: &str) -> Result<Option<IssuedProof>, PaymentError>;
+    /// Stores `entry` unless one exists for the token; returns the one that is stored.
+    async fn record_issued(&self, client_token: &str, entry: &IssuedProof) -> Result<IssuedProof, PaymentError>;
 }

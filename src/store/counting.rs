@@ -61,13 +61,28 @@ impl Store for CountingStore {
         self.count("agent_ledger");
         self.inner.agent_ledger(agent_id).await
     }
+    async fn agent_and_key(
+        &self,
+        agent_id: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError> {
+        self.count("agent_and_key");
+        self.inner.agent_and_key(agent_id, key, now).await
+    }
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
         self.count("put_policy");
         self.inner.put_policy(agent_id, policy).await
     }
-    async fn reserve(&self, v: u64, window: &[WindowBucket], r: &Reservation) -> Result<ReserveOutcome, PaymentError> {
+    async fn reserve(
+        &self,
+        v: u64,
+        window: &[WindowBucket],
+        r: &Reservation,
+        fence: &ClaimFence,
+    ) -> Result<ReserveOutcome, PaymentError> {
         self.count("reserve");
-        self.inner.reserve(v, window, r).await
+        self.inner.reserve(v, window, r, fence).await
     }
     async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
         self.count("reservation");
@@ -84,6 +99,10 @@ impl Store for CountingStore {
     async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError> {
         self.count("release");
         self.inner.release(commit).await
+    }
+    async fn hold(&self, commit: &HoldCommit) -> Result<Transition, PaymentError> {
+        self.count("hold");
+        self.inner.hold(commit).await
     }
     async fn settle(&self, id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
         self.count("settle");

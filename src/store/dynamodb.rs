@@ -20,7 +20,8 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeValue, CancellationReason, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
+    AttributeValue, CancellationReason, ConditionCheck, KeysAndAttributes, Put, ReturnValuesOnConditionCheckFailure,
+    TransactWriteItem, Update,
 };
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use serde::Serialize;
@@ -28,7 +29,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::*;
-use crate::provider::{IssuedProofs, PaymentProof};
+use crate::provider::{IssuedProof, IssuedProofs};
 
 pub mod schema {
     //! Table key schemas: the single definition tests and the template check against.
@@ -164,6 +165,8 @@ const IDEMPOTENCY_OVERRIDES: &[(&str, Override)] = &[
     ("result", Override::Json),
     ("error", Override::Json),
     ("updatedAt", Override::Timestamp),
+    ("expiresAt", Override::Timestamp),
+    ("leaseExpiresAt", Override::Timestamp),
 ];
 const RESERVATION_OVERRIDES: &[(&str, Override)] =
     &[("status", Override::Text), ("paymentId", Override::Text), ("updatedAt", Override::Timestamp)];
@@ -186,6 +189,7 @@ fn idempotency_item(record: &IdempotencyRecord) -> Result<Item, PaymentError> {
         ("status".to_owned(), s(record.status.as_str())),
         ("fingerprint".to_owned(), s(&record.fingerprint)),
         ("executionId".to_owned(), s(&record.execution_id)),
+        ("claimId".to_owned(), s(&record.claim_id)),
         ("attempt".to_owned(), n(record.attempt)),
         ("leaseExpiresAt".to_owned(), n(record.lease_expires_at.millis())),
         ("expiresAt".to_owned(), n(record.expires_at.millis())),
@@ -349,29 +353,69 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().update(update).build())
     }
 
-    fn owned_idempotency_update(
+    fn idempotency_key_item(key: &str) -> Item {
+        Item::from([("idempotencyKey".to_owned(), s(key))])
+    }
+
+    /// The condition that `fence` still holds the key's record.
+    fn fence_condition(fence: &ClaimFence) -> (&'static str, [(&'static str, AttributeValue); 4]) {
+        (
+            "#status = :in_progress AND claimId = :claim AND attempt = :attempt AND executionId = :execution",
+            [
+                (":in_progress", s(IdempotencyStatus::InProgress.as_str())),
+                (":claim", s(&fence.claim_id)),
+                (":attempt", n(fence.attempt)),
+                (":execution", s(&fence.execution_id)),
+            ],
+        )
+    }
+
+    /// Moves the record `fence` holds out of IN_PROGRESS (with `extra` set), conditioned on
+    /// the fence; a refusal returns the record that blocked it.
+    fn fenced_idempotency_close(
         &self,
-        key: &str,
-        attempt: u32,
+        fence: &ClaimFence,
         status: IdempotencyStatus,
         extra: (&str, AttributeValue),
         now: Timestamp,
+        expires_at: Timestamp,
     ) -> Result<TransactWriteItem, PaymentError> {
-        let update = Update::builder()
+        let (condition, values) = Self::fence_condition(fence);
+        let mut update = Update::builder()
             .table_name(&self.tables.idempotency)
-            .key("idempotencyKey", s(key))
-            .update_expression("SET #status = :status, #extra = :extra, updatedAt = :now")
-            .condition_expression("#status = :in_progress AND attempt = :attempt")
+            .set_key(Some(Self::idempotency_key_item(&fence.key)))
+            .update_expression(
+                "SET #status = :status, #extra = :extra, updatedAt = :now, expiresAt = :expires, #ttl = :ttl",
+            )
+            .condition_expression(condition)
             .expression_attribute_names("#status", "status")
             .expression_attribute_names("#extra", extra.0)
+            .expression_attribute_names("#ttl", "ttl")
             .expression_attribute_values(":status", s(status.as_str()))
             .expression_attribute_values(":extra", extra.1)
             .expression_attribute_values(":now", n(now.millis()))
-            .expression_attribute_values(":in_progress", s(IdempotencyStatus::InProgress.as_str()))
-            .expression_attribute_values(":attempt", n(attempt))
-            .build()
-            .map_err(build_error)?;
-        Ok(TransactWriteItem::builder().update(update).build())
+            .expression_attribute_values(":expires", n(expires_at.millis()))
+            .expression_attribute_values(":ttl", n(expires_at.seconds()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        for (name, value) in values {
+            update = update.expression_attribute_values(name, value);
+        }
+        Ok(TransactWriteItem::builder().update(update.build().map_err(build_error)?).build())
+    }
+
+    /// A transaction item that only checks the fence (reserving writes no key field).
+    fn fence_check(&self, fence: &ClaimFence) -> Result<TransactWriteItem, PaymentError> {
+        let (condition, values) = Self::fence_condition(fence);
+        let mut check = ConditionCheck::builder()
+            .table_name(&self.tables.idempotency)
+            .set_key(Some(Self::idempotency_key_item(&fence.key)))
+            .condition_expression(condition)
+            .expression_attribute_names("#status", "status")
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        for (name, value) in values {
+            check = check.expression_attribute_values(name, value);
+        }
+        Ok(TransactWriteItem::builder().condition_check(check.build().map_err(build_error)?).build())
     }
 
     fn reservation_move(
@@ -409,6 +453,32 @@ fn decode_reservation(item: &Item) -> Result<Reservation, PaymentError> {
 
 fn decode_idempotency(item: &Item) -> Result<IdempotencyRecord, PaymentError> {
     decode(item, IDEMPOTENCY_OVERRIDES)
+}
+
+/// Who holds the key, from the item a fenced write was refused by.
+fn holder_of(item: Option<&Item>) -> Result<String, PaymentError> {
+    Ok(match item.map(decode_idempotency).transpose()? {
+        Some(record) => record.holder(),
+        None => "nobody (the record is gone)".to_owned(),
+    })
+}
+
+fn decode_ledger(agent_id: &str, item: Option<&Item>) -> Result<AgentLedger, PaymentError> {
+    let Some(item) = item else {
+        return Ok(AgentLedger::default());
+    };
+    let unreadable = |name: &str, e: serde_json::Error| {
+        PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable {name}: {e}"))
+    };
+    Ok(AgentLedger {
+        policy: text(item, "policy").map(serde_json::from_str).transpose().map_err(|e| unreadable("policy", e))?,
+        window: text(item, "window")
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| unreadable("window", e))?
+            .unwrap_or_default(),
+        version: number(item, "version").and_then(|v| u64::try_from(v).ok()).unwrap_or(0),
+    })
 }
 
 #[async_trait]
@@ -478,28 +548,48 @@ impl Store for DynamoStore {
 
     async fn agent_ledger(&self, agent_id: &str) -> Result<AgentLedger, PaymentError> {
         let key = Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s("STATE"))]);
-        let Some(item) = self.get("read agent ledger", &self.tables.ledger, key).await? else {
-            return Ok(AgentLedger::default());
+        let item = self.get("read agent ledger", &self.tables.ledger, key).await?;
+        decode_ledger(agent_id, item.as_ref())
+    }
+
+    async fn agent_and_key(
+        &self,
+        agent_id: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError> {
+        const OPERATION: &str = "read agent and key";
+        let ledger_key = Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s("STATE"))]);
+        let keys = |table: &str, key: Item| -> Result<(String, KeysAndAttributes), PaymentError> {
+            let wanted = KeysAndAttributes::builder().keys(key).consistent_read(true).build().map_err(build_error)?;
+            Ok((table.to_owned(), wanted))
         };
-        let parse = |name: &str| -> Result<Option<Value>, PaymentError> {
-            text(&item, name)
-                .map(serde_json::from_str)
-                .transpose()
-                .map_err(|e| PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable {name}: {e}")))
-        };
-        let ledger = AgentLedger {
-            policy: parse("policy")?
-                .map(serde_json::from_value)
-                .transpose()
-                .map_err(|e| PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable policy: {e}")))?,
-            window: parse("window")?
-                .map(serde_json::from_value)
-                .transpose()
-                .map_err(|e| PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable window: {e}")))?
-                .unwrap_or_default(),
-            version: number(&item, "version").and_then(|v| u64::try_from(v).ok()).unwrap_or(0),
-        };
-        Ok(ledger)
+        let mut pending = HashMap::from([
+            keys(&self.tables.ledger, ledger_key)?,
+            keys(&self.tables.idempotency, Self::idempotency_key_item(key))?,
+        ]);
+        let (mut ledger_item, mut key_item) = (None, None);
+        // Two keys; DynamoDB may leave some unprocessed under throttling: ask again, bounded.
+        for _ in 0..4 {
+            let output = self
+                .client
+                .batch_get_item()
+                .set_request_items(Some(pending))
+                .send()
+                .await
+                .map_err(|e| classify(OPERATION, e))?;
+            for (table, items) in output.responses.unwrap_or_default() {
+                let slot = if table == self.tables.ledger { &mut ledger_item } else { &mut key_item };
+                *slot = items.into_iter().next();
+            }
+            pending = output.unprocessed_keys.unwrap_or_default();
+            if pending.is_empty() {
+                let ledger = decode_ledger(agent_id, ledger_item.as_ref())?;
+                let record = key_item.as_ref().map(decode_idempotency).transpose()?;
+                return Ok((ledger, record.filter(|r| !r.is_expired(now))));
+            }
+        }
+        Err(PaymentError::store(OPERATION, "DynamoDB left keys unprocessed four times (throttled)"))
     }
 
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
@@ -525,6 +615,7 @@ impl Store for DynamoStore {
         expected_version: u64,
         window: &[WindowBucket],
         reservation: &Reservation,
+        fence: &ClaimFence,
     ) -> Result<ReserveOutcome, PaymentError> {
         let agent_write = if expected_version == 0 {
             let put = Put::builder()
@@ -551,13 +642,17 @@ impl Store for DynamoStore {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .build()
             .map_err(build_error)?;
-        let items = vec![agent_write, TransactWriteItem::builder().put(reservation_put).build()];
+        let items =
+            vec![agent_write, TransactWriteItem::builder().put(reservation_put).build(), self.fence_check(fence)?];
         match self.transact("reserve", items).await? {
             TxOutcome::Committed => Ok(ReserveOutcome::Reserved),
             TxOutcome::Cancelled(cancelled) => {
                 let reasons = reasons(&cancelled);
                 if let Some(Reason::ConditionFailed(Some(item))) = reasons.get(1) {
                     return Ok(ReserveOutcome::AlreadyExists(Box::new(decode_reservation(item)?)));
+                }
+                if let Some(Reason::ConditionFailed(item)) = reasons.get(2) {
+                    return Ok(ReserveOutcome::Fenced(holder_of(*item)?));
                 }
                 Ok(ReserveOutcome::VersionConflict)
             }
@@ -587,12 +682,12 @@ impl Store for DynamoStore {
                 Some(&commit.payment_id),
                 commit.now,
             )?,
-            self.owned_idempotency_update(
-                &commit.idempotency_key,
-                commit.attempt,
+            self.fenced_idempotency_close(
+                &commit.fence,
                 IdempotencyStatus::Completed,
                 ("result", json(&commit.result)?),
                 commit.now,
+                commit.expires_at,
             )?,
             audit_put(&self.tables.ledger, &commit.audit)?,
         ];
@@ -619,20 +714,20 @@ impl Store for DynamoStore {
                 if reasons.iter().any(|r| matches!(r, Reason::Conflict)) {
                     return Ok(Transition::VersionConflict);
                 }
-                Ok(Transition::Refused("idempotency record is no longer IN_PROGRESS for this attempt".into()))
+                match reasons.get(1) {
+                    Some(Reason::ConditionFailed(item)) => Ok(Transition::Fenced(holder_of(*item)?)),
+                    _ => Ok(Transition::VersionConflict),
+                }
             }
         }
     }
 
     async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError> {
-        // The SQLite adapter skips a part that was already done; a transaction cannot, so a
-        // part whose condition fails because it is done is dropped and the rest retried.
+        // The key's close is the fence: without it nothing is written. A reservation already
+        // RELEASED (an earlier try got through) is dropped from the transaction and the rest
+        // tried again.
         let mut release_reservation = commit.reservation.is_some();
-        let mut mark_key = true;
         for _ in 0..3 {
-            if !release_reservation && !mark_key {
-                return Ok(Transition::AlreadyApplied);
-            }
             let mut items = Vec::new();
             let mut parts = Vec::new();
             if let (true, Some(release)) = (release_reservation, &commit.reservation) {
@@ -648,22 +743,21 @@ impl Store for DynamoStore {
                 items.push(self.window_update(&commit.agent_id, release.expected_version, &release.window)?);
                 parts.push("window");
             }
-            if mark_key {
-                items.push(self.owned_idempotency_update(
-                    &commit.idempotency_key,
-                    commit.attempt,
-                    commit.status,
-                    ("error", json(&commit.error)?),
-                    commit.now,
-                )?);
-                parts.push("key");
-            }
+            items.push(self.fenced_idempotency_close(
+                &commit.fence,
+                commit.status,
+                ("error", json(&commit.error)?),
+                commit.now,
+                commit.expires_at,
+            )?);
+            parts.push("key");
             items.push(audit_put(&self.tables.ledger, &commit.audit)?);
             parts.push("audit");
 
             let TxOutcome::Cancelled(cancelled) = self.transact("compensate", items).await? else {
                 return Ok(Transition::Applied);
             };
+            let mut retry = false;
             for (part, reason) in parts.iter().zip(reasons(&cancelled)) {
                 match (*part, reason) {
                     (_, Reason::Conflict) | ("window", Reason::ConditionFailed(_)) => {
@@ -672,24 +766,72 @@ impl Store for DynamoStore {
                     ("reservation", Reason::ConditionFailed(item)) => {
                         let status = item.map(decode_reservation).transpose()?.map(|r| r.status);
                         match status {
-                            Some(ReservationStatus::Released) | None => release_reservation = false,
+                            Some(ReservationStatus::Released) | None => {
+                                release_reservation = false;
+                                retry = true;
+                            }
                             Some(other) => {
                                 return Ok(Transition::Refused(format!(
                                     "reservation {} is {}: a payment proof was issued, it must not be released",
-                                    commit.reservation.as_ref().map(|r| r.id.as_str()).unwrap_or_default(),
+                                    commit.reservation_id,
                                     other.as_str()
                                 )));
                             }
                         }
                     }
-                    ("key", Reason::ConditionFailed(_)) => mark_key = false,
-                    // The audit event exists: this exact compensation was written before.
-                    ("audit", Reason::ConditionFailed(_)) => return Ok(Transition::AlreadyApplied),
+                    ("key", Reason::ConditionFailed(item)) => {
+                        let current = item.map(decode_idempotency).transpose()?;
+                        let closed_here = current.as_ref().is_some_and(|r| {
+                            r.claim_id == commit.fence.claim_id
+                                && r.attempt == commit.fence.attempt
+                                && matches!(r.status, IdempotencyStatus::Failed | IdempotencyStatus::Denied)
+                        });
+                        let released = self
+                            .reservation(&commit.agent_id, &commit.reservation_id)
+                            .await?
+                            .is_some_and(|r| r.status == ReservationStatus::Released);
+                        return Ok(if closed_here || released {
+                            Transition::AlreadyApplied
+                        } else {
+                            Transition::Fenced(holder_of(item)?)
+                        });
+                    }
                     _ => {}
                 }
             }
+            if !retry {
+                return Ok(Transition::VersionConflict);
+            }
         }
         Ok(Transition::VersionConflict)
+    }
+
+    async fn hold(&self, commit: &HoldCommit) -> Result<Transition, PaymentError> {
+        let (condition, values) = Self::fence_condition(&commit.fence);
+        let mut update = Update::builder()
+            .table_name(&self.tables.idempotency)
+            .set_key(Some(Self::idempotency_key_item(&commit.fence.key)))
+            .update_expression("SET leaseExpiresAt = :now, updatedAt = :now")
+            .condition_expression(condition)
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":now", n(commit.now.millis()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        for (name, value) in values {
+            update = update.expression_attribute_values(name, value);
+        }
+        let items = vec![
+            TransactWriteItem::builder().update(update.build().map_err(build_error)?).build(),
+            audit_put(&self.tables.ledger, &commit.audit)?,
+        ];
+        match self.transact("hold unknown outcome", items).await? {
+            TxOutcome::Committed => Ok(Transition::Applied),
+            TxOutcome::Cancelled(cancelled) => match reasons(&cancelled).as_slice() {
+                [Reason::ConditionFailed(item), ..] => Ok(Transition::Fenced(holder_of(*item)?)),
+                // The audit event exists: this hold was written before; end the lease again.
+                [Reason::Passed, Reason::ConditionFailed(_)] => Ok(Transition::AlreadyApplied),
+                _ => Ok(Transition::VersionConflict),
+            },
+        }
     }
 
     async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
@@ -725,13 +867,13 @@ impl Store for DynamoStore {
 
 #[async_trait]
 impl IssuedProofs for DynamoStore {
-    async fn issued(&self, client_token: &str) -> Result<Option<PaymentProof>, PaymentError> {
+    async fn issued(&self, client_token: &str) -> Result<Option<IssuedProof>, PaymentError> {
         let key = Item::from([("pk".to_owned(), s(format!("PROOF#{client_token}"))), ("sk".to_owned(), s("PROOF"))]);
         let item = self.get("read issued proof", &self.tables.ledger, key).await?;
         item.as_ref().map(|i| decode(i, &[])).transpose()
     }
 
-    async fn record_issued(&self, client_token: &str, proof: &PaymentProof) -> Result<PaymentProof, PaymentError> {
+    async fn record_issued(&self, client_token: &str, proof: &IssuedProof) -> Result<IssuedProof, PaymentError> {
         let result = self
             .client
             .put_item()

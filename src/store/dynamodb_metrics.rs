@@ -72,9 +72,12 @@ impl Intercept for RequestLogInterceptor {
                 let items = body["TransactItems"].as_array().cloned().unwrap_or_default();
                 let sizes = items
                     .iter()
-                    .filter_map(|item| match (item.get("Put"), item.get("Update")) {
-                        (Some(put), _) => Some(size(&put["Item"])),
-                        (_, Some(update)) => Some(values_size(update)),
+                    .filter_map(|item| match (item.get("Put"), item.get("Update"), item.get("ConditionCheck")) {
+                        (Some(put), _, _) => Some(size(&put["Item"])),
+                        (_, Some(update), _) => Some(values_size(update)),
+                        // A condition check is billed as a write of the checked item; its size
+                        // is not in the request, so it counts as the 1 KB minimum.
+                        (_, _, Some(_)) => Some(0),
                         _ => None,
                     })
                     .collect();

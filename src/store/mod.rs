@@ -54,8 +54,12 @@ pub struct IdempotencyRecord {
     pub key: String,
     pub fingerprint: String,
     pub status: IdempotencyStatus,
-    /// Increments each time a FAILED or DENIED key is claimed again; reservation id and
-    /// provider client token derive from (key, attempt).
+    /// Random, new each time the key's record is created (first use, or reuse after the
+    /// record expired): reservation id and client token derive from (key, claim id, attempt),
+    /// so a key reused after its record expired never inherits an old reservation or proof.
+    #[serde(default)]
+    pub claim_id: String,
+    /// Increments each time a FAILED or DENIED key is claimed again.
     pub attempt: u32,
     pub execution_id: String,
     pub lease_expires_at: Timestamp,
@@ -73,6 +77,32 @@ impl IdempotencyRecord {
     pub fn is_expired(&self, now: Timestamp) -> bool {
         self.expires_at <= now
     }
+
+    /// Whether `fence`'s execution still holds this record's claim.
+    pub fn is_held_by(&self, fence: &ClaimFence) -> bool {
+        self.status == IdempotencyStatus::InProgress
+            && self.key == fence.key
+            && self.claim_id == fence.claim_id
+            && self.attempt == fence.attempt
+            && self.execution_id == fence.execution_id
+    }
+
+    /// Who holds the record now, for a fenced writer's message.
+    pub fn holder(&self) -> String {
+        format!("{} ({} attempt {})", self.execution_id, self.status.as_str(), self.attempt)
+    }
+}
+
+/// The claim a write acts for: every write that moves a claim or its reservation is
+/// conditioned on the key's record still being IN_PROGRESS under exactly this claim, attempt
+/// and execution. A lease takeover changes the execution, so the old holder's writes fail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimFence {
+    pub key: String,
+    pub claim_id: String,
+    pub attempt: u32,
+    pub execution_id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +134,9 @@ pub struct Reservation {
     pub attempt: u32,
     pub execution_id: String,
     pub status: ReservationStatus,
+    /// The provider client token of the claim that made it: the proof it may stand for.
+    #[serde(default)]
+    pub client_token: String,
     pub amount: AtomicAmount,
     pub network: Network,
     pub asset: String,
@@ -123,6 +156,8 @@ pub enum AuditKind {
     Released,
     Denied,
     Settled,
+    /// The provider may have issued a proof; the reservation stays counted.
+    OutcomeUnknown,
 }
 
 /// One line of the audit trail: who paid whom, why, under which limits.
@@ -165,6 +200,8 @@ pub enum ReserveOutcome {
     VersionConflict,
     /// A reservation with this id exists already (a retried step): it is returned as is.
     AlreadyExists(Box<Reservation>),
+    /// The claim is no longer held by this execution: nothing was written.
+    Fenced(String),
 }
 
 /// Outcome of a state transition that may happen at most once.
@@ -177,6 +214,9 @@ pub enum Transition {
     Refused(String),
     /// The agent item changed under a release: re-read and try again.
     VersionConflict,
+    /// The claim is no longer held by the writing execution (current holder named):
+    /// nothing was written.
+    Fenced(String),
 }
 
 /// RecordLedger's single atomic write.
@@ -184,23 +224,37 @@ pub enum Transition {
 pub struct AuthorizationCommit {
     pub reservation_id: String,
     pub payment_id: String,
-    pub idempotency_key: String,
-    pub attempt: u32,
+    pub fence: ClaimFence,
     pub result: Value,
     pub audit: AuditEvent,
     pub now: Timestamp,
+    /// The completed record's new expiry (the idempotency TTL from now).
+    pub expires_at: Timestamp,
 }
 
 /// Compensate's single atomic write.
 #[derive(Debug, Clone)]
 pub struct ReleaseCommit {
     pub agent_id: String,
+    /// The claim's reservation id, whether or not a reservation was made.
+    pub reservation_id: String,
     /// The reservation to release and the agent window without it, if one was made.
     pub reservation: Option<ReleasedReservation>,
-    pub idempotency_key: String,
-    pub attempt: u32,
+    pub fence: ClaimFence,
     pub status: IdempotencyStatus,
     pub error: ErrorRecord,
+    pub audit: AuditEvent,
+    pub now: Timestamp,
+    /// The failed or denied record's new expiry (the idempotency TTL from now).
+    pub expires_at: Timestamp,
+}
+
+/// The write after an unknown outcome: the reservation stays, the claim stays IN_PROGRESS
+/// with its client token, its lease ends now (so a replay of the key adopts it at once and
+/// asks the provider again), and the audit trail says so.
+#[derive(Debug, Clone)]
+pub struct HoldCommit {
+    pub fence: ClaimFence,
     pub audit: AuditEvent,
     pub now: Timestamp,
 }
@@ -232,29 +286,43 @@ pub trait Store: Send + Sync {
     /// The agent item; a never-written agent is the default with version 0.
     async fn agent_ledger(&self, agent_id: &str) -> Result<AgentLedger, PaymentError>;
 
+    /// The agent item and the live record of `key`, in one round trip where the store allows
+    /// (CheckIdempotency answers a completed key before it looks at the policy).
+    async fn agent_and_key(
+        &self,
+        agent_id: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError>;
+
     /// Sets the policy (creating the agent item if needed), bumping the version.
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError>;
 
     /// Atomically: write the agent window if the version is still `expected_version`, and
-    /// create the reservation if its id is new.
+    /// create the reservation if its id is new, while `fence` still holds the claim.
     async fn reserve(
         &self,
         expected_version: u64,
         window: &[WindowBucket],
         reservation: &Reservation,
+        fence: &ClaimFence,
     ) -> Result<ReserveOutcome, PaymentError>;
 
     async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError>;
 
     async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError>;
 
-    /// Atomically: reservation RESERVED → AUTHORIZED, audit event, idempotency record
-    /// IN_PROGRESS → COMPLETED with the result.
+    /// Atomically, while the fence holds: reservation RESERVED → AUTHORIZED, audit event,
+    /// idempotency record IN_PROGRESS → COMPLETED with the result.
     async fn authorize(&self, commit: &AuthorizationCommit) -> Result<Transition, PaymentError>;
 
-    /// Atomically: reservation RESERVED → RELEASED with its window entry removed (if one was
-    /// made), audit event, idempotency record IN_PROGRESS → FAILED or DENIED.
+    /// Atomically, while the fence holds: reservation RESERVED → RELEASED with its window
+    /// entry removed (if one was made), audit event, idempotency record IN_PROGRESS → FAILED
+    /// or DENIED.
     async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError>;
+
+    /// Atomically, while the fence holds: end the claim's lease and audit the unknown outcome.
+    async fn hold(&self, commit: &HoldCommit) -> Result<Transition, PaymentError>;
 
     /// AUTHORIZED → SETTLED, on a settlement report.
     async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError>;

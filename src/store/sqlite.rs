@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 use super::*;
 use crate::executions::{ExecutionFilter, ExecutionRecord, ExecutionStore, HistoryEvent};
-use crate::provider::{IssuedProofs, PaymentProof};
+use crate::provider::{IssuedProof, IssuedProofs};
 
 const SCHEMA: &str = r#"
 PRAGMA journal_mode = WAL;
@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS idempotency (
 CREATE TABLE IF NOT EXISTS agents (
     agent_id TEXT PRIMARY KEY, version INTEGER NOT NULL, policy TEXT, window TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS reservations (
-    id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL, record TEXT NOT NULL);
+    agent_id TEXT NOT NULL, id TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (agent_id, id));
 CREATE INDEX IF NOT EXISTS reservations_by_agent ON reservations (agent_id, created_at);
 CREATE TABLE IF NOT EXISTS audit_events (
     event_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, at INTEGER NOT NULL, record TEXT NOT NULL);
@@ -40,6 +41,10 @@ CREATE INDEX IF NOT EXISTS executions_by_start ON executions (started_at);
 CREATE TABLE IF NOT EXISTS execution_history (
     execution_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL, PRIMARY KEY (execution_id, seq));
 "#;
+
+/// Bumped when a table's shape changes; an older file is refused with a message, never
+/// half-migrated. 2: reservations keyed by (agent, id), as in DynamoDB.
+const SCHEMA_VERSION: i64 = 2;
 
 pub struct SqliteStore {
     connection: Mutex<Connection>,
@@ -61,7 +66,26 @@ impl SqliteStore {
 
     fn init(connection: Connection) -> Result<Self, PaymentError> {
         connection.busy_timeout(Duration::from_secs(10)).map_err(|e| PaymentError::store("configure store", e))?;
+        let (version, tables): (i64, i64) = connection
+            .query_row(
+                "SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_master WHERE type = 'table')",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(|e| PaymentError::store("read schema version", e))?;
+        if tables > 0 && version != SCHEMA_VERSION {
+            return Err(PaymentError::StoreRejected {
+                operation: "open store",
+                source: format!(
+                    "this store file has schema version {version}, this agentpay needs {SCHEMA_VERSION}: move the file aside (it keeps the old ledger for reading) and start a new one"
+                )
+                .into(),
+            });
+        }
         connection.execute_batch(SCHEMA).map_err(|e| PaymentError::store("create schema", e))?;
+        connection
+            .pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(|e| PaymentError::store("write schema version", e))?;
         Ok(Self { connection: Mutex::new(connection) })
     }
 
@@ -164,17 +188,19 @@ fn put_window(tx: &Connection, agent_id: &str, expected: u64, window: &[WindowBu
     Ok(changed == 1)
 }
 
-fn get_reservation(tx: &Connection, id: &str) -> SqlResult<Option<Reservation>> {
-    tx.query_row("SELECT record FROM reservations WHERE id = ?1", [id], |row| row.get::<_, String>(0))
-        .optional()?
-        .map(|text| from_json(&text))
-        .transpose()
+fn get_reservation(tx: &Connection, agent_id: &str, id: &str) -> SqlResult<Option<Reservation>> {
+    tx.query_row("SELECT record FROM reservations WHERE agent_id = ?1 AND id = ?2", [agent_id, id], |row| {
+        row.get::<_, String>(0)
+    })
+    .optional()?
+    .map(|text| from_json(&text))
+    .transpose()
 }
 
 fn put_reservation(tx: &Connection, reservation: &Reservation) -> SqlResult<()> {
     tx.execute(
         "INSERT INTO reservations (id, agent_id, status, created_at, record) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (id) DO UPDATE SET status = excluded.status, record = excluded.record",
+         ON CONFLICT (agent_id, id) DO UPDATE SET status = excluded.status, record = excluded.record",
         params![
             reservation.id,
             reservation.agent_id,
@@ -195,9 +221,13 @@ fn put_audit(tx: &Connection, event: &AuditEvent) -> SqlResult<()> {
     Ok(())
 }
 
-/// The idempotency record this attempt owns, if it is still IN_PROGRESS under it.
-fn owned_record(tx: &Connection, key: &str, attempt: u32) -> SqlResult<Option<IdempotencyRecord>> {
-    Ok(get_idempotency(tx, key)?.filter(|r| r.status == IdempotencyStatus::InProgress && r.attempt == attempt))
+/// The key's record if `fence` still holds it; otherwise who does (for `Fenced`).
+fn held_record(tx: &Connection, fence: &ClaimFence) -> SqlResult<Result<IdempotencyRecord, String>> {
+    Ok(match get_idempotency(tx, &fence.key)? {
+        Some(record) if record.is_held_by(fence) => Ok(record),
+        Some(record) => Err(record.holder()),
+        None => Err("nobody (the record is gone)".to_owned()),
+    })
 }
 
 #[async_trait]
@@ -241,6 +271,17 @@ impl Store for SqliteStore {
         self.read("read agent ledger", |c| get_ledger(c, agent_id))
     }
 
+    async fn agent_and_key(
+        &self,
+        agent_id: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError> {
+        let (ledger, record) =
+            self.read("read agent and key", |c| Ok((get_ledger(c, agent_id)?, get_idempotency(c, key)?)))?;
+        Ok((ledger, record.filter(|r| !r.is_expired(now))))
+    }
+
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
         self.write("set policy", |tx| {
             tx.execute(
@@ -257,10 +298,14 @@ impl Store for SqliteStore {
         expected_version: u64,
         window: &[WindowBucket],
         reservation: &Reservation,
+        fence: &ClaimFence,
     ) -> Result<ReserveOutcome, PaymentError> {
         self.write("reserve", |tx| {
-            if let Some(existing) = get_reservation(tx, &reservation.id)? {
+            if let Some(existing) = get_reservation(tx, &reservation.agent_id, &reservation.id)? {
                 return Ok(ReserveOutcome::AlreadyExists(Box::new(existing)));
+            }
+            if let Err(holder) = held_record(tx, fence)? {
+                return Ok(ReserveOutcome::Fenced(holder));
             }
             if !put_window(tx, &reservation.agent_id, expected_version, window)? {
                 return Ok(ReserveOutcome::VersionConflict);
@@ -271,8 +316,7 @@ impl Store for SqliteStore {
     }
 
     async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
-        let found = self.read("read reservation", |c| get_reservation(c, id))?;
-        Ok(found.filter(|r| r.agent_id == agent_id))
+        self.read("read reservation", |c| get_reservation(c, agent_id, id))
     }
 
     async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError> {
@@ -286,7 +330,7 @@ impl Store for SqliteStore {
 
     async fn authorize(&self, commit: &AuthorizationCommit) -> Result<Transition, PaymentError> {
         self.write("record ledger", |tx| {
-            let Some(mut reservation) = get_reservation(tx, &commit.reservation_id)? else {
+            let Some(mut reservation) = get_reservation(tx, &commit.audit.agent_id, &commit.reservation_id)? else {
                 return Ok(Transition::Refused("no such reservation".into()));
             };
             match reservation.status {
@@ -300,8 +344,9 @@ impl Store for SqliteStore {
                     return Ok(Transition::Refused(format!("reservation is {}", other.as_str())));
                 }
             }
-            let Some(mut record) = owned_record(tx, &commit.idempotency_key, commit.attempt)? else {
-                return Ok(Transition::Refused("idempotency record is no longer IN_PROGRESS for this attempt".into()));
+            let mut record = match held_record(tx, &commit.fence)? {
+                Ok(record) => record,
+                Err(holder) => return Ok(Transition::Fenced(holder)),
             };
             reservation.status = ReservationStatus::Authorized;
             reservation.payment_id = Some(commit.payment_id.clone());
@@ -310,6 +355,7 @@ impl Store for SqliteStore {
             record.status = IdempotencyStatus::Completed;
             record.result = Some(commit.result.clone());
             record.updated_at = commit.now;
+            record.expires_at = commit.expires_at;
             put_idempotency(tx, &record)?;
             put_audit(tx, &commit.audit)?;
             Ok(Transition::Applied)
@@ -318,9 +364,27 @@ impl Store for SqliteStore {
 
     async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError> {
         self.write("compensate", |tx| {
-            let mut released_now = false;
+            let mut record = match held_record(tx, &commit.fence)? {
+                Ok(record) => record,
+                Err(holder) => {
+                    // Compensated before (by this execution, or by one that adopted the claim)?
+                    let current = get_idempotency(tx, &commit.fence.key)?;
+                    let closed_here = current.as_ref().is_some_and(|r| {
+                        r.claim_id == commit.fence.claim_id
+                            && r.attempt == commit.fence.attempt
+                            && matches!(r.status, IdempotencyStatus::Failed | IdempotencyStatus::Denied)
+                    });
+                    let released = get_reservation(tx, &commit.agent_id, &commit.reservation_id)?
+                        .is_some_and(|r| r.status == ReservationStatus::Released);
+                    return Ok(if closed_here || released {
+                        Transition::AlreadyApplied
+                    } else {
+                        Transition::Fenced(holder)
+                    });
+                }
+            };
             if let Some(release) = &commit.reservation
-                && let Some(mut reservation) = get_reservation(tx, &release.id)?
+                && let Some(mut reservation) = get_reservation(tx, &commit.agent_id, &release.id)?
             {
                 match reservation.status {
                     ReservationStatus::Reserved => {
@@ -330,7 +394,6 @@ impl Store for SqliteStore {
                         reservation.status = ReservationStatus::Released;
                         reservation.updated_at = commit.now;
                         put_reservation(tx, &reservation)?;
-                        released_now = true;
                     }
                     ReservationStatus::Released => {}
                     other => {
@@ -342,19 +405,25 @@ impl Store for SqliteStore {
                     }
                 }
             }
-            let record = owned_record(tx, &commit.idempotency_key, commit.attempt)?;
-            let marked_now = if let Some(mut record) = record {
-                record.status = commit.status;
-                record.error = Some(commit.error.clone());
-                record.updated_at = commit.now;
-                put_idempotency(tx, &record)?;
-                true
-            } else {
-                false
+            record.status = commit.status;
+            record.error = Some(commit.error.clone());
+            record.updated_at = commit.now;
+            record.expires_at = commit.expires_at;
+            put_idempotency(tx, &record)?;
+            put_audit(tx, &commit.audit)?;
+            Ok(Transition::Applied)
+        })
+    }
+
+    async fn hold(&self, commit: &HoldCommit) -> Result<Transition, PaymentError> {
+        self.write("hold unknown outcome", |tx| {
+            let mut record = match held_record(tx, &commit.fence)? {
+                Ok(record) => record,
+                Err(holder) => return Ok(Transition::Fenced(holder)),
             };
-            if !released_now && !marked_now {
-                return Ok(Transition::AlreadyApplied);
-            }
+            record.lease_expires_at = commit.now;
+            record.updated_at = commit.now;
+            put_idempotency(tx, &record)?;
             put_audit(tx, &commit.audit)?;
             Ok(Transition::Applied)
         })
@@ -362,7 +431,7 @@ impl Store for SqliteStore {
 
     async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
         self.write("settle", |tx| {
-            let Some(mut reservation) = get_reservation(tx, reservation_id)? else {
+            let Some(mut reservation) = get_reservation(tx, &audit.agent_id, reservation_id)? else {
                 return Ok(Transition::Refused("no such reservation".into()));
             };
             match reservation.status {
@@ -391,7 +460,7 @@ impl Store for SqliteStore {
 
 #[async_trait]
 impl IssuedProofs for SqliteStore {
-    async fn issued(&self, client_token: &str) -> Result<Option<PaymentProof>, PaymentError> {
+    async fn issued(&self, client_token: &str) -> Result<Option<IssuedProof>, PaymentError> {
         self.read("read issued proof", |c| {
             c.query_row("SELECT record FROM issued_proofs WHERE client_token = ?1", [client_token], |row| {
                 row.get::<_, String>(0)
@@ -402,7 +471,7 @@ impl IssuedProofs for SqliteStore {
         })
     }
 
-    async fn record_issued(&self, client_token: &str, proof: &PaymentProof) -> Result<PaymentProof, PaymentError> {
+    async fn record_issued(&self, client_token: &str, proof: &IssuedProof) -> Result<IssuedProof, PaymentError> {
         self.write("record issued proof", |tx| {
             tx.execute(
                 "INSERT INTO issued_proofs (client_token, record) VALUES (?1, ?2) ON CONFLICT DO NOTHING",

@@ -260,7 +260,7 @@ async fn every_error_class_is_named_and_explained() {
 }
 
 #[tokio::test]
-async fn server_errors_are_unavailable_and_a_missing_field_response_is_refused() {
+async fn server_errors_and_unreadable_answers_are_unknown_outcomes_and_throttling_is_a_refusal() {
     let emulator = AgentCoreEmulator::start().await;
     let provider = AgentCoreProvider::from_sdk_config(&emulator.sdk_config().await, Arc::new(SystemClock));
     let t = app(&emulator, agentcore_policy(AgentCorePolicy::default())).await;
@@ -273,16 +273,22 @@ async fn server_errors_are_unavailable_and_a_missing_field_response_is_refused()
         Scripted::MissingFields,
         Scripted::Status("PENDING"),
     ]);
-    for expected in
-        ["ProviderUnavailable", "ProviderUnavailable", "ProviderUnavailable", "ProviderRejected", "ProviderRejected"]
-    {
+    // A 5xx or an answer we cannot read may stand for an issued proof: unknown, never a refusal.
+    // Throttling is refused before processing: definite.
+    for expected in [
+        "PaymentOutcomeUnknown",
+        "PaymentOutcomeUnknown",
+        "ProviderUnavailable",
+        "PaymentOutcomeUnknown",
+        "PaymentOutcomeUnknown",
+    ] {
         let error = provider.process_payment(&order).await.unwrap_err();
         assert_eq!(error.name(), expected, "{}", error.chain_message());
     }
     assert_eq!(emulator.process_payment_calls().len(), 5, "SDK retries are off: the state machine retries");
     assert_eq!(emulator.proofs_issued(), 0);
 
-    // Nothing listens: I/O failure, retryable.
+    // Nothing listens: the request was never sent, a definite (retryable) refusal.
     let dead = AgentCoreEmulator::start().await;
     let mut config = dead.sdk_config().await.into_builder();
     config.set_endpoint_url(Some("http://127.0.0.1:9".into()));

@@ -92,6 +92,8 @@ impl Fixture {
                 execution_id: execution.into(),
                 claim: claim.clone(),
                 error: caught,
+                mode: Default::default(),
+                entered_at: None,
             })
             .await?;
         Ok(serde_json::to_value(output).unwrap())

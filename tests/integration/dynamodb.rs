@@ -80,13 +80,16 @@ async fn a_happy_path_payment_is_five_store_requests() {
     assert_eq!(wallet_requests, 2);
     assert_eq!(requests.len() - wallet_requests, 5, "{by_operation:?}");
     assert_eq!(by_operation["TransactWriteItems"], 2);
-    assert_eq!(by_operation["GetItem"], 3, "two agent reads and the wallet's journal");
+    assert_eq!(by_operation["BatchGetItem"], 1, "CheckIdempotency reads the agent and the key at once");
+    assert_eq!(by_operation["GetItem"], 2, "CheckSpend's agent read and the wallet's journal");
     // Write units by DynamoDB's rule over the logged items: the claim (1 item), the reservation
     // transaction (agent item + reservation, ×2) and the ledger transaction (reservation,
     // idempotency record with the result, audit event, ×2). The figure goes in the closing note.
-    let store_requests: Vec<_> = requests.iter().filter(|r| r.operation != "GetItem").collect();
+    let store_requests: Vec<_> =
+        requests.iter().filter(|r| r.operation != "GetItem" && r.operation != "BatchGetItem").collect();
     let items: Vec<usize> = store_requests.iter().map(|r| r.written_item_bytes.len()).collect();
-    assert_eq!(items, [1, 2, 1, 3], "claim, reserve, wallet journal, authorize: {store_requests:?}");
+    // The reservation transaction also checks the fence on the key (a ConditionCheck).
+    assert_eq!(items, [1, 3, 1, 3], "claim, reserve, wallet journal, authorize: {store_requests:?}");
     let units: Vec<usize> = store_requests.iter().map(|r| r.write_units()).collect();
     eprintln!("write units per request (claim, reserve, wallet journal, authorize): {units:?}; {store_requests:?}");
     assert!(units[1] >= 4 && units[3] >= 6, "{units:?}");

@@ -78,11 +78,7 @@ impl Fixture {
             }
         };
         let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), proofs, clock.clone()).unwrap();
-        let settings = StepSettings {
-            lease: Duration::from_secs(300),
-            idempotency_ttl: Duration::from_secs(24 * 3600),
-            ledger_attempts: 50,
-        };
+        let settings = StepSettings { lease: Duration::from_secs(300), ledger_attempts: 50, ..StepSettings::default() };
         let steps = Steps::new(store.clone(), Arc::new(wallet), clock.clone(), settings);
         Self { store, steps, clock, _dir: dir }
     }

@@ -277,8 +277,14 @@ async fn a_happy_path_payment_takes_five_store_round_trips() {
     let calls = counting.calls();
     assert_eq!(counting.total(), 5, "{calls:?}");
     assert_eq!(
-        (calls["agent_ledger"], calls["insert_idempotency"], calls["reserve"], calls["authorize"]),
-        (2, 1, 1, 1)
+        (
+            calls["agent_and_key"],
+            calls["agent_ledger"],
+            calls["insert_idempotency"],
+            calls["reserve"],
+            calls["authorize"]
+        ),
+        (1, 1, 1, 1, 1)
     );
 }
 
