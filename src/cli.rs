@@ -85,7 +85,8 @@ pub enum Command {
     /// List or describe executions.
     #[command(subcommand)]
     Executions(ExecutionsCommand),
-    /// Resume a failed execution at the state that failed, with the same input.
+    /// Resume a failed execution at the state that failed, with the same input; or a RUNNING
+    /// execution whose process died, where its history ends.
     Redrive {
         id: String,
         #[arg(long)]
@@ -345,7 +346,9 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         }
         Command::Redrive { id, fast_retries } => {
             let ctx = cli.open(*fast_retries).await?;
-            let record = ctx.app.runner.redrive(id).await?;
+            // A RUNNING execution here is one whose process died: resume it where it stopped.
+            let running = ctx.app.executions.execution(id).await?.is_some_and(|r| r.status == ExecutionStatus::Running);
+            let record = if running { ctx.app.runner.resume(id).await? } else { ctx.app.runner.redrive(id).await? };
             print_execution(&ctx, &record).await?;
             Ok(exit_code(&record))
         }

@@ -23,6 +23,7 @@ pub const OVER_DAILY_CAP: &str = include_str!("../events/executions/over-daily-c
 pub const INVALID_CHALLENGE: &str = include_str!("../events/executions/invalid-challenge.json");
 pub const PROVIDER_FAILURE: &str = include_str!("../events/executions/provider-failure.json");
 pub const LEDGER_FAILURE: &str = include_str!("../events/executions/ledger-failure.json");
+pub const PROVIDER_TIMEOUT: &str = include_str!("../events/executions/provider-timeout.json");
 
 /// Retry waits in the demo are the ASL's, divided by this.
 const TIME_SCALE: u32 = 100;
@@ -141,7 +142,7 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
     )
     .await?;
 
-    tour.app.provider.fail_next(ProviderFault::Unavailable, 4);
+    tour.app.provider.fail_next(ProviderFault::Rejected, 1);
     let down = tour.app.run(parse(PROVIDER_FAILURE)?).await?;
     let released = tour
         .app
@@ -152,12 +153,12 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
         .any(|r| r.idempotency_key == "demo-provider-down-1" && r.status == ReservationStatus::Released);
     tour.scenario(
         5,
-        "The payment provider is down: retried 3 times, then compensated",
+        "The payment provider refuses (insufficient funds): a definite refusal, compensated",
         &down,
         vec![
             (
-                "failed with ProviderUnavailable after the retries",
-                down.error.as_ref().is_some_and(|e| e.error == "ProviderUnavailable"),
+                "failed with ProviderRejected, not retried",
+                down.error.as_ref().is_some_and(|e| e.error == "ProviderRejected"),
             ),
             ("reservation released by Compensate", released),
         ],
@@ -186,6 +187,53 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
     )
     .await?;
 
+    // The proof is issued, but every answer is lost (a time-out after the provider signed).
+    tour.app.provider.fail_next(ProviderFault::OutcomeUnknownAfterProof, 4);
+    let held = tour.app.run(parse(PROVIDER_TIMEOUT)?).await?;
+    let key_statuses = |reservations: Vec<crate::store::Reservation>| -> Vec<ReservationStatus> {
+        reservations.iter().filter(|r| r.idempotency_key == "demo-provider-timeout-1").map(|r| r.status).collect()
+    };
+    let counted = key_statuses(tour.app.store.reservations(AGENT).await?) == [ReservationStatus::Reserved];
+    tour.scenario(
+        8,
+        "The provider times out after signing: the outcome is unknown, so it is held, not compensated",
+        &held,
+        vec![
+            (
+                "failed with PaymentOutcomeUnknown after retrying with the same client token",
+                held.error.as_ref().is_some_and(|e| e.error == "PaymentOutcomeUnknown"),
+            ),
+            ("the reservation stays counted against the cap", counted),
+        ],
+    )
+    .await?;
+    let calls_before = tour.app.provider.delegated_calls();
+    let replay = tour
+        .app
+        .client()
+        .replay(&held.execution_id, tour.app.steps.clock().now(), crate::client::ReplayOptions::default())
+        .await?;
+    let resolved = tour.app.executions.execution(&replay.result.map(|r| r.execution_arn).unwrap_or_default()).await?;
+    let authorized = key_statuses(tour.app.store.reservations(AGENT).await?) == [ReservationStatus::Authorized];
+    if let Some(resolved) = resolved {
+        tour.scenario(
+            9,
+            "Replay of the key: a new execution adopts the held claim and asks again with the same token",
+            &resolved,
+            vec![
+                ("succeeded with the proof the provider had issued", resolved.status == ExecutionStatus::Succeeded),
+                (
+                    "one provider call, the same reservation, now AUTHORIZED",
+                    authorized && tour.app.provider.delegated_calls() == calls_before + 1,
+                ),
+            ],
+        )
+        .await?;
+    } else {
+        tour.failures += 1;
+        println!("  ✘ UNEXPECTED: the replay started no execution");
+    }
+
     if json_output {
         println!(
             "{}",
@@ -211,7 +259,7 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
             data_dir.display()
         );
         if tour.failures == 0 {
-            println!("\nall 7 scenarios behaved as expected");
+            println!("\nall 9 scenarios behaved as expected");
         } else {
             println!("\n{} check(s) did not behave as expected", tour.failures);
         }

@@ -169,10 +169,11 @@ pub enum PaymentError {
         source: Option<BoxError>,
     },
 
-    /// Another execution took this key over after its lease expired; this one may no longer
-    /// move the claim or its reservation. The other execution's outcome is the payment's.
+    /// The key's record is no longer held by this execution (another took it over after the
+    /// lease expired, or the payment finished); it may no longer move the claim or its
+    /// reservation. The holder's outcome is the payment's.
     #[error(
-        "execution {execution_id} no longer holds idempotency key {key:?}: execution {holder} took it over after the lease expired; that execution's outcome is this payment's outcome"
+        "execution {execution_id} no longer holds idempotency key {key:?}: the key is {holder}. Nothing was written; that execution's outcome is this payment's outcome"
     )]
     ClaimSuperseded { key: String, execution_id: String, holder: String },
 

@@ -69,29 +69,20 @@ pub struct StepSettings {
     /// is taken over only from an execution that has stopped. Safety does not rest on it:
     /// every write is fenced by the holding execution, and a takeover keeps the client token.
     pub lease: Duration,
-    /// How long a finished key's record lives (DynamoDB TTL; compared explicitly, never trusted).
+    /// How long a finished key's record lives (DynamoDB TTL; compared explicitly, never
+    /// trusted). An unfinished (IN_PROGRESS) record never expires: a redrive of RecordLedger
+    /// on day 13, or a replay of a held key a month later, still finds its claim.
     pub idempotency_ttl: Duration,
-    /// How long an unfinished (IN_PROGRESS) record lives: longer than Step Functions' 14-day
-    /// redrive window, so a redrive of RecordLedger on day 13 still finds its claim.
-    pub unfinished_ttl: Duration,
     /// Optimistic-lock attempts on the agent item before `LedgerConflict`.
     pub ledger_attempts: u32,
 }
-
-/// Step Functions redrives a Standard execution up to 14 days after it stopped; a day more.
-pub const UNFINISHED_CLAIM_LIFETIME: Duration = Duration::from_secs(15 * 24 * 3600);
 
 /// The default lease: above the longest hold the ASL allows (see [`StepSettings::lease`]).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(20 * 60);
 
 impl Default for StepSettings {
     fn default() -> Self {
-        Self {
-            lease: DEFAULT_LEASE,
-            idempotency_ttl: Duration::from_secs(24 * 3600),
-            unfinished_ttl: UNFINISHED_CLAIM_LIFETIME,
-            ledger_attempts: 8,
-        }
+        Self { lease: DEFAULT_LEASE, idempotency_ttl: Duration::from_secs(24 * 3600), ledger_attempts: 8 }
     }
 }
 
@@ -132,6 +123,10 @@ pub struct Claim {
     /// The provider's settings for this payment (see `PaymentProvider::prepare`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider_context: Option<Value>,
+    /// Taken over from an execution that held the key before: that execution may have called
+    /// the provider with this client token already.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopted: bool,
 }
 
 /// CheckSpend's output (`$.reservation`).
@@ -245,6 +240,9 @@ pub struct ProcessPaymentInput {
     pub execution_id: String,
     pub claim: Claim,
     pub reservation: ReservationSummary,
+    /// `$$.State.RetryCount`: above 0, an earlier attempt may have reached the provider.
+    #[serde(default)]
+    pub retry_count: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -396,9 +394,10 @@ impl Steps {
             error: None,
             created_at: now,
             updated_at: now,
-            expires_at: now.plus(self.settings.unfinished_ttl),
+            // Not enforced while IN_PROGRESS (see `IdempotencyRecord::is_expired`).
+            expires_at: now.plus(self.settings.idempotency_ttl),
         };
-        let claimed = |record: &IdempotencyRecord| {
+        let claimed = |record: &IdempotencyRecord, adopted: bool| {
             let (reservation_id, client_token) = claim_ids(key, &record.claim_id, record.attempt);
             Claim {
                 outcome: ClaimOutcome::Claimed,
@@ -409,6 +408,7 @@ impl Steps {
                 payment: Some(payment.clone()),
                 result: None,
                 provider_context: provider_context.clone(),
+                adopted,
             }
         };
 
@@ -419,7 +419,7 @@ impl Steps {
         // Each round either claims, answers, or loses a race to a writer that changed the record.
         for _ in 0..4 {
             let Some(current) = blocking else {
-                return Ok(claimed(&fresh));
+                return Ok(claimed(&fresh, false));
             };
             if current.fingerprint != fresh.fingerprint {
                 return Err(key_reused(key, &current, &request));
@@ -428,7 +428,8 @@ impl Steps {
                 IdempotencyStatus::Completed => return cached(key, &current),
                 // A retried or redriven step of the execution that holds the claim.
                 IdempotencyStatus::InProgress if current.execution_id == input.execution_id => {
-                    return Ok(claimed(&current));
+                    // Whether it had adopted the claim is not recorded: assume it did.
+                    return Ok(claimed(&current, current.created_at != current.updated_at));
                 }
                 IdempotencyStatus::InProgress if current.lease_expires_at > now => {
                     return Err(PaymentError::PaymentInFlight {
@@ -452,8 +453,9 @@ impl Steps {
                 error: None,
                 ..fresh.clone()
             };
+            let adopted = current.status == IdempotencyStatus::InProgress;
             blocking = match self.store.replace_idempotency(&current, &reclaimed).await? {
-                None => return Ok(claimed(&reclaimed)),
+                None => return Ok(claimed(&reclaimed, adopted)),
                 Some(Some(changed)) => Some(changed),
                 Some(None) => self.store.insert_idempotency(&fresh).await?,
             };
@@ -492,6 +494,7 @@ impl Steps {
                 attempt: input.claim.attempt,
                 execution_id: input.execution_id.clone(),
                 status: ReservationStatus::Reserved,
+                claim_id: input.claim.claim_id.clone(),
                 client_token: input.claim.client_token.clone(),
                 amount: payment.amount,
                 network: payment.network,
@@ -529,9 +532,26 @@ impl Steps {
             request,
             context: input.claim.provider_context.clone(),
         };
-        let proof = self.provider.process_payment(&order).await?;
-        // A success we cannot use may still be a proof the provider issued: unknown, not failed.
         let provider = self.provider.name();
+        let proof = match self.provider.process_payment(&order).await {
+            Ok(proof) => proof,
+            // Throttled, or not connected: this call was not processed, but that says nothing
+            // of an earlier call with the same token (a retry's predecessor, or the execution
+            // this claim was taken from), which may have issued a proof.
+            Err(PaymentError::ProviderUnavailable { message, source, .. })
+                if input.retry_count > 0 || input.claim.adopted =>
+            {
+                return Err(PaymentError::PaymentOutcomeUnknown {
+                    provider,
+                    message: format!(
+                        "{message}; an earlier call with this client token may have issued a proof, so this is no refusal"
+                    ),
+                    source,
+                });
+            }
+            Err(other) => return Err(other),
+        };
+        // A success we cannot use may still be a proof the provider issued: unknown, not failed.
         if proof.status != "PROOF_GENERATED" {
             return Err(PaymentError::PaymentOutcomeUnknown {
                 provider,
@@ -648,13 +668,8 @@ impl Steps {
                     let window = release_from_window(ledger.window, r.amount, r.created_at);
                     Some(ReleasedReservation { id: r.id.clone(), expected_version: ledger.version, window })
                 }
-                Some(r) if r.status != ReservationStatus::Released => {
-                    return Err(PaymentError::LedgerInconsistent(format!(
-                        "reservation {} is {}: a payment proof exists, so it is not released; record it with a redrive of RecordLedger",
-                        r.id,
-                        r.status.as_str()
-                    )));
-                }
+                // AUTHORIZED or SETTLED: a proof was recorded (by an execution that took the
+                // key over). Never released; the fenced write below names the holder.
                 _ => None,
             };
             let releasing = release.is_some();
@@ -796,6 +811,7 @@ fn cached(key: &str, record: &IdempotencyRecord) -> Result<Claim, PaymentError> 
         payment: None,
         result: Some(result),
         provider_context: None,
+        adopted: false,
     })
 }
 

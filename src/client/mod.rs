@@ -17,6 +17,9 @@ use crate::provider::PaymentHeader;
 
 /// Redrive is possible within this many days of the execution's stop (Step Functions' rule).
 pub const REDRIVE_WINDOW: Duration = Duration::from_secs(14 * 24 * 3600);
+/// The error of an execution held after an unknown provider outcome.
+const OUTCOME_UNKNOWN: &str = "PaymentOutcomeUnknown";
+
 /// Step Functions refuses to redrive an execution whose history reached this many events.
 pub const HISTORY_LIMIT: usize = 25_000;
 
@@ -307,6 +310,11 @@ impl PaymentClient {
 
     /// Why `execution` cannot be redriven, if it cannot.
     pub async fn redrive_refusal(&self, execution: &Execution, now: Timestamp) -> Result<Option<String>, ClientError> {
+        if execution.error.as_deref() == Some(OUTCOME_UNKNOWN) {
+            return Ok(Some(format!(
+                "it ended in {OUTCOME_UNKNOWN} (a Fail state: a redrive would end there again); a new execution of the same key asks the provider again with the same client token"
+            )));
+        }
         if !matches!(execution.status.as_str(), "FAILED" | "TIMED_OUT" | "ABORTED") {
             return Ok(Some(format!(
                 "its status is {}; only FAILED, TIMED_OUT or ABORTED executions are redriven",
@@ -345,7 +353,10 @@ impl PaymentClient {
         let arn = execution.execution_arn.clone();
         let refusal = self.redrive_refusal(&execution, now).await?;
         let done = |action, reason, result| Ok(Replay { execution_arn: arn.clone(), action, reason, result });
-        match (refusal, options.fresh, options.dry_run) {
+        // An unknown outcome is resolved only by asking again under the same key: a new
+        // execution adopts the held claim and its client token, so it cannot pay twice.
+        let fresh = options.fresh || execution.error.as_deref() == Some(OUTCOME_UNKNOWN);
+        match (refusal, fresh, options.dry_run) {
             (None, _, true) => done(ReplayAction::WouldRedrive, None, None),
             (None, _, false) => {
                 self.backend.redrive(&arn, execution.redrive_count).await?;

@@ -193,10 +193,13 @@ fn idempotency_item(record: &IdempotencyRecord) -> Result<Item, PaymentError> {
         ("attempt".to_owned(), n(record.attempt)),
         ("leaseExpiresAt".to_owned(), n(record.lease_expires_at.millis())),
         ("expiresAt".to_owned(), n(record.expires_at.millis())),
-        ("ttl".to_owned(), n(record.expires_at.seconds())),
         ("updatedAt".to_owned(), n(record.updated_at.millis())),
         ("record".to_owned(), json(record)?),
     ]);
+    // DynamoDB's TTL deletes only finished records: an unfinished claim is never forgotten.
+    if record.status != IdempotencyStatus::InProgress {
+        item.insert("ttl".into(), n(record.expires_at.seconds()));
+    }
     if let Some(result) = &record.result {
         item.insert("result".into(), json(result)?);
     }
@@ -459,7 +462,7 @@ fn decode_idempotency(item: &Item) -> Result<IdempotencyRecord, PaymentError> {
 fn holder_of(item: Option<&Item>) -> Result<String, PaymentError> {
     Ok(match item.map(decode_idempotency).transpose()? {
         Some(record) => record.holder(),
-        None => "nobody (the record is gone)".to_owned(),
+        None => "gone (no live record)".to_owned(),
     })
 }
 
@@ -489,9 +492,13 @@ impl Store for DynamoStore {
             .put_item()
             .table_name(&self.tables.idempotency)
             .set_item(Some(idempotency_item(record)?))
-            // Absent, or expired but not yet deleted by TTL.
-            .condition_expression("attribute_not_exists(idempotencyKey) OR expiresAt <= :now")
+            // Absent, or finished and expired but not yet deleted by TTL.
+            .condition_expression(
+                "attribute_not_exists(idempotencyKey) OR (expiresAt <= :now AND #status <> :in_progress)",
+            )
+            .expression_attribute_names("#status", "status")
             .expression_attribute_values(":now", n(record.created_at.millis()))
+            .expression_attribute_values(":in_progress", s(IdempotencyStatus::InProgress.as_str()))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;

@@ -69,13 +69,17 @@ pub struct IdempotencyRecord {
     pub error: Option<ErrorRecord>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
-    /// TTL: past this the record counts as absent, whether or not it is deleted yet.
+    /// TTL: past this a finished record counts as absent, whether or not it is deleted yet
+    /// (see [`IdempotencyRecord::is_expired`]).
     pub expires_at: Timestamp,
 }
 
 impl IdempotencyRecord {
+    /// Past `expires_at` a finished record counts as absent. An unfinished one never does: a
+    /// claim that may stand for an issued proof is never forgotten (Step Functions redrives
+    /// for 14 days, and a held key is resolved whenever it is started again).
     pub fn is_expired(&self, now: Timestamp) -> bool {
-        self.expires_at <= now
+        self.status != IdempotencyStatus::InProgress && self.expires_at <= now
     }
 
     /// Whether `fence`'s execution still holds this record's claim.
@@ -89,7 +93,12 @@ impl IdempotencyRecord {
 
     /// Who holds the record now, for a fenced writer's message.
     pub fn holder(&self) -> String {
-        format!("{} ({} attempt {})", self.execution_id, self.status.as_str(), self.attempt)
+        match self.status {
+            IdempotencyStatus::InProgress => {
+                format!("held by execution {} (attempt {})", self.execution_id, self.attempt)
+            }
+            other => format!("{} by execution {} (attempt {})", other.as_str(), self.execution_id, self.attempt),
+        }
     }
 }
 
@@ -134,7 +143,10 @@ pub struct Reservation {
     pub attempt: u32,
     pub execution_id: String,
     pub status: ReservationStatus,
-    /// The provider client token of the claim that made it: the proof it may stand for.
+    /// The key record's lifetime (see `IdempotencyRecord::claim_id`) and the provider client
+    /// token of the claim that made it: the proof it may stand for.
+    #[serde(default)]
+    pub claim_id: String,
     #[serde(default)]
     pub client_token: String,
     pub amount: AtomicAmount,

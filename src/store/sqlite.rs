@@ -226,7 +226,7 @@ fn held_record(tx: &Connection, fence: &ClaimFence) -> SqlResult<Result<Idempote
     Ok(match get_idempotency(tx, &fence.key)? {
         Some(record) if record.is_held_by(fence) => Ok(record),
         Some(record) => Err(record.holder()),
-        None => Err("nobody (the record is gone)".to_owned()),
+        None => Err("gone (no live record)".to_owned()),
     })
 }
 

@@ -137,7 +137,7 @@ fn the_demo_behaves_as_it_says() {
     assert!(demo.status.success(), "{}", String::from_utf8_lossy(&demo.stderr));
     let report: Value = serde_json::from_slice(&demo.stdout).unwrap();
     assert_eq!(report["unexpected"], 0);
-    assert_eq!(report["scenarios"].as_array().unwrap().len(), 7);
+    assert_eq!(report["scenarios"].as_array().unwrap().len(), 9);
 }
 
 #[test]

@@ -59,6 +59,7 @@ impl Fixture {
                 execution_id: execution.into(),
                 claim: claim.clone(),
                 reservation: reservation.clone(),
+                retry_count: 0,
             })
             .await?;
         let outcome = self
@@ -287,9 +288,11 @@ async fn release_happens_once_and_never_after_authorization(backend: Backend) {
     let paid_input = execution_input("k-paid", AGENT, "10000");
     let paid = f.claim(&paid_input, "exec-2").await.unwrap();
     f.pay(&paid_input, "exec-2", &paid).await.unwrap();
-    let error = f.compensate(&paid_input, "exec-2", &paid, "ProviderRejected").await.unwrap_err();
-    assert_eq!(error.name(), "LedgerInconsistent");
-    assert!(error.to_string().contains("AUTHORIZED"), "{error}");
+    let refused = f.compensate(&paid_input, "exec-2", &paid, "ProviderRejected").await.unwrap();
+    assert_eq!((refused["error"].as_str(), refused["released"].as_bool()), (Some("ClaimSuperseded"), Some(false)));
+    assert!(refused["cause"].as_str().unwrap().contains("COMPLETED by execution exec-2"), "{refused}");
+    let paid_reservation = f.store.reservation(AGENT, &paid.reservation_id).await.unwrap().unwrap();
+    assert_eq!(paid_reservation.status, ReservationStatus::Authorized);
 }
 
 async fn every_policy_limit_denies(backend: Backend) {

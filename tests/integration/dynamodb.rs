@@ -65,6 +65,7 @@ async fn a_happy_path_payment_is_five_store_requests() {
             execution_id: execution_id.clone(),
             claim: claim.clone(),
             reservation: reservation.clone(),
+            retry_count: 0,
         })
         .await
         .unwrap();

@@ -27,6 +27,7 @@ const EXECUTION_INPUTS: &[&str] = &[
     "over-daily-cap.json",
     "invalid-challenge.json",
     "provider-failure.json",
+    "provider-timeout.json",
     "ledger-failure.json",
     "x402-v1-challenge.json",
 ];
@@ -74,9 +75,14 @@ async fn each_execution_input_has_its_documented_outcome() {
     let invalid = run("invalid-challenge.json").await;
     assert_eq!(invalid.error.unwrap().error, "InvalidPaymentRequest");
 
-    t.app.provider.fail_next(ProviderFault::Unavailable, 4);
+    t.app.provider.fail_next(ProviderFault::Rejected, 1);
     let down = run("provider-failure.json").await;
-    assert_eq!(down.error.unwrap().error, "ProviderUnavailable");
+    assert_eq!(down.error.unwrap().error, "ProviderRejected");
+
+    t.app.provider.fail_next(ProviderFault::OutcomeUnknownAfterProof, 4);
+    let held = run("provider-timeout.json").await;
+    assert_eq!(held.error.unwrap().error, "PaymentOutcomeUnknown");
+    assert_eq!(held.failed_state.as_deref(), Some("PaymentOutcomeUnknown"));
 
     t.app.ledger.fail_next_authorizations(5);
     let ledger = run("ledger-failure.json").await;

@@ -12,6 +12,8 @@ mod dynamodb;
 mod events;
 mod helpers;
 mod local_invoke;
+mod never_pay_twice;
+mod simulator;
 mod stores;
 mod template;
 mod workflow;

@@ -124,33 +124,39 @@ async fn an_invalid_challenge_is_rejected_precisely_and_leaves_nothing_behind() 
 }
 
 #[tokio::test]
-async fn a_provider_outage_is_retried_as_the_asl_says_then_compensated() {
+async fn a_provider_outage_is_retried_as_the_asl_says_then_held_not_compensated() {
     let t = TestApp::with_policy(AGENT, policy("1.00", "5.00", 10)).await;
-    t.app.provider.fail_next(ProviderFault::Unavailable, 4);
+    // Five calls throttled: every attempt the ASL allows.
+    t.app.provider.fail_next(ProviderFault::Unavailable, 5);
     let record = t.run(execution_input("down-1", AGENT, "10000")).await;
     assert_eq!(record.status, ExecutionStatus::Failed);
-    assert_eq!(record.error.as_ref().unwrap().error, "ProviderUnavailable");
-    assert_eq!(record.failed_state.as_deref(), Some("PaymentFailed"));
-    // 1 try + 3 retries (MaxAttempts 3), with full jitter under 2 s, 4 s, 8 s.
+    // The first throttle is a plain retry; a throttle after it cannot vouch for the calls
+    // before it, so it counts as an unknown outcome: held, never compensated.
+    assert_eq!(record.error.as_ref().unwrap().error, "PaymentOutcomeUnknown");
+    assert_eq!(record.failed_state.as_deref(), Some("PaymentOutcomeUnknown"));
+    // 1 try, 1 ProviderUnavailable retry, 3 unknown-outcome retries (same client token), with
+    // full jitter under 2 s, then 2 s, 4 s, 8 s.
     let tasks = t.tasks_run(&record).await;
-    assert_eq!(tasks.iter().filter(|s| *s == "ProcessPayment").count(), 4);
+    assert_eq!(tasks.iter().filter(|s| *s == "ProcessPayment").count(), 5);
     let delays = t.sleeper.requested();
-    assert_eq!(delays.len(), 3);
-    for (delay, cap) in delays.iter().zip([2, 4, 8]) {
+    assert_eq!(delays.len(), 4);
+    for (delay, cap) in delays.iter().zip([2, 2, 4, 8]) {
         assert!(*delay <= Duration::from_secs(cap), "{delays:?}");
     }
-    assert_eq!(tasks.last().map(String::as_str), Some("Compensate"));
+    assert_eq!(tasks.last().map(String::as_str), Some("HoldUnknownOutcome"));
 
     let reservation = &t.app.store.reservations(AGENT).await.unwrap()[0];
-    assert_eq!(reservation.status, ReservationStatus::Released);
-    assert!(t.app.store.agent_ledger(AGENT).await.unwrap().window.is_empty(), "the released amount no longer counts");
+    assert_eq!(reservation.status, ReservationStatus::Reserved, "still counted");
     let key = t.app.store.idempotency("down-1", t.app.steps.clock().now()).await.unwrap().unwrap();
-    assert_eq!(key.status, IdempotencyStatus::Failed);
+    assert_eq!(key.status, IdempotencyStatus::InProgress);
 
-    // The same key may be paid again later: a new attempt, a new reservation.
+    // The same key started again once the provider is back: the same claim, token and
+    // reservation, now paid.
     let retry = t.run(execution_input("down-1", AGENT, "10000")).await;
-    assert_eq!(retry.status, ExecutionStatus::Succeeded);
-    assert_eq!(t.app.store.reservations(AGENT).await.unwrap().len(), 2);
+    assert_eq!(retry.status, ExecutionStatus::Succeeded, "{:?}", retry.error);
+    let reservations = t.app.store.reservations(AGENT).await.unwrap();
+    assert_eq!(reservations.len(), 1);
+    assert_eq!(reservations[0].status, ReservationStatus::Authorized);
 }
 
 #[tokio::test]
