@@ -815,6 +815,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_authorization_for_other_terms_is_an_unknown_outcome_not_a_proof() {
+        let request =
+            crate::request::PaymentRequest::parse(&crate::samples::execution_input("k", "a", "10000")).unwrap();
+        let allow = crate::x402::Allowlist { networks: crate::x402::Network::ALL.to_vec(), payees: vec![] };
+        let requirement = request.select_payment(&allow, "a").unwrap();
+        let pay_to = requirement.pay_to.to_checksum(None);
+        let right = serde_json::json!({"to": pay_to.to_lowercase(), "value": "10000"});
+        assert!(check_authorization_terms(&requirement, &right).is_ok(), "addresses compare case-insensitively");
+        for wrong in [
+            serde_json::json!({"to": pay_to, "value": "10001"}),
+            serde_json::json!({"to": "0x0000000000000000000000000000000000000001", "value": "10000"}),
+            serde_json::json!({"value": "10000"}),
+        ] {
+            let error = check_authorization_terms(&requirement, &wrong).unwrap_err();
+            assert_eq!(error.name(), "PaymentOutcomeUnknown", "{wrong}");
+        }
+    }
+
+    #[test]
     fn session_expiry_is_15_to_480_minutes() {
         assert!(SessionExpiry::minutes(15).is_ok());
         assert!(SessionExpiry::minutes(480).is_ok());

@@ -309,6 +309,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_journal_entry_for_other_terms_is_never_returned() {
+        let wallet = wallet();
+        let paid = wallet.process_payment(&order(execution_input("k", "a", "5"), "token-t")).await.unwrap();
+        // The same token for another amount: the stored proof pays 5, not 6.
+        let error = wallet.process_payment(&order(execution_input("k", "a", "6"), "token-t")).await.unwrap_err();
+        assert_eq!(error.name(), "ProviderConflict", "{error}");
+        assert!(error.to_string().contains("another payment"), "{error}");
+        // An entry without terms cannot be checked: unknown, so nothing is released.
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        store.record_issued("old-token", &IssuedProof { proof: paid, terms: None }).await.unwrap();
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_763_700_000_000)));
+        let old = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store, clock).unwrap();
+        let error = old.process_payment(&order(execution_input("k", "a", "5"), "old-token")).await.unwrap_err();
+        assert_eq!(error.name(), "PaymentOutcomeUnknown");
+    }
+
+    #[tokio::test]
     async fn v1_challenges_get_an_x_payment_header() {
         let wallet = wallet();
         let input = execution_input_with_challenge("k", "a", json!({"x402v1": v1_payment_required("7")}));

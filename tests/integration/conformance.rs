@@ -5,7 +5,7 @@ use std::time::Duration;
 use agentpay::clock::Clock;
 use agentpay::error::PaymentError;
 use agentpay::samples::execution_input;
-use agentpay::steps::{CaughtError, Claim, ClaimOutcome, CompensateInput, ReservationSummary};
+use agentpay::steps::{CaughtError, Claim, ClaimOutcome, CompensateInput, CompensationMode, ReservationSummary};
 use agentpay::steps::{CheckIdempotencyInput, CheckSpendInput, ProcessPaymentInput, RecordLedgerInput};
 use agentpay::store::{AuditKind, IdempotencyStatus, ReservationStatus};
 use serde_json::Value;
@@ -82,6 +82,17 @@ impl Fixture {
         claim: &Claim,
         error: &str,
     ) -> Result<Value, PaymentError> {
+        self.compensate_in(input, execution, claim, error, CompensationMode::Release).await
+    }
+
+    async fn compensate_in(
+        &self,
+        input: &Value,
+        execution: &str,
+        claim: &Claim,
+        error: &str,
+        mode: CompensationMode,
+    ) -> Result<Value, PaymentError> {
         let caught = CaughtError {
             error: error.into(),
             cause: format!("{{\"errorType\":\"{error}\",\"errorMessage\":\"{error} happened\"}}"),
@@ -93,8 +104,8 @@ impl Fixture {
                 execution_id: execution.into(),
                 claim: claim.clone(),
                 error: caught,
-                mode: Default::default(),
-                entered_at: None,
+                mode,
+                entered_at: Some(format!("{}", self.clock.now().millis())),
             })
             .await?;
         Ok(serde_json::to_value(output).unwrap())
@@ -125,6 +136,10 @@ conformance!(
     release_happens_once_and_never_after_authorization,
     every_policy_limit_denies,
     audit_events_are_written_with_the_payment,
+    a_takeover_fences_the_old_holder_out,
+    a_hold_keeps_the_reservation_and_ends_the_lease,
+    an_unfinished_claim_never_expires,
+    a_completed_key_answers_before_the_policy,
 );
 
 async fn claim_then_cached_result(backend: Backend) {
@@ -368,4 +383,87 @@ async fn deny(f: &Fixture, key: &str, amount: &str) -> PaymentError {
     let input = execution_input(key, AGENT, amount);
     let claim = f.claim(&input, key).await.unwrap();
     f.spend(&input, key, &claim).await.unwrap_err()
+}
+
+async fn a_takeover_fences_the_old_holder_out(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-fence", AGENT, "10000");
+    let old = f.claim(&input, "exec-old").await.unwrap();
+    let reservation = f.spend(&input, "exec-old", &old).await.unwrap();
+    f.clock.advance(Duration::from_secs(21 * 60));
+    let new = f.claim(&input, "exec-new").await.unwrap();
+    assert_eq!((&new.claim_id, new.attempt, &new.client_token), (&old.claim_id, old.attempt, &old.client_token));
+    assert!(new.adopted && !old.adopted);
+
+    for mode in [CompensationMode::Release, CompensationMode::HoldUnknown] {
+        let fenced = f.compensate_in(&input, "exec-old", &old, "ProviderRejected", mode).await.unwrap();
+        assert_eq!((fenced["error"].as_str(), fenced["released"].as_bool()), (Some("ClaimSuperseded"), Some(false)));
+        assert!(fenced["cause"].as_str().unwrap().contains("held by execution exec-new"), "{fenced}");
+    }
+    let stored = f.store.reservation(AGENT, &reservation.reservation_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, ReservationStatus::Reserved, "the new holder's reservation is untouched");
+    let record = f.store.idempotency("k-fence", f.clock.now()).await.unwrap().unwrap();
+    assert_eq!((record.status, record.execution_id.as_str()), (IdempotencyStatus::InProgress, "exec-new"));
+    assert!(f.store.audit_events(AGENT).await.unwrap().is_empty(), "a fenced write writes nothing");
+
+    // The old holder cannot record either; the new one can.
+    let late = f.prove_and_record(&input, "exec-old", &old, &reservation).await.unwrap_err();
+    assert_eq!(late.name(), "ClaimSuperseded");
+    f.prove_and_record(&input, "exec-new", &new, &reservation).await.unwrap();
+    let paid = f.store.reservation(AGENT, &reservation.reservation_id).await.unwrap().unwrap();
+    assert_eq!(paid.status, ReservationStatus::Authorized);
+}
+
+async fn a_hold_keeps_the_reservation_and_ends_the_lease(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-hold", AGENT, "10000");
+    let claim = f.claim(&input, "exec-1").await.unwrap();
+    let reservation = f.spend(&input, "exec-1", &claim).await.unwrap();
+    let held =
+        f.compensate_in(&input, "exec-1", &claim, "Sandbox.Timedout", CompensationMode::HoldUnknown).await.unwrap();
+    assert_eq!((held["error"].as_str(), held["held"].as_bool()), (Some("PaymentOutcomeUnknown"), Some(true)));
+    let stored = f.store.reservation(AGENT, &reservation.reservation_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, ReservationStatus::Reserved);
+    assert_eq!(f.store.agent_ledger(AGENT).await.unwrap().window.iter().map(|b| b.amount.get()).sum::<u64>(), 10_000);
+    let record = f.store.idempotency("k-hold", f.clock.now()).await.unwrap().unwrap();
+    assert_eq!(record.status, IdempotencyStatus::InProgress);
+    assert!(record.lease_expires_at <= f.clock.now());
+    let audit = f.store.audit_events(AGENT).await.unwrap();
+    assert_eq!(audit.iter().map(|e| e.kind).collect::<Vec<_>>(), [AuditKind::OutcomeUnknown]);
+    // Compensate handed the unknown error directly holds too, never releases.
+    let again = f.compensate(&input, "exec-1", &claim, "PaymentOutcomeUnknown").await.unwrap();
+    assert_eq!(again["held"].as_bool(), Some(true));
+    // A new execution adopts at once (the lease ended) with the same ids.
+    let replay = f.claim(&input, "exec-2").await.unwrap();
+    assert_eq!((replay.reservation_id, replay.client_token), (claim.reservation_id, claim.client_token));
+}
+
+async fn an_unfinished_claim_never_expires(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-unfinished", AGENT, "10000");
+    let claim = f.claim(&input, "exec-1").await.unwrap();
+    let reservation = f.spend(&input, "exec-1", &claim).await.unwrap();
+    // Found by the fault simulator: a held claim used to expire after 15 days and its
+    // reservation, with a proof behind it, was never resolved.
+    f.clock.advance(Duration::from_secs(60 * 24 * 3600));
+    let record = f.store.idempotency("k-unfinished", f.clock.now()).await.unwrap();
+    assert_eq!(record.map(|r| r.status), Some(IdempotencyStatus::InProgress));
+    // The original holder still records (a redrive after two months); a finished record then
+    // expires after the ordinary TTL.
+    f.prove_and_record(&input, "exec-1", &claim, &reservation).await.unwrap();
+    f.clock.advance(Duration::from_secs(24 * 3600 + 1));
+    assert!(f.store.idempotency("k-unfinished", f.clock.now()).await.unwrap().is_none());
+}
+
+async fn a_completed_key_answers_before_the_policy(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let input = execution_input("k-cache-first", AGENT, "10000");
+    let claim = f.claim(&input, "exec-1").await.unwrap();
+    f.pay(&input, "exec-1", &claim).await.unwrap();
+    let mut paused = policy("1.00", "5.00", 10);
+    paused.paused = true;
+    paused.allowed_payees = vec!["0x0000000000000000000000000000000000000001".parse().unwrap()];
+    f.store.put_policy(AGENT, &paused).await.unwrap();
+    let cached = f.claim(&input, "exec-2").await.unwrap();
+    assert_eq!(cached.outcome, ClaimOutcome::Cached);
 }
