@@ -216,3 +216,50 @@ fn start_status_list_history_and_replay_from_the_command_line() {
     assert!(!aws.status.success());
     assert!(String::from_utf8_lossy(&aws.stderr).contains("AGENTPAY_STATE_MACHINE_ARN"));
 }
+
+/// A RUNNING execution whose process died (its owner pid is gone) is resumed by `redrive`.
+#[test]
+fn redrive_resumes_an_execution_whose_process_died() {
+    use agentpay::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
+    let dir = tempfile::tempdir().unwrap();
+    let set = agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    let input: Value =
+        serde_json::from_str(&std::fs::read_to_string("events/executions/paid-call.json").unwrap()).unwrap();
+    // What a runner that died right after starting leaves behind: the record and its first event.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let store = agentpay::store::sqlite::SqliteStore::open(&dir.path().join("agentpay.db")).unwrap();
+        let now = agentpay::clock::Timestamp::from_millis(1_763_700_000_000);
+        let record = ExecutionRecord {
+            execution_id: agentpay::asl::runner::local_execution_arn("died-1"),
+            name: "died-1".into(),
+            status: ExecutionStatus::Running,
+            input: input.clone(),
+            output: None,
+            error: None,
+            failed_state: None,
+            started_at: now,
+            stopped_at: None,
+            redrive_count: 0,
+            agent_id: Some("demo-agent".into()),
+            idempotency_key: Some("demo-paid-1".into()),
+            // No process has this id (Linux caps pids far below it).
+            owner: Some("pid:4294967295:dead".into()),
+        };
+        assert!(store.create_execution(&record).await.unwrap());
+        let started = HistoryEvent {
+            seq: 0,
+            at: now,
+            kind: HistoryKind::ExecutionStarted,
+            state: None,
+            details: serde_json::json!({"input": input}),
+        };
+        store.append_history(&record.execution_id, &[started]).await.unwrap();
+    });
+    let resumed = agentpay(dir.path(), &["--json", "redrive", "died-1"]);
+    assert!(resumed.status.success(), "{}{}", stdout(&resumed), String::from_utf8_lossy(&resumed.stderr));
+    let described: Value =
+        serde_json::from_slice(&agentpay(dir.path(), &["--json", "executions", "describe", "died-1"]).stdout).unwrap();
+    assert_eq!(described["execution"]["status"], "SUCCEEDED");
+}

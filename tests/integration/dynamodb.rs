@@ -178,3 +178,54 @@ async fn a_missing_table_is_a_rejection_not_an_outage() {
     assert!(!error.is_retryable());
     assert!(error.chain_message().contains("ResourceNotFoundException"), "{}", error.chain_message());
 }
+
+/// DynamoDB's TTL must never delete an unfinished claim: only finished records carry `ttl`.
+#[tokio::test]
+async fn only_finished_idempotency_items_carry_a_ttl() {
+    let store = dynamo_store().await;
+    store.put_policy(AGENT, &policy("1.00", "5.00", 10)).await.unwrap();
+    let steps = steps_over(store.clone(), StepSettings::default());
+    let input = execution_input("ttl-1", AGENT, "10000");
+    let execution_id = "exec-ttl".to_owned();
+    let claim = steps
+        .check_idempotency(CheckIdempotencyInput { request: input.clone(), execution_id: execution_id.clone() })
+        .await
+        .unwrap();
+    let item = |store: Arc<DynamoStore>| async move {
+        store
+            .client()
+            .get_item()
+            .table_name(&store.tables().idempotency)
+            .key("idempotencyKey", aws_sdk_dynamodb::types::AttributeValue::S("ttl-1".into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+            .unwrap()
+    };
+    assert!(!item(store.clone()).await.contains_key("ttl"), "an IN_PROGRESS claim has no ttl");
+    let reservation = steps
+        .check_spend(CheckSpendInput {
+            request: input.clone(),
+            execution_id: execution_id.clone(),
+            claim: claim.clone(),
+        })
+        .await
+        .unwrap();
+    let proof = steps
+        .process_payment(ProcessPaymentInput {
+            request: input.clone(),
+            execution_id: execution_id.clone(),
+            claim: claim.clone(),
+            reservation: reservation.clone(),
+            retry_count: 0,
+        })
+        .await
+        .unwrap();
+    steps.record_ledger(RecordLedgerInput { request: input, execution_id, claim, reservation, proof }).await.unwrap();
+    let finished = item(store.clone()).await;
+    let ttl: i64 = finished["ttl"].as_n().unwrap().parse().unwrap();
+    let expires: i64 = finished["expiresAt"].as_n().unwrap().parse().unwrap();
+    assert_eq!(ttl, expires / 1000, "the TTL is the finished record's expiry");
+}
