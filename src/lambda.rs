@@ -23,6 +23,12 @@ pub fn init_tracing() {
         tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(false).with_target(false).try_init();
 }
 
+/// Installs the embedded-metric-format recorder for this process (once, at cold start): the
+/// counters in `crate::metrics` become EMF documents that CloudWatch turns into metrics.
+pub fn init_metrics() -> Result<&'static metrics_cloudwatch_embedded::Collector, lambda_runtime::Error> {
+    metrics_cloudwatch_embedded::Builder::new().cloudwatch_namespace(crate::metrics::NAMESPACE).init()
+}
+
 /// One invocation. Logs the step, the execution and the outcome — never the payload, which
 /// carries the payment proof.
 pub async fn handle(steps: &Steps, step: StepName, event: LambdaEvent<Value>) -> Result<Value, PaymentError> {
@@ -32,23 +38,34 @@ pub async fn handle(steps: &Steps, step: StepName, event: LambdaEvent<Value>) ->
         Ok(_) => {
             tracing::info!(step = step.function_name(), execution_id, request_id = %event.context.request_id, "step succeeded")
         }
-        Err(error) => tracing::warn!(
-            step = step.function_name(),
-            execution_id,
-            request_id = %event.context.request_id,
-            error_type = error.name(),
-            error = %error.chain_message(),
-            "step failed"
-        ),
+        Err(error) => {
+            crate::metrics::step_error(error.name());
+            tracing::warn!(
+                step = step.function_name(),
+                execution_id,
+                request_id = %event.context.request_id,
+                error_type = error.name(),
+                error = %error.chain_message(),
+                "step failed"
+            )
+        }
     }
     result
 }
 
-/// Serves `step` until the runtime stops; `steps` is built once by the caller.
+/// Serves `step` until the runtime stops; `steps` is built once by the caller. After each
+/// invocation the metrics it counted are written to stdout as one EMF document.
 pub async fn serve(step: StepName, steps: Steps) -> Result<(), lambda_runtime::Error> {
+    let metrics = init_metrics()?;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let steps = steps.clone();
-        async move { handle(&steps, step, event).await }
+        async move {
+            let result = handle(&steps, step, event).await;
+            if let Err(error) = metrics.flush(std::io::stdout()) {
+                tracing::warn!(error = %error, "could not write the invocation's metrics");
+            }
+            result
+        }
     }))
     .await
 }
@@ -64,6 +81,65 @@ mod tests {
     use crate::provider::dev_wallet::DevWallet;
     use crate::steps::StepSettings;
     use crate::store::sqlite::SqliteStore;
+
+    /// The document CloudWatch reads: `_aws` with a millisecond timestamp and one directive
+    /// naming the namespace, dimension sets (each a list of keys present in the document) and
+    /// metrics (each a name present in the document with a numeric value, and a valid unit).
+    fn assert_emf(document: &Value) {
+        let aws = &document["_aws"];
+        assert!(aws["Timestamp"].as_u64().is_some_and(|t| t > 1_600_000_000_000), "{document}");
+        let directives = aws["CloudWatchMetrics"].as_array().expect("CloudWatchMetrics");
+        assert!(!directives.is_empty());
+        for directive in directives {
+            assert_eq!(directive["Namespace"], crate::metrics::NAMESPACE);
+            for set in directive["Dimensions"].as_array().expect("Dimensions") {
+                let set = set.as_array().expect("a dimension set is an array");
+                assert!(set.len() <= 30);
+                for key in set {
+                    assert!(document[key.as_str().unwrap()].is_string(), "dimension {key} in {document}");
+                }
+            }
+            for metric in directive["Metrics"].as_array().expect("Metrics") {
+                let name = metric["Name"].as_str().expect("Name");
+                let value = &document[name];
+                assert!(value.is_number() || value.as_array().is_some_and(|v| v.iter().all(Value::is_number)));
+                if let Some(unit) = metric.get("Unit") {
+                    let units = ["Count", "None", "Seconds", "Milliseconds", "Microseconds", "Bytes", "Percent"];
+                    assert!(units.contains(&unit.as_str().unwrap()), "{unit}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_counted_metrics_are_written_as_embedded_metric_format() {
+        let collector = init_metrics().unwrap();
+        crate::metrics::authorized("agent-a", crate::money::AtomicAmount::new(250_000).unwrap());
+        crate::metrics::authorized("agent-a", crate::money::AtomicAmount::new(50_000).unwrap());
+        crate::metrics::denied("SpendLimitExceeded");
+        crate::metrics::outcome_unknown();
+        crate::metrics::step_error("LedgerConflict");
+        let mut out = Vec::new();
+        collector.flush(&mut out).unwrap();
+        let documents: Vec<Value> =
+            String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(!documents.is_empty());
+        documents.iter().for_each(assert_emf);
+        let find = |name: &str, dimension: Option<(&str, &str)>| -> Option<f64> {
+            documents
+                .iter()
+                .filter(|d| match dimension {
+                    Some((key, value)) => d[key] == value,
+                    None => d.get("Agent").is_none() && d.get("Reason").is_none() && d.get("Error").is_none(),
+                })
+                .find_map(|d| d[name].as_f64())
+        };
+        assert_eq!(find("AmountAuthorizedAtomic", Some(("Agent", "agent-a"))), Some(300_000.0));
+        assert_eq!(find("PaymentsAuthorized", None), Some(2.0));
+        assert_eq!(find("PaymentsDenied", Some(("Reason", "SpendLimitExceeded"))), Some(1.0));
+        assert_eq!(find("OutcomesUnknown", None), Some(1.0));
+        assert_eq!(find("StepErrors", Some(("Error", "LedgerConflict"))), Some(1.0));
+    }
 
     #[tokio::test]
     async fn a_bad_event_becomes_a_named_lambda_error() {

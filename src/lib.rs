@@ -13,6 +13,7 @@ pub mod executions;
 pub mod faults;
 pub mod lambda;
 pub mod local;
+pub mod metrics;
 pub mod money;
 pub mod mpp;
 pub mod policy;

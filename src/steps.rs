@@ -510,7 +510,10 @@ impl Steps {
                 ReserveOutcome::Reserved => return Ok(summary(&reservation)),
                 ReserveOutcome::AlreadyExists(existing) => return existing_reservation(*existing),
                 ReserveOutcome::VersionConflict => conflict_backoff(attempt).await,
-                ReserveOutcome::Fenced(holder) => return Err(superseded(&fence, holder)),
+                ReserveOutcome::Fenced(holder) => {
+                    crate::metrics::claim_superseded();
+                    return Err(superseded(&fence, holder));
+                }
             }
         }
         Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: self.settings.ledger_attempts })
@@ -624,7 +627,10 @@ impl Steps {
             expires_at: now.plus(self.settings.idempotency_ttl),
         };
         match self.store.authorize(&commit).await? {
-            Transition::Applied => Ok(outcome),
+            Transition::Applied => {
+                crate::metrics::authorized(&commit.audit.agent_id, payment.amount);
+                Ok(outcome)
+            }
             Transition::AlreadyApplied => {
                 // Recorded by an earlier try: answer with what was stored.
                 match self.store.idempotency(&fence.key, now).await? {
@@ -640,7 +646,10 @@ impl Steps {
             Transition::VersionConflict => {
                 Err(PaymentError::LedgerConflict { agent: request.agent_id.to_string(), attempts: 1 })
             }
-            Transition::Fenced(holder) => Err(superseded(&fence, holder)),
+            Transition::Fenced(holder) => {
+                crate::metrics::claim_superseded();
+                Err(superseded(&fence, holder))
+            }
         }
     }
 
@@ -701,11 +710,20 @@ impl Steps {
                 held: false,
             };
             match self.store.release(&commit).await? {
-                Transition::Applied => return Ok(compensation(false)),
+                Transition::Applied => {
+                    crate::metrics::compensated(&error.error);
+                    if denied {
+                        crate::metrics::denied(&error.error);
+                    }
+                    return Ok(compensation(false));
+                }
                 Transition::AlreadyApplied => return Ok(compensation(true)),
                 Transition::VersionConflict => conflict_backoff(attempt).await,
                 Transition::Refused(why) => return Err(PaymentError::LedgerInconsistent(why)),
-                Transition::Fenced(holder) => return Ok(superseded_compensation(&fence, holder, &reservation_id)),
+                Transition::Fenced(holder) => {
+                    crate::metrics::claim_superseded();
+                    return Ok(superseded_compensation(&fence, holder, &reservation_id));
+                }
             }
         }
         Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: self.settings.ledger_attempts })
@@ -745,9 +763,15 @@ impl Steps {
             held: true,
         };
         match self.store.hold(&HoldCommit { fence: fence.clone(), audit, now }).await? {
-            Transition::Applied => Ok(held(false)),
+            Transition::Applied => {
+                crate::metrics::outcome_unknown();
+                Ok(held(false))
+            }
             Transition::AlreadyApplied => Ok(held(true)),
-            Transition::Fenced(holder) => Ok(superseded_compensation(&fence, holder, &reservation_id)),
+            Transition::Fenced(holder) => {
+                crate::metrics::claim_superseded();
+                Ok(superseded_compensation(&fence, holder, &reservation_id))
+            }
             Transition::VersionConflict => {
                 Err(PaymentError::LedgerConflict { agent: request.agent_id.to_string(), attempts: 1 })
             }

@@ -15,6 +15,11 @@ use crate::stores::{dynamodb_client, dynamodb_endpoint};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
+/// Where `cargo lambda watch` writes what the functions log (stdout and stderr).
+fn watch_log() -> std::path::PathBuf {
+    Path::new(ROOT).join("target/lambda-watch/functions.log")
+}
+
 /// `cargo lambda watch` in its own process group, stopped with its children on drop.
 struct Watch {
     child: Child,
@@ -31,9 +36,11 @@ impl Watch {
             .current_dir(ROOT)
             // `cargo test` holds the lock on target/ while tests run; the functions that
             // watch builds need a directory of their own.
-            .env("CARGO_TARGET_DIR", Path::new(ROOT).join("target/lambda-watch"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .env("CARGO_TARGET_DIR", Path::new(ROOT).join("target/lambda-watch"));
+        // Everything the functions print, for the log scan at the end of the test.
+        std::fs::create_dir_all(Path::new(ROOT).join("target/lambda-watch")).unwrap();
+        let log = std::fs::File::create(watch_log()).unwrap();
+        command.stdout(Stdio::from(log.try_clone().unwrap())).stderr(Stdio::from(log));
         for (key, value) in env {
             command.arg("--env-var").arg(format!("{key}={value}"));
         }
@@ -158,4 +165,37 @@ async fn every_function_event_invokes_locally_through_cargo_lambda() {
     assert!(!bad.status.success());
     let text = format!("{}{}", String::from_utf8_lossy(&bad.stdout), String::from_utf8_lossy(&bad.stderr));
     assert!(text.contains("InvalidPaymentRequest"), "{text}");
+    drop(watch);
+
+    scan_the_function_logs(&proof, &env);
+}
+
+/// Everything the functions logged during the test: metrics as EMF, and never a payment proof,
+/// its signature, its authorization nonce or the wallet key.
+fn scan_the_function_logs(proof: &Value, env: &[(&str, String)]) {
+    use base64::Engine;
+    let log = std::fs::read_to_string(watch_log()).unwrap();
+    let header = proof["header"]["value"].as_str().unwrap();
+    let body: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(header).unwrap()).unwrap();
+    let signature = body["payload"]["signature"].as_str().unwrap();
+    let nonce = body["payload"]["authorization"]["nonce"].as_str().unwrap();
+    let key = &env.iter().find(|(name, _)| *name == "AGENTPAY_DEV_WALLET_KEY").unwrap().1;
+    for (what, secret) in [("payment header", header), ("signature", signature), ("nonce", nonce), ("wallet key", key)]
+    {
+        // Also without the 0x prefix and in pieces a logger could have split it into.
+        let bare = secret.trim_start_matches("0x");
+        assert!(!log.contains(bare), "the functions logged the {what}");
+        assert!(!log.contains(&bare[..bare.len().min(24)]), "the functions logged part of the {what}");
+    }
+    let documents: Vec<Value> = log
+        .lines()
+        .filter_map(|line| line.find('{').map(|start| &line[start..]))
+        .filter_map(|json| serde_json::from_str::<Value>(json).ok())
+        .filter(|document| document.get("_aws").is_some())
+        .collect();
+    assert!(!documents.is_empty(), "the functions wrote no EMF document; the log:\n{log}");
+    assert!(documents.iter().all(|d| d["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "agentpay"));
+    assert!(documents.iter().any(|d| d["PaymentsAuthorized"].as_f64() == Some(1.0)), "{documents:?}");
+    assert!(documents.iter().any(|d| d["Compensations"].as_f64() == Some(1.0)), "{documents:?}");
 }

@@ -187,3 +187,76 @@ fn the_state_machine_role_may_deliver_its_logs_and_nothing_wider() {
         }
     }
 }
+
+/// The alarms operators rely on: each on a metric the code emits (or Step Functions'), each
+/// notifying the operators' topic.
+#[test]
+fn the_alarms_watch_what_the_code_emits_and_notify_the_operators() {
+    use agentpay::metrics::{NAMESPACE, names};
+    let template = template();
+    let resources = template["Resources"].as_mapping().unwrap();
+    assert_eq!(template["Resources"]["OperatorsTopic"]["Type"].as_str(), Some("AWS::SNS::Topic"));
+    let emitted = [
+        names::PAYMENTS_AUTHORIZED,
+        names::AMOUNT_AUTHORIZED,
+        names::PAYMENTS_DENIED,
+        names::COMPENSATIONS,
+        names::OUTCOMES_UNKNOWN,
+        names::CLAIMS_SUPERSEDED,
+        names::STEP_ERRORS,
+    ];
+    let mut alarmed = Vec::new();
+    for (name, resource) in resources {
+        if resource["Type"].as_str() != Some("AWS::CloudWatch::Alarm") {
+            continue;
+        }
+        let properties = &resource["Properties"];
+        let metric = properties["MetricName"].as_str().unwrap();
+        match properties["Namespace"].as_str().unwrap() {
+            "AWS/States" => assert_eq!(metric, "ExecutionsFailed"),
+            namespace => {
+                assert_eq!(namespace, NAMESPACE);
+                assert!(emitted.contains(&metric), "{name:?} alarms on {metric}, which nothing emits");
+            }
+        }
+        let Value::Sequence(actions) = &properties["AlarmActions"] else { panic!("{name:?} has no AlarmActions") };
+        let Value::Tagged(action) = &actions[0] else { panic!() };
+        assert_eq!(action.value.as_str(), Some("OperatorsTopic"), "{name:?}");
+        assert!(properties["AlarmDescription"].as_str().is_some_and(|d| d.len() > 40), "{name:?} says what to do");
+        let dimension = properties["Dimensions"][0]["Value"].as_str().map(str::to_owned);
+        alarmed.push((name.as_str().unwrap().to_owned(), metric.to_owned(), dimension));
+    }
+    let has = |metric: &str, dimension: Option<&str>| {
+        alarmed.iter().any(|(_, m, d)| m == metric && (dimension.is_none() || d.as_deref() == dimension))
+    };
+    assert!(has("ExecutionsFailed", None), "failed executions");
+    assert!(has(names::OUTCOMES_UNKNOWN, None), "unknown outcomes above zero");
+    assert!(has(names::STEP_ERRORS, Some("LedgerConflict")), "ledger conflicts");
+    assert!(has(names::STEP_ERRORS, Some("StoreUnavailable")), "store throttles");
+    let unknown = &template["Resources"]["OutcomeUnknownAlarm"]["Properties"];
+    assert_eq!(
+        (unknown["Threshold"].as_u64(), unknown["ComparisonOperator"].as_str()),
+        (Some(0), Some("GreaterThanThreshold"))
+    );
+}
+
+#[test]
+fn the_dashboard_is_valid_json_over_the_emitted_metrics() {
+    let template = template();
+    let dashboard = &template["Resources"]["PaymentsDashboard"];
+    assert_eq!(dashboard["Type"].as_str(), Some("AWS::CloudWatch::Dashboard"));
+    let Value::Tagged(body) = &dashboard["Properties"]["DashboardBody"] else { panic!("DashboardBody is a !Sub") };
+    let mut text = body.value.as_str().unwrap().to_owned();
+    for placeholder in ["${AWS::Region}", "${PaymentStateMachine}"] {
+        text = text.replace(placeholder, "x");
+    }
+    assert!(!text.contains("${"), "every substitution is known");
+    let parsed: serde_json::Value = serde_json::from_str(&text).expect("the dashboard body is JSON");
+    let widgets = parsed["widgets"].as_array().unwrap();
+    assert!(widgets.len() >= 4);
+    for metric in
+        ["AmountAuthorizedAtomic", "PaymentsAuthorized", "OutcomesUnknown", "PaymentsDenied", "ExecutionsFailed"]
+    {
+        assert!(text.contains(metric), "the dashboard shows {metric}");
+    }
+}

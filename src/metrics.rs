@@ -1,0 +1,54 @@
+//! What the steps count, through the `metrics` facade: a no-op until a recorder is installed
+//! (the Lambdas install CloudWatch's embedded metric format, see `lambda::init_metrics`).
+//!
+//! Dimensions are bounded: the agent (one per configured agent), an error or denial name (the
+//! fixed list in `error::ERROR_NAMES`). Alarms read the totals without the agent dimension.
+
+use crate::money::AtomicAmount;
+
+/// The CloudWatch namespace every metric is published under.
+pub const NAMESPACE: &str = "agentpay";
+
+/// Metric names, as the template's alarms and dashboard use them.
+pub mod names {
+    pub const PAYMENTS_AUTHORIZED: &str = "PaymentsAuthorized";
+    pub const AMOUNT_AUTHORIZED: &str = "AmountAuthorizedAtomic";
+    pub const PAYMENTS_DENIED: &str = "PaymentsDenied";
+    pub const COMPENSATIONS: &str = "Compensations";
+    pub const OUTCOMES_UNKNOWN: &str = "OutcomesUnknown";
+    pub const CLAIMS_SUPERSEDED: &str = "ClaimsSuperseded";
+    pub const STEP_ERRORS: &str = "StepErrors";
+}
+
+/// A payment authorized: counted, and its amount (atomic units) added, per agent and in total.
+pub fn authorized(agent: &str, amount: AtomicAmount) {
+    metrics::counter!(names::PAYMENTS_AUTHORIZED).increment(1);
+    metrics::counter!(names::PAYMENTS_AUTHORIZED, "Agent" => agent.to_owned()).increment(1);
+    metrics::counter!(names::AMOUNT_AUTHORIZED, "Agent" => agent.to_owned()).increment(amount.get());
+    metrics::counter!(names::AMOUNT_AUTHORIZED).increment(amount.get());
+}
+
+/// A payment denied by the policy, by reason (the error name).
+pub fn denied(reason: &str) {
+    metrics::counter!(names::PAYMENTS_DENIED, "Reason" => reason.to_owned()).increment(1);
+}
+
+/// A reservation released (or a key closed) after a failure, by the error that caused it.
+pub fn compensated(error: &str) {
+    metrics::counter!(names::COMPENSATIONS, "Error" => error.to_owned()).increment(1);
+}
+
+/// A provider outcome held as unknown: money counted, a person or a replay must resolve it.
+pub fn outcome_unknown() {
+    metrics::counter!(names::OUTCOMES_UNKNOWN).increment(1);
+}
+
+/// A write fenced out: another execution took the key over.
+pub fn claim_superseded() {
+    metrics::counter!(names::CLAIMS_SUPERSEDED).increment(1);
+}
+
+/// Any step error, by name (ledger conflicts and store throttles are alarmed on from here).
+pub fn step_error(error: &str) {
+    metrics::counter!(names::STEP_ERRORS, "Error" => error.to_owned()).increment(1);
+}
