@@ -788,11 +788,7 @@ impl Store for DynamoStore {
                     }
                     ("key", Reason::ConditionFailed(item)) => {
                         let current = item.map(decode_idempotency).transpose()?;
-                        let closed_here = current.as_ref().is_some_and(|r| {
-                            r.claim_id == commit.fence.claim_id
-                                && r.attempt == commit.fence.attempt
-                                && matches!(r.status, IdempotencyStatus::Failed | IdempotencyStatus::Denied)
-                        });
+                        let closed_here = current.as_ref().is_some_and(|r| r.is_closed_for(&commit.fence));
                         let released = self
                             .reservation(&commit.agent_id, &commit.reservation_id)
                             .await?

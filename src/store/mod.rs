@@ -91,6 +91,14 @@ impl IdempotencyRecord {
             && self.execution_id == fence.execution_id
     }
 
+    /// Whether this record shows `fence`'s claim and attempt compensated (FAILED or DENIED),
+    /// by whichever execution held it.
+    pub fn is_closed_for(&self, fence: &ClaimFence) -> bool {
+        self.claim_id == fence.claim_id
+            && self.attempt == fence.attempt
+            && matches!(self.status, IdempotencyStatus::Failed | IdempotencyStatus::Denied)
+    }
+
     /// Who holds the record now, for a fenced writer's message.
     pub fn holder(&self) -> String {
         match self.status {

@@ -369,11 +369,7 @@ impl Store for SqliteStore {
                 Err(holder) => {
                     // Compensated before (by this execution, or by one that adopted the claim)?
                     let current = get_idempotency(tx, &commit.fence.key)?;
-                    let closed_here = current.as_ref().is_some_and(|r| {
-                        r.claim_id == commit.fence.claim_id
-                            && r.attempt == commit.fence.attempt
-                            && matches!(r.status, IdempotencyStatus::Failed | IdempotencyStatus::Denied)
-                    });
+                    let closed_here = current.as_ref().is_some_and(|r| r.is_closed_for(&commit.fence));
                     let released = get_reservation(tx, &commit.agent_id, &commit.reservation_id)?
                         .is_some_and(|r| r.status == ReservationStatus::Released);
                     return Ok(if closed_here || released {

@@ -632,11 +632,22 @@ fn size_from_env(default: u64) -> u64 {
     std::env::var("AGENTPAY_SIM_EXECUTIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
-fn report(store: &str, report: &Report, elapsed: Duration) {
-    println!("{} [{store}, {:.1} s]", report.line(), elapsed.as_secs_f64());
-    println!("  key lifetimes paid (AUTHORIZED): {}, proofs the wallet issued: {}", report.keys_paid, report.proofs);
+/// Prints the summary; `publish` also appends it to target/simulation.txt, which the test
+/// command shows after the run.
+fn report(store: &str, report: &Report, elapsed: Duration, publish: bool) {
+    let mut text = format!("{} [{store}, {:.1} s]\n", report.line(), elapsed.as_secs_f64());
+    text.push_str(&format!(
+        "  key lifetimes paid (AUTHORIZED): {}, proofs the wallet issued: {}\n",
+        report.keys_paid, report.proofs
+    ));
     for violation in report.violations.iter().take(20) {
-        println!("  violation: {violation}");
+        text.push_str(&format!("  violation: {violation}\n"));
+    }
+    print!("{text}");
+    if publish {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/simulation.txt");
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+        std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
     }
 }
 
@@ -645,7 +656,7 @@ async fn the_fault_simulator_finds_no_invariant_violation_on_sqlite() {
     let seed = seed_from_env(rand::random());
     let started = std::time::Instant::now();
     let result = simulate(seed, size_from_env(10_000), false).await;
-    report("sqlite", &result, started.elapsed());
+    report("sqlite", &result, started.elapsed(), true);
     assert!(result.executions >= size_from_env(10_000));
     assert!(result.faults > 0, "the simulation injected nothing");
     assert!(result.violations.is_empty(), "{} — reproduce with AGENTPAY_SIM_SEED={seed}", result.line());
@@ -656,7 +667,7 @@ async fn the_fault_simulator_finds_no_invariant_violation_on_dynamodb() {
     let seed = seed_from_env(rand::random());
     let started = std::time::Instant::now();
     let result = simulate(seed, size_from_env(400).min(400), true).await;
-    report("dynamodb", &result, started.elapsed());
+    report("dynamodb", &result, started.elapsed(), true);
     assert!(result.faults > 0, "the simulation injected nothing");
     assert!(result.violations.is_empty(), "{} — reproduce with AGENTPAY_SIM_SEED={seed}", result.line());
 }
@@ -672,7 +683,7 @@ async fn the_fault_simulator_catches_a_machine_that_compensates_unknown_outcomes
         serde_json::json!([{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Compensate"}]);
     process_payment["Retry"] = serde_json::json!([{"ErrorEquals": ["ProviderUnavailable"], "MaxAttempts": 3}]);
     let result = simulate_machine(1, 400, false, &machine.to_string()).await;
-    report("sqlite, broken machine", &result, Duration::ZERO);
+    report("sqlite, broken machine", &result, Duration::ZERO, false);
     assert!(
         result.violations.iter().any(|v| v.starts_with("(c)")),
         "the simulator should have caught a released reservation with a proof: {}",
