@@ -25,7 +25,7 @@ async fn main() {
     let config = Config::local(dir.path());
     let sqlite = Arc::new(agentpay::store::sqlite::SqliteStore::open(&dir.path().join("agentpay.db")).unwrap());
     let clock = Arc::new(SystemClock);
-    let wallet = Arc::new(config.dev_wallet(sqlite.clone(), clock.clone()).unwrap());
+    let wallet = Arc::new(config.dev_wallet(sqlite.clone(), clock.clone()).await.unwrap());
     let counting = Arc::new(CountingStore::new(sqlite.clone()));
     let steps = Steps::new(counting.clone(), wallet, clock, StepSettings::default());
     let runner = LocalRunner::new(PAYMENT_DEFINITION, steps, sqlite.clone(), Arc::new(TokioSleeper)).unwrap();

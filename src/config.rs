@@ -30,13 +30,23 @@ pub enum ConfigError {
     },
     #[error("cannot open the store")]
     Store(#[source] crate::error::PaymentError),
+    #[error("cannot read the dev wallet key from secret {secret}")]
+    Secret {
+        secret: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Where the dev wallet key comes from. The key itself never reaches a log or a `Debug`.
 #[derive(Clone)]
 pub enum DevWalletKey {
     Hex(String),
+    /// Created on first use when missing (the CLI's local wallet), never in Lambda.
     File(PathBuf),
+    /// A Secrets Manager secret (name or ARN) whose string is the hex key: read once per cold
+    /// start, the way the template gives the key to the functions.
+    Secret(String),
 }
 
 impl std::fmt::Debug for DevWalletKey {
@@ -44,6 +54,7 @@ impl std::fmt::Debug for DevWalletKey {
         match self {
             DevWalletKey::Hex(_) => f.write_str("DevWalletKey::Hex(<redacted>)"),
             DevWalletKey::File(path) => write!(f, "DevWalletKey::File({})", path.display()),
+            DevWalletKey::Secret(id) => write!(f, "DevWalletKey::Secret({id})"),
         }
     }
 }
@@ -83,8 +94,7 @@ pub struct Config {
     pub settings: StepSettings,
 }
 
-const KEY_EXPECTED: &str =
-    "a 32-byte hex private key (AGENTPAY_DEV_WALLET_KEY) or a file holding one (AGENTPAY_DEV_WALLET_KEY_FILE)";
+const KEY_EXPECTED: &str = "a 32-byte hex private key (AGENTPAY_DEV_WALLET_KEY), a Secrets Manager secret holding one (AGENTPAY_DEV_WALLET_SECRET) or a file holding one (AGENTPAY_DEV_WALLET_KEY_FILE; not in Lambda)";
 
 impl Config {
     /// Reads `AGENTPAY_*` variables (see README, "Configuration").
@@ -116,14 +126,30 @@ impl Config {
                 });
             }
         };
+        let set = |variable: &str| lookup(variable).filter(|v| !v.is_empty());
+        // A key file in Lambda is created under /tmp by each new instance: every cold start
+        // would sign with a different throwaway wallet. Lambda gets its key from a secret.
+        let in_lambda = set("AWS_LAMBDA_FUNCTION_NAME").is_some();
         let provider = match lookup("AGENTPAY_PROVIDER").as_deref().unwrap_or("dev-wallet") {
             "dev-wallet" => ProviderConfig::DevWallet(
-                match (lookup("AGENTPAY_DEV_WALLET_KEY"), lookup("AGENTPAY_DEV_WALLET_KEY_FILE")) {
-                    (Some(hex), _) => DevWalletKey::Hex(hex),
-                    (None, Some(path)) => DevWalletKey::File(PathBuf::from(path)),
-                    (None, None) => {
+                match (
+                    set("AGENTPAY_DEV_WALLET_KEY"),
+                    set("AGENTPAY_DEV_WALLET_SECRET"),
+                    set("AGENTPAY_DEV_WALLET_KEY_FILE"),
+                ) {
+                    (Some(hex), _, _) => DevWalletKey::Hex(hex),
+                    (None, Some(secret), _) => DevWalletKey::Secret(secret),
+                    (None, None, Some(path)) if in_lambda => {
+                        return Err(ConfigError::Invalid {
+                            variable: "AGENTPAY_DEV_WALLET_KEY_FILE",
+                            received: path,
+                            expected: "no key file in Lambda (each instance would create its own throwaway wallet): set AGENTPAY_DEV_WALLET_SECRET to a Secrets Manager secret holding the hex key",
+                        });
+                    }
+                    (None, None, Some(path)) => DevWalletKey::File(PathBuf::from(path)),
+                    (None, None, None) => {
                         return Err(ConfigError::Missing {
-                            variable: "AGENTPAY_DEV_WALLET_KEY",
+                            variable: if in_lambda { "AGENTPAY_DEV_WALLET_SECRET" } else { "AGENTPAY_DEV_WALLET_KEY" },
                             expected: KEY_EXPECTED,
                         });
                     }
@@ -193,7 +219,7 @@ impl Config {
     ) -> Result<BuiltProvider, ConfigError> {
         Ok(match &self.provider {
             ProviderConfig::DevWallet(key) => {
-                let wallet = dev_wallet(key, proofs, clock)?;
+                let wallet = dev_wallet(key, proofs, clock).await?;
                 let wallet_address = Some(wallet.address().to_checksum(None));
                 BuiltProvider { provider: Arc::new(wallet), wallet_address }
             }
@@ -204,9 +230,13 @@ impl Config {
     }
 
     /// The dev wallet from the configured key (whatever the configured provider).
-    pub fn dev_wallet(&self, proofs: Arc<dyn IssuedProofs>, clock: Arc<dyn Clock>) -> Result<DevWallet, ConfigError> {
+    pub async fn dev_wallet(
+        &self,
+        proofs: Arc<dyn IssuedProofs>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<DevWallet, ConfigError> {
         match &self.provider {
-            ProviderConfig::DevWallet(key) => dev_wallet(key, proofs, clock),
+            ProviderConfig::DevWallet(key) => dev_wallet(key, proofs, clock).await,
             ProviderConfig::AgentCore => Err(ConfigError::Invalid {
                 variable: "AGENTPAY_PROVIDER",
                 received: "agentcore".into(),
@@ -224,7 +254,7 @@ impl Config {
     }
 }
 
-fn dev_wallet(
+async fn dev_wallet(
     key: &DevWalletKey,
     proofs: Arc<dyn IssuedProofs>,
     clock: Arc<dyn Clock>,
@@ -232,12 +262,29 @@ fn dev_wallet(
     let hex = match key {
         DevWalletKey::Hex(hex) => hex.clone(),
         DevWalletKey::File(path) => read_or_create_key(path)?,
+        DevWalletKey::Secret(secret) => read_secret(secret).await?,
     };
     DevWallet::from_hex_key(&hex, proofs, clock).map_err(|_| ConfigError::Invalid {
         variable: "AGENTPAY_DEV_WALLET_KEY",
         received: "<redacted>".into(),
         expected: KEY_EXPECTED,
     })
+}
+
+/// The secret's string, through the standard AWS chain (`AWS_ENDPOINT_URL_SECRETS_MANAGER`
+/// for a local endpoint). The SDK's error says why (access denied, not found); never the value.
+async fn read_secret(secret: &str) -> Result<String, ConfigError> {
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let client = aws_sdk_secretsmanager::Client::new(&config);
+    let failed =
+        |source: Box<dyn std::error::Error + Send + Sync>| ConfigError::Secret { secret: secret.to_owned(), source };
+    let output = client
+        .get_secret_value()
+        .secret_id(secret)
+        .send()
+        .await
+        .map_err(|e| failed(aws_smithy_types::error::display::DisplayErrorContext(&e).to_string().into()))?;
+    output.secret_string().map(|s| s.trim().to_owned()).ok_or_else(|| failed("the secret has no string value".into()))
 }
 
 /// Reads the key file, or creates it with a fresh key (owner-only permissions).
@@ -309,6 +356,29 @@ mod tests {
         .unwrap();
         assert!(matches!(&config.store, StoreConfig::Dynamo(t) if t.idempotency == "idem" && t.ledger == "ledger"));
         assert!(!format!("{config:?}").contains("deadbeefsecret"));
+    }
+
+    #[test]
+    fn in_lambda_the_dev_wallet_key_comes_from_a_secret_never_a_throwaway_file() {
+        let tables = [("AGENTPAY_IDEMPOTENCY_TABLE", "idem"), ("AGENTPAY_LEDGER_TABLE", "ledger")];
+        let lambda = ("AWS_LAMBDA_FUNCTION_NAME", "agentpay-dev-process-payment");
+        let file = ("AGENTPAY_DEV_WALLET_KEY_FILE", "/tmp/agentpay/dev-wallet.key");
+        let error = Config::from_lookup(lookup(&[tables[0], tables[1], lambda, file])).unwrap_err().to_string();
+        assert!(error.contains("AGENTPAY_DEV_WALLET_KEY_FILE") && error.contains("throwaway"), "{error}");
+        assert!(error.contains("AGENTPAY_DEV_WALLET_SECRET"), "{error}");
+        let error = Config::from_lookup(lookup(&[tables[0], tables[1], lambda])).unwrap_err().to_string();
+        assert!(error.starts_with("AGENTPAY_DEV_WALLET_SECRET is not set"), "{error}");
+        // An empty value (the template's default) is no value.
+        let secret = ("AGENTPAY_DEV_WALLET_SECRET", "");
+        assert!(Config::from_lookup(lookup(&[tables[0], tables[1], lambda, secret])).is_err());
+        let arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:agentpay-dev-wallet";
+        let config =
+            Config::from_lookup(lookup(&[tables[0], tables[1], lambda, file, ("AGENTPAY_DEV_WALLET_SECRET", arn)]))
+                .unwrap();
+        assert!(matches!(&config.provider, ProviderConfig::DevWallet(DevWalletKey::Secret(s)) if s == arn));
+        // Outside Lambda the local key file is the default.
+        let local = Config::from_lookup(lookup(&[tables[0], tables[1], file])).unwrap();
+        assert!(matches!(local.provider, ProviderConfig::DevWallet(DevWalletKey::File(_))));
     }
 
     #[test]

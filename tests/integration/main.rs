@@ -13,6 +13,7 @@ mod events;
 mod helpers;
 mod local_invoke;
 mod never_pay_twice;
+mod secrets;
 mod simulator;
 mod stores;
 mod template;

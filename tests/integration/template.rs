@@ -79,6 +79,14 @@ fn every_substitution_and_every_function_matches() {
     assert_eq!(functions, steps);
 }
 
+/// A statement, or the statement inside `!If [Condition, statement, !Ref AWS::NoValue]`.
+fn conditional_statement(statement: &Value) -> &Value {
+    match statement {
+        Value::Tagged(tagged) if tagged.tag == "!If" => &tagged.value.as_sequence().unwrap()[1],
+        other => other,
+    }
+}
+
 /// Every IAM action of every function, by function.
 fn function_actions(template: &Value) -> Vec<(String, Vec<String>)> {
     let resources = template["Resources"].as_mapping().unwrap();
@@ -89,6 +97,7 @@ fn function_actions(template: &Value) -> Vec<(String, Vec<String>)> {
             let mut actions = Vec::new();
             for policy in r["Properties"]["Policies"].as_sequence().into_iter().flatten() {
                 for statement in policy["Statement"].as_sequence().into_iter().flatten() {
+                    let statement = conditional_statement(statement);
                     match &statement["Action"] {
                         Value::String(a) => actions.push(a.clone()),
                         Value::Sequence(list) => actions.extend(list.iter().map(|a| a.as_str().unwrap().to_owned())),
@@ -258,5 +267,36 @@ fn the_dashboard_is_valid_json_over_the_emitted_metrics() {
         ["AmountAuthorizedAtomic", "PaymentsAuthorized", "OutcomesUnknown", "PaymentsDenied", "ExecutionsFailed"]
     {
         assert!(text.contains(metric), "the dashboard shows {metric}");
+    }
+}
+
+/// The dev wallet's key reaches the functions only from its secret, only on a dev-wallet stage.
+#[test]
+fn the_dev_wallet_key_comes_from_a_secret_only_on_dev_wallet_stages() {
+    let template = template();
+    let globals = &template["Globals"]["Function"]["Environment"]["Variables"];
+    assert!(globals.get("AGENTPAY_DEV_WALLET_KEY_FILE").is_none(), "no throwaway key file in Lambda");
+    assert!(globals.get("AGENTPAY_DEV_WALLET_KEY").is_none(), "no key in the environment");
+    assert!(matches!(&globals["AGENTPAY_DEV_WALLET_SECRET"], Value::Tagged(t) if t.tag == "!If"));
+    let rule = &template["Rules"]["DevWalletNeedsItsSecret"];
+    assert!(rule["Assertions"][0]["AssertDescription"].as_str().unwrap().contains("DevWalletKeySecretName"));
+    let resources = template["Resources"].as_mapping().unwrap();
+    for (name, resource) in resources.iter().filter(|(_, r)| r["Type"].as_str() == Some("AWS::Serverless::Function")) {
+        let statements: Vec<&Value> = resource["Properties"]["Policies"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["Statement"].as_sequence().into_iter().flatten())
+            .collect();
+        let secret: Vec<&&Value> = statements
+            .iter()
+            .filter(|s| conditional_statement(s)["Sid"].as_str() == Some("ReadDevWalletKey"))
+            .collect();
+        assert_eq!(secret.len(), 1, "{name:?}");
+        let Value::Tagged(conditional) = secret[0] else { panic!("{name:?}: the secret statement is conditional") };
+        assert_eq!(conditional.value[0].as_str(), Some("UseDevWallet"));
+        let Value::Tagged(resource) = &conditional.value[1]["Resource"] else { panic!() };
+        let arn = resource.value.as_str().unwrap();
+        assert!(arn.ends_with(":secret:${DevWalletKeySecretName}-??????"), "{name:?}: scoped to the one secret: {arn}");
     }
 }

@@ -271,7 +271,7 @@ async fn a_happy_path_payment_takes_five_store_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let config = agentpay::config::Config::local(dir.path());
     let sqlite = Arc::new(agentpay::store::sqlite::SqliteStore::open(&dir.path().join("agentpay.db")).unwrap());
-    let wallet = Arc::new(config.dev_wallet(sqlite.clone(), Arc::new(SystemClock)).unwrap());
+    let wallet = Arc::new(config.dev_wallet(sqlite.clone(), Arc::new(SystemClock)).await.unwrap());
     let counting = Arc::new(CountingStore::new(sqlite.clone()));
     let steps = Steps::new(counting.clone(), wallet, Arc::new(SystemClock), StepSettings::default());
     let runner =
