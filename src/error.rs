@@ -21,7 +21,8 @@ pub struct FieldProblem {
 
 impl FieldProblem {
     pub fn new(field: impl Into<String>, received: impl Into<String>, expected: impl Into<String>) -> Self {
-        Self { field: field.into(), received: shorten(received.into()), expected: expected.into() }
+        // The field path can come from the input too (an unknown key): bounded like the value.
+        Self { field: shorten(field.into()), received: shorten(received.into()), expected: expected.into() }
     }
 
     /// The field was absent.
@@ -72,14 +73,22 @@ impl From<FieldProblem> for InvalidPaymentRequest {
     }
 }
 
+/// How many problems a message lists before it says "and N more". Each problem is bounded
+/// (field and value shortened to 120 characters), so a message stays within a few KB, far
+/// below the 32 KB at which Step Functions truncates a Fail state's Cause.
+pub const MAX_LISTED_PROBLEMS: usize = 10;
+
 impl std::fmt::Display for InvalidPaymentRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("invalid payment request: ")?;
-        for (index, problem) in self.problems.iter().enumerate() {
+        for (index, problem) in self.problems.iter().take(MAX_LISTED_PROBLEMS).enumerate() {
             if index > 0 {
                 f.write_str("; ")?;
             }
             write!(f, "{problem}")?;
+        }
+        if self.problems.len() > MAX_LISTED_PROBLEMS {
+            write!(f, "; and {} more problems", self.problems.len() - MAX_LISTED_PROBLEMS)?;
         }
         Ok(())
     }
@@ -396,6 +405,14 @@ mod tests {
             "invalid payment request: accepts[0].amount: received \"-5\", expected a positive integer"
         );
         assert!(!error.is_retryable());
+    }
+
+    #[test]
+    fn a_message_lists_ten_problems_then_counts_the_rest() {
+        let problems = (0..500).map(|i| FieldProblem::new(format!("f{i}{}", "x".repeat(1000)), "v", "w")).collect();
+        let message = InvalidPaymentRequest { problems }.to_string();
+        assert!(message.ends_with("; and 490 more problems"), "{message}");
+        assert!(message.len() < 4_000, "{}", message.len());
     }
 
     #[test]

@@ -138,6 +138,14 @@ impl X402Version {
 /// paid in time; more than an hour leaves a bearer instrument lying around for no reason.
 pub const MAX_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=3600;
 
+/// The longest `PAYMENT-REQUIRED` value decoded: 16 KB, like MPP's, and the header size common
+/// HTTP stacks accept at all (a real one is about 1 KB). Checked before any decoding.
+pub const MAX_HEADER_LEN: usize = 16_384;
+
+/// The most `accepts[]` entries a challenge may offer: every one is validated and may be
+/// named in an error, so their number is bounded (real servers offer a handful).
+pub const MAX_ACCEPTS: usize = 20;
+
 /// A parsed challenge: structurally sound, entries not yet validated.
 #[derive(Debug, Clone)]
 pub struct Challenge {
@@ -207,6 +215,13 @@ impl Challenge {
                 "the base64 PAYMENT-REQUIRED header value",
             ));
         }
+        if trimmed.len() > MAX_HEADER_LEN {
+            return Err(InvalidPaymentRequest::field(
+                ORIGIN,
+                format!("{} characters", trimmed.len()),
+                format!("a PAYMENT-REQUIRED value of at most {MAX_HEADER_LEN} characters"),
+            ));
+        }
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(trimmed)
             .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(trimmed))
@@ -253,6 +268,13 @@ impl Challenge {
             }
         }
         let accepts = match body.remove("accepts") {
+            Some(Value::Array(entries)) if entries.len() > MAX_ACCEPTS => {
+                return Err(InvalidPaymentRequest::field(
+                    field("accepts"),
+                    format!("{} payment requirements", entries.len()),
+                    format!("at most {MAX_ACCEPTS} payment requirements"),
+                ));
+            }
             Some(Value::Array(entries)) if !entries.is_empty() => entries,
             Some(Value::Array(_)) => {
                 return Err(InvalidPaymentRequest::field(

@@ -13,6 +13,7 @@ mod events;
 mod helpers;
 mod local_invoke;
 mod never_pay_twice;
+mod properties;
 mod secrets;
 mod simulator;
 mod stores;
