@@ -343,10 +343,11 @@ impl LocalRunner {
             idempotency_key: text("idempotencyKey"),
             owner: Some(self.instance.clone()),
         };
-        let _live = self.go_live(&record.execution_id);
         if !self.executions.create_execution(&record).await? {
             return Err(RunnerError::ExecutionAlreadyExists(name.to_owned()));
         }
+        // Only once created: a refused duplicate start must not mark the running one dead.
+        let _live = self.go_live(&record.execution_id);
         let mut recorder = Recorder { execution_id: record.execution_id.clone(), next_seq: 0, pending: vec![] };
         recorder.push(now, HistoryKind::ExecutionStarted, None, json!({"input": input}));
         let start_at = self.machine.start_at.clone();

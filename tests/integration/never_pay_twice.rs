@@ -464,3 +464,41 @@ async fn a_throttle_storm_is_retried_then_held_never_compensated() {
     let reservations = h.reservations().await;
     assert_eq!(reservations[1].status, ReservationStatus::Reserved);
 }
+
+/// Holds the execution at one fault point until released.
+struct Gate {
+    point: FaultPoint,
+    reached: Notify,
+    release: Notify,
+}
+
+#[async_trait::async_trait]
+impl FaultHook for Gate {
+    async fn at(&self, point: FaultPoint, _order: Option<&PaymentOrder>) -> Result<(), PaymentError> {
+        if point == self.point {
+            self.reached.notify_one();
+            self.release.notified().await;
+        }
+        Ok(())
+    }
+}
+
+/// A live execution is never resumed, not even after a refused duplicate start of its name.
+#[tokio::test]
+async fn a_live_execution_is_not_resumed_under_its_runner() {
+    let h = Harness::new().await;
+    let gate = Arc::new(Gate { point: FaultPoint::Before("reserve"), reached: Notify::new(), release: Notify::new() });
+    h.app.ledger.set_hook(Some(gate.clone()));
+    let input = execution_input("npt-live", AGENT, "10000");
+    let running = h.runner.start("npt-live", input.clone());
+    let meanwhile = async {
+        gate.reached.notified().await;
+        let duplicate = h.runner.start("npt-live", input.clone()).await;
+        assert!(matches!(duplicate, Err(agentpay::asl::RunnerError::ExecutionAlreadyExists(_))));
+        let resumed = h.runner.resume("npt-live").await.unwrap_err().to_string();
+        assert!(resumed.contains("running in this process"), "{resumed}");
+        gate.release.notify_one();
+    };
+    let (record, ()) = tokio::join!(running, meanwhile);
+    assert_eq!(record.unwrap().status, ExecutionStatus::Succeeded);
+}
