@@ -656,6 +656,12 @@ pub fn outcome_text(record: &ExecutionRecord) -> String {
                     record.name
                 ));
             }
+            if error.error == "PaymentOutcomeUnknown" {
+                out.push_str(&format!(
+                    "\n  next    a proof may exist and still counts: `agentpay replay {}` asks the provider again with the same client token",
+                    record.name
+                ));
+            }
         }
         (None, None) => {}
     }

@@ -217,23 +217,19 @@ fn start_status_list_history_and_replay_from_the_command_line() {
     assert!(String::from_utf8_lossy(&aws.stderr).contains("AGENTPAY_STATE_MACHINE_ARN"));
 }
 
-/// A RUNNING execution whose process died (its owner pid is gone) is resumed by `redrive`.
-#[test]
-fn redrive_resumes_an_execution_whose_process_died() {
+/// Writes an execution record and its first history event straight into the local store, as a
+/// runner that stopped there would have left them.
+fn leave_execution(dir: &Path, name: &str, shape: impl FnOnce(&mut agentpay::executions::ExecutionRecord)) {
     use agentpay::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
-    let dir = tempfile::tempdir().unwrap();
-    let set = agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
-    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
     let input: Value =
         serde_json::from_str(&std::fs::read_to_string("events/executions/paid-call.json").unwrap()).unwrap();
-    // What a runner that died right after starting leaves behind: the record and its first event.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let store = agentpay::store::sqlite::SqliteStore::open(&dir.path().join("agentpay.db")).unwrap();
+        let store = agentpay::store::sqlite::SqliteStore::open(&dir.join("agentpay.db")).unwrap();
         let now = agentpay::clock::Timestamp::from_millis(1_763_700_000_000);
-        let record = ExecutionRecord {
-            execution_id: agentpay::asl::runner::local_execution_arn("died-1"),
-            name: "died-1".into(),
+        let mut record = ExecutionRecord {
+            execution_id: agentpay::asl::runner::local_execution_arn(name),
+            name: name.into(),
             status: ExecutionStatus::Running,
             input: input.clone(),
             output: None,
@@ -244,9 +240,9 @@ fn redrive_resumes_an_execution_whose_process_died() {
             redrive_count: 0,
             agent_id: Some("demo-agent".into()),
             idempotency_key: Some("demo-paid-1".into()),
-            // No process has this id (Linux caps pids far below it).
-            owner: Some("pid:4294967295:dead".into()),
+            owner: None,
         };
+        shape(&mut record);
         assert!(store.create_execution(&record).await.unwrap());
         let started = HistoryEvent {
             seq: 0,
@@ -257,6 +253,45 @@ fn redrive_resumes_an_execution_whose_process_died() {
         };
         store.append_history(&record.execution_id, &[started]).await.unwrap();
     });
+}
+
+/// A held execution says what to do, and `replay` does it: the key is asked again.
+#[test]
+fn a_held_execution_points_to_replay_and_replay_resolves_it() {
+    use agentpay::executions::ExecutionStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let set = agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    leave_execution(dir.path(), "held-1", |record| {
+        record.status = ExecutionStatus::Failed;
+        record.failed_state = Some("PaymentOutcomeUnknown".into());
+        record.error = Some(agentpay::store::ErrorRecord {
+            error: "PaymentOutcomeUnknown".into(),
+            cause: "the provider timed out after the request was sent".into(),
+        });
+    });
+    let described = stdout(&agentpay(dir.path(), &["executions", "describe", "held-1"]));
+    assert!(described.contains("`agentpay replay held-1` asks the provider again"), "{described}");
+    let replay = agentpay(dir.path(), &["--json", "replay", "held-1", "--wait"]);
+    assert!(replay.status.success(), "{}{}", stdout(&replay), String::from_utf8_lossy(&replay.stderr));
+    let replayed: Value = serde_json::from_slice(&replay.stdout).unwrap();
+    let replay = &replayed["replays"][0];
+    assert_eq!(replay["action"], "STARTED_FRESH");
+    assert_eq!(
+        (replay["result"]["name"].as_str(), replay["result"]["status"].as_str()),
+        (Some("held-1-fresh-1"), Some("SUCCEEDED"))
+    );
+}
+
+/// A RUNNING execution whose process died (its owner pid is gone) is resumed by `redrive`.
+#[test]
+fn redrive_resumes_an_execution_whose_process_died() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    // What a runner that died right after starting leaves behind: the record and its first event.
+    // No process has this pid (Linux caps pids far below it).
+    leave_execution(dir.path(), "died-1", |record| record.owner = Some("pid:4294967295:dead".into()));
     let resumed = agentpay(dir.path(), &["--json", "redrive", "died-1"]);
     assert!(resumed.status.success(), "{}{}", stdout(&resumed), String::from_utf8_lossy(&resumed.stderr));
     let described: Value =
