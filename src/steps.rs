@@ -482,7 +482,7 @@ impl Steps {
                 Err(denial) => {
                     // A retried step whose reservation already counts against the cap.
                     if let Some(existing) = self.store.reservation(agent, reservation_id).await? {
-                        return existing_reservation(existing);
+                        return self.existing_reservation(existing, &fence).await;
                     }
                     return Err(denial);
                 }
@@ -508,7 +508,7 @@ impl Steps {
             };
             match self.store.reserve(ledger.version, &decision.window, &reservation, &fence).await? {
                 ReserveOutcome::Reserved => return Ok(summary(&reservation)),
-                ReserveOutcome::AlreadyExists(existing) => return existing_reservation(*existing),
+                ReserveOutcome::AlreadyExists(existing) => return self.existing_reservation(*existing, &fence).await,
                 ReserveOutcome::VersionConflict => conflict_backoff(attempt).await,
                 ReserveOutcome::Fenced(holder) => {
                     crate::metrics::claim_superseded();
@@ -517,6 +517,29 @@ impl Steps {
             }
         }
         Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: self.settings.ledger_attempts })
+    }
+
+    /// A retried CheckSpend meets the reservation its claim made. Released means the claim was
+    /// compensated — by an execution that took the key over while this one stalled: superseded.
+    async fn existing_reservation(
+        &self,
+        existing: Reservation,
+        fence: &ClaimFence,
+    ) -> Result<ReservationSummary, PaymentError> {
+        if existing.status != ReservationStatus::Released {
+            return Ok(summary(&existing));
+        }
+        match self.store.idempotency(&fence.key, self.clock.now()).await? {
+            Some(record) if record.is_held_by(fence) => Err(PaymentError::LedgerInconsistent(format!(
+                "reservation {} was released while execution {} still holds its claim",
+                existing.id, fence.execution_id
+            ))),
+            record => {
+                crate::metrics::claim_superseded();
+                let holder = record.map_or_else(|| "gone (no live record)".to_owned(), |r| r.holder());
+                Err(superseded(fence, holder))
+            }
+        }
     }
 
     /// Obtains the payment proof from the provider.
@@ -862,17 +885,5 @@ fn summary(reservation: &Reservation) -> ReservationSummary {
         amount: reservation.amount,
         remaining_24h: reservation.snapshot.remaining_24h(),
         snapshot: reservation.snapshot.clone(),
-    }
-}
-
-fn existing_reservation(existing: Reservation) -> Result<ReservationSummary, PaymentError> {
-    match existing.status {
-        ReservationStatus::Reserved | ReservationStatus::Authorized | ReservationStatus::Settled => {
-            Ok(summary(&existing))
-        }
-        ReservationStatus::Released => Err(PaymentError::LedgerInconsistent(format!(
-            "reservation {} was already released by compensation; start a new execution to pay again",
-            existing.id
-        ))),
     }
 }

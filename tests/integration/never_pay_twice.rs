@@ -502,3 +502,43 @@ async fn a_live_execution_is_not_resumed_under_its_runner() {
     let (record, ()) = tokio::join!(running, meanwhile);
     assert_eq!(record.unwrap().status, ExecutionStatus::Succeeded);
 }
+
+/// Found by the simulator (a random seed in a full run): an old holder stalled before its
+/// reservation write while the execution that took the key over reserved, was refused and
+/// compensated; the old holder then met the released reservation and failed LedgerInconsistent.
+#[tokio::test]
+async fn a_stalled_holder_meeting_its_claim_compensated_elsewhere_is_superseded() {
+    let h = Harness::new().await;
+    let steps = &h.app.steps;
+    let input = execution_input("npt-stalled", AGENT, "10000");
+    let (a, b) = ("arn:local:execution:stalled".to_owned(), "arn:local:execution:taker".to_owned());
+    let claim_a = steps
+        .check_idempotency(CheckIdempotencyInput { request: input.clone(), execution_id: a.clone() })
+        .await
+        .unwrap();
+    h.clock.advance(Duration::from_secs(21 * 60));
+    let claim_b = steps
+        .check_idempotency(CheckIdempotencyInput { request: input.clone(), execution_id: b.clone() })
+        .await
+        .unwrap();
+    steps
+        .check_spend(CheckSpendInput { request: input.clone(), execution_id: b.clone(), claim: claim_b.clone() })
+        .await
+        .unwrap();
+    let compensation = steps
+        .compensate(CompensateInput {
+            request: input.clone(),
+            execution_id: b,
+            claim: claim_b,
+            error: caught("ProviderRejected"),
+            mode: Default::default(),
+            entered_at: None,
+        })
+        .await
+        .unwrap();
+    assert!(compensation.released);
+    let late = steps.check_spend(CheckSpendInput { request: input, execution_id: a, claim: claim_a }).await;
+    let error = late.unwrap_err();
+    assert_eq!(error.name(), "ClaimSuperseded", "{error}");
+    assert!(error.to_string().contains("FAILED by execution arn:local:execution:taker"), "{error}");
+}
