@@ -14,13 +14,12 @@ use crate::executions::{ExecutionFilter, ExecutionRecord, ExecutionStatus, Execu
 use crate::local::LocalApp;
 use crate::money::UsdAmount;
 use crate::policy::{SpendPolicy, WINDOW_24H, spent_within};
-use crate::provider::agentcore::{
-    AgentCorePolicy, AgentCoreProvider, AgentCoreSelection, SessionExpiry, check_manager_arn, check_resource_id,
-};
+use crate::provider::agentcore::AgentCoreProvider;
+use crate::agentcore::{AgentCorePolicy, AgentCoreSelection, SessionExpiry, check_manager_arn, check_resource_id};
 use crate::request::{AgentId, UserId, derived_id};
 use crate::store::Store;
 use crate::store::dynamodb::{DynamoStore, TableNames, create_table, schema};
-use crate::x402::{Network, parse_address};
+use crate::payment::{Network, parse_address};
 
 #[derive(Debug, Parser)]
 #[command(name = "agentpay", version, about = "Auditable, resumable agent payments (x402) — local runner")]

@@ -18,7 +18,7 @@ use crate::store::{
     AuditEvent, AuthorizationCommit, ClaimFence, HoldCommit, IdempotencyRecord, ReleaseCommit, Reservation,
     ReserveOutcome, Store, Transition,
 };
-use crate::x402::PaymentRequirement;
+use crate::payment::PaymentRequirement;
 
 /// Takes one failure off the budget; true while failures remain.
 fn take(budget: &AtomicU32) -> bool {

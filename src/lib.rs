@@ -1,6 +1,7 @@
 //! agentpay: the layer under agent payments — idempotency, a spend ledger across sessions,
 //! compensation and an audit trail — as five step functions chained by one state machine.
 
+pub mod agentcore;
 pub mod asl;
 pub mod cli;
 pub mod client;
@@ -16,10 +17,12 @@ pub mod local;
 pub mod metrics;
 pub mod money;
 pub mod mpp;
+pub mod payment;
 pub mod policy;
 pub mod provider;
 pub mod request;
 pub mod samples;
 pub mod steps;
 pub mod store;
+pub mod workflow;
 pub mod x402;

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::asl::{LocalRunner, PAYMENT_DEFINITION, RunnerError, Sleeper};
+use crate::client::naming::execution_name;
 use crate::clock::Clock;
 use crate::config::{BuiltProvider, Config, ConfigError};
 use crate::executions::ExecutionRecord;
@@ -15,31 +15,6 @@ use crate::provider::PaymentProvider;
 use crate::steps::Steps;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
-
-/// Step Functions execution names: 1–80 characters, none of whitespace, `<>{}[]?*"#%\^|~`$&,;:/`
-/// or control characters.
-pub const MAX_EXECUTION_NAME: usize = 80;
-
-fn allowed_in_name(c: char) -> bool {
-    !c.is_whitespace() && !c.is_control() && !"<>{}[]?*\"#%\\^|~`$&,;:/".contains(c)
-}
-
-/// The execution name for an idempotency key, with an optional per-run suffix.
-///
-/// The key is kept readable; where characters had to be replaced or the name cut, a hash
-/// of the whole key is appended so two keys never share a name.
-pub fn execution_name(key: &str, run_suffix: Option<&str>) -> String {
-    let sanitized: String = key.chars().map(|c| if allowed_in_name(c) { c } else { '_' }).collect();
-    let suffix = run_suffix.map(|s| format!("-{s}")).unwrap_or_default();
-    let fits = sanitized.len() + suffix.len() <= MAX_EXECUTION_NAME;
-    if sanitized == key && fits && !key.is_empty() {
-        return format!("{sanitized}{suffix}");
-    }
-    let hash = &hex::encode(Sha256::digest(key.as_bytes()))[..12];
-    let room = MAX_EXECUTION_NAME - suffix.len() - hash.len() - 1;
-    let head: String = sanitized.chars().take(room).collect();
-    format!("{head}-{hash}{suffix}")
-}
 
 pub struct LocalApp {
     /// The payment store (SQLite by default, or DynamoDB).
@@ -91,7 +66,7 @@ impl LocalApp {
             clock,
             config.settings.clone(),
         );
-        let runner = Arc::new(LocalRunner::new(PAYMENT_DEFINITION, steps.clone(), executions.clone(), sleeper)?);
+        let runner = Arc::new(LocalRunner::new(PAYMENT_DEFINITION, Arc::new(steps.clone()), steps.clock().clone(), executions.clone(), sleeper)?);
         Ok(Self { store, executions, provider, ledger, wallet_address, steps, runner })
     }
 
@@ -117,37 +92,4 @@ pub enum LocalError {
     Config(#[from] ConfigError),
     #[error("the state machine definition cannot run locally")]
     Definition(#[from] crate::asl::DefinitionError),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plain_keys_stay_readable() {
-        assert_eq!(execution_name("order-42", None), "order-42");
-        assert_eq!(execution_name("order-42", Some("ab12")), "order-42-ab12");
-    }
-
-    #[test]
-    fn forbidden_characters_are_replaced_and_disambiguated() {
-        let a = execution_name("tenant:order/42", None);
-        let b = execution_name("tenant_order_42", None);
-        assert!(a.starts_with("tenant_order_42-"), "{a}");
-        assert_ne!(a, b);
-        assert!(a.chars().all(allowed_in_name));
-    }
-
-    #[test]
-    fn long_keys_are_cut_to_80_with_a_hash() {
-        let long_a = "k".repeat(200);
-        let long_b = format!("{}x", "k".repeat(199));
-        let a = execution_name(&long_a, Some("run1"));
-        let b = execution_name(&long_b, Some("run1"));
-        assert_eq!(a.len(), MAX_EXECUTION_NAME);
-        assert!(a.ends_with("-run1"));
-        assert_ne!(a, b);
-        assert_eq!(execution_name(&"k".repeat(80), None), "k".repeat(80));
-        assert_eq!(execution_name(&"k".repeat(81), None).len(), MAX_EXECUTION_NAME);
-    }
 }

@@ -12,12 +12,11 @@
 //! errors do not name fields.
 
 use base64::Engine;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{FieldProblem, InvalidPaymentRequest, PaymentError};
 use crate::money::AtomicAmount;
-use crate::x402::{Allowlist, Network, PaymentProtocol, PaymentRequirement, describe, parse_address};
+use crate::payment::{Allowlist, MppDetails, Network, PaymentProtocol, PaymentRequirement, describe, parse_address};
 
 const ORIGIN: &str = "challenge.mpp";
 /// The MPP protocol version AgentCore is told (the draft's first version; `ProcessPayment`
@@ -26,18 +25,6 @@ pub const MPP_VERSION: &str = "1";
 /// AgentCore accepts a header value of at most 16,384 characters.
 pub const MAX_HEADER_LEN: usize = 16_384;
 
-/// What the provider needs to pay an MPP challenge, kept with the selected payment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MppDetails {
-    /// Protocol version sent to AgentCore.
-    pub version: String,
-    /// The challenge `id`, echoed back by AgentCore as `selectedPaymentId`.
-    pub challenge_id: String,
-    pub method: String,
-    /// The `WWW-Authenticate` value exactly as received (AgentCore wants it verbatim).
-    pub header: String,
-}
 
 /// A parsed `Payment` challenge.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Timestamp;
 use crate::error::{LimitKind, PaymentError};
 use crate::money::{AtomicAmount, UsdAmount};
-use crate::x402::{Allowlist, Network, PaymentRequirement};
+use crate::payment::{Allowlist, Network, PaymentRequirement};
 
 pub const WINDOW_24H: Duration = Duration::from_secs(24 * 3600);
 pub const WINDOW_1H: Duration = Duration::from_secs(3600);
@@ -33,7 +33,7 @@ pub struct SpendPolicy {
     pub allowed_payees: Vec<Address>,
     /// Session, instrument and switches for the AgentCore provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agentcore: Option<crate::provider::agentcore::AgentCorePolicy>,
+    pub agentcore: Option<crate::agentcore::AgentCorePolicy>,
 }
 
 impl SpendPolicy {
@@ -54,7 +54,7 @@ mod checksummed_addresses {
         Vec::<String>::deserialize(deserializer)?
             .iter()
             .map(|text| {
-                crate::x402::parse_address(text)
+                crate::payment::parse_address(text)
                     .map_err(|expected| serde::de::Error::custom(format!("payee {text:?}: expected {expected}")))
             })
             .collect()

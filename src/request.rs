@@ -6,8 +6,9 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{FieldProblem, InvalidPaymentRequest, PaymentError};
 use crate::mpp::MppChallenge;
-use crate::provider::agentcore::AgentCoreSelection;
-use crate::x402::{Allowlist, Challenge, PaymentRequirement, describe};
+use crate::agentcore::AgentCoreSelection;
+use crate::x402::Challenge;
+use crate::payment::{Allowlist, PaymentRequirement, describe};
 
 macro_rules! validated_id {
     ($(#[$meta:meta])* $name:ident, max = $max:expr, extra = $extra:expr, what = $what:expr) => {

@@ -11,55 +11,21 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::asl::runner::{TaskFailure, TaskHandler};
 use crate::clock::{Clock, Timestamp};
 use crate::error::{InvalidPaymentRequest, PaymentError, is_denial_name};
 use crate::money::AtomicAmount;
 use crate::policy::{SpendSnapshot, decide, release_from_window};
-use crate::provider::{PaymentHeader, PaymentOrder, PaymentProof, PaymentProvider};
+use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
+use crate::payment::PaymentHeader;
 use crate::request::{PaymentRequest, derived_id};
 use crate::store::{
     AuditEvent, AuditKind, AuthorizationCommit, ErrorRecord, IdempotencyRecord, IdempotencyStatus, ReleaseCommit,
     ReleasedReservation, Reservation, ReservationStatus, ReserveOutcome, Store, Transition,
 };
 use crate::store::{ClaimFence, HoldCommit};
-use crate::x402::{Network, PaymentRequirement};
-
-/// The steps, by the names the state machine uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum StepName {
-    CheckIdempotency,
-    CheckSpend,
-    ProcessPayment,
-    RecordLedger,
-    Compensate,
-}
-
-impl StepName {
-    pub const ALL: [StepName; 5] =
-        [Self::CheckIdempotency, Self::CheckSpend, Self::ProcessPayment, Self::RecordLedger, Self::Compensate];
-
-    /// The crate under `functions/` and the function's name in `template.yaml`.
-    pub fn function_name(self) -> &'static str {
-        match self {
-            Self::CheckIdempotency => "check-idempotency",
-            Self::CheckSpend => "check-spend",
-            Self::ProcessPayment => "process-payment",
-            Self::RecordLedger => "record-ledger",
-            Self::Compensate => "compensate",
-        }
-    }
-
-    /// The `${...}` substitution the ASL uses for the function's ARN.
-    pub fn arn_substitution(self) -> &'static str {
-        match self {
-            Self::CheckIdempotency => "CheckIdempotencyFunctionArn",
-            Self::CheckSpend => "CheckSpendFunctionArn",
-            Self::ProcessPayment => "ProcessPaymentFunctionArn",
-            Self::RecordLedger => "RecordLedgerFunctionArn",
-            Self::Compensate => "CompensateFunctionArn",
-        }
-    }
-}
+pub use crate::workflow::StepName;
+use crate::payment::{Network, PaymentRequirement};
 
 #[derive(Debug, Clone)]
 pub struct StepSettings {
@@ -885,5 +851,16 @@ fn summary(reservation: &Reservation) -> ReservationSummary {
         amount: reservation.amount,
         remaining_24h: reservation.snapshot.remaining_24h(),
         snapshot: reservation.snapshot.clone(),
+    }
+}
+
+/// The local runner's Tasks run these steps in-process.
+#[async_trait::async_trait]
+impl TaskHandler for Steps {
+    async fn invoke(&self, step: StepName, input: Value) -> Result<Value, TaskFailure> {
+        Steps::invoke(self, step, input).await.map_err(|failure| {
+            tracing::warn!(step = step.function_name(), error = failure.name(), message = %failure.chain_message(), "task failed");
+            TaskFailure::from(failure)
+        })
     }
 }

@@ -8,131 +8,14 @@
 
 use alloy_primitives::Address;
 use base64::Engine;
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::error::{FieldProblem, InvalidPaymentRequest, PaymentError};
 use crate::money::{AmountError, AtomicAmount};
+use crate::payment::{
+    Allowlist, Network, PaymentHeader, PaymentProtocol, PaymentRequirement, X402Version, describe, parse_address,
+};
 
-/// Networks agentpay can pay on, with their canonical USDC deployment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum Network {
-    #[serde(rename = "eip155:8453")]
-    Base,
-    #[serde(rename = "eip155:84532")]
-    BaseSepolia,
-}
-
-/// The EIP-712 domain and address of a network's USDC contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UsdcDeployment {
-    pub address: Address,
-    /// EIP-712 domain `name`: a wrong one fails silently as a bad signature.
-    pub eip712_name: &'static str,
-    pub eip712_version: &'static str,
-    pub decimals: u32,
-}
-
-impl Network {
-    pub const ALL: [Network; 2] = [Network::Base, Network::BaseSepolia];
-
-    pub fn caip2(self) -> &'static str {
-        match self {
-            Network::Base => "eip155:8453",
-            Network::BaseSepolia => "eip155:84532",
-        }
-    }
-
-    /// x402 v1 network name.
-    pub fn v1_name(self) -> &'static str {
-        match self {
-            Network::Base => "base",
-            Network::BaseSepolia => "base-sepolia",
-        }
-    }
-
-    pub fn chain_id(self) -> u64 {
-        match self {
-            Network::Base => 8453,
-            Network::BaseSepolia => 84532,
-        }
-    }
-
-    pub fn usdc(self) -> UsdcDeployment {
-        match self {
-            Network::Base => UsdcDeployment {
-                address: alloy_primitives::address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
-                eip712_name: "USD Coin",
-                eip712_version: "2",
-                decimals: 6,
-            },
-            Network::BaseSepolia => UsdcDeployment {
-                address: alloy_primitives::address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
-                eip712_name: "USDC",
-                eip712_version: "2",
-                decimals: 6,
-            },
-        }
-    }
-
-    pub fn from_caip2(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|n| n.caip2() == text)
-    }
-
-    pub fn from_v1_name(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|n| n.v1_name() == text)
-    }
-
-    fn known_list(version: X402Version) -> String {
-        Self::ALL
-            .iter()
-            .map(|n| match version {
-                X402Version::V1 => format!("{:?}", n.v1_name()),
-                X402Version::V2 => format!("{:?}", n.caip2()),
-            })
-            .collect::<Vec<_>>()
-            .join(" or ")
-    }
-}
-
-impl std::fmt::Display for Network {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.caip2())
-    }
-}
-
-impl std::str::FromStr for Network {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        Self::from_caip2(text)
-            .or_else(|| Self::from_v1_name(text))
-            .ok_or_else(|| format!("unknown network {text:?}: expected {}", Self::known_list(X402Version::V2)))
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum X402Version {
-    #[serde(rename = "1")]
-    V1,
-    #[serde(rename = "2")]
-    V2,
-}
-
-impl X402Version {
-    pub fn number(self) -> u8 {
-        match self {
-            X402Version::V1 => 1,
-            X402Version::V2 => 2,
-        }
-    }
-
-    /// The request header that carries the payment proof back to the resource server.
-    pub fn payment_header_name(self) -> &'static str {
-        match self {
-            X402Version::V1 => "X-PAYMENT",
-            X402Version::V2 => "PAYMENT-SIGNATURE",
-        }
-    }
-}
 
 /// Bounds on `maxTimeoutSeconds`: the signed authorization is valid this long. Zero cannot be
 /// paid in time; more than an hour leaves a bearer instrument lying around for no reason.
@@ -158,50 +41,6 @@ pub struct Challenge {
     pub origin: &'static str,
 }
 
-/// One validated `accepts[]` entry the workflow can pay.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PaymentRequirement {
-    pub protocol: PaymentProtocol,
-    /// Index in `accepts[]`.
-    pub index: usize,
-    pub network: Network,
-    pub asset: Address,
-    pub pay_to: Address,
-    pub amount: AtomicAmount,
-    pub max_timeout_seconds: u64,
-    /// The entry exactly as the server sent it: v2 echoes it as `accepted`.
-    pub accepted: Value,
-    /// v2 top-level `resource`, echoed in the payment payload.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resource: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub extensions: Option<Value>,
-}
-
-/// How the payment is asked for and how its proof travels back.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum PaymentProtocol {
-    /// x402 `exact` on an EVM network.
-    X402 { version: X402Version },
-    /// MPP `charge` (`WWW-Authenticate: Payment`); only a provider that speaks MPP can pay it.
-    Mpp(crate::mpp::MppDetails),
-}
-
-impl PaymentRequirement {
-    pub fn usdc(&self) -> UsdcDeployment {
-        self.network.usdc()
-    }
-}
-
-/// What the agent's policy allows, for choosing an entry.
-#[derive(Debug, Clone, Default)]
-pub struct Allowlist {
-    pub networks: Vec<Network>,
-    /// Empty: any payee.
-    pub payees: Vec<Address>,
-}
 
 impl Challenge {
     /// Decodes an x402 v2 `PAYMENT-REQUIRED` header value (base64 of the PaymentRequired JSON).
@@ -519,41 +358,39 @@ fn address_field(fields: &Map<String, Value>, name: &str, problems: &mut Vec<Fie
         }
     }
 }
-
-/// Parses an EVM address strictly; the error is the "expected …" text.
-pub fn parse_address(text: &str) -> Result<Address, String> {
-    let Some(hex_part) = text.strip_prefix("0x") else {
-        return Err("a 0x-prefixed 20-byte hex address".into());
-    };
-    if hex_part.len() != 40 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("a 0x-prefixed 20-byte hex address (40 hex digits)".into());
-    }
-    let address: Address = text.parse().map_err(|e| format!("a 20-byte hex address ({e})"))?;
-    let has_upper = hex_part.bytes().any(|b| b.is_ascii_uppercase());
-    if has_upper && address.to_checksum(None) != text {
-        return Err(format!(
-            "a correct EIP-55 checksum ({}), or the address in all lowercase",
-            address.to_checksum(None)
-        ));
-    }
-    Ok(address)
-}
-
-/// Short description of a JSON value for "received …".
-pub fn describe(value: &Value) -> String {
-    match value {
-        Value::Null => "null".into(),
-        Value::Bool(b) => format!("the boolean {b}"),
-        Value::Number(n) => format!("the number {n}"),
-        Value::String(s) => format!("{s:?}"),
-        Value::Array(a) => format!("an array of {} items", a.len()),
-        Value::Object(_) => "an object".into(),
-    }
-}
-
 /// Encodes a PaymentRequired body as a v2 header value (used by tests, samples and the demo).
 pub fn encode_v2_header(body: &Value) -> String {
     base64::engine::general_purpose::STANDARD.encode(body.to_string())
+}
+
+/// The x402 payment payload the agent sends back, and the header that carries it.
+pub fn payment_header(requirement: &PaymentRequirement, version: X402Version, scheme_payload: Value) -> PaymentHeader {
+    let body = match version {
+        X402Version::V2 => {
+            let mut body = json!({
+                "x402Version": 2,
+                "accepted": requirement.accepted,
+                "payload": scheme_payload,
+            });
+            if let Some(resource) = &requirement.resource {
+                body["resource"] = resource.clone();
+            }
+            if let Some(extensions) = &requirement.extensions {
+                body["extensions"] = extensions.clone();
+            }
+            body
+        }
+        X402Version::V1 => json!({
+            "x402Version": 1,
+            "scheme": "exact",
+            "network": requirement.network.v1_name(),
+            "payload": scheme_payload,
+        }),
+    };
+    PaymentHeader {
+        name: version.payment_header_name().to_owned(),
+        value: base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::path::JsonPath;
 use crate::clock::{Clock, Timestamp};
 use crate::error::PaymentError;
 use crate::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
-use crate::steps::{StepName, Steps};
+use crate::workflow::StepName;
 use crate::store::ErrorRecord;
 
 pub const STATE_MACHINE_NAME: &str = "agentpay-payment";
@@ -95,21 +95,11 @@ impl From<PaymentError> for TaskFailure {
     }
 }
 
-/// What a Task state runs: the steps in-process ([`Steps`]); the fault simulator wraps it to
+/// What a Task state runs: the steps in-process (`Steps` implements it); the fault simulator wraps it to
 /// fail an invocation the way Lambda does (`Sandbox.Timedout`, `Lambda.Unknown`).
 #[async_trait]
 pub trait TaskHandler: Send + Sync {
     async fn invoke(&self, step: StepName, input: Value) -> Result<Value, TaskFailure>;
-}
-
-#[async_trait]
-impl TaskHandler for Steps {
-    async fn invoke(&self, step: StepName, input: Value) -> Result<Value, TaskFailure> {
-        Steps::invoke(self, step, input).await.map_err(|failure| {
-            tracing::warn!(step = step.function_name(), error = failure.name(), message = %failure.chain_message(), "task failed");
-            TaskFailure::from(failure)
-        })
-    }
 }
 
 /// Whether the process that owned a RUNNING execution still exists.
@@ -263,19 +253,9 @@ pub fn retry_delay(retrier: &Retrier, retry: u32) -> Duration {
 }
 
 impl LocalRunner {
-    /// Loads `definition` (the ASL file's text) with the local substitutions.
+    /// Loads `definition` (the ASL file's text) with the local substitutions; Tasks run on
+    /// `handler`.
     pub fn new(
-        definition: &str,
-        steps: Steps,
-        executions: Arc<dyn ExecutionStore>,
-        sleeper: Arc<dyn Sleeper>,
-    ) -> Result<Self, DefinitionError> {
-        let clock = steps.clock().clone();
-        Self::with_handler(definition, Arc::new(steps), clock, executions, sleeper)
-    }
-
-    /// As [`LocalRunner::new`], with Tasks dispatched to `handler`.
-    pub fn with_handler(
         definition: &str,
         handler: Arc<dyn TaskHandler>,
         clock: Arc<dyn Clock>,

@@ -3,6 +3,7 @@
 //! trait. The CLI's `start/status/list/history/replay` use it; so can a Rust agent.
 
 pub mod local;
+pub mod naming;
 pub mod sfn;
 
 use std::time::Duration;
@@ -12,8 +13,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::clock::Timestamp;
-use crate::local::execution_name;
-use crate::provider::PaymentHeader;
+use naming::execution_name;
+use crate::payment::PaymentHeader;
 
 /// Redrive is possible within this many days of the execution's stop (Step Functions' rule).
 pub const REDRIVE_WINDOW: Duration = Duration::from_secs(14 * 24 * 3600);

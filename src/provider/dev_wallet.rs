@@ -13,15 +13,16 @@ use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
 use alloy_sol_types::{Eip712Domain, SolStruct, sol};
 use async_trait::async_trait;
-use base64::Engine;
 use serde_json::{Value, json};
 
-use super::{IssuedProof, IssuedProofs, PaymentHeader, PaymentOrder, PaymentProof, PaymentProvider, PaymentTerms};
+use super::rules::{ProviderKind, dev_wallet_version};
+use super::{IssuedProof, IssuedProofs, PaymentOrder, PaymentProof, PaymentProvider, PaymentTerms};
 use crate::clock::{Clock, Timestamp};
-use crate::error::{InvalidPaymentRequest, PaymentError, ProviderFailure};
+use crate::error::{PaymentError, ProviderFailure};
 use crate::policy::SpendPolicy;
+use crate::x402::payment_header;
 use crate::request::{PaymentRequest, derived_id};
-use crate::x402::{PaymentProtocol, PaymentRequirement, X402Version};
+use crate::payment::PaymentRequirement;
 
 sol! {
     /// EIP-3009, as USDC implements it.
@@ -123,66 +124,24 @@ pub fn eip712_domain(requirement: &PaymentRequirement) -> Eip712Domain {
     )
 }
 
-/// The x402 payment payload the agent sends back, and the header that carries it.
-pub fn payment_header(requirement: &PaymentRequirement, version: X402Version, scheme_payload: Value) -> PaymentHeader {
-    let body = match version {
-        X402Version::V2 => {
-            let mut body = json!({
-                "x402Version": 2,
-                "accepted": requirement.accepted,
-                "payload": scheme_payload,
-            });
-            if let Some(resource) = &requirement.resource {
-                body["resource"] = resource.clone();
-            }
-            if let Some(extensions) = &requirement.extensions {
-                body["extensions"] = extensions.clone();
-            }
-            body
-        }
-        X402Version::V1 => json!({
-            "x402Version": 1,
-            "scheme": "exact",
-            "network": requirement.network.v1_name(),
-            "payload": scheme_payload,
-        }),
-    };
-    PaymentHeader {
-        name: version.payment_header_name().to_owned(),
-        value: base64::engine::general_purpose::STANDARD.encode(body.to_string()),
-    }
-}
-
-/// The dev wallet signs x402 only; an MPP challenge is refused before anything is reserved.
-fn x402_version(payment: &PaymentRequirement) -> Result<X402Version, InvalidPaymentRequest> {
-    match &payment.protocol {
-        PaymentProtocol::X402 { version } => Ok(*version),
-        PaymentProtocol::Mpp(_) => Err(InvalidPaymentRequest::field(
-            "challenge.mpp",
-            "an MPP challenge",
-            "an x402 challenge (challenge.x402 or challenge.x402v1): the local dev wallet signs x402 only; MPP is paid through AgentCore (AGENTPAY_PROVIDER=agentcore)",
-        )),
-    }
-}
 
 #[async_trait]
 impl PaymentProvider for DevWallet {
     fn name(&self) -> &'static str {
-        "dev-wallet"
+        ProviderKind::DevWallet.name()
     }
 
     fn prepare(
         &self,
-        _request: &PaymentRequest,
-        _policy: &SpendPolicy,
+        request: &PaymentRequest,
+        policy: &SpendPolicy,
         payment: &PaymentRequirement,
     ) -> Result<Option<Value>, PaymentError> {
-        x402_version(payment)?;
-        Ok(None)
+        ProviderKind::DevWallet.prepare(request, policy, payment)
     }
 
     async fn process_payment(&self, order: &PaymentOrder) -> Result<PaymentProof, PaymentError> {
-        let version = x402_version(&order.requirement)?;
+        let version = dev_wallet_version(&order.requirement)?;
         let terms = PaymentTerms::of(&order.requirement);
         if let Some(entry) = self.issued.issued(&order.client_token).await? {
             return journal_proof(entry, &terms);
@@ -231,6 +190,7 @@ fn journal_proof(entry: IssuedProof, terms: &PaymentTerms) -> Result<PaymentProo
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine;
     use alloy_primitives::Signature;
 
     use super::*;
@@ -238,7 +198,7 @@ mod tests {
     use crate::request::PaymentRequest;
     use crate::samples::{execution_input, execution_input_with_challenge, v1_payment_required};
     use crate::store::sqlite::SqliteStore;
-    use crate::x402::{Allowlist, Network};
+    use crate::payment::{Allowlist, Network};
 
     fn wallet() -> DevWallet {
         let store = Arc::new(SqliteStore::in_memory().unwrap());

@@ -2,6 +2,7 @@
 //! sends back to the resource server.
 
 pub mod agentcore;
+pub mod rules;
 pub mod dev_wallet;
 
 use async_trait::async_trait;
@@ -13,7 +14,8 @@ use crate::clock::Timestamp;
 use crate::error::PaymentError;
 use crate::policy::SpendPolicy;
 use crate::request::PaymentRequest;
-use crate::x402::PaymentRequirement;
+use crate::payment::PaymentHeader;
+use crate::payment::PaymentRequirement;
 
 /// What the provider is asked to pay.
 #[derive(Debug, Clone)]
@@ -24,13 +26,6 @@ pub struct PaymentOrder {
     pub request: PaymentRequest,
     /// What [`PaymentProvider::prepare`] returned when the key was claimed.
     pub context: Option<Value>,
-}
-
-/// The HTTP header the agent adds to its retried request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PaymentHeader {
-    pub name: String,
-    pub value: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,7 +67,7 @@ pub struct PaymentTerms {
     pub pay_to: String,
     pub amount: crate::money::AtomicAmount,
     pub asset: String,
-    pub network: crate::x402::Network,
+    pub network: crate::payment::Network,
 }
 
 impl PaymentTerms {

@@ -19,7 +19,7 @@ use crate::error::PaymentError;
 use crate::money::AtomicAmount;
 use crate::policy::{AgentLedger, SpendPolicy, SpendSnapshot, WindowBucket};
 use crate::request::BusinessContext;
-use crate::x402::Network;
+use crate::payment::Network;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -7,7 +7,7 @@ use agentpay::executions::{ExecutionRecord, ExecutionStore, HistoryEvent, Histor
 use agentpay::local::LocalApp;
 use agentpay::policy::SpendPolicy;
 use agentpay::provider::PaymentProvider;
-use agentpay::x402::Network;
+use agentpay::payment::Network;
 use serde_json::Value;
 
 pub struct TestApp {

@@ -85,7 +85,7 @@ impl Harness {
             remaining: AtomicU32::new(count),
         });
         let runner = Arc::new(
-            LocalRunner::with_handler(PAYMENT_DEFINITION, handler, clock.clone(), app.executions.clone(), sleeper)
+            LocalRunner::new(PAYMENT_DEFINITION, handler, clock.clone(), app.executions.clone(), sleeper)
                 .unwrap(),
         );
         let client = PaymentClient::new(Box::new(LocalBackend::new(runner.clone(), app.executions.clone())));
@@ -353,7 +353,7 @@ async fn a_completed_key_answers_from_its_cache_whatever_the_policy_says_now() {
     // The agent is paused and its network no longer allowed: the paid key still answers.
     let mut changed = policy("1.00", "5.00", 100);
     changed.paused = true;
-    changed.allowed_networks = vec![agentpay::x402::Network::Base];
+    changed.allowed_networks = vec![agentpay::payment::Network::Base];
     h.app.store.put_policy(AGENT, &changed).await.unwrap();
     let again = h.run(input).await;
     assert_eq!(again.status, ExecutionStatus::Succeeded, "{:?}", again.error);
