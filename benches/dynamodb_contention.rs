@@ -32,7 +32,7 @@ async fn main() {
     let client = aws_sdk_dynamodb::Client::new(&config);
     println!("conflict retries on one agent's ledger item (DynamoDB, optimistic lock + jittered backoff)");
     for concurrency in [10usize, 50] {
-        let id = hex::encode(rand::random::<[u8; 4]>());
+        let id = alloy_primitives::hex::encode(rand::random::<[u8; 4]>());
         let tables = TableNames { idempotency: format!("bench-idem-{id}"), ledger: format!("bench-ledger-{id}") };
         create_table(&client, &tables.idempotency, schema::IDEMPOTENCY).await.unwrap();
         create_table(&client, &tables.ledger, schema::LEDGER).await.unwrap();

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agentpay::asl::{LocalRunner, PAYMENT_DEFINITION, TokioSleeper};
+use agentpay::client::naming::execution_name;
 use agentpay::clock::SystemClock;
 use agentpay::config::Config;
 use agentpay::executions::ExecutionStatus;
-use agentpay::client::naming::execution_name;
 use agentpay::policy::SpendPolicy;
 use agentpay::samples::execution_input;
 use agentpay::steps::{StepSettings, Steps};
@@ -28,7 +28,14 @@ async fn main() {
     let wallet = Arc::new(config.dev_wallet(sqlite.clone(), clock.clone()).await.unwrap());
     let counting = Arc::new(CountingStore::new(sqlite.clone()));
     let steps = Steps::new(counting.clone(), wallet, clock, StepSettings::default());
-    let runner = LocalRunner::new(PAYMENT_DEFINITION, Arc::new(steps.clone()), steps.clock().clone(), sqlite.clone(), Arc::new(TokioSleeper)).unwrap();
+    let runner = LocalRunner::new(
+        PAYMENT_DEFINITION,
+        Arc::new(steps.clone()),
+        steps.clock().clone(),
+        sqlite.clone(),
+        Arc::new(TokioSleeper),
+    )
+    .unwrap();
 
     let policy: SpendPolicy = serde_json::from_value(serde_json::json!({
         "perTransactionLimitUsd": "1", "dailyLimitUsd": "1000000", "maxTransactionsPerHour": 4_000_000_000u32,

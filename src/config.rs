@@ -1,17 +1,16 @@
 //! Configuration, read once at start-up: which store, which provider, which settings.
 //!
-//! Lambda mains call [`Config::from_env`] before serving; the CLI builds the same
-//! [`Config`] from its flags. No handler reads the environment.
+//! The CLI builds a [`Config`] from its flags; the Lambdas have their own, read from the
+//! environment (`agentpay_lambda::config`). No handler reads the environment.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::Clock;
 use crate::provider::agentcore::AgentCoreProvider;
 use crate::provider::dev_wallet::DevWallet;
 use crate::provider::{IssuedProofs, PaymentProvider};
-use crate::steps::{StepSettings, Steps};
+use crate::steps::StepSettings;
 use crate::store::Store;
 use crate::store::dynamodb::{DynamoStore, TableNames};
 use crate::store::sqlite::SqliteStore;
@@ -30,12 +29,6 @@ pub enum ConfigError {
     },
     #[error("cannot open the store")]
     Store(#[source] crate::error::PaymentError),
-    #[error("cannot read the dev wallet key from secret {secret}")]
-    Secret {
-        secret: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
 }
 
 /// Where the dev wallet key comes from. The key itself never reaches a log or a `Debug`.
@@ -44,9 +37,6 @@ pub enum DevWalletKey {
     Hex(String),
     /// Created on first use when missing (the CLI's local wallet), never in Lambda.
     File(PathBuf),
-    /// A Secrets Manager secret (name or ARN) whose string is the hex key: read once per cold
-    /// start, the way the template gives the key to the functions.
-    Secret(String),
 }
 
 impl std::fmt::Debug for DevWalletKey {
@@ -54,7 +44,6 @@ impl std::fmt::Debug for DevWalletKey {
         match self {
             DevWalletKey::Hex(_) => f.write_str("DevWalletKey::Hex(<redacted>)"),
             DevWalletKey::File(path) => write!(f, "DevWalletKey::File({})", path.display()),
-            DevWalletKey::Secret(id) => write!(f, "DevWalletKey::Secret({id})"),
         }
     }
 }
@@ -94,96 +83,9 @@ pub struct Config {
     pub settings: StepSettings,
 }
 
-const KEY_EXPECTED: &str = "a 32-byte hex private key (AGENTPAY_DEV_WALLET_KEY), a Secrets Manager secret holding one (AGENTPAY_DEV_WALLET_SECRET) or a file holding one (AGENTPAY_DEV_WALLET_KEY_FILE; not in Lambda)";
+const KEY_EXPECTED: &str = "a 32-byte hex private key";
 
 impl Config {
-    /// Reads `AGENTPAY_*` variables (see README, "Configuration").
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
-    }
-
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let store = match lookup("AGENTPAY_STORE").as_deref().unwrap_or("dynamodb") {
-            "dynamodb" => {
-                let table = |variable: &'static str| {
-                    lookup(variable)
-                        .filter(|v| !v.is_empty())
-                        .ok_or(ConfigError::Missing { variable, expected: "a DynamoDB table name" })
-                };
-                StoreConfig::Dynamo(TableNames {
-                    idempotency: table("AGENTPAY_IDEMPOTENCY_TABLE")?,
-                    ledger: table("AGENTPAY_LEDGER_TABLE")?,
-                })
-            }
-            "sqlite" => StoreConfig::Sqlite(PathBuf::from(
-                lookup("AGENTPAY_SQLITE_PATH").unwrap_or_else(|| "/tmp/agentpay/agentpay.db".into()),
-            )),
-            other => {
-                return Err(ConfigError::Invalid {
-                    variable: "AGENTPAY_STORE",
-                    received: other.into(),
-                    expected: "\"dynamodb\" or \"sqlite\"",
-                });
-            }
-        };
-        let set = |variable: &str| lookup(variable).filter(|v| !v.is_empty());
-        // A key file in Lambda is created under /tmp by each new instance: every cold start
-        // would sign with a different throwaway wallet. Lambda gets its key from a secret.
-        let in_lambda = set("AWS_LAMBDA_FUNCTION_NAME").is_some();
-        let provider = match lookup("AGENTPAY_PROVIDER").as_deref().unwrap_or("dev-wallet") {
-            "dev-wallet" => ProviderConfig::DevWallet(
-                match (
-                    set("AGENTPAY_DEV_WALLET_KEY"),
-                    set("AGENTPAY_DEV_WALLET_SECRET"),
-                    set("AGENTPAY_DEV_WALLET_KEY_FILE"),
-                ) {
-                    (Some(hex), _, _) => DevWalletKey::Hex(hex),
-                    (None, Some(secret), _) => DevWalletKey::Secret(secret),
-                    (None, None, Some(path)) if in_lambda => {
-                        return Err(ConfigError::Invalid {
-                            variable: "AGENTPAY_DEV_WALLET_KEY_FILE",
-                            received: path,
-                            expected: "no key file in Lambda (each instance would create its own throwaway wallet): set AGENTPAY_DEV_WALLET_SECRET to a Secrets Manager secret holding the hex key",
-                        });
-                    }
-                    (None, None, Some(path)) => DevWalletKey::File(PathBuf::from(path)),
-                    (None, None, None) => {
-                        return Err(ConfigError::Missing {
-                            variable: if in_lambda { "AGENTPAY_DEV_WALLET_SECRET" } else { "AGENTPAY_DEV_WALLET_KEY" },
-                            expected: KEY_EXPECTED,
-                        });
-                    }
-                },
-            ),
-            "agentcore" => ProviderConfig::AgentCore,
-            other => {
-                return Err(ConfigError::Invalid {
-                    variable: "AGENTPAY_PROVIDER",
-                    received: other.into(),
-                    expected: "\"dev-wallet\" or \"agentcore\"",
-                });
-            }
-        };
-        let mut settings = StepSettings::default();
-        if let Some(text) = lookup("AGENTPAY_LEASE_SECONDS") {
-            settings.lease = Duration::from_secs(text.parse().ok().filter(|s| *s > 0).ok_or(ConfigError::Invalid {
-                variable: "AGENTPAY_LEASE_SECONDS",
-                received: text,
-                expected: "a whole number of seconds above 0",
-            })?);
-        }
-        if let Some(text) = lookup("AGENTPAY_IDEMPOTENCY_TTL_HOURS") {
-            settings.idempotency_ttl = Duration::from_secs(
-                3600 * text.parse::<u64>().ok().filter(|h| (1..=24 * 30).contains(h)).ok_or(ConfigError::Invalid {
-                    variable: "AGENTPAY_IDEMPOTENCY_TTL_HOURS",
-                    received: text,
-                    expected: "hours from 1 to 720",
-                })?,
-            );
-        }
-        Ok(Self { store, provider, settings })
-    }
-
     /// The local default: everything under `data_dir`, a dev wallet key file created on first use.
     pub fn local(data_dir: &Path) -> Self {
         Self {
@@ -244,14 +146,6 @@ impl Config {
             }),
         }
     }
-
-    /// Builds the steps once: store, provider and clock wired in.
-    pub async fn build_steps(&self) -> Result<Steps, ConfigError> {
-        let opened = self.open_store().await?;
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let built = self.payment_provider(opened.proofs, clock.clone()).await?;
-        Ok(Steps::new(opened.store, built.provider, clock, self.settings.clone()))
-    }
 }
 
 async fn dev_wallet(
@@ -262,29 +156,12 @@ async fn dev_wallet(
     let hex = match key {
         DevWalletKey::Hex(hex) => hex.clone(),
         DevWalletKey::File(path) => read_or_create_key(path)?,
-        DevWalletKey::Secret(secret) => read_secret(secret).await?,
     };
     DevWallet::from_hex_key(&hex, proofs, clock).map_err(|_| ConfigError::Invalid {
         variable: "AGENTPAY_DEV_WALLET_KEY",
         received: "<redacted>".into(),
         expected: KEY_EXPECTED,
     })
-}
-
-/// The secret's string, through the standard AWS chain (`AWS_ENDPOINT_URL_SECRETS_MANAGER`
-/// for a local endpoint). The SDK's error says why (access denied, not found); never the value.
-async fn read_secret(secret: &str) -> Result<String, ConfigError> {
-    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let client = aws_sdk_secretsmanager::Client::new(&config);
-    let failed =
-        |source: Box<dyn std::error::Error + Send + Sync>| ConfigError::Secret { secret: secret.to_owned(), source };
-    let output = client
-        .get_secret_value()
-        .secret_id(secret)
-        .send()
-        .await
-        .map_err(|e| failed(aws_smithy_types::error::display::DisplayErrorContext(&e).to_string().into()))?;
-    output.secret_string().map(|s| s.trim().to_owned()).ok_or_else(|| failed("the secret has no string value".into()))
 }
 
 /// Reads the key file, or creates it with a fresh key (owner-only permissions).
@@ -317,69 +194,7 @@ fn read_or_create_key(path: &Path) -> Result<String, ConfigError> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
-
-    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        move |name| map.get(name).cloned()
-    }
-
-    #[test]
-    fn errors_name_the_variable_and_the_expected_value() {
-        let error = Config::from_lookup(lookup(&[])).unwrap_err().to_string();
-        assert_eq!(error, "AGENTPAY_IDEMPOTENCY_TABLE is not set; expected a DynamoDB table name");
-        let error = Config::from_lookup(lookup(&[("AGENTPAY_STORE", "mongo")])).unwrap_err().to_string();
-        assert_eq!(error, "AGENTPAY_STORE: received \"mongo\", expected \"dynamodb\" or \"sqlite\"");
-        let sqlite = ("AGENTPAY_STORE", "sqlite");
-        let error = Config::from_lookup(lookup(&[sqlite, ("AGENTPAY_PROVIDER", "paypal")])).unwrap_err().to_string();
-        assert_eq!(error, "AGENTPAY_PROVIDER: received \"paypal\", expected \"dev-wallet\" or \"agentcore\"");
-        let agentcore = Config::from_lookup(lookup(&[sqlite, ("AGENTPAY_PROVIDER", "agentcore")])).unwrap();
-        assert!(matches!(agentcore.provider, ProviderConfig::AgentCore), "no dev wallet key needed");
-        let error = Config::from_lookup(lookup(&[sqlite])).unwrap_err().to_string();
-        assert!(error.starts_with("AGENTPAY_DEV_WALLET_KEY is not set"), "{error}");
-        let error =
-            Config::from_lookup(lookup(&[sqlite, ("AGENTPAY_DEV_WALLET_KEY", "k"), ("AGENTPAY_LEASE_SECONDS", "0")]))
-                .unwrap_err()
-                .to_string();
-        assert!(error.contains("AGENTPAY_LEASE_SECONDS"), "{error}");
-    }
-
-    #[test]
-    fn lambdas_default_to_dynamodb_and_the_key_is_redacted() {
-        let config = Config::from_lookup(lookup(&[
-            ("AGENTPAY_IDEMPOTENCY_TABLE", "idem"),
-            ("AGENTPAY_LEDGER_TABLE", "ledger"),
-            ("AGENTPAY_DEV_WALLET_KEY", "deadbeefsecret"),
-        ]))
-        .unwrap();
-        assert!(matches!(&config.store, StoreConfig::Dynamo(t) if t.idempotency == "idem" && t.ledger == "ledger"));
-        assert!(!format!("{config:?}").contains("deadbeefsecret"));
-    }
-
-    #[test]
-    fn in_lambda_the_dev_wallet_key_comes_from_a_secret_never_a_throwaway_file() {
-        let tables = [("AGENTPAY_IDEMPOTENCY_TABLE", "idem"), ("AGENTPAY_LEDGER_TABLE", "ledger")];
-        let lambda = ("AWS_LAMBDA_FUNCTION_NAME", "agentpay-dev-process-payment");
-        let file = ("AGENTPAY_DEV_WALLET_KEY_FILE", "/tmp/agentpay/dev-wallet.key");
-        let error = Config::from_lookup(lookup(&[tables[0], tables[1], lambda, file])).unwrap_err().to_string();
-        assert!(error.contains("AGENTPAY_DEV_WALLET_KEY_FILE") && error.contains("throwaway"), "{error}");
-        assert!(error.contains("AGENTPAY_DEV_WALLET_SECRET"), "{error}");
-        let error = Config::from_lookup(lookup(&[tables[0], tables[1], lambda])).unwrap_err().to_string();
-        assert!(error.starts_with("AGENTPAY_DEV_WALLET_SECRET is not set"), "{error}");
-        // An empty value (the template's default) is no value.
-        let secret = ("AGENTPAY_DEV_WALLET_SECRET", "");
-        assert!(Config::from_lookup(lookup(&[tables[0], tables[1], lambda, secret])).is_err());
-        let arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:agentpay-dev-wallet";
-        let config =
-            Config::from_lookup(lookup(&[tables[0], tables[1], lambda, file, ("AGENTPAY_DEV_WALLET_SECRET", arn)]))
-                .unwrap();
-        assert!(matches!(&config.provider, ProviderConfig::DevWallet(DevWalletKey::Secret(s)) if s == arn));
-        // Outside Lambda the local key file is the default.
-        let local = Config::from_lookup(lookup(&[tables[0], tables[1], file])).unwrap();
-        assert!(matches!(local.provider, ProviderConfig::DevWallet(DevWalletKey::File(_))));
-    }
 
     #[test]
     fn a_local_key_file_is_created_once_and_reused() {

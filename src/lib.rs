@@ -1,28 +1,37 @@
 //! agentpay: the layer under agent payments — idempotency, a spend ledger across sessions,
 //! compensation and an audit trail — as five step functions chained by one state machine.
+//!
+//! This crate is what an agent or a tool embeds: the payment client (Step Functions or the
+//! local runner behind one interface), the local workflow and its configuration. The domain
+//! and the adapters are crates of their own, re-exported here under one namespace:
+//!
+//! | module | crate | what |
+//! |---|---|---|
+//! | `money`, `payment`, `x402`, `mpp`, `policy`, `request`, `steps`, `asl`, … | `agentpay-core` | the domain, the ports, the five steps, the ASL interpreter |
+//! | `store::sqlite` | `agentpay-sqlite` | the embedded store |
+//! | `store::dynamodb` | `agentpay-dynamodb` | the DynamoDB store |
+//! | `provider::agentcore` | `agentpay-agentcore` | AgentCore Payments |
+//! | `provider::dev_wallet` | `agentpay-dev-wallet` | the local dev wallet |
 
-pub mod agentcore;
-pub mod asl;
-pub mod cli;
+pub use agentpay_core::{
+    agentcore, asl, clock, error, executions, faults, metrics, money, mpp, payment, policy, request, samples, steps,
+    workflow, x402,
+};
+
 pub mod client;
-pub mod client_cli;
-pub mod clock;
 pub mod config;
-pub mod demo;
-pub mod error;
-pub mod executions;
-pub mod faults;
-pub mod lambda;
 pub mod local;
-pub mod metrics;
-pub mod money;
-pub mod mpp;
-pub mod payment;
-pub mod policy;
-pub mod provider;
-pub mod request;
-pub mod samples;
-pub mod steps;
-pub mod store;
-pub mod workflow;
-pub mod x402;
+
+/// The `Store` port and its adapters.
+pub mod store {
+    pub use agentpay_core::store::*;
+    pub use agentpay_dynamodb as dynamodb;
+    pub use agentpay_sqlite as sqlite;
+}
+
+/// The `PaymentProvider` port and its adapters.
+pub mod provider {
+    pub use agentpay_agentcore as agentcore;
+    pub use agentpay_core::provider::*;
+    pub use agentpay_dev_wallet as dev_wallet;
+}

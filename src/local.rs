@@ -66,7 +66,13 @@ impl LocalApp {
             clock,
             config.settings.clone(),
         );
-        let runner = Arc::new(LocalRunner::new(PAYMENT_DEFINITION, Arc::new(steps.clone()), steps.clock().clone(), executions.clone(), sleeper)?);
+        let runner = Arc::new(LocalRunner::new(
+            PAYMENT_DEFINITION,
+            Arc::new(steps.clone()),
+            steps.clock().clone(),
+            executions.clone(),
+            sleeper,
+        )?);
         Ok(Self { store, executions, provider, ledger, wallet_address, steps, runner })
     }
 
@@ -81,7 +87,7 @@ impl LocalApp {
     /// Starts one execution named after the request's idempotency key, unique per run.
     pub async fn run(&self, input: Value) -> Result<ExecutionRecord, RunnerError> {
         let key = input.get("idempotencyKey").and_then(Value::as_str).unwrap_or("no-key");
-        let run_id = hex::encode(rand::random::<[u8; 4]>());
+        let run_id = alloy_primitives::hex::encode(rand::random::<[u8; 4]>());
         self.runner.start(&execution_name(key, Some(&run_id)), input).await
     }
 }

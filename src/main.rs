@@ -2,6 +2,8 @@
 
 use clap::Parser;
 
+mod cli;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     // Logs go to stderr and stay quiet unless RUST_LOG asks; stdout is the command's output.
@@ -9,8 +11,8 @@ async fn main() -> std::process::ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
-    let cli = agentpay::cli::Cli::parse();
-    match agentpay::cli::run(cli).await {
+    let cli = cli::Cli::parse();
+    match cli::run(cli).await {
         Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(error) => {
             let mut message = format!("error: {error}");

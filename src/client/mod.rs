@@ -13,8 +13,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::clock::Timestamp;
-use naming::execution_name;
 use crate::payment::PaymentHeader;
+use naming::execution_name;
 
 /// Redrive is possible within this many days of the execution's stop (Step Functions' rule).
 pub const REDRIVE_WINDOW: Duration = Duration::from_secs(14 * 24 * 3600);

@@ -22,7 +22,7 @@ pub fn execution_name(key: &str, run_suffix: Option<&str>) -> String {
     if sanitized == key && fits && !key.is_empty() {
         return format!("{sanitized}{suffix}");
     }
-    let hash = &hex::encode(Sha256::digest(key.as_bytes()))[..12];
+    let hash = &alloy_primitives::hex::encode(Sha256::digest(key.as_bytes()))[..12];
     let room = MAX_EXECUTION_NAME - suffix.len() - hash.len() - 1;
     let head: String = sanitized.chars().take(room).collect();
     format!("{head}-{hash}{suffix}")

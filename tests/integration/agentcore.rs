@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
+use agentpay::agentcore::{AgentCorePolicy, AgentCoreSelection};
 use agentpay::clock::SystemClock;
 use agentpay::executions::{ExecutionStatus, HistoryKind};
 use agentpay::policy::SpendPolicy;
 use agentpay::provider::agentcore::AgentCoreProvider;
-use agentpay::agentcore::{AgentCorePolicy, AgentCoreSelection};
 use agentpay::samples::{
     agentcore_block, execution_input, execution_input_with_challenge, mpp_challenge, v1_payment_required,
     v2_payment_required,

@@ -144,7 +144,7 @@ fn the_demo_behaves_as_it_says() {
 fn the_whole_workflow_runs_locally_against_dynamodb() {
     let endpoint = crate::stores::dynamodb_endpoint();
     let dir = tempfile::tempdir().unwrap();
-    let id = hex::encode(rand::random::<[u8; 4]>());
+    let id = alloy_primitives::hex::encode(rand::random::<[u8; 4]>());
     let (idempotency, ledger) = (format!("cli-idem-{id}"), format!("cli-ledger-{id}"));
     let dynamo = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_agentpay"))

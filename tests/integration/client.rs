@@ -166,7 +166,7 @@ async fn moto_state_machine(sfn: &aws_sdk_sfn::Client) -> String {
         definition = definition.replace(&format!("${{{name}}}"), &arn);
     }
     sfn.create_state_machine()
-        .name(format!("agentpay-{}", hex::encode(rand::random::<[u8; 4]>())))
+        .name(format!("agentpay-{}", alloy_primitives::hex::encode(rand::random::<[u8; 4]>())))
         .definition(definition)
         .role_arn("arn:aws:iam::123456789012:role/agentpay-state-machine")
         .send()

@@ -10,7 +10,7 @@ use agentpay::steps::{CheckIdempotencyInput, CheckSpendInput, ClaimOutcome, Proc
 use agentpay::steps::{StepSettings, Steps};
 use agentpay::store::Store;
 use agentpay::store::dynamodb::DynamoStore;
-use agentpay::store::dynamodb_metrics::RequestLog;
+use agentpay::store::dynamodb::request_log::RequestLog;
 
 use crate::helpers::policy;
 use crate::stores::{START, dynamo_store, dynamodb_endpoint, fresh_tables};

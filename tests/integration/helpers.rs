@@ -5,9 +5,9 @@ use agentpay::clock::SystemClock;
 use agentpay::config::Config;
 use agentpay::executions::{ExecutionRecord, ExecutionStore, HistoryEvent, HistoryKind};
 use agentpay::local::LocalApp;
+use agentpay::payment::Network;
 use agentpay::policy::SpendPolicy;
 use agentpay::provider::PaymentProvider;
-use agentpay::payment::Network;
 use serde_json::Value;
 
 pub struct TestApp {

@@ -114,7 +114,7 @@ async fn recreate(client: &aws_sdk_dynamodb::Client, tables: &TableNames) -> Dyn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_function_event_invokes_locally_through_cargo_lambda() {
     let client = dynamodb_client().await;
-    let id = hex::encode(rand::random::<[u8; 4]>());
+    let id = alloy_primitives::hex::encode(rand::random::<[u8; 4]>());
     let tables = TableNames { idempotency: format!("invoke-idem-{id}"), ledger: format!("invoke-ledger-{id}") };
     let env = [
         ("AGENTPAY_STORE", "dynamodb".to_owned()),

@@ -85,8 +85,7 @@ impl Harness {
             remaining: AtomicU32::new(count),
         });
         let runner = Arc::new(
-            LocalRunner::new(PAYMENT_DEFINITION, handler, clock.clone(), app.executions.clone(), sleeper)
-                .unwrap(),
+            LocalRunner::new(PAYMENT_DEFINITION, handler, clock.clone(), app.executions.clone(), sleeper).unwrap(),
         );
         let client = PaymentClient::new(Box::new(LocalBackend::new(runner.clone(), app.executions.clone())));
         Self { app, runner, client, clock, runs: AtomicU32::new(0), _dir: dir }

@@ -5,10 +5,10 @@
 
 use agentpay::error::{MAX_LISTED_PROBLEMS, PaymentError};
 use agentpay::mpp::MppChallenge;
+use agentpay::payment::{Allowlist, Network, PaymentRequirement};
 use agentpay::request::PaymentRequest;
 use agentpay::samples::execution_input_with_challenge;
 use agentpay::x402::{MAX_ACCEPTS, encode_v2_header};
-use agentpay::payment::{Allowlist, Network, PaymentRequirement};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use agentpay::clock::SystemClock;
-use agentpay::config::Config;
 use agentpay::provider::dev_wallet::DevWallet;
 use agentpay::store::sqlite::SqliteStore;
+use agentpay_lambda::config::{LambdaConfig, ProviderChoice, WalletKey, dev_wallet};
 
 use crate::stores::local_aws_config;
 
@@ -19,31 +19,34 @@ fn secrets_endpoint() -> String {
     })
 }
 
-fn lambda_config(secret: &str) -> Config {
-    Config::from_lookup(|name| match name {
-        "AWS_LAMBDA_FUNCTION_NAME" => Some("agentpay-test-process-payment".into()),
-        "AGENTPAY_STORE" => Some("sqlite".into()),
+/// The key the function's configuration names, as the template sets it.
+fn secret_key(secret: &str) -> WalletKey {
+    let config = LambdaConfig::from_lookup(|name| match name {
+        "AGENTPAY_IDEMPOTENCY_TABLE" | "AGENTPAY_LEDGER_TABLE" => Some("t".into()),
         "AGENTPAY_DEV_WALLET_SECRET" => Some(secret.into()),
         _ => None,
     })
-    .unwrap()
+    .unwrap();
+    let ProviderChoice::DevWallet(key) = config.provider else { panic!("the dev wallet is the default provider") };
+    key
 }
 
 #[tokio::test]
 async fn a_lambda_reads_the_dev_wallet_key_from_its_secret() {
     let client = aws_sdk_secretsmanager::Client::new(&local_aws_config(&secrets_endpoint()).await);
     let key = DevWallet::generate_hex_key();
-    let name = format!("agentpay-dev-wallet-{}", hex::encode(rand::random::<[u8; 4]>()));
+    let name = format!("agentpay-dev-wallet-{}", alloy_primitives::hex::encode(rand::random::<[u8; 4]>()));
     let arn = client.create_secret().name(&name).secret_string(&key).send().await.unwrap().arn.unwrap();
     let proofs = Arc::new(SqliteStore::in_memory().unwrap());
 
-    let wallet = lambda_config(&arn).dev_wallet(proofs.clone(), Arc::new(SystemClock)).await.unwrap();
+    let aws = local_aws_config(&secrets_endpoint()).await;
+    let wallet = dev_wallet(&secret_key(&arn), &aws, proofs.clone(), Arc::new(SystemClock)).await.unwrap();
     let expected = DevWallet::from_hex_key(&key, proofs.clone(), Arc::new(SystemClock)).unwrap();
     assert_eq!(wallet.address(), expected.address(), "the wallet of the secret's key");
 
     // A secret that does not exist fails the cold start naming it, never showing a key.
     let missing = format!("{arn}-gone");
-    let error = lambda_config(&missing).dev_wallet(proofs, Arc::new(SystemClock)).await.unwrap_err();
+    let error = dev_wallet(&secret_key(&missing), &aws, proofs, Arc::new(SystemClock)).await.unwrap_err();
     let message = agentpay::error::error_chain(&error);
     assert!(message.contains(&missing) && message.contains("ResourceNotFound"), "{message}");
     assert!(!message.contains(&key));

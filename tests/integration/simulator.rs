@@ -277,8 +277,7 @@ impl World {
         app.ledger.set_hook(Some(sim.clone()));
         app.provider.set_hook(Some(sim.clone()));
         let handler = Arc::new(SimHandler { steps: app.steps.clone(), sim: sim.clone() });
-        let runner =
-            Arc::new(LocalRunner::new(definition, handler, clock, app.executions.clone(), sleeper).unwrap());
+        let runner = Arc::new(LocalRunner::new(definition, handler, clock, app.executions.clone(), sleeper).unwrap());
         let client = PaymentClient::new(Box::new(LocalBackend::new(runner.clone(), app.executions.clone())));
         let mut policies = HashMap::new();
         for agent in AGENTS {

@@ -37,7 +37,7 @@ pub async fn dynamodb_client() -> aws_sdk_dynamodb::Client {
 
 /// Fresh tables with the template's key schema; the names are unique per call.
 pub async fn fresh_tables(client: &aws_sdk_dynamodb::Client) -> TableNames {
-    let id = hex::encode(rand::random::<[u8; 6]>());
+    let id = alloy_primitives::hex::encode(rand::random::<[u8; 6]>());
     let tables = TableNames { idempotency: format!("idempotency-{id}"), ledger: format!("ledger-{id}") };
     create_table(client, &tables.idempotency, schema::IDEMPOTENCY).await.unwrap();
     create_table(client, &tables.ledger, schema::LEDGER).await.unwrap();

@@ -274,8 +274,14 @@ async fn a_happy_path_payment_takes_five_store_round_trips() {
     let wallet = Arc::new(config.dev_wallet(sqlite.clone(), Arc::new(SystemClock)).await.unwrap());
     let counting = Arc::new(CountingStore::new(sqlite.clone()));
     let steps = Steps::new(counting.clone(), wallet, Arc::new(SystemClock), StepSettings::default());
-    let runner =
-        LocalRunner::new(PAYMENT_DEFINITION, Arc::new(steps.clone()), steps.clock().clone(), sqlite.clone(), Arc::new(RecordingSleeper::default())).unwrap();
+    let runner = LocalRunner::new(
+        PAYMENT_DEFINITION,
+        Arc::new(steps.clone()),
+        steps.clock().clone(),
+        sqlite.clone(),
+        Arc::new(RecordingSleeper::default()),
+    )
+    .unwrap();
     sqlite.put_policy(AGENT, &policy("1.00", "5.00", 10)).await.unwrap();
 
     let record = runner.start("count-1", execution_input("count-1", AGENT, "1000")).await.unwrap();

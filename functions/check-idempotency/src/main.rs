@@ -1,13 +1,12 @@
-//! The check-idempotency step as a Lambda: JSON logs, dependencies built once from configuration, then the
-//! shared handler (`agentpay::lambda::handle`) for every invocation.
+//! The check-idempotency step as a Lambda: JSON logs, the DynamoDB store built once (no payment provider:
+//! this step never pays), then the shared handler for every invocation.
 
-use agentpay::config::Config;
-use agentpay::lambda;
-use agentpay::steps::StepName;
+use agentpay_core::workflow::StepName;
+use agentpay_lambda::config::LambdaConfig;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    lambda::init_tracing();
-    let steps = Config::from_env()?.build_steps().await?;
-    lambda::serve(StepName::CheckIdempotency, steps).await
+    agentpay_lambda::init_tracing();
+    let steps = LambdaConfig::from_env()?.build_steps().await;
+    agentpay_lambda::serve(StepName::CheckIdempotency, steps).await
 }

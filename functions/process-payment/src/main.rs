@@ -1,13 +1,12 @@
-//! The process-payment step as a Lambda: JSON logs, dependencies built once from configuration, then the
-//! shared handler (`agentpay::lambda::handle`) for every invocation.
+//! The process-payment step as a Lambda: JSON logs, the DynamoDB store and the payment provider
+//! (AgentCore, or the dev wallet keyed from Secrets Manager) built once, then the shared handler.
 
-use agentpay::config::Config;
-use agentpay::lambda;
-use agentpay::steps::StepName;
+use agentpay_core::workflow::StepName;
+use agentpay_lambda::config::LambdaConfig;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    lambda::init_tracing();
-    let steps = Config::from_env()?.build_steps().await?;
-    lambda::serve(StepName::ProcessPayment, steps).await
+    agentpay_lambda::init_tracing();
+    let steps = LambdaConfig::from_env()?.build_paying_steps().await?;
+    agentpay_lambda::serve(StepName::ProcessPayment, steps).await
 }

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::clock::Timestamp;
 use crate::error::PaymentError;
+use crate::payment::PaymentRequirement;
 use crate::policy::{AgentLedger, SpendPolicy, WindowBucket};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::PaymentRequest;
@@ -18,7 +19,6 @@ use crate::store::{
     AuditEvent, AuthorizationCommit, ClaimFence, HoldCommit, IdempotencyRecord, ReleaseCommit, Reservation,
     ReserveOutcome, Store, Transition,
 };
-use crate::payment::PaymentRequirement;
 
 /// Takes one failure off the budget; true while failures remain.
 fn take(budget: &AtomicU32) -> bool {

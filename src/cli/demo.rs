@@ -6,24 +6,24 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::asl::ScaledSleeper;
 use crate::cli::{CliError, history_table, outcome_text};
-use crate::clock::SystemClock;
-use crate::config::Config;
-use crate::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore};
-use crate::faults::ProviderFault;
-use crate::local::LocalApp;
-use crate::policy::SpendPolicy;
-use crate::store::ReservationStatus;
+use agentpay::asl::ScaledSleeper;
+use agentpay::clock::SystemClock;
+use agentpay::config::Config;
+use agentpay::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore};
+use agentpay::faults::ProviderFault;
+use agentpay::local::LocalApp;
+use agentpay::policy::SpendPolicy;
+use agentpay::store::ReservationStatus;
 
 pub const AGENT: &str = "demo-agent";
-pub const POLICY: &str = include_str!("../events/policy-demo-agent.json");
-pub const PAID_CALL: &str = include_str!("../events/executions/paid-call.json");
-pub const OVER_DAILY_CAP: &str = include_str!("../events/executions/over-daily-cap.json");
-pub const INVALID_CHALLENGE: &str = include_str!("../events/executions/invalid-challenge.json");
-pub const PROVIDER_FAILURE: &str = include_str!("../events/executions/provider-failure.json");
-pub const LEDGER_FAILURE: &str = include_str!("../events/executions/ledger-failure.json");
-pub const PROVIDER_TIMEOUT: &str = include_str!("../events/executions/provider-timeout.json");
+pub const POLICY: &str = include_str!("../../events/policy-demo-agent.json");
+pub const PAID_CALL: &str = include_str!("../../events/executions/paid-call.json");
+pub const OVER_DAILY_CAP: &str = include_str!("../../events/executions/over-daily-cap.json");
+pub const INVALID_CHALLENGE: &str = include_str!("../../events/executions/invalid-challenge.json");
+pub const PROVIDER_FAILURE: &str = include_str!("../../events/executions/provider-failure.json");
+pub const LEDGER_FAILURE: &str = include_str!("../../events/executions/ledger-failure.json");
+pub const PROVIDER_TIMEOUT: &str = include_str!("../../events/executions/provider-timeout.json");
 
 /// Retry waits in the demo are the ASL's, divided by this.
 const TIME_SCALE: u32 = 100;
@@ -67,7 +67,8 @@ fn parse(text: &str) -> Result<Value, CliError> {
 }
 
 pub async fn run(json_output: bool) -> Result<i32, CliError> {
-    let data_dir = std::env::temp_dir().join(format!("agentpay-demo-{}", hex::encode(rand::random::<[u8; 4]>())));
+    let data_dir = std::env::temp_dir()
+        .join(format!("agentpay-demo-{}", alloy_primitives::hex::encode(rand::random::<[u8; 4]>())));
     let app = LocalApp::open(
         &Config::local(&data_dir),
         &data_dir,
@@ -190,7 +191,7 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
     // The proof is issued, but every answer is lost (a time-out after the provider signed).
     tour.app.provider.fail_next(ProviderFault::OutcomeUnknownAfterProof, 4);
     let held = tour.app.run(parse(PROVIDER_TIMEOUT)?).await?;
-    let key_statuses = |reservations: Vec<crate::store::Reservation>| -> Vec<ReservationStatus> {
+    let key_statuses = |reservations: Vec<agentpay::store::Reservation>| -> Vec<ReservationStatus> {
         reservations.iter().filter(|r| r.idempotency_key == "demo-provider-timeout-1").map(|r| r.status).collect()
     };
     let counted = key_statuses(tour.app.store.reservations(AGENT).await?) == [ReservationStatus::Reserved];
@@ -211,7 +212,7 @@ pub async fn run(json_output: bool) -> Result<i32, CliError> {
     let replay = tour
         .app
         .client()
-        .replay(&held.execution_id, tour.app.steps.clock().now(), crate::client::ReplayOptions::default())
+        .replay(&held.execution_id, tour.app.steps.clock().now(), agentpay::client::ReplayOptions::default())
         .await?;
     let resolved = tour.app.executions.execution(&replay.result.map(|r| r.execution_arn).unwrap_or_default()).await?;
     let authorized = key_statuses(tour.app.store.reservations(AGENT).await?) == [ReservationStatus::Authorized];

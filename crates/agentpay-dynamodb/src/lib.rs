@@ -14,6 +14,8 @@
 //! Every write is one conditional request or one `TransactWriteItems`, and a failed condition
 //! returns the blocking item (`ReturnValuesOnConditionCheckFailure = ALL_OLD`) at no read cost.
 
+pub mod request_log;
+
 use std::collections::HashMap;
 
 use async_trait::async_trait;
@@ -26,10 +28,13 @@ use aws_sdk_dynamodb::types::{
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 
-use super::*;
-use crate::provider::{IssuedProof, IssuedProofs};
+use agentpay_core::clock::Timestamp;
+use agentpay_core::error::PaymentError;
+use agentpay_core::policy::{AgentLedger, SpendPolicy, WindowBucket};
+use agentpay_core::provider::{IssuedProof, IssuedProofs};
+use agentpay_core::store::*;
+use serde_json::Value;
 
 pub mod schema {
     //! Table key schemas: the single definition tests and the template check against.
@@ -259,8 +264,12 @@ impl DynamoStore {
     /// Builds the client from the standard AWS configuration chain (region, credentials,
     /// `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_DYNAMODB`).
     pub async fn from_env(tables: TableNames) -> Self {
-        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        Self::new(Client::new(&config), tables)
+        Self::from_sdk_config(&aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await, tables)
+    }
+
+    /// From an AWS configuration loaded once by the caller (a Lambda's cold start).
+    pub fn from_sdk_config(config: &aws_config::SdkConfig, tables: TableNames) -> Self {
+        Self::new(Client::new(config), tables)
     }
 
     pub fn client(&self) -> &Client {

@@ -5,11 +5,17 @@
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
 use serde_json::Value;
 
-use crate::error::PaymentError;
-use crate::steps::{StepName, Steps};
+use agentpay_core::error::PaymentError;
+use agentpay_core::steps::{StepName, Steps};
 
-impl From<PaymentError> for Diagnostic {
-    fn from(error: PaymentError) -> Self {
+pub mod config;
+
+/// A step's error on its way out of the function: its stable name becomes the `errorType`.
+#[derive(Debug)]
+pub struct StepError(pub PaymentError);
+
+impl From<StepError> for Diagnostic {
+    fn from(StepError(error): StepError) -> Self {
         Diagnostic { error_type: error.name().to_owned(), error_message: error.chain_message() }
     }
 }
@@ -24,9 +30,9 @@ pub fn init_tracing() {
 }
 
 /// Installs the embedded-metric-format recorder for this process (once, at cold start): the
-/// counters in `crate::metrics` become EMF documents that CloudWatch turns into metrics.
+/// counters in `agentpay_core::metrics` become EMF documents that CloudWatch turns into metrics.
 pub fn init_metrics() -> Result<&'static metrics_cloudwatch_embedded::Collector, lambda_runtime::Error> {
-    metrics_cloudwatch_embedded::Builder::new().cloudwatch_namespace(crate::metrics::NAMESPACE).init()
+    metrics_cloudwatch_embedded::Builder::new().cloudwatch_namespace(agentpay_core::metrics::NAMESPACE).init()
 }
 
 /// One invocation. Logs the step, the execution and the outcome — never the payload, which
@@ -39,7 +45,7 @@ pub async fn handle(steps: &Steps, step: StepName, event: LambdaEvent<Value>) ->
             tracing::info!(step = step.function_name(), execution_id, request_id = %event.context.request_id, "step succeeded")
         }
         Err(error) => {
-            crate::metrics::step_error(error.name());
+            agentpay_core::metrics::step_error(error.name());
             tracing::warn!(
                 step = step.function_name(),
                 execution_id,
@@ -60,7 +66,7 @@ pub async fn serve(step: StepName, steps: Steps) -> Result<(), lambda_runtime::E
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let steps = steps.clone();
         async move {
-            let result = handle(&steps, step, event).await;
+            let result = handle(&steps, step, event).await.map_err(StepError);
             if let Err(error) = metrics.flush(std::io::stdout()) {
                 tracing::warn!(error = %error, "could not write the invocation's metrics");
             }
@@ -77,10 +83,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::clock::SystemClock;
-    use crate::provider::dev_wallet::DevWallet;
-    use crate::steps::StepSettings;
-    use crate::store::sqlite::SqliteStore;
+    use agentpay_core::clock::SystemClock;
+    use agentpay_core::steps::StepSettings;
+    use agentpay_dev_wallet::DevWallet;
+    use agentpay_sqlite::SqliteStore;
 
     /// The document CloudWatch reads: `_aws` with a millisecond timestamp and one directive
     /// naming the namespace, dimension sets (each a list of keys present in the document) and
@@ -91,7 +97,7 @@ mod tests {
         let directives = aws["CloudWatchMetrics"].as_array().expect("CloudWatchMetrics");
         assert!(!directives.is_empty());
         for directive in directives {
-            assert_eq!(directive["Namespace"], crate::metrics::NAMESPACE);
+            assert_eq!(directive["Namespace"], agentpay_core::metrics::NAMESPACE);
             for set in directive["Dimensions"].as_array().expect("Dimensions") {
                 let set = set.as_array().expect("a dimension set is an array");
                 assert!(set.len() <= 30);
@@ -114,11 +120,11 @@ mod tests {
     #[test]
     fn the_counted_metrics_are_written_as_embedded_metric_format() {
         let collector = init_metrics().unwrap();
-        crate::metrics::authorized("agent-a", crate::money::AtomicAmount::new(250_000).unwrap());
-        crate::metrics::authorized("agent-a", crate::money::AtomicAmount::new(50_000).unwrap());
-        crate::metrics::denied("SpendLimitExceeded");
-        crate::metrics::outcome_unknown();
-        crate::metrics::step_error("LedgerConflict");
+        agentpay_core::metrics::authorized("agent-a", agentpay_core::money::AtomicAmount::new(250_000).unwrap());
+        agentpay_core::metrics::authorized("agent-a", agentpay_core::money::AtomicAmount::new(50_000).unwrap());
+        agentpay_core::metrics::denied("SpendLimitExceeded");
+        agentpay_core::metrics::outcome_unknown();
+        agentpay_core::metrics::step_error("LedgerConflict");
         let mut out = Vec::new();
         collector.flush(&mut out).unwrap();
         let documents: Vec<Value> =
@@ -149,7 +155,7 @@ mod tests {
         let steps = Steps::new(store, Arc::new(wallet), Arc::new(SystemClock), StepSettings::default());
         let event = LambdaEvent::new(json!({"request": {}, "executionId": "e"}), lambda_runtime::Context::default());
         let error = handle(&steps, StepName::CheckIdempotency, event).await.unwrap_err();
-        let diagnostic = Diagnostic::from(error);
+        let diagnostic = Diagnostic::from(StepError(error));
         assert_eq!(diagnostic.error_type, "InvalidPaymentRequest");
         assert!(diagnostic.error_message.contains("idempotencyKey: received nothing"), "{}", diagnostic.error_message);
     }

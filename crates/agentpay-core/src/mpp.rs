@@ -25,7 +25,6 @@ pub const MPP_VERSION: &str = "1";
 /// AgentCore accepts a header value of at most 16,384 characters.
 pub const MAX_HEADER_LEN: usize = 16_384;
 
-
 /// A parsed `Payment` challenge.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MppChallenge {

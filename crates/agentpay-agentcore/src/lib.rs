@@ -26,16 +26,16 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_types::{Document, Number};
 use serde_json::{Map, Value};
 
-use super::rules::ProviderKind;
-use super::{PaymentOrder, PaymentProof, PaymentProvider};
-use crate::agentcore::{AgentCoreSelection, AgentCoreTarget, CreatedSession, SessionExpiry};
-use crate::clock::{Clock, Timestamp};
-use crate::error::{BoxError, InvalidPaymentRequest, PaymentError, ProviderFailure};
-use crate::money::{AtomicAmount, UsdAmount};
-use crate::policy::SpendPolicy;
-use crate::request::PaymentRequest;
-use crate::payment::{PaymentHeader, PaymentProtocol, PaymentRequirement};
-use crate::x402::payment_header;
+use agentpay_core::agentcore::{AgentCoreSelection, AgentCoreTarget, CreatedSession, SessionExpiry};
+use agentpay_core::clock::{Clock, Timestamp};
+use agentpay_core::error::{BoxError, InvalidPaymentRequest, PaymentError, ProviderFailure};
+use agentpay_core::money::{AtomicAmount, UsdAmount};
+use agentpay_core::payment::{PaymentHeader, PaymentProtocol, PaymentRequirement};
+use agentpay_core::policy::SpendPolicy;
+use agentpay_core::provider::rules::ProviderKind;
+use agentpay_core::provider::{PaymentOrder, PaymentProof, PaymentProvider};
+use agentpay_core::request::PaymentRequest;
+use agentpay_core::x402::payment_header;
 
 const PROVIDER: &str = "agentcore";
 
@@ -620,8 +620,12 @@ mod tests {
     #[test]
     fn an_authorization_for_other_terms_is_an_unknown_outcome_not_a_proof() {
         let request =
-            crate::request::PaymentRequest::parse(&crate::samples::execution_input("k", "a", "10000")).unwrap();
-        let allow = crate::payment::Allowlist { networks: crate::payment::Network::ALL.to_vec(), payees: vec![] };
+            agentpay_core::request::PaymentRequest::parse(&agentpay_core::samples::execution_input("k", "a", "10000"))
+                .unwrap();
+        let allow = agentpay_core::payment::Allowlist {
+            networks: agentpay_core::payment::Network::ALL.to_vec(),
+            payees: vec![],
+        };
         let requirement = request.select_payment(&allow, "a").unwrap();
         let pay_to = requirement.pay_to.to_checksum(None);
         let right = serde_json::json!({"to": pay_to.to_lowercase(), "value": "10000"});

@@ -7,11 +7,11 @@ use comfy_table::Table;
 use serde_json::{Value, json};
 
 use crate::cli::{BackendKind, Cli, CliError, Command, new_table};
-use crate::client::sfn::SfnBackend;
-use crate::client::{
+use agentpay::client::sfn::SfnBackend;
+use agentpay::client::{
     Execution, ListFilter, PaymentAnswer, PaymentClient, Replay, ReplayAction, ReplayOptions, StepEvent, WaitOptions,
 };
-use crate::clock::{Clock, SystemClock};
+use agentpay::clock::{Clock, SystemClock};
 
 async fn client(cli: &Cli) -> Result<PaymentClient, CliError> {
     Ok(match cli.backend {

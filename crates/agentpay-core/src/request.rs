@@ -4,11 +4,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::agentcore::AgentCoreSelection;
 use crate::error::{FieldProblem, InvalidPaymentRequest, PaymentError};
 use crate::mpp::MppChallenge;
-use crate::agentcore::AgentCoreSelection;
-use crate::x402::Challenge;
 use crate::payment::{Allowlist, PaymentRequirement, describe};
+use crate::x402::Challenge;
 
 macro_rules! validated_id {
     ($(#[$meta:meta])* $name:ident, max = $max:expr, extra = $extra:expr, what = $what:expr) => {
@@ -292,7 +292,7 @@ pub fn canonical_json(value: &Value) -> String {
 }
 
 pub fn fingerprint(value: &Value) -> String {
-    hex::encode(Sha256::digest(canonical_json(value).as_bytes()))
+    alloy_primitives::hex::encode(Sha256::digest(canonical_json(value).as_bytes()))
 }
 
 /// Short deterministic id from parts: `prefix-` and 32 hex digits of SHA-256.
@@ -302,7 +302,7 @@ pub fn derived_id(prefix: &str, parts: &[&str]) -> String {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
     }
-    format!("{prefix}-{}", &hex::encode(hasher.finalize())[..32])
+    format!("{prefix}-{}", &alloy_primitives::hex::encode(hasher.finalize())[..32])
 }
 
 #[cfg(test)]

@@ -14,9 +14,12 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::*;
-use crate::executions::{ExecutionFilter, ExecutionRecord, ExecutionStore, HistoryEvent};
-use crate::provider::{IssuedProof, IssuedProofs};
+use agentpay_core::clock::Timestamp;
+use agentpay_core::error::PaymentError;
+use agentpay_core::executions::{ExecutionFilter, ExecutionRecord, ExecutionStore, HistoryEvent};
+use agentpay_core::policy::{AgentLedger, SpendPolicy, WindowBucket};
+use agentpay_core::provider::{IssuedProof, IssuedProofs};
+use agentpay_core::store::*;
 
 const SCHEMA: &str = r#"
 PRAGMA journal_mode = WAL;

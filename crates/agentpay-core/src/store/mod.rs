@@ -6,9 +6,6 @@
 //! writes separately.
 
 pub mod counting;
-pub mod dynamodb;
-pub mod dynamodb_metrics;
-pub mod sqlite;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -17,9 +14,9 @@ use serde_json::Value;
 use crate::clock::Timestamp;
 use crate::error::PaymentError;
 use crate::money::AtomicAmount;
+use crate::payment::Network;
 use crate::policy::{AgentLedger, SpendPolicy, SpendSnapshot, WindowBucket};
 use crate::request::BusinessContext;
-use crate::payment::Network;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

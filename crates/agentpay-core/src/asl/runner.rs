@@ -15,8 +15,8 @@ use super::path::JsonPath;
 use crate::clock::{Clock, Timestamp};
 use crate::error::PaymentError;
 use crate::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
-use crate::workflow::StepName;
 use crate::store::ErrorRecord;
+use crate::workflow::StepName;
 
 pub const STATE_MACHINE_NAME: &str = "agentpay-payment";
 const LOCAL_REGION_ACCOUNT: &str = "local:000000000000";
@@ -274,7 +274,8 @@ impl LocalRunner {
                 )));
             }
         }
-        let instance = format!("pid:{}:{}", std::process::id(), hex::encode(rand::random::<[u8; 4]>()));
+        let instance =
+            format!("pid:{}:{}", std::process::id(), alloy_primitives::hex::encode(rand::random::<[u8; 4]>()));
         Ok(Self { machine, handler, clock, executions, sleeper, resources, instance, live: Default::default() })
     }
 

@@ -11,4 +11,4 @@ pub use runner::{LocalRunner, RecordingSleeper, RunnerError, ScaledSleeper, Slee
 pub const PAYMENT_DEFINITION_PATH: &str = "statemachines/payment.asl.json";
 
 /// The same file, compiled in, so the CLI runs without the source tree.
-pub const PAYMENT_DEFINITION: &str = include_str!("../../statemachines/payment.asl.json");
+pub const PAYMENT_DEFINITION: &str = include_str!("../../../../statemachines/payment.asl.json");

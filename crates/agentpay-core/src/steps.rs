@@ -15,9 +15,10 @@ use crate::asl::runner::{TaskFailure, TaskHandler};
 use crate::clock::{Clock, Timestamp};
 use crate::error::{InvalidPaymentRequest, PaymentError, is_denial_name};
 use crate::money::AtomicAmount;
+use crate::payment::PaymentHeader;
+use crate::payment::{Network, PaymentRequirement};
 use crate::policy::{SpendSnapshot, decide, release_from_window};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
-use crate::payment::PaymentHeader;
 use crate::request::{PaymentRequest, derived_id};
 use crate::store::{
     AuditEvent, AuditKind, AuthorizationCommit, ErrorRecord, IdempotencyRecord, IdempotencyStatus, ReleaseCommit,
@@ -25,7 +26,6 @@ use crate::store::{
 };
 use crate::store::{ClaimFence, HoldCommit};
 pub use crate::workflow::StepName;
-use crate::payment::{Network, PaymentRequirement};
 
 #[derive(Debug, Clone)]
 pub struct StepSettings {

@@ -2,8 +2,8 @@
 
 use serde_json::{Value, json};
 
-use crate::x402::encode_v2_header;
 use crate::payment::Network;
+use crate::x402::encode_v2_header;
 
 /// A payee used in samples (a throwaway address, checksummed).
 pub const SAMPLE_PAYEE: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";

@@ -1,9 +1,7 @@
 //! The `PaymentProvider` port: turn a selected payment requirement into a proof the agent
 //! sends back to the resource server.
 
-pub mod agentcore;
 pub mod rules;
-pub mod dev_wallet;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -12,10 +10,10 @@ use serde_json::Value;
 
 use crate::clock::Timestamp;
 use crate::error::PaymentError;
-use crate::policy::SpendPolicy;
-use crate::request::PaymentRequest;
 use crate::payment::PaymentHeader;
 use crate::payment::PaymentRequirement;
+use crate::policy::SpendPolicy;
+use crate::request::PaymentRequest;
 
 /// What the provider is asked to pay.
 #[derive(Debug, Clone)]

@@ -16,7 +16,6 @@ use crate::payment::{
     Allowlist, Network, PaymentHeader, PaymentProtocol, PaymentRequirement, X402Version, describe, parse_address,
 };
 
-
 /// Bounds on `maxTimeoutSeconds`: the signed authorization is valid this long. Zero cannot be
 /// paid in time; more than an hour leaves a bearer instrument lying around for no reason.
 pub const MAX_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=3600;
@@ -40,7 +39,6 @@ pub struct Challenge {
     /// Where the challenge sits in the request, for error paths (`challenge.x402`).
     pub origin: &'static str,
 }
-
 
 impl Challenge {
     /// Decodes an x402 v2 `PAYMENT-REQUIRED` header value (base64 of the PaymentRequired JSON).

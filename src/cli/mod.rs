@@ -1,5 +1,8 @@
 //! The `agentpay` command line: run and inspect payment executions on the local runner.
 
+mod aws;
+mod demo;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -7,19 +10,21 @@ use clap::{Args, Parser, Subcommand};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::{Value, json};
 
-use crate::asl::{ScaledSleeper, Sleeper, TokioSleeper};
-use crate::clock::{Clock, SystemClock, Timestamp};
-use crate::config::Config;
-use crate::executions::{ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
-use crate::local::LocalApp;
-use crate::money::UsdAmount;
-use crate::policy::{SpendPolicy, WINDOW_24H, spent_within};
-use crate::provider::agentcore::AgentCoreProvider;
-use crate::agentcore::{AgentCorePolicy, AgentCoreSelection, SessionExpiry, check_manager_arn, check_resource_id};
-use crate::request::{AgentId, UserId, derived_id};
-use crate::store::Store;
-use crate::store::dynamodb::{DynamoStore, TableNames, create_table, schema};
-use crate::payment::{Network, parse_address};
+use agentpay::agentcore::{AgentCorePolicy, AgentCoreSelection, SessionExpiry, check_manager_arn, check_resource_id};
+use agentpay::asl::{ScaledSleeper, Sleeper, TokioSleeper};
+use agentpay::clock::{Clock, SystemClock, Timestamp};
+use agentpay::config::Config;
+use agentpay::executions::{
+    ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind,
+};
+use agentpay::local::LocalApp;
+use agentpay::money::UsdAmount;
+use agentpay::payment::{Network, parse_address};
+use agentpay::policy::{SpendPolicy, WINDOW_24H, spent_within};
+use agentpay::provider::agentcore::AgentCoreProvider;
+use agentpay::request::{AgentId, UserId, derived_id};
+use agentpay::store::Store;
+use agentpay::store::dynamodb::{DynamoStore, TableNames, create_table, schema};
 
 #[derive(Debug, Parser)]
 #[command(name = "agentpay", version, about = "Auditable, resumable agent payments (x402) — local runner")]
@@ -290,7 +295,7 @@ impl Cli {
             StoreKind::Dynamodb => Config::local_dynamo(&self.data_dir, self.tables()),
         };
         if self.provider == ProviderKind::Agentcore {
-            config.provider = crate::config::ProviderConfig::AgentCore;
+            config.provider = agentpay::config::ProviderConfig::AgentCore;
         }
         config
     }
@@ -361,7 +366,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             policy_command(&ctx, command).await?;
             Ok(0)
         }
-        Command::Demo => crate::demo::run(cli.json).await,
+        Command::Demo => crate::cli::demo::run(cli.json).await,
         Command::Agentcore(AgentcoreCommand::CreateSession {
             manager_arn,
             user_id,
@@ -397,7 +402,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         | Command::Status { .. }
         | Command::List { .. }
         | Command::History { .. }
-        | Command::Replay { .. } => crate::client_cli::run(&cli).await,
+        | Command::Replay { .. } => crate::cli::aws::run(&cli).await,
         Command::Tables(TablesCommand::Create) => {
             let store = DynamoStore::from_env(cli.tables()).await;
             for (name, schema) in [(&cli.idempotency_table, schema::IDEMPOTENCY), (&cli.ledger_table, schema::LEDGER)] {
@@ -442,7 +447,7 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), Cl
                     agentcore: agentcore_policy(args),
                 },
             };
-            crate::request::AgentId::parse("agent", &args.agent)?;
+            agentpay::request::AgentId::parse("agent", &args.agent)?;
             store.put_policy(&args.agent, &policy).await?;
             (args.agent.clone(), policy)
         }

@@ -188,7 +188,6 @@ pub struct MppDetails {
     pub header: String,
 }
 
-
 /// Parses an EVM address strictly; the error is the "expected …" text.
 pub fn parse_address(text: &str) -> Result<Address, String> {
     let Some(hex_part) = text.strip_prefix("0x") else {
@@ -219,7 +218,6 @@ pub fn describe(value: &Value) -> String {
         Value::Object(_) => "an object".into(),
     }
 }
-
 
 /// The HTTP header the agent adds to its retried request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,14 +15,14 @@ use alloy_sol_types::{Eip712Domain, SolStruct, sol};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::rules::{ProviderKind, dev_wallet_version};
-use super::{IssuedProof, IssuedProofs, PaymentOrder, PaymentProof, PaymentProvider, PaymentTerms};
-use crate::clock::{Clock, Timestamp};
-use crate::error::{PaymentError, ProviderFailure};
-use crate::policy::SpendPolicy;
-use crate::x402::payment_header;
-use crate::request::{PaymentRequest, derived_id};
-use crate::payment::PaymentRequirement;
+use agentpay_core::clock::{Clock, Timestamp};
+use agentpay_core::error::{PaymentError, ProviderFailure};
+use agentpay_core::payment::PaymentRequirement;
+use agentpay_core::policy::SpendPolicy;
+use agentpay_core::provider::rules::{ProviderKind, dev_wallet_version};
+use agentpay_core::provider::{IssuedProof, IssuedProofs, PaymentOrder, PaymentProof, PaymentProvider, PaymentTerms};
+use agentpay_core::request::{PaymentRequest, derived_id};
+use agentpay_core::x402::payment_header;
 
 sol! {
     /// EIP-3009, as USDC implements it.
@@ -69,7 +69,7 @@ impl DevWallet {
 
     /// A fresh random key, hex encoded (for `agentpay` to create a local wallet file).
     pub fn generate_hex_key() -> String {
-        hex::encode(PrivateKeySigner::random().to_bytes())
+        alloy_primitives::hex::encode(PrivateKeySigner::random().to_bytes())
     }
 
     pub fn address(&self) -> Address {
@@ -98,7 +98,7 @@ impl DevWallet {
         })?;
         debug_assert_eq!(usdc.address, requirement.asset);
         let payload = json!({
-            "signature": format!("0x{}", hex::encode(signature.as_bytes())),
+            "signature": format!("0x{}", alloy_primitives::hex::encode(signature.as_bytes())),
             "authorization": {
                 "from": self.address().to_checksum(None),
                 "to": requirement.pay_to.to_checksum(None),
@@ -123,7 +123,6 @@ pub fn eip712_domain(requirement: &PaymentRequirement) -> Eip712Domain {
         None,
     )
 }
-
 
 #[async_trait]
 impl PaymentProvider for DevWallet {
@@ -190,15 +189,15 @@ fn journal_proof(entry: IssuedProof, terms: &PaymentTerms) -> Result<PaymentProo
 
 #[cfg(test)]
 mod tests {
-    use base64::Engine;
     use alloy_primitives::Signature;
+    use base64::Engine;
 
     use super::*;
-    use crate::clock::ManualClock;
-    use crate::request::PaymentRequest;
-    use crate::samples::{execution_input, execution_input_with_challenge, v1_payment_required};
-    use crate::store::sqlite::SqliteStore;
-    use crate::payment::{Allowlist, Network};
+    use agentpay_core::clock::ManualClock;
+    use agentpay_core::payment::{Allowlist, Network};
+    use agentpay_core::request::PaymentRequest;
+    use agentpay_core::samples::{execution_input, execution_input_with_challenge, v1_payment_required};
+    use agentpay_sqlite::SqliteStore;
 
     fn wallet() -> DevWallet {
         let store = Arc::new(SqliteStore::in_memory().unwrap());
@@ -300,14 +299,14 @@ mod tests {
     fn debug_output_never_shows_the_key() {
         let key = DevWallet::generate_hex_key();
         let store = Arc::new(SqliteStore::in_memory().unwrap());
-        let wallet = DevWallet::from_hex_key(&key, store, Arc::new(crate::clock::SystemClock)).unwrap();
+        let wallet = DevWallet::from_hex_key(&key, store, Arc::new(agentpay_core::clock::SystemClock)).unwrap();
         let shown = format!("{wallet:?}");
         assert!(!shown.contains(&key) && shown.contains("address"), "{shown}");
         assert!(
             DevWallet::from_hex_key(
                 "0xnotakey",
                 Arc::new(SqliteStore::in_memory().unwrap()),
-                Arc::new(crate::clock::SystemClock)
+                Arc::new(agentpay_core::clock::SystemClock)
             )
             .is_err()
         );
