@@ -33,7 +33,11 @@ fn main() {
     println!("  {:<18} {:>9} {:>9} {:>9}", "function", "median", "p90", "max");
     for function in FUNCTIONS {
         let binary = dir.join(function);
-        assert!(binary.exists(), "{} is missing: build the functions in release first (see the header)", binary.display());
+        assert!(
+            binary.exists(),
+            "{} is missing: build the functions in release first (see the header)",
+            binary.display()
+        );
         let mut times: Vec<Duration> = (0..runs).map(|_| cold_start(&binary, function)).collect();
         times.sort();
         let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
@@ -134,7 +138,8 @@ fn serve(stream: TcpStream, answered: mpsc::Sender<String>) {
                 return;
             }
             served_event = true;
-            let deadline = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() + 15_000;
+            let deadline =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() + 15_000;
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nLambda-Runtime-Aws-Request-Id: bench-1\r\nLambda-Runtime-Deadline-Ms: {deadline}\r\nLambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:us-east-1:000000000000:function:bench\r\nContent-Length: {}\r\n\r\n",
                 EVENT.len()

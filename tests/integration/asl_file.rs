@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use agentpay::asl::definition::{StateKind, Transition};
 use agentpay::asl::{PAYMENT_DEFINITION, StateMachine, substitution_names};
-use agentpay::error::{DEFINITE_REFUSALS, ERROR_NAMES};
+use agentpay::error::{ErrorName, definite_refusals};
 use agentpay::steps::StepName;
 
 fn machine() -> StateMachine {
@@ -28,7 +28,7 @@ fn every_error_name_in_the_machine_exists() {
                 task.retry.iter().flat_map(|r| &r.error_equals).chain(task.catch.iter().flat_map(|c| &c.error_equals))
             {
                 assert!(
-                    ERROR_NAMES.contains(&name.as_str())
+                    ErrorName::parse(name).is_some()
                         || name.starts_with("States.")
                         || name.starts_with("Lambda.")
                         || name.starts_with("Sandbox."),
@@ -67,7 +67,7 @@ fn only_definite_refusals_out_of_process_payment_reach_compensate() {
     let [definite, rest] = task.catch.as_slice() else { panic!("two catchers: definite refusals, then the rest") };
     let mut caught = definite.error_equals.clone();
     caught.sort();
-    let mut expected: Vec<String> = DEFINITE_REFUSALS.iter().map(|s| s.to_string()).collect();
+    let mut expected: Vec<String> = definite_refusals().iter().map(|s| s.to_string()).collect();
     expected.sort();
     assert_eq!(caught, expected, "the ASL's list is the code's list");
     assert_eq!(rest.error_equals, ["States.ALL"]);

@@ -33,7 +33,7 @@ use agentpay::client::local::LocalBackend;
 use agentpay::client::{PaymentClient, ReplayOptions};
 use agentpay::clock::{Clock, ManualClock, Timestamp};
 use agentpay::config::Config;
-use agentpay::error::{DEFINITE_REFUSALS, PaymentError};
+use agentpay::error::{PaymentError, is_definite_refusal_name};
 use agentpay::executions::{ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore};
 use agentpay::faults::{FaultHook, FaultPoint};
 use agentpay::local::LocalApp;
@@ -69,7 +69,7 @@ const LAMBDA_DEATHS: [&str; 3] = ["Sandbox.Timedout", "Lambda.Unknown", "States.
 /// death that outlived the retries before ProcessPayment ends the execution too: nothing was
 /// sent to the provider (the invariants check that nothing was paid).
 fn is_definite_end(error: &str) -> bool {
-    DEFINITE_REFUSALS.contains(&error)
+    is_definite_refusal_name(error)
         || LAMBDA_DEATHS.contains(&error)
         || matches!(
             error,

@@ -225,23 +225,27 @@ pub enum PaymentError {
 impl PaymentError {
     /// Stable error name, used as the Lambda `errorType` and in ASL `ErrorEquals`.
     pub fn name(&self) -> &'static str {
+        self.error_name().as_str()
+    }
+
+    pub fn error_name(&self) -> ErrorName {
         match self {
-            PaymentError::InvalidPaymentRequest(_) => "InvalidPaymentRequest",
-            PaymentError::IdempotencyKeyReused { .. } => "IdempotencyKeyReused",
-            PaymentError::PaymentInFlight { .. } => "PaymentInFlight",
-            PaymentError::PolicyDenied { .. } => "PolicyDenied",
-            PaymentError::SpendLimitExceeded { .. } => "SpendLimitExceeded",
-            PaymentError::RateLimitExceeded { .. } => "RateLimitExceeded",
-            PaymentError::AgentPaused { .. } => "AgentPaused",
-            PaymentError::ProviderUnavailable { .. } => "ProviderUnavailable",
-            PaymentError::ProviderRejected { .. } => "ProviderRejected",
-            PaymentError::PaymentOutcomeUnknown { .. } => "PaymentOutcomeUnknown",
-            PaymentError::ClaimSuperseded { .. } => "ClaimSuperseded",
-            PaymentError::ProviderFailed { kind, .. } => kind.name(),
-            PaymentError::StoreUnavailable { .. } => "StoreUnavailable",
-            PaymentError::StoreRejected { .. } => "StoreRejected",
-            PaymentError::LedgerConflict { .. } => "LedgerConflict",
-            PaymentError::LedgerInconsistent(_) => "LedgerInconsistent",
+            PaymentError::InvalidPaymentRequest(_) => ErrorName::InvalidPaymentRequest,
+            PaymentError::IdempotencyKeyReused { .. } => ErrorName::IdempotencyKeyReused,
+            PaymentError::PaymentInFlight { .. } => ErrorName::PaymentInFlight,
+            PaymentError::PolicyDenied { .. } => ErrorName::PolicyDenied,
+            PaymentError::SpendLimitExceeded { .. } => ErrorName::SpendLimitExceeded,
+            PaymentError::RateLimitExceeded { .. } => ErrorName::RateLimitExceeded,
+            PaymentError::AgentPaused { .. } => ErrorName::AgentPaused,
+            PaymentError::ProviderUnavailable { .. } => ErrorName::ProviderUnavailable,
+            PaymentError::ProviderRejected { .. } => ErrorName::ProviderRejected,
+            PaymentError::PaymentOutcomeUnknown { .. } => ErrorName::PaymentOutcomeUnknown,
+            PaymentError::ClaimSuperseded { .. } => ErrorName::ClaimSuperseded,
+            PaymentError::ProviderFailed { kind, .. } => kind.error_name(),
+            PaymentError::StoreUnavailable { .. } => ErrorName::StoreUnavailable,
+            PaymentError::StoreRejected { .. } => ErrorName::StoreRejected,
+            PaymentError::LedgerConflict { .. } => ErrorName::LedgerConflict,
+            PaymentError::LedgerInconsistent(_) => ErrorName::LedgerInconsistent,
         }
     }
 
@@ -258,7 +262,7 @@ impl PaymentError {
 
     /// A policy said no (as opposed to a fault): the idempotency record becomes DENIED.
     pub fn is_denial(&self) -> bool {
-        is_denial_name(self.name())
+        self.error_name().is_denial()
     }
 
     /// The full message including the source chain, for causes and logs.
@@ -311,14 +315,18 @@ impl ProviderFailure {
     ];
 
     pub fn name(self) -> &'static str {
+        self.error_name().as_str()
+    }
+
+    pub fn error_name(self) -> ErrorName {
         match self {
-            ProviderFailure::SessionBudgetExhausted => "SessionBudgetExhausted",
-            ProviderFailure::SessionExpired => "SessionExpired",
-            ProviderFailure::AccessDenied => "ProviderAccessDenied",
-            ProviderFailure::ResourceNotFound => "ProviderResourceNotFound",
-            ProviderFailure::Conflict => "ProviderConflict",
-            ProviderFailure::QuotaExceeded => "ProviderQuotaExceeded",
-            ProviderFailure::SubscriptionRequired => "ProviderSubscriptionRequired",
+            ProviderFailure::SessionBudgetExhausted => ErrorName::SessionBudgetExhausted,
+            ProviderFailure::SessionExpired => ErrorName::SessionExpired,
+            ProviderFailure::AccessDenied => ErrorName::ProviderAccessDenied,
+            ProviderFailure::ResourceNotFound => ErrorName::ProviderResourceNotFound,
+            ProviderFailure::Conflict => ErrorName::ProviderConflict,
+            ProviderFailure::QuotaExceeded => ErrorName::ProviderQuotaExceeded,
+            ProviderFailure::SubscriptionRequired => ErrorName::ProviderSubscriptionRequired,
         }
     }
 }
@@ -337,59 +345,133 @@ impl std::fmt::Display for ProviderFailure {
     }
 }
 
-/// Whether an error name (as caught by the state machine) is a policy denial.
-pub fn is_denial_name(name: &str) -> bool {
-    matches!(name, "PolicyDenied" | "SpendLimitExceeded" | "RateLimitExceeded" | "AgentPaused")
+/// Declares the error names once: the enum, its `ALL` list and each name's text.
+macro_rules! error_names {
+    ($($name:ident),+ $(,)?) => {
+        /// Every error name the workflow can produce: the Lambda `errorType`, what the ASL's
+        /// `ErrorEquals` matches, the metrics' `Error` dimension. One list, and the exhaustive
+        /// matches below make each new name decide whether it is a denial or a refusal.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorName {
+            $($name),+
+        }
+
+        impl ErrorName {
+            pub const ALL: &[ErrorName] = &[$(ErrorName::$name),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorName::$name => stringify!($name)),+
+                }
+            }
+        }
+    };
 }
 
-/// The errors out of ProcessPayment that prove no proof was issued: the provider answered
-/// that it refused (or was never asked). Only these may release a reservation; every other
-/// error out of ProcessPayment, Lambda crashes and time-outs included, is an unknown outcome.
-pub const DEFINITE_REFUSALS: &[&str] = &[
-    "InvalidPaymentRequest",
-    "PolicyDenied",
-    "AgentPaused",
-    "ProviderUnavailable",
-    "ProviderRejected",
-    "SessionBudgetExhausted",
-    "SessionExpired",
-    "ProviderAccessDenied",
-    "ProviderResourceNotFound",
-    "ProviderConflict",
-    "ProviderQuotaExceeded",
-    "ProviderSubscriptionRequired",
-];
+error_names!(
+    InvalidPaymentRequest,
+    IdempotencyKeyReused,
+    PaymentInFlight,
+    PolicyDenied,
+    SpendLimitExceeded,
+    RateLimitExceeded,
+    AgentPaused,
+    ProviderUnavailable,
+    ProviderRejected,
+    PaymentOutcomeUnknown,
+    ClaimSuperseded,
+    SessionBudgetExhausted,
+    SessionExpired,
+    ProviderAccessDenied,
+    ProviderResourceNotFound,
+    ProviderConflict,
+    ProviderQuotaExceeded,
+    ProviderSubscriptionRequired,
+    StoreUnavailable,
+    StoreRejected,
+    LedgerConflict,
+    LedgerInconsistent,
+);
+
+impl ErrorName {
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|n| n.as_str() == name)
+    }
+
+    /// A policy said no (as opposed to a fault): the idempotency record becomes DENIED.
+    pub fn is_denial(self) -> bool {
+        use ErrorName::*;
+        match self {
+            PolicyDenied | SpendLimitExceeded | RateLimitExceeded | AgentPaused => true,
+            InvalidPaymentRequest
+            | IdempotencyKeyReused
+            | PaymentInFlight
+            | ProviderUnavailable
+            | ProviderRejected
+            | PaymentOutcomeUnknown
+            | ClaimSuperseded
+            | SessionBudgetExhausted
+            | SessionExpired
+            | ProviderAccessDenied
+            | ProviderResourceNotFound
+            | ProviderConflict
+            | ProviderQuotaExceeded
+            | ProviderSubscriptionRequired
+            | StoreUnavailable
+            | StoreRejected
+            | LedgerConflict
+            | LedgerInconsistent => false,
+        }
+    }
+
+    /// Out of ProcessPayment, whether the error proves no proof was issued: the provider
+    /// answered that it refused (or was never asked). Only these may release a reservation;
+    /// every other error out of ProcessPayment, Lambda crashes and time-outs included, is an
+    /// unknown outcome.
+    pub fn is_definite_refusal(self) -> bool {
+        use ErrorName::*;
+        match self {
+            InvalidPaymentRequest
+            | PolicyDenied
+            | AgentPaused
+            | ProviderUnavailable
+            | ProviderRejected
+            | SessionBudgetExhausted
+            | SessionExpired
+            | ProviderAccessDenied
+            | ProviderResourceNotFound
+            | ProviderConflict
+            | ProviderQuotaExceeded
+            | ProviderSubscriptionRequired => true,
+            IdempotencyKeyReused
+            | PaymentInFlight
+            | SpendLimitExceeded
+            | RateLimitExceeded
+            | PaymentOutcomeUnknown
+            | ClaimSuperseded
+            | StoreUnavailable
+            | StoreRejected
+            | LedgerConflict
+            | LedgerInconsistent => false,
+        }
+    }
+}
+
+/// Whether an error name (as caught by the state machine) is a policy denial.
+pub fn is_denial_name(name: &str) -> bool {
+    ErrorName::parse(name).is_some_and(ErrorName::is_denial)
+}
 
 /// Whether an error name caught after ProcessPayment proves that nothing was issued.
 pub fn is_definite_refusal_name(name: &str) -> bool {
-    DEFINITE_REFUSALS.contains(&name)
+    ErrorName::parse(name).is_some_and(ErrorName::is_definite_refusal)
 }
 
-/// Every error name the workflow can produce, for docs and the ASL consistency test.
-pub const ERROR_NAMES: &[&str] = &[
-    "InvalidPaymentRequest",
-    "IdempotencyKeyReused",
-    "PaymentInFlight",
-    "PolicyDenied",
-    "SpendLimitExceeded",
-    "RateLimitExceeded",
-    "AgentPaused",
-    "ProviderUnavailable",
-    "ProviderRejected",
-    "PaymentOutcomeUnknown",
-    "ClaimSuperseded",
-    "SessionBudgetExhausted",
-    "SessionExpired",
-    "ProviderAccessDenied",
-    "ProviderResourceNotFound",
-    "ProviderConflict",
-    "ProviderQuotaExceeded",
-    "ProviderSubscriptionRequired",
-    "StoreUnavailable",
-    "StoreRejected",
-    "LedgerConflict",
-    "LedgerInconsistent",
-];
+/// The names [`ErrorName::is_definite_refusal`] accepts, in declaration order: the ASL's
+/// Catch from ProcessPayment to Compensate lists exactly these (a test checks it).
+pub fn definite_refusals() -> Vec<&'static str> {
+    ErrorName::ALL.iter().filter(|n| n.is_definite_refusal()).map(|n| n.as_str()).collect()
+}
 
 #[cfg(test)]
 mod tests {
@@ -423,10 +505,17 @@ mod tests {
     }
 
     #[test]
-    fn every_provider_failure_name_is_listed() {
-        for kind in ProviderFailure::ALL {
-            assert!(ERROR_NAMES.contains(&kind.name()), "{}", kind.name());
+    fn every_name_parses_back_and_provider_failures_have_their_own() {
+        for name in ErrorName::ALL {
+            assert_eq!(ErrorName::parse(name.as_str()), Some(*name));
         }
+        assert_eq!(ErrorName::parse("NoSuchError"), None);
+        let mut names: Vec<_> = ProviderFailure::ALL.iter().map(|k| k.name()).collect();
+        names.dedup();
+        assert_eq!(names.len(), ProviderFailure::ALL.len());
+        assert!(is_denial_name("SpendLimitExceeded") && !is_denial_name("ProviderRejected"));
+        assert!(is_definite_refusal_name("ProviderRejected") && !is_definite_refusal_name("PaymentOutcomeUnknown"));
+        assert!(!is_definite_refusal_name("Lambda.Unknown") && !is_definite_refusal_name("States.Timeout"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! (the Lambdas install CloudWatch's embedded metric format, see `lambda::init_metrics`).
 //!
 //! Dimensions are bounded: the agent (one per configured agent), an error or denial name (the
-//! fixed list in `error::ERROR_NAMES`). Alarms read the totals without the agent dimension.
+//! fixed list in `error::ErrorName`). Alarms read the totals without the agent dimension.
 
 use crate::money::AtomicAmount;
 

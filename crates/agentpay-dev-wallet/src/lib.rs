@@ -8,11 +8,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use alloy_primitives::{Address, B256, U256};
-use alloy_signer::SignerSync;
-use alloy_signer_local::PrivateKeySigner;
+use alloy_primitives::{Address, B256, Signature, U256};
 use alloy_sol_types::{Eip712Domain, SolStruct, sol};
 use async_trait::async_trait;
+use k256::ecdsa::SigningKey;
 use serde_json::{Value, json};
 
 use agentpay_core::clock::{Clock, Timestamp};
@@ -40,8 +39,11 @@ sol! {
 /// Tolerance for the payee's clock: the authorization is valid from slightly in the past.
 const VALID_AFTER_SKEW: Duration = Duration::from_secs(600);
 
+/// Signs with k256 directly: alloy's local signer wraps the same `sign_prehash_recoverable`
+/// call in a signer framework (and its dependencies) the dev wallet does not use.
 pub struct DevWallet {
-    signer: PrivateKeySigner,
+    key: SigningKey,
+    address: Address,
     issued: Arc<dyn IssuedProofs>,
     clock: Arc<dyn Clock>,
 }
@@ -62,18 +64,30 @@ impl DevWallet {
         issued: Arc<dyn IssuedProofs>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, BadDevWalletKey> {
-        // The parse error may echo key material: drop it.
-        let signer: PrivateKeySigner = key.trim().parse().map_err(|_| BadDevWalletKey)?;
-        Ok(Self { signer, issued, clock })
+        // The parse errors may echo key material: drop them.
+        let text = key.trim();
+        let bytes =
+            alloy_primitives::hex::decode(text.strip_prefix("0x").unwrap_or(text)).map_err(|_| BadDevWalletKey)?;
+        if bytes.len() != 32 {
+            return Err(BadDevWalletKey);
+        }
+        let key = SigningKey::from_slice(&bytes).map_err(|_| BadDevWalletKey)?;
+        Ok(Self { address: Address::from_private_key(&key), key, issued, clock })
     }
 
     /// A fresh random key, hex encoded (for `agentpay` to create a local wallet file).
     pub fn generate_hex_key() -> String {
-        alloy_primitives::hex::encode(PrivateKeySigner::random().to_bytes())
+        // A random 32 bytes is a valid key unless it is zero or at least the curve order
+        // (odds about 2^-128): draw again then.
+        loop {
+            if let Ok(key) = SigningKey::from_slice(&rand::random::<[u8; 32]>()) {
+                return alloy_primitives::hex::encode(key.to_bytes());
+            }
+        }
     }
 
     pub fn address(&self) -> Address {
-        self.signer.address()
+        self.address
     }
 
     fn sign(&self, requirement: &PaymentRequirement, now: Timestamp) -> Result<(Value, Timestamp), PaymentError> {
@@ -92,10 +106,10 @@ impl DevWallet {
             nonce,
         };
         let digest = authorization.eip712_signing_hash(&domain);
-        let signature = self.signer.sign_hash_sync(&digest).map_err(|e| PaymentError::ProviderRejected {
-            provider: "dev-wallet",
-            message: format!("signing failed: {e}"),
-        })?;
+        // k256 signs with a low s (EIP-2), as USDC's ecrecover requires.
+        let signature = Signature::from(self.key.sign_prehash_recoverable(digest.as_slice()).map_err(|e| {
+            PaymentError::ProviderRejected { provider: "dev-wallet", message: format!("signing failed: {e}") }
+        })?);
         debug_assert_eq!(usdc.address, requirement.asset);
         let payload = json!({
             "signature": format!("0x{}", alloy_primitives::hex::encode(signature.as_bytes())),
@@ -189,7 +203,6 @@ fn journal_proof(entry: IssuedProof, terms: &PaymentTerms) -> Result<PaymentProo
 
 #[cfg(test)]
 mod tests {
-    use alloy_primitives::Signature;
     use base64::Engine;
 
     use super::*;
@@ -214,6 +227,27 @@ mod tests {
 
     fn decode(value: &str) -> Value {
         serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(value).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_known_key_has_its_known_address_and_bad_keys_are_refused_without_echo() {
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(0)));
+        // The private key and address of the ethers.js / web3 documentation.
+        let key = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318";
+        let wallet = DevWallet::from_hex_key(key, store.clone(), clock.clone()).unwrap();
+        assert_eq!(wallet.address().to_checksum(None), "0x2c7536E3605D9C16a7a3D7b1898e529396a65c23");
+        let unprefixed = DevWallet::from_hex_key(&key[2..], store.clone(), clock.clone()).unwrap();
+        assert_eq!(unprefixed.address(), wallet.address());
+        let zero = "00".repeat(32);
+        let order_n = "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141";
+        for bad in [&key[..40], "zz", zero.as_str(), order_n, &format!("{key}00")] {
+            let error = DevWallet::from_hex_key(bad, store.clone(), clock.clone()).unwrap_err().to_string();
+            assert_eq!(error, "dev wallet key is not a 32-byte hex private key");
+        }
+        let generated = DevWallet::generate_hex_key();
+        assert_eq!(generated.len(), 64);
+        assert!(DevWallet::from_hex_key(&generated, store, clock).is_ok());
     }
 
     #[tokio::test]
@@ -243,6 +277,11 @@ mod tests {
         let digest = message.eip712_signing_hash(&eip712_domain(&order.requirement));
         let signature: Signature = body["payload"]["signature"].as_str().unwrap().parse().unwrap();
         assert_eq!(signature.recover_address_from_prehash(&digest).unwrap(), wallet.address());
+        // Low s (EIP-2): ecrecover in USDC refuses the high half.
+        let half_order =
+            U256::from_str_radix("7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0", 16).unwrap();
+        assert!(signature.s() <= half_order);
+        assert!(matches!(body["payload"]["signature"].as_str().unwrap().as_bytes()[130..], [b'1', b'b' | b'c']));
 
         // A wrong domain name (mainnet's "USD Coin" on the testnet) does not verify.
         let wrong = Eip712Domain::new(
