@@ -14,8 +14,8 @@
 //! | `provider::dev_wallet` | `agentpay-dev-wallet` | the local dev wallet |
 
 pub use agentpay_core::{
-    agentcore, asl, clock, error, executions, faults, metrics, money, mpp, payment, policy, request, samples, steps,
-    workflow, x402,
+    agentcore, asl, clock, error, executions, faults, identity, metrics, money, mpp, payment, policy, request, samples,
+    steps, workflow, x402,
 };
 
 pub mod client;

@@ -7,6 +7,7 @@ use comfy_table::Table;
 use serde_json::{Value, json};
 
 use crate::cli::{BackendKind, Cli, CliError, Command, new_table};
+use agentpay::client::entry_point::EntryPointStarter;
 use agentpay::client::sfn::SfnBackend;
 use agentpay::client::{
     Execution, ListFilter, PaymentAnswer, PaymentClient, Replay, ReplayAction, ReplayOptions, StepEvent, WaitOptions,
@@ -20,7 +21,12 @@ async fn client(cli: &Cli) -> Result<PaymentClient, CliError> {
             let arn = cli.state_machine_arn.clone().ok_or(
                 "--backend aws needs the state machine: --state-machine-arn or AGENTPAY_STATE_MACHINE_ARN (the stack output PaymentStateMachineArn)",
             )?;
-            PaymentClient::new(Box::new(SfnBackend::from_env(arn).await))
+            let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let mut backend = SfnBackend::new(aws_sdk_sfn::Client::new(&aws), arn);
+            if let Some(url) = &cli.entry_point_url {
+                backend = backend.with_entry_point(EntryPointStarter::new(url, &aws)?);
+            }
+            PaymentClient::new(Box::new(backend))
         }
     })
 }

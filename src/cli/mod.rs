@@ -55,6 +55,11 @@ pub struct Cli {
     /// The payment state machine (`--backend aws`).
     #[arg(long, global = true, env = "AGENTPAY_STATE_MACHINE_ARN")]
     pub state_machine_arn: Option<String>,
+    /// With `--backend aws`: start payments through the entry point (the stack output
+    /// StartPaymentUrl), signed with your AWS credentials, as agents do; without it `start`
+    /// calls StartExecution, which the template allows operators only.
+    #[arg(long, global = true, env = "AGENTPAY_ENTRY_POINT_URL")]
+    pub entry_point_url: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -227,7 +232,7 @@ pub enum LedgerCommand {
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Set the policy from a JSON file or from flags.
-    Set(PolicySetArgs),
+    Set(Box<PolicySetArgs>),
     Show {
         agent: String,
     },
@@ -244,7 +249,7 @@ pub enum PolicyCommand {
 pub struct PolicySetArgs {
     pub agent: String,
     /// A policy JSON file (see events/policy-demo-agent.json); flags are then not allowed.
-    #[arg(long, conflicts_with_all = ["per_transaction_usd", "daily_usd", "max_per_hour", "network", "payee"])]
+    #[arg(long, conflicts_with_all = ["per_transaction_usd", "daily_usd", "max_per_hour", "network", "payee", "principal"])]
     pub file: Option<PathBuf>,
     #[arg(long, required_unless_present = "file")]
     pub per_transaction_usd: Option<UsdAmount>,
@@ -258,6 +263,10 @@ pub struct PolicySetArgs {
     /// Payee allowed (repeatable); none means any payee.
     #[arg(long, value_parser = |s: &str| parse_address(s).map_err(|e| format!("expected {e}")))]
     pub payee: Vec<alloy_primitives::Address>,
+    /// IAM role or user ARN that may pay as this agent (repeatable): on AWS the entry point's
+    /// verified caller must be one of them.
+    #[arg(long, value_parser = |s: &str| agentpay::identity::check_principal_arn(s).map(|()| s.to_owned()).map_err(|e| format!("expected {e}")))]
+    pub principal: Vec<String>,
     /// AgentCore payment manager ARN used when the execution input does not name one.
     #[arg(long, value_parser = |s: &str| check_manager_arn(s).map(|()| s.to_owned()).map_err(|e| format!("expected {e}")))]
     pub agentcore_manager_arn: Option<String>,
@@ -445,6 +454,7 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), Cl
                     allowed_networks: args.network.clone(),
                     allowed_payees: args.payee.clone(),
                     agentcore: agentcore_policy(args),
+                    principals: args.principal.clone(),
                 },
             };
             agentpay::request::AgentId::parse("agent", &args.agent)?;
@@ -501,6 +511,10 @@ pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
         ("transactions per hour", policy.max_transactions_per_hour.to_string()),
         ("networks", policy.allowed_networks.iter().map(|n| n.caip2()).collect::<Vec<_>>().join(", ")),
         ("payees", payees),
+        (
+            "principals (IAM)",
+            if policy.principals.is_empty() { "none bound".to_owned() } else { policy.principals.join(", ") },
+        ),
     ] {
         table.add_row(vec![agent.to_owned(), setting.to_owned(), value]);
     }

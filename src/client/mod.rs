@@ -2,6 +2,7 @@
 //! Functions ([`sfn::SfnBackend`]) or the local runner ([`local::LocalBackend`]), behind one
 //! trait. The CLI's `start/status/list/history/replay` use it; so can a Rust agent.
 
+pub mod entry_point;
 pub mod local;
 pub mod naming;
 pub mod sfn;
@@ -36,6 +37,9 @@ pub enum ClientError {
     NotFound(String),
     #[error("execution {id} is not redrivable: {reason}")]
     NotRedrivable { id: String, reason: String },
+    /// A refusal a person can act on (a bad entry point URL, the entry point's 4xx answer).
+    #[error("{0}")]
+    Invalid(String),
     #[error("{operation} failed")]
     Backend {
         operation: &'static str,
@@ -48,6 +52,19 @@ impl ClientError {
     pub fn backend(operation: &'static str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         ClientError::Backend { operation, source: source.into() }
     }
+}
+
+/// The same payment request, whoever's session sent it: the entry point adds the verified
+/// `caller`, and a retry may come from another session of the same role.
+fn same_request(stored: &Value, input: &Value) -> bool {
+    let without_caller = |value: &Value| {
+        let mut value = value.clone();
+        if let Value::Object(fields) = &mut value {
+            fields.remove("caller");
+        }
+        value
+    };
+    without_caller(stored) == without_caller(input)
 }
 
 /// One execution as both backends describe it.
@@ -268,7 +285,7 @@ impl PaymentClient {
             None => {
                 let arn = self.backend.execution_arn(&name);
                 let existing = self.backend.describe(&arn).await?;
-                if existing.input.as_ref() != Some(input) {
+                if !existing.input.as_ref().is_some_and(|stored| same_request(stored, input)) {
                     return Err(ClientError::NameTakenByOtherInput { name });
                 }
                 (arn, true)

@@ -7,17 +7,27 @@ use aws_sdk_sfn::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sfn::types::{ExecutionRedriveStatus, ExecutionStatus, HistoryEvent, StateMachineType};
 use serde_json::{Value, json};
 
+use super::entry_point::{EntryPointStarter, StartAnswer};
 use super::{Backend, ClientError, Execution, ListFilter, StepEvent};
 use crate::clock::Timestamp;
 
 pub struct SfnBackend {
     client: Client,
     state_machine_arn: String,
+    /// Where agents start payments (the IAM-verified function URL); without it, starts go
+    /// straight to StartExecution, which the template leaves to operators.
+    entry_point: Option<EntryPointStarter>,
 }
 
 impl SfnBackend {
     pub fn new(client: Client, state_machine_arn: impl Into<String>) -> Self {
-        Self { client, state_machine_arn: state_machine_arn.into() }
+        Self { client, state_machine_arn: state_machine_arn.into(), entry_point: None }
+    }
+
+    /// Starts go through the entry point; status, lists and history still read Step Functions.
+    pub fn with_entry_point(mut self, entry_point: EntryPointStarter) -> Self {
+        self.entry_point = Some(entry_point);
+        self
     }
 
     pub async fn from_env(state_machine_arn: impl Into<String>) -> Self {
@@ -59,6 +69,12 @@ impl Backend for SfnBackend {
     }
 
     async fn start_named(&self, name: &str, input: &Value) -> Result<Option<String>, ClientError> {
+        if let Some(entry_point) = &self.entry_point {
+            return Ok(match entry_point.start(name, input).await? {
+                StartAnswer::Started { execution_arn } => Some(execution_arn),
+                StartAnswer::AlreadyExists { .. } => None,
+            });
+        }
         let started = self
             .client
             .start_execution()

@@ -160,7 +160,7 @@ async fn sfn_client(endpoint: &str) -> aws_sdk_sfn::Client {
 }
 
 /// The deployed definition, its Lambda ARNs substituted, as a state machine on moto.
-async fn moto_state_machine(sfn: &aws_sdk_sfn::Client) -> String {
+pub async fn moto_state_machine(sfn: &aws_sdk_sfn::Client) -> String {
     let mut definition = agentpay::asl::PAYMENT_DEFINITION.to_owned();
     for (name, arn) in agentpay::asl::runner::local_substitutions() {
         definition = definition.replace(&format!("${{{name}}}"), &arn);

@@ -275,6 +275,7 @@ fn settle_event(reservation: &agentpay::store::Reservation) -> agentpay::store::
             delegated_by: "facilitator".into(),
             scope: "settlement".into(),
         },
+        caller_arn: None,
         limits: None,
         payment_id: reservation.payment_id.clone(),
         error: None,

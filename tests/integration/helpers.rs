@@ -25,6 +25,7 @@ pub fn policy(per_transaction: &str, daily: &str, per_hour: u32) -> SpendPolicy 
         allowed_networks: vec![Network::BaseSepolia],
         allowed_payees: vec![],
         agentcore: None,
+        principals: vec![],
     }
 }
 

@@ -104,9 +104,12 @@ async fn recreate(client: &aws_sdk_dynamodb::Client, tables: &TableNames) -> Dyn
     create_table(client, &tables.idempotency, schema::IDEMPOTENCY).await.unwrap();
     create_table(client, &tables.ledger, schema::LEDGER).await.unwrap();
     let store = DynamoStore::new(client.clone(), tables.clone());
-    let demo_policy: agentpay::policy::SpendPolicy =
+    let mut demo_policy: agentpay::policy::SpendPolicy =
         serde_json::from_str(&std::fs::read_to_string(Path::new(ROOT).join("events/policy-demo-agent.json")).unwrap())
             .unwrap();
+    // The functions refuse an agent with no IAM principal bound; the events' caller is a
+    // session of this role.
+    demo_policy.principals = vec!["arn:aws:iam::123456789012:role/demo-agent".into()];
     store.put_policy("demo-agent", &demo_policy).await.unwrap();
     store
 }

@@ -153,6 +153,10 @@ pub enum PaymentError {
     )]
     AgentPaused { agent: String },
 
+    /// The verified caller may not pay as this agent (or there is none where one is required).
+    #[error("caller {caller} may not pay as agent {agent}: {reason}")]
+    CallerNotBound { agent: String, caller: String, reason: String },
+
     #[error("payment provider {provider} is unavailable: {message}")]
     ProviderUnavailable {
         provider: &'static str,
@@ -237,6 +241,7 @@ impl PaymentError {
             PaymentError::SpendLimitExceeded { .. } => ErrorName::SpendLimitExceeded,
             PaymentError::RateLimitExceeded { .. } => ErrorName::RateLimitExceeded,
             PaymentError::AgentPaused { .. } => ErrorName::AgentPaused,
+            PaymentError::CallerNotBound { .. } => ErrorName::CallerNotBound,
             PaymentError::ProviderUnavailable { .. } => ErrorName::ProviderUnavailable,
             PaymentError::ProviderRejected { .. } => ErrorName::ProviderRejected,
             PaymentError::PaymentOutcomeUnknown { .. } => ErrorName::PaymentOutcomeUnknown,
@@ -376,6 +381,7 @@ error_names!(
     SpendLimitExceeded,
     RateLimitExceeded,
     AgentPaused,
+    CallerNotBound,
     ProviderUnavailable,
     ProviderRejected,
     PaymentOutcomeUnknown,
@@ -402,7 +408,7 @@ impl ErrorName {
     pub fn is_denial(self) -> bool {
         use ErrorName::*;
         match self {
-            PolicyDenied | SpendLimitExceeded | RateLimitExceeded | AgentPaused => true,
+            PolicyDenied | SpendLimitExceeded | RateLimitExceeded | AgentPaused | CallerNotBound => true,
             InvalidPaymentRequest
             | IdempotencyKeyReused
             | PaymentInFlight
@@ -447,6 +453,8 @@ impl ErrorName {
             | PaymentInFlight
             | SpendLimitExceeded
             | RateLimitExceeded
+            // Raised by CheckSpend, before anything is reserved; never out of ProcessPayment.
+            | CallerNotBound
             | PaymentOutcomeUnknown
             | ClaimSuperseded
             | StoreUnavailable

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod error;
 pub mod executions;
 pub mod faults;
+pub mod identity;
 pub mod metrics;
 pub mod money;
 pub mod mpp;

@@ -34,6 +34,68 @@ pub struct SpendPolicy {
     /// Session, instrument and switches for the AgentCore provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agentcore: Option<crate::agentcore::AgentCorePolicy>,
+    /// The IAM principals (role or user ARNs) that may pay as this agent: the caller the entry
+    /// point verified must be one of them. Empty: no caller is bound (refused where the
+    /// functions require a bound caller, as the template does).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "principal_arns")]
+    pub principals: Vec<String>,
+}
+
+/// The most principals one agent binds: each is compared on every payment.
+pub const MAX_PRINCIPALS: usize = 20;
+
+mod principal_arns {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(arns: &[String], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(arns)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+        let arns = Vec::<String>::deserialize(deserializer)?;
+        if arns.len() > super::MAX_PRINCIPALS {
+            return Err(serde::de::Error::custom(format!(
+                "principals: received {} ARNs, expected at most {}",
+                arns.len(),
+                super::MAX_PRINCIPALS
+            )));
+        }
+        for arn in &arns {
+            crate::identity::check_principal_arn(arn)
+                .map_err(|expected| serde::de::Error::custom(format!("principal {arn:?}: expected {expected}")))?;
+        }
+        Ok(arns)
+    }
+}
+
+/// Whether `caller` (the ARN the entry point verified, if any) may pay as `agent`. With no
+/// principals bound, any caller passes unless `require_bound` (the deployed functions).
+pub fn check_caller(
+    agent: &str,
+    policy: &SpendPolicy,
+    caller: Option<&str>,
+    require_bound: bool,
+) -> Result<(), PaymentError> {
+    let refused = |reason: String| PaymentError::CallerNotBound {
+        agent: agent.to_owned(),
+        caller: caller.unwrap_or("(none)").to_owned(),
+        reason,
+    };
+    if policy.principals.is_empty() {
+        return match require_bound {
+            false => Ok(()),
+            true => Err(refused(format!(
+                "no IAM principal is bound to this agent; bind the agent's role with `agentpay policy set {agent} --principal arn:aws:iam::ACCOUNT:role/NAME ...`"
+            ))),
+        };
+    }
+    match caller {
+        Some(arn) if crate::identity::is_bound(arn, &policy.principals) => Ok(()),
+        Some(_) => Err(refused(format!("the caller is not one of the agent's principals ({})", policy.principals.join(", ")))),
+        None => Err(refused(
+            "the execution carries no verified caller: agents start payments through the entry point (the function URL), which verifies their IAM identity".into(),
+        )),
+    }
 }
 
 impl SpendPolicy {
@@ -272,6 +334,7 @@ mod tests {
             allowed_networks: vec![Network::BaseSepolia],
             allowed_payees: vec![],
             agentcore: None,
+            principals: vec![],
         }
     }
 

@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 
 use crate::agentcore::AgentCoreSelection;
 use crate::error::{FieldProblem, InvalidPaymentRequest, PaymentError};
+use crate::identity::{Caller, check_caller_arn};
 use crate::mpp::MppChallenge;
 use crate::payment::{Allowlist, PaymentRequirement, describe};
 use crate::x402::Challenge;
@@ -89,11 +90,15 @@ pub struct PaymentRequest {
     pub context: BusinessContext,
     /// AgentCore session and instrument for this payment (override the agent's policy).
     pub agentcore: Option<AgentCoreSelection>,
+    /// The IAM caller the entry point verified (absent when an operator started the
+    /// execution directly). Not part of the fingerprint: an agent's retry may come from
+    /// another session of the same role.
+    pub caller: Option<Caller>,
     fingerprint: String,
 }
 
 const TOP_LEVEL_FIELDS: &[&str] =
-    &["idempotencyKey", "agentId", "userId", "challenge", "resource", "context", "agentcore"];
+    &["idempotencyKey", "agentId", "userId", "challenge", "resource", "context", "agentcore", "caller"];
 
 impl PaymentRequest {
     /// Validates the execution input, listing every problem at once.
@@ -141,6 +146,8 @@ impl PaymentRequest {
             .filter(|v| !v.is_null())
             .and_then(|v| AgentCoreSelection::parse(v, "agentcore").map_err(|p| problems.extend(p)).ok());
 
+        let caller = fields.get("caller").and_then(|value| parse_caller(value, &mut problems));
+
         match (idempotency_key, agent_id, user_id, challenge, resource, context) {
             (Some(idempotency_key), Some(agent_id), Some(user_id), Some(challenge), Some(resource), Some(context))
                 if problems.is_empty() =>
@@ -153,7 +160,8 @@ impl PaymentRequest {
                     resource,
                     context,
                     agentcore,
-                    fingerprint: fingerprint(input),
+                    caller,
+                    fingerprint: fingerprint(&without_caller(input)),
                 })
             }
             _ => Err(InvalidPaymentRequest { problems }),
@@ -174,6 +182,34 @@ impl PaymentRequest {
             ChallengeInput::Mpp(header) => MppChallenge::parse(header)?.select(allow, agent),
         }
     }
+}
+
+fn parse_caller(value: &Value, problems: &mut Vec<FieldProblem>) -> Option<Caller> {
+    match serde_json::from_value::<Caller>(value.clone()) {
+        Ok(caller) => match check_caller_arn(&caller.arn) {
+            Ok(()) => Some(caller),
+            Err(expected) => {
+                problems.push(FieldProblem::new("caller.arn", format!("{:?}", caller.arn), expected));
+                None
+            }
+        },
+        Err(_) => {
+            problems.push(FieldProblem::new(
+                "caller",
+                describe(value),
+                "{\"arn\": \"<the verified IAM caller>\"}, set by the entry point",
+            ));
+            None
+        }
+    }
+}
+
+fn without_caller(input: &Value) -> Value {
+    let mut input = input.clone();
+    if let Value::Object(fields) = &mut input {
+        fields.remove("caller");
+    }
+    input
 }
 
 fn id_field<T>(

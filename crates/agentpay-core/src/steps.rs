@@ -17,7 +17,7 @@ use crate::error::{InvalidPaymentRequest, PaymentError, is_denial_name};
 use crate::money::AtomicAmount;
 use crate::payment::PaymentHeader;
 use crate::payment::{Network, PaymentRequirement};
-use crate::policy::{SpendSnapshot, decide, release_from_window};
+use crate::policy::{SpendSnapshot, check_caller, decide, release_from_window};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::{PaymentRequest, derived_id};
 use crate::store::{
@@ -41,6 +41,9 @@ pub struct StepSettings {
     pub idempotency_ttl: Duration,
     /// Optimistic-lock attempts on the agent item before `LedgerConflict`.
     pub ledger_attempts: u32,
+    /// Refuse an agent with no IAM principal bound (the deployed functions do; locally, with
+    /// no entry point, an agent without principals pays for whoever runs the CLI).
+    pub require_bound_caller: bool,
 }
 
 /// The default lease: above the longest hold the ASL allows (see [`StepSettings::lease`]).
@@ -48,7 +51,12 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(20 * 60);
 
 impl Default for StepSettings {
     fn default() -> Self {
-        Self { lease: DEFAULT_LEASE, idempotency_ttl: Duration::from_secs(24 * 3600), ledger_attempts: 8 }
+        Self {
+            lease: DEFAULT_LEASE,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            ledger_attempts: 8,
+            require_bound_caller: false,
+        }
     }
 }
 
@@ -443,7 +451,14 @@ impl Steps {
         for attempt in 0..self.settings.ledger_attempts {
             let ledger = self.store.agent_ledger(agent).await?;
             let now = self.clock.now();
-            let decision = match decide(agent, &ledger, payment, now) {
+            let checked = match &ledger.policy {
+                Some(policy) => {
+                    let caller = request.caller.as_ref().map(|c| c.arn.as_str());
+                    check_caller(agent, policy, caller, self.settings.require_bound_caller)
+                }
+                None => Ok(()),
+            };
+            let decision = match checked.and_then(|()| decide(agent, &ledger, payment, now)) {
                 Ok(decision) => decision,
                 Err(denial) => {
                     // A retried step whose reservation already counts against the cap.
@@ -601,6 +616,7 @@ impl Steps {
             payee: Some(outcome.payee.clone()),
             resource: request.resource.clone(),
             context: request.context.clone(),
+            caller_arn: request.caller.as_ref().map(|c| c.arn.clone()),
             limits: Some(input.reservation.snapshot.clone()),
             payment_id: Some(outcome.payment_id.clone()),
             error: None,
@@ -792,6 +808,7 @@ impl Steps {
             payee: payment.map(|p| p.pay_to.to_checksum(None)),
             resource: request.resource.clone(),
             context: request.context.clone(),
+            caller_arn: request.caller.as_ref().map(|c| c.arn.clone()),
             limits: reservation.map(|r| r.snapshot.clone()),
             payment_id: None,
             error: None,

@@ -156,7 +156,21 @@ fn wallet_key(set: &impl Fn(&str) -> Option<String>) -> Result<WalletKey, Config
 }
 
 fn settings(set: &impl Fn(&str) -> Option<String>) -> Result<StepSettings, ConfigError> {
-    let mut settings = StepSettings::default();
+    // Deployed, an agent with no IAM principal bound pays for nobody.
+    let mut settings = StepSettings { require_bound_caller: true, ..StepSettings::default() };
+    if let Some(text) = set("AGENTPAY_REQUIRE_BOUND_CALLER") {
+        settings.require_bound_caller = match text.as_str() {
+            "true" => true,
+            "false" => false,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    variable: "AGENTPAY_REQUIRE_BOUND_CALLER",
+                    received: text,
+                    expected: "\"true\" (the default: refuse agents with no IAM principal bound) or \"false\"",
+                });
+            }
+        };
+    }
     if let Some(text) = set("AGENTPAY_LEASE_SECONDS") {
         settings.lease = Duration::from_secs(text.parse().ok().filter(|s| *s > 0).ok_or(ConfigError::Invalid {
             variable: "AGENTPAY_LEASE_SECONDS",
@@ -239,6 +253,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("AGENTPAY_LEASE_SECONDS"), "{error}");
+        let bound = LambdaConfig::from_lookup(lookup(&[TABLES[0], TABLES[1], ("AGENTPAY_PROVIDER", "agentcore")]));
+        assert!(bound.unwrap().settings.require_bound_caller, "deployed, callers must be bound by default");
+        let loose = ("AGENTPAY_REQUIRE_BOUND_CALLER", "false");
+        let config =
+            LambdaConfig::from_lookup(lookup(&[TABLES[0], TABLES[1], ("AGENTPAY_PROVIDER", "agentcore"), loose]));
+        assert!(!config.unwrap().settings.require_bound_caller);
+        let wrong = ("AGENTPAY_REQUIRE_BOUND_CALLER", "yes");
+        let error =
+            LambdaConfig::from_lookup(lookup(&[TABLES[0], TABLES[1], ("AGENTPAY_PROVIDER", "agentcore"), wrong]));
+        assert!(error.unwrap_err().to_string().starts_with("AGENTPAY_REQUIRE_BOUND_CALLER: received \"yes\""));
     }
 
     #[test]

@@ -4,11 +4,14 @@
 
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
 use serde_json::Value;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use agentpay_core::error::PaymentError;
 use agentpay_core::steps::{StepName, Steps};
 
 pub mod config;
+pub mod entry_point;
 
 /// A step's error on its way out of the function: its stable name becomes the `errorType`.
 #[derive(Debug)]
@@ -22,11 +25,15 @@ impl From<StepError> for Diagnostic {
 
 /// JSON logs to stdout (CloudWatch), level from `RUST_LOG` (default info).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // `Targets` reads RUST_LOG's `level` and `target=level` forms without the regex engine
+    // that `EnvFilter` links (about 1 MB of every bootstrap).
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|text| text.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO));
     // A second init (tests) is harmless.
     let _ =
-        tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(false).with_target(false).try_init();
+        tracing_subscriber::fmt().json().with_current_span(false).with_target(false).finish().with(filter).try_init();
 }
 
 /// Installs the embedded-metric-format recorder for this process (once, at cold start): the

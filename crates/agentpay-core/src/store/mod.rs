@@ -201,6 +201,9 @@ pub struct AuditEvent {
     pub payee: Option<String>,
     pub resource: String,
     pub context: BusinessContext,
+    /// The IAM caller the entry point verified: who, in IAM's terms, asked for this payment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_arn: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<SpendSnapshot>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
