@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use agentpay::asl::TokioSleeper;
+use agentpay::client::entry_point::EntryPointStarter;
 use agentpay::client::sfn::SfnBackend;
 use agentpay::client::{PaymentAnswer, PaymentClient, WaitOptions};
 use agentpay::clock::SystemClock;
@@ -28,7 +29,16 @@ fn fetch(payment: Option<(&str, &str)>) -> Result<String, String> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = match std::env::var("AGENTPAY_STATE_MACHINE_ARN") {
-        Ok(arn) => PaymentClient::new(Box::new(SfnBackend::from_env(arn).await)),
+        Ok(arn) => {
+            // On AWS an agent starts payments through the entry point (the stack output
+            // StartPaymentUrl), signed with its role's credentials; the state machine is read
+            // for status and history.
+            let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let url = std::env::var("AGENTPAY_ENTRY_POINT_URL").map_err(|_| "set AGENTPAY_ENTRY_POINT_URL too")?;
+            let backend = SfnBackend::new(aws_sdk_sfn::Client::new(&aws), arn)
+                .with_entry_point(EntryPointStarter::new(&url, &aws)?);
+            PaymentClient::new(Box::new(backend))
+        }
         Err(_) => {
             let dir = std::path::Path::new(".agentpay-example");
             let app = LocalApp::open(&Config::local(dir), dir, Arc::new(SystemClock), Arc::new(TokioSleeper)).await?;

@@ -76,7 +76,33 @@ fn every_substitution_and_every_function_matches() {
     crates.sort();
     assert_eq!(functions_sorted, crates, "every function has a crate and every crate a function");
     let steps: Vec<&str> = StepName::ALL.iter().map(|s| s.function_name()).collect();
-    assert_eq!(functions, steps);
+    let step_functions: Vec<&str> = functions.iter().map(String::as_str).filter(|f| *f != "start-payment").collect();
+    assert_eq!(step_functions, steps);
+    assert!(functions.iter().any(|f| f == "start-payment"), "the agents' entry point is deployed");
+}
+
+/// Agents reach the workflow only through the IAM-authenticated URL, and that function can do
+/// nothing but start executions of this state machine.
+#[test]
+fn the_entry_point_is_an_iam_authenticated_url_that_can_only_start_payments() {
+    let template = template();
+    let function = &template["Resources"]["StartPaymentFunction"];
+    assert_eq!(function["Properties"]["FunctionUrlConfig"]["AuthType"].as_str(), Some("AWS_IAM"));
+    let Value::Tagged(machine) = &function["Properties"]["Environment"]["Variables"]["AGENTPAY_STATE_MACHINE_ARN"]
+    else {
+        panic!("the state machine ARN is a !Ref")
+    };
+    assert_eq!(machine.value.as_str(), Some("PaymentStateMachine"));
+    let actions = function_actions(&template);
+    let (_, start) = actions.iter().find(|(name, _)| name == "StartPaymentFunction").unwrap();
+    assert_eq!(start, &["states:StartExecution"]);
+    let starters: Vec<&String> =
+        actions.iter().filter(|(_, a)| a.iter().any(|a| a == "states:StartExecution")).map(|(n, _)| n).collect();
+    assert_eq!(starters, ["StartPaymentFunction"], "no step function starts executions");
+    let permission = &template["Resources"]["StartPaymentUrlPermission"]["Properties"];
+    assert_eq!(permission["Action"].as_str(), Some("lambda:InvokeFunctionUrl"));
+    assert_eq!(permission["FunctionUrlAuthType"].as_str(), Some("AWS_IAM"));
+    assert!(template["Outputs"]["StartPaymentUrl"].is_mapping());
 }
 
 /// A statement, or the statement inside `!If [Condition, statement, !Ref AWS::NoValue]`.
@@ -270,7 +296,8 @@ fn the_dashboard_is_valid_json_over_the_emitted_metrics() {
     }
 }
 
-/// The dev wallet's key reaches the functions only from its secret, only on a dev-wallet stage.
+/// The dev wallet's key reaches process-payment (the one function that builds the provider)
+/// only from its secret, only on a dev-wallet stage.
 #[test]
 fn the_dev_wallet_key_comes_from_a_secret_only_on_dev_wallet_stages() {
     let template = template();
@@ -292,6 +319,10 @@ fn the_dev_wallet_key_comes_from_a_secret_only_on_dev_wallet_stages() {
             .iter()
             .filter(|s| conditional_statement(s)["Sid"].as_str() == Some("ReadDevWalletKey"))
             .collect();
+        if name.as_str() != Some("ProcessPaymentFunction") {
+            assert!(secret.is_empty(), "{name:?} never builds the provider, so never reads its key");
+            continue;
+        }
         assert_eq!(secret.len(), 1, "{name:?}");
         let Value::Tagged(conditional) = secret[0] else { panic!("{name:?}: the secret statement is conditional") };
         assert_eq!(conditional.value[0].as_str(), Some("UseDevWallet"));
