@@ -42,7 +42,7 @@ pub async fn run(cli: &Cli) -> Result<i32, CliError> {
         Ok(())
     };
     match &cli.command {
-        Command::Start { file, wait, timeout_seconds } => {
+        Command::Start { file, wait, timeout_seconds, .. } => {
             let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
             let input: Value =
                 serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
@@ -94,7 +94,7 @@ pub async fn run(cli: &Cli) -> Result<i32, CliError> {
             }
             Ok(0)
         }
-        Command::Replay { id, all, since, until, fresh, dry_run, wait } => {
+        Command::Replay { id, all, since, until, fresh, dry_run, wait, .. } => {
             let options = ReplayOptions { fresh: *fresh, dry_run: *dry_run, wait: wait.then(|| wait_options(60)) };
             let now = SystemClock.now();
             let replays = if *all {
@@ -146,7 +146,20 @@ pub fn execution_text(execution: &Execution) -> String {
             ));
         }
         PaymentAnswer::Denied { error, cause } => text.push_str(&format!("\n  denied  {error}: {cause}")),
-        PaymentAnswer::Failed { error, cause } => text.push_str(&format!("\n  failed  {error}: {cause}")),
+        PaymentAnswer::Failed { error, cause } => {
+            text.push_str(&format!("\n  failed  {error}: {cause}"));
+            if error == "PaymentOutcomeUnknown" {
+                text.push_str(&format!(
+                    "\n  next    a proof may exist and still counts: `agentpay replay {}` asks the provider again with the same client token",
+                    execution.name
+                ));
+            } else {
+                text.push_str(&format!(
+                    "\n  next    `agentpay replay {}` resumes it at the state that failed",
+                    execution.name
+                ));
+            }
+        }
         PaymentAnswer::Running => text.push_str("\n  next    poll `agentpay status` (still running)"),
     }
     text

@@ -14,9 +14,7 @@ use agentpay::agentcore::{AgentCorePolicy, AgentCoreSelection, SessionExpiry, ch
 use agentpay::asl::{ScaledSleeper, Sleeper, TokioSleeper};
 use agentpay::clock::{Clock, SystemClock, Timestamp};
 use agentpay::config::Config;
-use agentpay::executions::{
-    ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind,
-};
+use agentpay::executions::{ExecutionRecord, HistoryEvent, HistoryKind};
 use agentpay::local::LocalApp;
 use agentpay::money::UsdAmount;
 use agentpay::payment::{Network, parse_address};
@@ -27,7 +25,11 @@ use agentpay::store::Store;
 use agentpay::store::dynamodb::{DynamoStore, TableNames, create_table, schema};
 
 #[derive(Debug, Parser)]
-#[command(name = "agentpay", version, about = "Auditable, resumable agent payments (x402) — local runner")]
+#[command(
+    name = "agentpay",
+    version,
+    about = "Auditable, resumable agent payments (x402): the local runner, or the deployed workflow with --backend aws"
+)]
 pub struct Cli {
     /// Where the embedded store and the dev wallet key live.
     #[arg(long, global = true, env = "AGENTPAY_DATA_DIR", default_value = ".agentpay")]
@@ -84,18 +86,18 @@ pub enum StoreKind {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Start one execution from an execution input file and print its outcome and history.
+    /// Former name of `start FILE --wait` (one vocabulary for both backends).
+    #[command(hide = true)]
     Run {
         file: PathBuf,
-        /// Wait 1/100 of the ASL's retry intervals (for trying failure paths by hand).
         #[arg(long)]
         fast_retries: bool,
     },
-    /// List or describe executions.
-    #[command(subcommand)]
+    /// Former names of `list` and `status`.
+    #[command(subcommand, hide = true)]
     Executions(ExecutionsCommand),
-    /// Resume a failed execution at the state that failed, with the same input; or a RUNNING
-    /// execution whose process died, where its history ends.
+    /// Former name of `replay ID --wait`.
+    #[command(hide = true)]
     Redrive {
         id: String,
         #[arg(long)]
@@ -124,6 +126,9 @@ pub enum Command {
         wait: bool,
         #[arg(long, default_value_t = 60)]
         timeout_seconds: u64,
+        /// Local runner: wait 1/100 of the ASL's retry intervals (to try failure paths by hand).
+        #[arg(long)]
+        fast_retries: bool,
     },
     /// Describe one execution (ARN or name) and what the agent does next.
     Status { id: String },
@@ -144,7 +149,8 @@ pub enum Command {
     },
     /// The steps of one execution with their inputs, outputs and errors.
     History { id: String },
-    /// Redrive a failed execution (or, with --all, every failed one in a time range).
+    /// Redrive a failed execution (or, with --all, every failed one in a time range); on the
+    /// local runner, also resume a RUNNING execution whose process died.
     Replay {
         /// Execution ARN or name; omit with --all.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -164,7 +170,51 @@ pub enum Command {
         /// Wait for each replayed execution to finish.
         #[arg(long)]
         wait: bool,
+        /// Local runner: wait 1/100 of the ASL's retry intervals.
+        #[arg(long)]
+        fast_retries: bool,
     },
+}
+
+impl Command {
+    /// The one vocabulary: a former command name becomes the command it now is (said on
+    /// stderr, so scripts that parse stdout keep working).
+    fn canonical(self) -> Command {
+        let renamed = |old: &str, new: &str| eprintln!("note: `agentpay {old}` is `agentpay {new}` now");
+        match self {
+            Command::Run { file, fast_retries } => {
+                renamed("run FILE", "start FILE --wait");
+                Command::Start { file, wait: true, timeout_seconds: 60, fast_retries }
+            }
+            Command::Executions(ExecutionsCommand::List { status, agent, limit }) => {
+                renamed("executions list", "list");
+                Command::List { status, agent, since: None, until: None, limit: usize::try_from(limit).ok() }
+            }
+            Command::Executions(ExecutionsCommand::Describe { id }) => {
+                renamed("executions describe ID", "status ID (and history ID)");
+                Command::Status { id }
+            }
+            Command::Redrive { id, fast_retries } => {
+                renamed("redrive ID", "replay ID --wait");
+                Command::Replay {
+                    id: Some(id),
+                    all: false,
+                    since: None,
+                    until: None,
+                    fresh: false,
+                    dry_run: false,
+                    wait: true,
+                    fast_retries,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the local runner should shorten retry waits.
+    pub fn fast_retries(&self) -> bool {
+        matches!(self, Command::Start { fast_retries: true, .. } | Command::Replay { fast_retries: true, .. })
+    }
 }
 
 fn parse_status(text: &str) -> Result<String, String> {
@@ -310,7 +360,7 @@ impl Cli {
     }
 
     pub(crate) async fn open_app(&self) -> Result<LocalApp, CliError> {
-        Ok(self.open(false).await?.app)
+        Ok(self.open(self.command.fast_retries()).await?.app)
     }
 
     async fn open(&self, fast_retries: bool) -> Result<Context, CliError> {
@@ -322,49 +372,9 @@ impl Cli {
 }
 
 /// Runs the command; the exit code is 0 on success, 1 when an execution failed.
-pub async fn run(cli: Cli) -> Result<i32, CliError> {
+pub async fn run(mut cli: Cli) -> Result<i32, CliError> {
+    cli.command = cli.command.canonical();
     match &cli.command {
-        Command::Run { file, fast_retries } => {
-            let ctx = cli.open(*fast_retries).await?;
-            let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let input: Value =
-                serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
-            let record = ctx.app.run(input).await?;
-            print_execution(&ctx, &record).await?;
-            Ok(exit_code(&record))
-        }
-        Command::Executions(ExecutionsCommand::List { status, agent, limit }) => {
-            let ctx = cli.open(false).await?;
-            let status = status
-                .as_deref()
-                .map(|s| {
-                    ExecutionStatus::parse(s)
-                        .ok_or(format!("--status: received {s:?}, expected RUNNING, SUCCEEDED or FAILED"))
-                })
-                .transpose()?;
-            let filter = ExecutionFilter { status, agent_id: agent.clone(), since: None, limit: Some(*limit) };
-            let records = ctx.app.executions.list_executions(&filter).await?;
-            if ctx.json {
-                println!("{}", serde_json::to_string_pretty(&records)?);
-            } else {
-                println!("{}", executions_table(&records));
-            }
-            Ok(0)
-        }
-        Command::Executions(ExecutionsCommand::Describe { id }) => {
-            let ctx = cli.open(false).await?;
-            let record = ctx.app.executions.execution(id).await?.ok_or(format!("no execution {id:?}"))?;
-            print_execution(&ctx, &record).await?;
-            Ok(0)
-        }
-        Command::Redrive { id, fast_retries } => {
-            let ctx = cli.open(*fast_retries).await?;
-            // A RUNNING execution here is one whose process died: resume it where it stopped.
-            let running = ctx.app.executions.execution(id).await?.is_some_and(|r| r.status == ExecutionStatus::Running);
-            let record = if running { ctx.app.runner.resume(id).await? } else { ctx.app.runner.redrive(id).await? };
-            print_execution(&ctx, &record).await?;
-            Ok(exit_code(&record))
-        }
         Command::Ledger(LedgerCommand::Show { agent }) => {
             let ctx = cli.open(false).await?;
             print_ledger(&ctx, agent).await?;
@@ -412,6 +422,9 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         | Command::List { .. }
         | Command::History { .. }
         | Command::Replay { .. } => crate::cli::aws::run(&cli).await,
+        Command::Run { .. } | Command::Executions(_) | Command::Redrive { .. } => {
+            unreachable!("Command::canonical renames the former commands")
+        }
         Command::Tables(TablesCommand::Create) => {
             let store = DynamoStore::from_env(cli.tables()).await;
             for (name, schema) in [(&cli.idempotency_table, schema::IDEMPOTENCY), (&cli.ledger_table, schema::LEDGER)] {
@@ -421,10 +434,6 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             Ok(0)
         }
     }
-}
-
-fn exit_code(record: &ExecutionRecord) -> i32 {
-    if record.status == ExecutionStatus::Succeeded { 0 } else { 1 }
 }
 
 async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), CliError> {
@@ -530,21 +539,6 @@ pub(crate) fn new_table(header: &[&str]) -> Table {
     table
 }
 
-pub fn executions_table(records: &[ExecutionRecord]) -> Table {
-    let mut table = new_table(&["started", "name", "status", "agent", "error", "redrives"]);
-    for record in records {
-        table.add_row(vec![
-            record.started_at.to_rfc3339(),
-            record.name.clone(),
-            record.status.as_str().to_owned(),
-            record.agent_id.clone().unwrap_or_default(),
-            record.error.as_ref().map(|e| e.error.clone()).unwrap_or_default(),
-            record.redrive_count.to_string(),
-        ]);
-    }
-    table
-}
-
 /// One line per event, as a person reads a run.
 pub fn history_table(events: &[HistoryEvent], started: Timestamp) -> Table {
     let mut table = new_table(&["#", "+ms", "state", "event", "detail"]);
@@ -624,17 +618,6 @@ fn summarize_output(output: &Value) -> String {
     String::new()
 }
 
-async fn print_execution(ctx: &Context, record: &ExecutionRecord) -> Result<(), CliError> {
-    let history = ctx.app.executions.history(&record.execution_id).await?;
-    if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&json!({"execution": record, "history": history}))?);
-        return Ok(());
-    }
-    println!("{}", outcome_text(record));
-    println!("{}", history_table(&history, record.started_at));
-    Ok(())
-}
-
 /// The outcome in a few lines: what the agent does next.
 pub fn outcome_text(record: &ExecutionRecord) -> String {
     let mut out = format!("execution {}\n  status  {}", record.name, record.status.as_str());
@@ -670,7 +653,7 @@ pub fn outcome_text(record: &ExecutionRecord) -> String {
             ));
             if record.failed_state.as_deref() == Some("RecordLedger") {
                 out.push_str(&format!(
-                    "\n  next    the proof exists but is not recorded: `agentpay redrive {}`",
+                    "\n  next    the proof exists but is not recorded: `agentpay replay {}`",
                     record.name
                 ));
             }

@@ -132,4 +132,12 @@ impl Backend for LocalBackend {
     async fn redrive(&self, execution_arn: &str, _redrive_count: u32) -> Result<(), ClientError> {
         self.runner.redrive(execution_arn).await.map(|_| ()).map_err(|e| runner_error("RedriveExecution", e))
     }
+
+    async fn resume_orphan(&self, execution_arn: &str) -> Result<Option<Result<(), String>>, ClientError> {
+        match self.runner.resume(execution_arn).await {
+            Ok(_) => Ok(Some(Ok(()))),
+            Err(RunnerError::NotRedrivable { reason, .. }) => Ok(Some(Err(reason))),
+            Err(other) => Err(runner_error("resume", other)),
+        }
+    }
 }

@@ -199,6 +199,12 @@ pub trait Backend: Send + Sync {
     async fn is_standard(&self) -> Result<bool, ClientError>;
     /// `redrive_count` is the execution's current count (it keys the request's client token).
     async fn redrive(&self, execution_arn: &str, redrive_count: u32) -> Result<(), ClientError>;
+    /// Resumes a RUNNING execution whose runner is gone, where its history ends: `None` where
+    /// executions cannot be orphaned (Step Functions drives its own), else whether it was
+    /// resumed or why not.
+    async fn resume_orphan(&self, _execution_arn: &str) -> Result<Option<Result<(), String>>, ClientError> {
+        Ok(None)
+    }
 }
 
 /// Bounded polling: first delay, growth, cap, overall deadline.
@@ -232,6 +238,8 @@ pub struct Started {
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ReplayAction {
     Redriven,
+    /// A RUNNING execution whose runner died, driven on from where its history ends.
+    Resumed,
     StartedFresh,
     /// Dry run: what would have been done.
     WouldRedrive,
@@ -374,6 +382,13 @@ impl PaymentClient {
         // An unknown outcome is resolved only by asking again under the same key: a new
         // execution adopts the held claim and its client token, so it cannot pay twice.
         let fresh = options.fresh || execution.error.as_deref() == Some(OUTCOME_UNKNOWN);
+        if execution.status == "RUNNING" && !options.dry_run {
+            match self.backend.resume_orphan(&arn).await? {
+                Some(Ok(())) => return done(ReplayAction::Resumed, None, Some(self.backend.describe(&arn).await?)),
+                Some(Err(reason)) => return done(ReplayAction::Skipped, Some(reason), None),
+                None => {}
+            }
+        }
         match (refusal, fresh, options.dry_run) {
             (None, _, true) => done(ReplayAction::WouldRedrive, None, None),
             (None, _, false) => {

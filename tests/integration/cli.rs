@@ -26,22 +26,23 @@ fn policy_run_list_describe_and_ledger_work_together() {
     assert!(set.status.success(), "{set:?}");
     assert!(stdout(&set).contains("rolling 24 h limit"));
 
-    let run = agentpay(dir.path(), &["run", "events/executions/paid-call.json"]);
-    assert!(run.status.success(), "{run:?}");
-    let text = stdout(&run);
+    let start = agentpay(dir.path(), &["start", "events/executions/paid-call.json", "--wait"]);
+    assert!(start.status.success(), "{start:?}");
+    let text = stdout(&start);
     assert!(text.contains("status  SUCCEEDED") && text.contains("PAYMENT-SIGNATURE"), "{text}");
-    assert!(text.contains("RecordLedger"), "the step history is printed: {text}");
 
-    let list = agentpay(dir.path(), &["--json", "executions", "list", "--status", "succeeded"]);
+    let list = agentpay(dir.path(), &["--json", "list", "--status", "succeeded"]);
     let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
     let name = listed[0]["name"].as_str().unwrap().to_owned();
-    assert!(name.starts_with("demo-paid-1-"), "executions carry the key: {name}");
+    assert_eq!(name, "demo-paid-1", "executions are named after the key");
 
-    let describe = agentpay(dir.path(), &["--json", "executions", "describe", &name]);
-    let described: Value = serde_json::from_slice(&describe.stdout).unwrap();
+    let status = agentpay(dir.path(), &["--json", "status", &name]);
+    let described: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(described["execution"]["status"], "SUCCEEDED");
-    assert!(described["history"].as_array().unwrap().len() > 10);
+    let history: Value = serde_json::from_slice(&agentpay(dir.path(), &["--json", "history", &name]).stdout).unwrap();
+    assert!(history.as_array().unwrap().len() > 10);
+    assert!(stdout(&agentpay(dir.path(), &["history", &name])).contains("RecordLedger"), "the steps are shown");
 
     let ledger = agentpay(dir.path(), &["ledger", "show", "demo-agent"]);
     let text = stdout(&ledger);
@@ -52,10 +53,41 @@ fn policy_run_list_describe_and_ledger_work_together() {
 fn a_failed_run_exits_1_and_explains() {
     let dir = tempfile::tempdir().unwrap();
     agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
-    let run = agentpay(dir.path(), &["run", "events/executions/invalid-challenge.json"]);
-    assert_eq!(run.status.code(), Some(1));
-    let text = stdout(&run);
+    let start = agentpay(dir.path(), &["start", "events/executions/invalid-challenge.json", "--wait"]);
+    assert_eq!(start.status.code(), Some(1));
+    let text = stdout(&start);
     assert!(text.contains("InvalidPaymentRequest") && text.contains("accepts[0].payTo"), "{text}");
+}
+
+/// One vocabulary: the former local-only names still work, say what they are now, and do
+/// exactly that.
+#[test]
+fn the_former_command_names_are_the_new_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
+    let run = agentpay(dir.path(), &["run", "events/executions/paid-call.json"]);
+    assert!(run.status.success(), "{run:?}");
+    assert!(String::from_utf8_lossy(&run.stderr).contains("is `agentpay start FILE --wait` now"));
+    assert!(stdout(&run).contains("status  SUCCEEDED"));
+    let listed: Value =
+        serde_json::from_slice(&agentpay(dir.path(), &["--json", "executions", "list"]).stdout).unwrap();
+    assert_eq!(listed[0]["name"], "demo-paid-1");
+    let described = agentpay(dir.path(), &["--json", "executions", "describe", "demo-paid-1"]);
+    let described: Value = serde_json::from_slice(&described.stdout).unwrap();
+    assert_eq!(described["execution"]["status"], "SUCCEEDED");
+    let help = stdout(&agentpay(dir.path(), &["--help"]));
+    let commands: Vec<&str> = help
+        .split("Commands:")
+        .nth(1)
+        .and_then(|rest| rest.split("Options:").next())
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert!(commands.contains(&"start") && commands.contains(&"replay"), "{commands:?}");
+    for former in ["run", "executions", "redrive"] {
+        assert!(!commands.contains(&former), "one vocabulary in the help: {commands:?}");
+    }
 }
 
 #[test]
@@ -125,7 +157,7 @@ fn bad_input_gets_a_message_a_person_can_act_on() {
         ],
     );
     assert!(String::from_utf8_lossy(&bad_network.stderr).contains("unknown network \"eip155:1\""));
-    let missing = agentpay(dir.path(), &["run", "no-such-file.json"]);
+    let missing = agentpay(dir.path(), &["start", "no-such-file.json"]);
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read no-such-file.json"));
 }
@@ -162,11 +194,12 @@ fn the_whole_workflow_runs_locally_against_dynamodb() {
     let created = dynamo(&["tables", "create"]);
     assert!(created.status.success(), "{created:?}");
     assert!(dynamo(&["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]).status.success());
-    let run = dynamo(&["--json", "run", "events/executions/paid-call.json"]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let again = dynamo(&["--json", "run", "events/executions/paid-call.json"]);
+    let start = dynamo(&["--json", "start", "events/executions/paid-call.json", "--wait"]);
+    assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
+    let again = dynamo(&["--json", "start", "events/executions/paid-call.json", "--wait"]);
     let again: Value = serde_json::from_slice(&again.stdout).unwrap();
-    assert_eq!(again["execution"]["output"]["fromCache"], true);
+    assert_eq!(again["alreadyExisted"], true, "one key, one execution: {again}");
+    assert_eq!(again["execution"]["status"], "SUCCEEDED");
     let ledger_json: Value =
         serde_json::from_slice(&dynamo(&["--json", "ledger", "show", "demo-agent"]).stdout).unwrap();
     assert_eq!(ledger_json["reservations"].as_array().unwrap().len(), 1);
@@ -270,7 +303,7 @@ fn a_held_execution_points_to_replay_and_replay_resolves_it() {
             cause: "the provider timed out after the request was sent".into(),
         });
     });
-    let described = stdout(&agentpay(dir.path(), &["executions", "describe", "held-1"]));
+    let described = stdout(&agentpay(dir.path(), &["status", "held-1"]));
     assert!(described.contains("`agentpay replay held-1` asks the provider again"), "{described}");
     let replay = agentpay(dir.path(), &["--json", "replay", "held-1", "--wait"]);
     assert!(replay.status.success(), "{}{}", stdout(&replay), String::from_utf8_lossy(&replay.stderr));
@@ -283,18 +316,20 @@ fn a_held_execution_points_to_replay_and_replay_resolves_it() {
     );
 }
 
-/// A RUNNING execution whose process died (its owner pid is gone) is resumed by `redrive`.
+/// A RUNNING execution whose process died (its owner pid is gone) is resumed by `replay`.
 #[test]
-fn redrive_resumes_an_execution_whose_process_died() {
+fn replay_resumes_an_execution_whose_process_died() {
     let dir = tempfile::tempdir().unwrap();
     let set = agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
     assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
     // What a runner that died right after starting leaves behind: the record and its first event.
     // No process has this pid (Linux caps pids far below it).
     leave_execution(dir.path(), "died-1", |record| record.owner = Some("pid:4294967295:dead".into()));
-    let resumed = agentpay(dir.path(), &["--json", "redrive", "died-1"]);
+    let resumed = agentpay(dir.path(), &["--json", "replay", "died-1"]);
     assert!(resumed.status.success(), "{}{}", stdout(&resumed), String::from_utf8_lossy(&resumed.stderr));
+    let resumed: Value = serde_json::from_slice(&resumed.stdout).unwrap();
+    assert_eq!(resumed["replays"][0]["action"], "RESUMED", "{resumed}");
     let described: Value =
-        serde_json::from_slice(&agentpay(dir.path(), &["--json", "executions", "describe", "died-1"]).stdout).unwrap();
+        serde_json::from_slice(&agentpay(dir.path(), &["--json", "status", "died-1"]).stdout).unwrap();
     assert_eq!(described["execution"]["status"], "SUCCEEDED");
 }
