@@ -92,3 +92,52 @@ impl PaymentProvider for PrepareOnly {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::payment::{Allowlist, Network};
+    use crate::samples::{execution_input, execution_input_with_challenge, mpp_challenge};
+
+    fn policy() -> SpendPolicy {
+        serde_json::from_value(json!({
+            "perTransactionLimitUsd": "1.00", "dailyLimitUsd": "5.00", "maxTransactionsPerHour": 10,
+            "allowedNetworks": ["eip155:84532", "eip155:8453"]
+        }))
+        .unwrap()
+    }
+
+    fn requirement(request: &PaymentRequest) -> PaymentRequirement {
+        let allow = Allowlist { networks: Network::ALL.to_vec(), payees: vec![] };
+        request.select_payment(&allow, "a").unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_function_without_a_provider_prepares_like_the_provider_and_never_pays() {
+        let x402 = PaymentRequest::parse(&execution_input("k", "a", "10")).unwrap();
+        let mpp =
+            PaymentRequest::parse(&execution_input_with_challenge("m", "a", json!({"mpp": mpp_challenge("c1", "10")})))
+                .unwrap();
+        let wallet = PrepareOnly(ProviderKind::DevWallet);
+        assert_eq!(wallet.prepare(&x402, &policy(), &requirement(&x402)).unwrap(), None);
+        let refused = wallet.prepare(&mpp, &policy(), &requirement(&mpp)).unwrap_err();
+        assert!(refused.to_string().contains("challenge.mpp"), "{refused}");
+        // AgentCore needs a session: without one in the input or the policy, CheckSpend refuses.
+        let agentcore = PrepareOnly(ProviderKind::AgentCore);
+        let missing = agentcore.prepare(&x402, &policy(), &requirement(&x402)).unwrap_err();
+        assert!(missing.to_string().contains("agentcore.paymentManagerArn"), "{missing}");
+        assert_eq!(agentcore.name(), "agentcore");
+
+        let order = PaymentOrder {
+            client_token: "t".into(),
+            requirement: requirement(&x402),
+            request: x402.clone(),
+            context: None,
+        };
+        let error = wallet.process_payment(&order).await.unwrap_err();
+        assert_eq!(error.name(), "ProviderRejected", "definite: nothing was sent");
+        assert!(crate::error::is_definite_refusal_name(error.name()));
+    }
+}
