@@ -106,14 +106,14 @@ impl LambdaConfig {
     /// The steps of a function that never pays (all but process-payment): the store, and the
     /// provider's checks without the provider. AWS configuration is loaded here, once.
     pub async fn build_steps(&self) -> Steps {
-        let aws = load_aws().await;
+        let aws = crate::load_aws().await;
         let store = Arc::new(DynamoStore::from_sdk_config(&aws, self.tables.clone()));
         Steps::new(store, Arc::new(PrepareOnly(self.provider_kind())), Arc::new(SystemClock), self.settings.clone())
     }
 
     /// The steps of process-payment: the store and the configured provider, built once.
     pub async fn build_paying_steps(&self) -> Result<Steps, ConfigError> {
-        let aws = load_aws().await;
+        let aws = crate::load_aws().await;
         let store = Arc::new(DynamoStore::from_sdk_config(&aws, self.tables.clone()));
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let provider = self.payment_provider(&aws, store.clone(), clock.clone()).await?;
@@ -133,10 +133,6 @@ impl LambdaConfig {
     }
 }
 
-/// The standard chain: region, the function role's credentials, `AWS_ENDPOINT_URL_*`.
-async fn load_aws() -> aws_config::SdkConfig {
-    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
-}
 
 fn wallet_key(set: &impl Fn(&str) -> Option<String>) -> Result<WalletKey, ConfigError> {
     match (set("AGENTPAY_DEV_WALLET_KEY"), set("AGENTPAY_DEV_WALLET_SECRET"), set("AGENTPAY_DEV_WALLET_KEY_FILE")) {

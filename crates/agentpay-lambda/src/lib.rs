@@ -11,6 +11,15 @@ use agentpay_core::error::PaymentError;
 use agentpay_core::steps::{StepName, Steps};
 
 pub mod config;
+
+/// The AWS configuration of a function, loaded once per cold start: the standard chain
+/// (region, the role's environment credentials, `AWS_ENDPOINT_URL_*`) with one HTTP client for
+/// every SDK client, rustls on ring — the SDKs' default client would link aws-lc as well.
+pub async fn load_aws() -> aws_config::SdkConfig {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    let http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
+    aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http).load().await
+}
 pub mod entry_point;
 
 /// A step's error on its way out of the function: its stable name becomes the `errorType`.

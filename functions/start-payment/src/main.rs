@@ -10,7 +10,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     agentpay_lambda::init_tracing();
     let state_machine_arn = std::env::var("AGENTPAY_STATE_MACHINE_ARN")
         .map_err(|_| "AGENTPAY_STATE_MACHINE_ARN is not set; expected the payment state machine's ARN")?;
-    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let aws = agentpay_lambda::load_aws().await;
     let entry_point = EntryPoint::new(aws_sdk_sfn::Client::new(&aws), state_machine_arn);
     let entry_point = &entry_point;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
