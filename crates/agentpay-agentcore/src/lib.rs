@@ -498,6 +498,16 @@ fn classify_fault(operation: &'static str, fault: ServiceFault, source: BoxError
         source: Some(source),
     };
     match fault.code.as_str() {
+        // Only a 4xx says the request was refused. Any other status the SDK could not read as
+        // a success (a 200 whose body is not a ProcessPayment answer, a 3xx) may stand for a
+        // proof that was issued (found by the agentcore_response fuzz target).
+        _ if !(400..500).contains(&fault.status) && fault.status < 500 => outcome_unknown(
+            format!(
+                "{operation}: HTTP {} with an answer that could not be read ({}); asked again with the same client token",
+                fault.status, fault.code
+            ),
+            None,
+        ),
         // Throttling is refused before processing: definite, and retried.
         "ThrottlingException" => PaymentError::ProviderUnavailable {
             provider: PROVIDER,
@@ -690,5 +700,24 @@ mod tests {
         let other = classify_fault("ProcessPayment", fault("Invalid payTo"), "x".into());
         assert_eq!(other.name(), "ProviderRejected");
         assert!(other.to_string().contains("fields: paymentInput: bad"), "{other}");
+    }
+
+    /// Only a 4xx refuses: an unreadable answer with any other status may stand for a proof.
+    #[test]
+    fn an_unreadable_answer_that_is_not_a_4xx_is_an_unknown_outcome() {
+        let fault = |status: u16, code: &str| ServiceFault {
+            code: code.into(),
+            message: String::new(),
+            status,
+            fields: vec![],
+        };
+        for status in [200, 201, 204, 302] {
+            for code in ["Unknown", "ValidationException", "ThrottlingException", "AccessDeniedException"] {
+                let error = classify_fault("ProcessPayment", fault(status, code), "x".into());
+                assert_eq!(error.name(), "PaymentOutcomeUnknown", "HTTP {status} {code}");
+            }
+        }
+        assert_eq!(classify_fault("ProcessPayment", fault(418, "Unknown"), "x".into()).name(), "ProviderRejected");
+        assert_eq!(classify_fault("ProcessPayment", fault(502, "Unknown"), "x".into()).name(), "PaymentOutcomeUnknown");
     }
 }

@@ -133,7 +133,6 @@ impl LambdaConfig {
     }
 }
 
-
 fn wallet_key(set: &impl Fn(&str) -> Option<String>) -> Result<WalletKey, ConfigError> {
     match (set("AGENTPAY_DEV_WALLET_KEY"), set("AGENTPAY_DEV_WALLET_SECRET"), set("AGENTPAY_DEV_WALLET_KEY_FILE")) {
         (Some(hex), _, _) => Ok(WalletKey::Hex(hex)),
