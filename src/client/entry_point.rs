@@ -51,7 +51,7 @@ impl EntryPointStarter {
         let credentials =
             aws.credentials_provider().ok_or_else(|| bad("no AWS credentials are configured to sign with"))?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
+            .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
             .map_err(|e| ClientError::Invalid(format!("cannot load the system's TLS roots: {e}")))?
             .https_or_http()
             .enable_http1()
