@@ -15,7 +15,7 @@
 
 pub use agentpay_core::{
     agentcore, asl, clock, error, executions, faults, identity, metrics, money, mpp, payment, policy, request, samples,
-    steps, workflow, x402,
+    steps, window, workflow, x402,
 };
 
 pub mod client;

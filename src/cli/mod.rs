@@ -18,7 +18,7 @@ use agentpay::executions::{ExecutionRecord, HistoryEvent, HistoryKind};
 use agentpay::local::LocalApp;
 use agentpay::money::UsdAmount;
 use agentpay::payment::{Network, parse_address};
-use agentpay::policy::{SpendPolicy, WINDOW_24H, spent_within};
+use agentpay::policy::SpendPolicy;
 use agentpay::provider::agentcore::AgentCoreProvider;
 use agentpay::request::{AgentId, UserId, derived_id};
 use agentpay::store::Store;
@@ -675,13 +675,14 @@ async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
     let reservations = store.reservations(agent).await?;
     let audit = store.audit_events(agent).await?;
     let now = SystemClock.now();
-    let spent = spent_within(&ledger.window, now, WINDOW_24H);
+    let window = ledger.window.rolled(now);
+    let spent = window.spent;
     if ctx.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "agentId": agent, "policy": ledger.policy, "version": ledger.version,
-                "spent24h": spent, "reservations": reservations, "audit": audit
+                "spent24h": spent, "paymentsLastHour": window.count, "reservations": reservations, "audit": audit
             }))?
         );
         return Ok(());
@@ -691,9 +692,11 @@ async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
             println!("{}", policy_table(agent, policy));
             let daily = policy.daily_limit_usd.to_atomic(6).unwrap_or_default();
             println!(
-                "spent in the last 24 h (reserved + authorized + settled): {} USDC of {} USDC",
+                "spent in the last 24 h (reserved + authorized + settled, whole hours): {} USDC of {} USDC; {} of {} payments in the last hour",
                 spent.display_with_decimals(6),
-                daily.display_with_decimals(6)
+                daily.display_with_decimals(6),
+                window.count,
+                policy.max_transactions_per_hour
             );
         }
         None => println!("agent {agent} has no policy: every payment is denied"),

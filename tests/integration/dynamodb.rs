@@ -10,10 +10,10 @@ use agentpay::steps::{CheckIdempotencyInput, CheckSpendInput, ClaimOutcome, Proc
 use agentpay::steps::{StepSettings, Steps};
 use agentpay::store::Store;
 use agentpay::store::dynamodb::DynamoStore;
-use agentpay::store::dynamodb::request_log::RequestLog;
+use agentpay::store::dynamodb::request_log::{LoggedRequest, RequestLog, capacity};
 
 use crate::helpers::policy;
-use crate::stores::{START, dynamo_store, dynamodb_endpoint, fresh_tables};
+use crate::stores::{START, dynamo_store, dynamodb_client, dynamodb_endpoint, fresh_tables};
 
 const AGENT: &str = "dynamo-agent";
 
@@ -37,15 +37,11 @@ fn steps_over(store: Arc<DynamoStore>, settings: StepSettings) -> Steps {
     Steps::new(store, Arc::new(wallet), clock, settings)
 }
 
-#[tokio::test]
-async fn a_happy_path_payment_is_five_store_requests() {
-    let (store, log) = logged_store().await;
-    store.put_policy(AGENT, &policy("1.00", "5.00", 10)).await.unwrap();
-    let steps = steps_over(store.clone(), StepSettings::default());
+/// One happy-path payment through the four store-touching steps; the requests it made.
+async fn pay_once(steps: &Steps, log: &RequestLog, key: &str) -> (Vec<LoggedRequest>, usize) {
     log.clear();
-
-    let request = execution_input("dyn-happy", AGENT, "10000");
-    let execution_id = "exec-happy".to_owned();
+    let request = execution_input(key, AGENT, "10000");
+    let execution_id = format!("exec-{key}");
     let claim = steps
         .check_idempotency(CheckIdempotencyInput { request: request.clone(), execution_id: execution_id.clone() })
         .await
@@ -58,7 +54,7 @@ async fn a_happy_path_payment_is_five_store_requests() {
         })
         .await
         .unwrap();
-    let store_requests_before_wallet = log.requests().len();
+    let before_wallet = log.requests().len();
     let proof = steps
         .process_payment(ProcessPaymentInput {
             request: request.clone(),
@@ -69,31 +65,63 @@ async fn a_happy_path_payment_is_five_store_requests() {
         })
         .await
         .unwrap();
-    let wallet_requests = log.requests().len() - store_requests_before_wallet;
+    let wallet_requests = log.requests().len() - before_wallet;
     steps.record_ledger(RecordLedgerInput { request, execution_id, claim, reservation, proof }).await.unwrap();
+    // The dev wallet's issued-proof journal is the wallet's, not the store's.
+    let store_requests = log
+        .requests()
+        .into_iter()
+        .filter(|r| !r.writes.iter().chain(&r.reads).any(|i| i.partition().starts_with("PROOF#")));
+    (store_requests.collect(), wallet_requests)
+}
 
-    let requests = log.requests();
+#[tokio::test]
+async fn a_payment_costs_the_same_on_the_hot_partition_idle_or_with_a_full_window() {
+    let (store, log) = logged_store().await;
+    store.put_policy(AGENT, &policy("1.00", "5000.00", 100_000)).await.unwrap();
+    let steps = steps_over(store.clone(), StepSettings::default());
+    let plain = dynamodb_client().await;
+    let hot = format!("AGENT#{AGENT}");
+
+    let (requests, wallet_requests) = pay_once(&steps, &log, "dyn-idle").await;
     let mut by_operation = BTreeMap::new();
     for request in &requests {
         *by_operation.entry(request.operation.as_str()).or_insert(0) += 1;
     }
     // The dev wallet's issued-proof journal (GetItem + PutItem) is not part of the store's cost.
     assert_eq!(wallet_requests, 2);
-    assert_eq!(requests.len() - wallet_requests, 5, "{by_operation:?}");
+    assert_eq!(requests.len(), 5, "{by_operation:?}");
     assert_eq!(by_operation["TransactWriteItems"], 2);
-    assert_eq!(by_operation["BatchGetItem"], 1, "CheckIdempotency reads the agent and the key at once");
-    assert_eq!(by_operation["GetItem"], 2, "CheckSpend's agent read and the wallet's journal");
-    // Write units by DynamoDB's rule over the logged items: the claim (1 item), the reservation
-    // transaction (agent item + reservation, ×2) and the ledger transaction (reservation,
-    // idempotency record with the result, audit event, ×2). The figure goes in the closing note.
-    let store_requests: Vec<_> =
-        requests.iter().filter(|r| r.operation != "GetItem" && r.operation != "BatchGetItem").collect();
-    let items: Vec<usize> = store_requests.iter().map(|r| r.written_item_bytes.len()).collect();
-    // The reservation transaction also checks the fence on the key (a ConditionCheck).
-    assert_eq!(items, [1, 3, 1, 3], "claim, reserve, wallet journal, authorize: {store_requests:?}");
-    let units: Vec<usize> = store_requests.iter().map(|r| r.write_units()).collect();
-    eprintln!("write units per request (claim, reserve, wallet journal, authorize): {units:?}; {store_requests:?}");
-    assert!(units[1] >= 4 && units[3] >= 6, "{units:?}");
+    assert_eq!(by_operation["BatchGetItem"], 2, "CheckIdempotency (agent and key) and CheckSpend (agent)");
+    let idle = capacity(&plain, &requests, &hot).await;
+
+    // A window with every slot taken: a payment in every minute of the last day.
+    let full = {
+        let mut window = store.agent_ledger(AGENT).await.unwrap().window.rolled(START);
+        for slot in 0..agentpay::window::HOUR_SLOTS {
+            window.hours[slot] = agentpay::money::AtomicAmount::new(600_000).unwrap();
+        }
+        window.minutes = vec![1; agentpay::window::MINUTE_SLOTS];
+        window.spent = agentpay::money::AtomicAmount::new(600_000 * 25).unwrap();
+        window.count = agentpay::window::MINUTE_SLOTS as u32;
+        window.check().unwrap();
+        window
+    };
+    plain
+        .put_item()
+        .table_name(&store.tables().ledger)
+        .set_item(Some(agentpay::store::dynamodb::window_item::item(agentpay::store::dynamodb::agent_pk(AGENT), &full)))
+        .send()
+        .await
+        .unwrap();
+    let (requests, _) = pay_once(&steps, &log, "dyn-full").await;
+    let busy = capacity(&plain, &requests, &hot).await;
+    eprintln!("capacity per payment: idle {idle:?}, full window {busy:?}");
+    // The window item and the policy item are the agent's only hot items: each payment writes
+    // the window once, in a transaction (2 units), and reads both twice (4 units).
+    assert_eq!((idle.hot_write_units, idle.hot_read_units), (2, 4), "{idle:?}");
+    assert_eq!((busy.hot_write_units, busy.hot_read_units), (2, 4), "{busy:?}");
+    assert_eq!(store.agent_ledger(AGENT).await.unwrap().window.count, full.count + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -134,7 +162,7 @@ async fn a_hundred_concurrent_reservations_never_pass_the_cap() {
     let total: u64 = reservations.iter().map(|r| r.amount.get()).sum();
     assert_eq!(total, 1_110_000);
     let window = store.agent_ledger(AGENT).await.unwrap().window;
-    assert_eq!(window.iter().map(|e| e.amount.get()).sum::<u64>(), 1_110_000);
+    assert_eq!(window.spent.get(), 1_110_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -228,4 +256,43 @@ async fn only_finished_idempotency_items_carry_a_ttl() {
     let ttl: i64 = finished["ttl"].as_n().unwrap().parse().unwrap();
     let expires: i64 = finished["expiresAt"].as_n().unwrap().parse().unwrap();
     assert_eq!(ttl, expires / 1000, "the TTL is the finished record's expiry");
+}
+
+#[tokio::test]
+async fn a_policy_item_from_before_the_window_item_keeps_its_spend_counted() {
+    let (store, log) = logged_store().await;
+    let plain = dynamodb_client().await;
+    // As stores wrote it before: policy, version and minute buckets in one STATE item.
+    let minute = START.millis() / 60_000;
+    let policy_json = serde_json::to_string(&policy("1.00", "0.05", 10)).unwrap();
+    let buckets = format!(r#"[{{"minute":{},"amount":"30000","count":1}}]"#, minute - 90);
+    plain
+        .put_item()
+        .table_name(&store.tables().ledger)
+        .item("pk", aws_sdk_dynamodb::types::AttributeValue::S(format!("AGENT#{AGENT}")))
+        .item("sk", aws_sdk_dynamodb::types::AttributeValue::S("STATE".into()))
+        .item("policy", aws_sdk_dynamodb::types::AttributeValue::S(policy_json))
+        .item("version", aws_sdk_dynamodb::types::AttributeValue::N("3".into()))
+        .item("window", aws_sdk_dynamodb::types::AttributeValue::S(buckets))
+        .send()
+        .await
+        .unwrap();
+    let ledger = store.agent_ledger(AGENT).await.unwrap();
+    assert_eq!((ledger.version, ledger.window.spent.get(), ledger.window.seq), (3, 30_000, 0));
+    let steps = steps_over(store.clone(), StepSettings::default());
+    // 0.03 counted from the old window: a second 0.03 would pass the 0.05 cap.
+    let request = execution_input("dyn-legacy", AGENT, "30000");
+    let claim = steps
+        .check_idempotency(CheckIdempotencyInput { request: request.clone(), execution_id: "exec-legacy".into() })
+        .await
+        .unwrap();
+    let denied =
+        steps.check_spend(CheckSpendInput { request, execution_id: "exec-legacy".into(), claim }).await.unwrap_err();
+    assert_eq!(denied.name(), "SpendLimitExceeded", "{denied}");
+    // The next policy edit writes the window item from the old buckets and drops them.
+    store.put_policy(AGENT, &policy("1.00", "0.10", 10)).await.unwrap();
+    let ledger = store.agent_ledger(AGENT).await.unwrap();
+    assert_eq!((ledger.version, ledger.window.spent.get(), ledger.window.policy_version), (4, 30_000, 4));
+    let requests = log.requests();
+    assert!(requests.iter().any(|r| r.writes.iter().any(|w| w.key["sk"]["S"] == "WINDOW")), "{requests:?}");
 }

@@ -106,7 +106,7 @@ impl Harness {
     }
 
     async fn window_total(&self) -> u64 {
-        self.app.store.agent_ledger(AGENT).await.unwrap().window.iter().map(|b| b.amount.get()).sum()
+        self.app.store.agent_ledger(AGENT).await.unwrap().window.rolled(self.clock.now()).spent.get()
     }
 
     fn error(record: &ExecutionRecord) -> &str {

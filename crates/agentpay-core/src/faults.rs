@@ -12,13 +12,14 @@ use serde_json::Value;
 use crate::clock::Timestamp;
 use crate::error::PaymentError;
 use crate::payment::PaymentRequirement;
-use crate::policy::{AgentLedger, SpendPolicy, WindowBucket};
+use crate::policy::{AgentLedger, SpendPolicy};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::PaymentRequest;
 use crate::store::{
     AuditEvent, AuthorizationCommit, ClaimFence, HoldCommit, IdempotencyRecord, ReleaseCommit, Reservation,
     ReserveOutcome, Store, Transition,
 };
+use crate::window::WindowWrite;
 
 /// Takes one failure off the budget; true while failures remain.
 fn take(budget: &AtomicU32) -> bool {
@@ -215,12 +216,11 @@ impl Store for FaultyStore {
     }
     async fn reserve(
         &self,
-        v: u64,
-        window: &[WindowBucket],
+        write: &WindowWrite,
         r: &Reservation,
         fence: &ClaimFence,
     ) -> Result<ReserveOutcome, PaymentError> {
-        self.around("reserve", self.inner.reserve(v, window, r, fence)).await
+        self.around("reserve", self.inner.reserve(write, r, fence)).await
     }
     async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
         self.inner.reservation(agent_id, id).await

@@ -5,7 +5,7 @@
 //! `agentpay-dev-wallet`), and the Lambdas and the CLI wire them in.
 //!
 //! Dependencies point one way: `money`, `clock`, `error`, `payment` → `x402`, `mpp`,
-//! `agentcore` → `policy`, `request` → `store`, `provider` → `steps` → `asl`'s task handler.
+//! `agentcore` → `window` → `policy`, `request` → `store`, `provider` → `steps` → `asl`'s task handler.
 
 pub mod agentcore;
 pub mod asl;
@@ -24,5 +24,6 @@ pub mod request;
 pub mod samples;
 pub mod steps;
 pub mod store;
+pub mod window;
 pub mod workflow;
 pub mod x402;

@@ -18,6 +18,7 @@ pub mod names {
     pub const OUTCOMES_UNKNOWN: &str = "OutcomesUnknown";
     pub const CLAIMS_SUPERSEDED: &str = "ClaimsSuperseded";
     pub const STEP_ERRORS: &str = "StepErrors";
+    pub const WINDOW_RETRIES: &str = "WindowRetries";
 }
 
 /// A payment authorized: counted, and its amount (atomic units) added, per agent and in total.
@@ -51,4 +52,10 @@ pub fn claim_superseded() {
 /// Any step error, by name (ledger conflicts and store throttles are alarmed on from here).
 pub fn step_error(error: &str) {
     metrics::counter!(names::STEP_ERRORS, "Error" => error.to_owned()).increment(1);
+}
+
+/// A reservation decided again because the window moved under it (a new minute, a policy
+/// edit, or concurrent payments used the room): the contention on one agent, per payment.
+pub fn window_moved() {
+    metrics::counter!(names::WINDOW_RETRIES).increment(1);
 }

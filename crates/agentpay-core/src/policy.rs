@@ -3,8 +3,6 @@
 //! The decision is a function of (policy, current window, payment, now); stores only make
 //! its result durable with a version check, so both adapters enforce the same rules.
 
-use std::time::Duration;
-
 use alloy_primitives::Address;
 use serde::{Deserialize, Serialize};
 
@@ -12,9 +10,7 @@ use crate::clock::Timestamp;
 use crate::error::{LimitKind, PaymentError};
 use crate::money::{AtomicAmount, UsdAmount};
 use crate::payment::{Allowlist, Network, PaymentRequirement};
-
-pub const WINDOW_24H: Duration = Duration::from_secs(24 * 3600);
-pub const WINDOW_1H: Duration = Duration::from_secs(3600);
+use crate::window::{ChargedAt, SpendWindow, WindowWrite};
 
 /// Limits are configured in USD and converted exactly to the asset's atomic units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,62 +119,14 @@ mod checksummed_addresses {
     }
 }
 
-/// Live (reserved, authorized or settled) spend of one minute.
-///
-/// Minute buckets bound the agent item — at most 1,441 of them, whatever the payment rate —
-/// where one entry per payment would outgrow a DynamoDB item (400 KB) for a busy agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct WindowBucket {
-    /// Minutes since the Unix epoch.
-    pub minute: i64,
-    pub amount: AtomicAmount,
-    pub count: u32,
-}
-
-const MINUTE_MILLIS: i64 = 60_000;
-
-fn minute_of(at: Timestamp) -> i64 {
-    at.millis().div_euclid(MINUTE_MILLIS)
-}
-
-/// A bucket counts while any part of it lies inside the window: a payment may count up to a
-/// minute longer than exactly, never shorter, so a cap can deny slightly early but is never
-/// exceeded.
-fn counts_within(bucket: &WindowBucket, now: Timestamp, window: Duration) -> bool {
-    Timestamp::from_millis((bucket.minute + 1) * MINUTE_MILLIS) > now.minus(window)
-}
-
-/// The window without a released reservation of `amount` made at `reserved_at`.
-pub fn release_from_window(
-    window: Vec<WindowBucket>,
-    amount: AtomicAmount,
-    reserved_at: Timestamp,
-) -> Vec<WindowBucket> {
-    let minute = minute_of(reserved_at);
-    window
-        .into_iter()
-        .filter_map(|mut bucket| {
-            if bucket.minute == minute {
-                bucket.amount = bucket.amount.saturating_sub(amount);
-                bucket.count = bucket.count.saturating_sub(1);
-                if bucket.count == 0 {
-                    return None;
-                }
-            }
-            Some(bucket)
-        })
-        .collect()
-}
-
-/// The agent's state item: policy, live spend per minute and an optimistic-lock version.
+/// The agent's state as the steps read it: policy, its version, and the live spend window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentLedger {
     pub policy: Option<SpendPolicy>,
-    pub window: Vec<WindowBucket>,
-    /// 0 when the agent has never been written.
+    /// The policy's version: 0 when the agent has never been written.
     pub version: u64,
+    pub window: SpendWindow,
 }
 
 /// Limits and spend at the moment of a reservation, kept for the audit trail.
@@ -199,27 +147,20 @@ impl SpendSnapshot {
     }
 }
 
-/// What a successful decision writes: the new window and the figures for the audit.
+/// What a successful decision writes: the window write, where the payment is charged (its
+/// reservation keeps it, for a release), and the figures for the audit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpendDecision {
-    pub window: Vec<WindowBucket>,
+    pub write: WindowWrite,
+    pub charged: ChargedAt,
     pub snapshot: SpendSnapshot,
 }
 
-/// Live spend inside `now - window` (saturating at the ledger ceiling, which is far above any
-/// cap, so saturation can only deny).
-pub fn spent_within(buckets: &[WindowBucket], now: Timestamp, window: Duration) -> AtomicAmount {
-    buckets
-        .iter()
-        .filter(|b| counts_within(b, now, window))
-        .fold(AtomicAmount::ZERO, |sum, b| sum.checked_add(b.amount).unwrap_or(AtomicAmount::MAX))
-}
-
-fn count_within(buckets: &[WindowBucket], now: Timestamp, window: Duration) -> u32 {
-    buckets.iter().filter(|b| counts_within(b, now, window)).fold(0u32, |sum, b| sum.saturating_add(b.count))
-}
-
-/// Evaluates every limit and, if all pass, returns the window with the new entry.
+/// Evaluates every limit against the window as it stands at `now` and, if all pass, returns
+/// the write that reserves the payment: a conditional charge where the stored window is
+/// already aligned to `now` (the store re-checks the caps against what it holds when the
+/// write lands, so concurrent payments never overshoot and never conflict), otherwise a
+/// replacement of the rolled window (once a minute), conditioned on what was read.
 pub fn decide(
     agent: &str,
     ledger: &AgentLedger,
@@ -264,11 +205,9 @@ pub fn decide(
     let daily_limit = convert(policy.daily_limit_usd, "daily limit")?;
     let amount = requirement.amount;
 
-    // Buckets older than the longest window no longer count: drop them as we write.
-    let mut window: Vec<WindowBucket> =
-        ledger.window.iter().filter(|b| counts_within(b, now, WINDOW_24H)).cloned().collect();
-    let spent_24h_before = spent_within(&window, now, WINDOW_24H);
-    let transactions_last_hour_before = count_within(&window, now, WINDOW_1H);
+    let rolled = ledger.window.rolled(now);
+    let spent_24h_before = rolled.spent;
+    let transactions_last_hour_before = rolled.count;
 
     if amount > per_transaction_limit {
         return Err(PaymentError::SpendLimitExceeded {
@@ -298,16 +237,29 @@ pub fn decide(
             limit: policy.max_transactions_per_hour,
         });
     }
-    let minute = minute_of(now);
-    match window.iter_mut().find(|b| b.minute == minute) {
-        Some(bucket) => {
-            bucket.amount = bucket.amount.checked_add(amount).unwrap_or(AtomicAmount::MAX);
-            bucket.count = bucket.count.saturating_add(1);
+    let stored = &ledger.window;
+    let aligned = stored.seq > 0
+        && stored.policy_version == ledger.version
+        && (stored.hour, stored.minute) == (rolled.hour, rolled.minute);
+    let write = if aligned {
+        WindowWrite::Charge {
+            hour: rolled.hour,
+            minute: rolled.minute,
+            amount,
+            max_spent: daily_limit.saturating_sub(amount),
+            max_count: policy.max_transactions_per_hour - 1,
+            policy_version: ledger.version,
         }
-        None => window.push(WindowBucket { minute, amount, count: 1 }),
-    }
+    } else {
+        let mut next = rolled
+            .with_payment(amount)
+            .ok_or_else(|| PaymentError::LedgerInconsistent(format!("agent {agent}: the window's sums overflow")))?;
+        next.policy_version = ledger.version;
+        WindowWrite::Replace { expected_seq: stored.seq, window: Box::new(next) }
+    };
     Ok(SpendDecision {
-        window,
+        write,
+        charged: rolled.charge_point(),
         snapshot: SpendSnapshot {
             per_transaction_limit,
             daily_limit,
@@ -343,23 +295,19 @@ mod tests {
         challenge.select(&policy().allowlist(), "a").unwrap()
     }
 
+    /// A ledger whose window holds `entries` (amount, millis), paid in time order.
     fn ledger_with(entries: &[(u64, i64)]) -> AgentLedger {
-        AgentLedger {
-            policy: Some(policy()),
-            window: entries.iter().fold(Vec::new(), |window: Vec<WindowBucket>, (amount, at)| {
-                let mut window = window;
-                let minute = minute_of(Timestamp::from_millis(*at));
-                match window.iter_mut().find(|b| b.minute == minute) {
-                    Some(bucket) => {
-                        bucket.amount = bucket.amount.checked_add(AtomicAmount::new(*amount).unwrap()).unwrap();
-                        bucket.count += 1;
-                    }
-                    None => window.push(WindowBucket { minute, amount: AtomicAmount::new(*amount).unwrap(), count: 1 }),
-                }
-                window
-            }),
-            version: 1,
-        }
+        let mut entries = entries.to_vec();
+        entries.sort_by_key(|(_, at)| *at);
+        let window = entries.iter().fold(SpendWindow::new(1), |window, (amount, at)| {
+            window.rolled(Timestamp::from_millis(*at)).with_payment(AtomicAmount::new(*amount).unwrap()).unwrap()
+        });
+        AgentLedger { policy: Some(policy()), window, version: 1 }
+    }
+
+    /// The stored window after `decision` lands on `ledger`.
+    fn applied(ledger: &AgentLedger, decision: &SpendDecision) -> SpendWindow {
+        ledger.window.apply(&decision.write).expect("a fresh decision applies to what it read")
     }
 
     const NOW: i64 = 100 * 24 * 3600 * 1000;
@@ -369,10 +317,10 @@ mod tests {
     fn within_limits_reserves_and_snapshots() {
         let ledger = ledger_with(&[(500_000, NOW - 2 * HOUR)]);
         let decision = decide("a", &ledger, &requirement("1000000"), Timestamp::from_millis(NOW)).unwrap();
-        assert_eq!(decision.window.len(), 2);
         assert_eq!(decision.snapshot.spent_24h_before.get(), 500_000);
         assert_eq!(decision.snapshot.spent_24h_after.get(), 1_500_000);
         assert_eq!(decision.snapshot.remaining_24h().get(), 1_000_000);
+        assert_eq!(applied(&ledger, &decision).spent.get(), 1_500_000);
     }
 
     #[test]
@@ -388,12 +336,9 @@ mod tests {
 
     #[test]
     fn daily_cap_counts_the_rolling_window_only() {
-        // 2.0 USD spent inside the window, 5 USD in the minute before it.
-        let ledger = ledger_with(&[
-            (1_000_000, NOW - HOUR * 2),
-            (1_000_000, NOW - HOUR * 3),
-            (5_000_000, NOW - 24 * HOUR - 60_000),
-        ]);
+        // 2.0 USD spent inside the window, 5 USD in the hour before the window's first.
+        let ledger =
+            ledger_with(&[(1_000_000, NOW - HOUR * 2), (1_000_000, NOW - HOUR * 3), (5_000_000, NOW - 25 * HOUR)]);
         let error = decide("a", &ledger, &requirement("600000"), Timestamp::from_millis(NOW)).unwrap_err();
         match error {
             PaymentError::SpendLimitExceeded { limit: LimitKind::Rolling24Hours, spent, remaining, .. } => {
@@ -402,38 +347,44 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let ok = decide("a", &ledger, &requirement("500000"), Timestamp::from_millis(NOW)).unwrap();
-        // The expired bucket was pruned from the window written back.
-        assert_eq!(ok.window.len(), 3);
+        // The expired hour was cleared from the window written back.
+        assert_eq!(applied(&ledger, &ok).spent.get(), 2_500_000);
     }
 
     #[test]
-    fn a_minute_partly_inside_the_window_still_counts() {
-        // Paid 30 s into the minute that begins exactly 24 h before NOW.
+    fn an_hour_partly_inside_the_window_still_counts() {
+        // Paid 30 s into the hour that begins exactly 24 h before NOW.
         let ledger = ledger_with(&[(2_000_000, NOW - 24 * HOUR + 30_000)]);
-        // At NOW + 45 s the payment itself is outside the window, but its minute is not: it
-        // still counts (denied a little early, never late).
-        let error = decide("a", &ledger, &requirement("600000"), Timestamp::from_millis(NOW + 45_000)).unwrap_err();
+        // An hour later the payment itself is outside the window, but its hour is not quite:
+        // it still counts (denied a little early, never late).
+        let error = decide("a", &ledger, &requirement("600000"), Timestamp::from_millis(NOW + HOUR - 1)).unwrap_err();
         assert_eq!(error.name(), "SpendLimitExceeded");
-        // Once the whole minute has left the window, it no longer counts.
-        let later = decide("a", &ledger, &requirement("600000"), Timestamp::from_millis(NOW + 60_000)).unwrap();
+        // Once the whole hour has left the window, it no longer counts.
+        let later = decide("a", &ledger, &requirement("600000"), Timestamp::from_millis(NOW + HOUR)).unwrap();
         assert_eq!(later.snapshot.spent_24h_before.get(), 0);
     }
 
     #[test]
-    fn payments_share_their_minute_and_release_subtracts_exactly() {
+    fn an_aligned_window_is_charged_with_the_caps_as_conditions() {
         let at = Timestamp::from_millis(NOW);
         let mut ledger = ledger_with(&[]);
-        for _ in 0..3 {
-            ledger.window = decide("a", &ledger, &requirement("100000"), at).unwrap().window;
+        // The first payment of the minute realigns the window; the next ones are charges.
+        let first = decide("a", &ledger, &requirement("100000"), at).unwrap();
+        assert!(matches!(first.write, WindowWrite::Replace { expected_seq: 0, .. }), "{:?}", first.write);
+        ledger.window = applied(&ledger, &first);
+        let second = decide("a", &ledger, &requirement("100000"), at).unwrap();
+        match &second.write {
+            WindowWrite::Charge { max_spent, max_count, amount, .. } => {
+                assert_eq!((max_spent.get(), *max_count, amount.get()), (2_400_000, 2, 100_000));
+            }
+            other => panic!("{other:?}"),
         }
-        assert_eq!(
-            ledger.window,
-            [WindowBucket { minute: minute_of(at), amount: AtomicAmount::new(300_000).unwrap(), count: 3 }]
-        );
-        let released = release_from_window(ledger.window.clone(), AtomicAmount::new(100_000).unwrap(), at);
-        assert_eq!((released[0].amount.get(), released[0].count), (200_000, 2));
-        let empty = (0..3).fold(ledger.window, |w, _| release_from_window(w, AtomicAmount::new(100_000).unwrap(), at));
-        assert!(empty.is_empty(), "{empty:?}");
+        // A concurrent payment landed first: the charge still applies (no conflict) and
+        // the caps are checked against what is stored then.
+        let concurrent = ledger.window.with_payment(AtomicAmount::new(2_300_001).unwrap()).unwrap();
+        assert_eq!(concurrent.apply(&second.write), None, "2.400001 + 0.1 would pass the 2.5 cap");
+        let small = ledger.window.with_payment(AtomicAmount::new(1).unwrap()).unwrap();
+        assert_eq!(small.apply(&second.write).unwrap().spent.get(), 200_001);
     }
 
     #[test]
@@ -441,18 +392,22 @@ mod tests {
         let mut policy = policy();
         policy.max_transactions_per_hour = u32::MAX;
         policy.daily_limit_usd = "1000000".parse().unwrap();
-        let mut ledger = AgentLedger { policy: Some(policy), window: vec![], version: 1 };
+        let mut ledger = AgentLedger { policy: Some(policy), window: SpendWindow::new(1), version: 1 };
         // One payment every 30 s for two days.
         for i in 0..(2 * 24 * 120) {
             let at = Timestamp::from_millis(NOW + i * 30_000);
-            ledger.window = decide("a", &ledger, &requirement("1"), at).unwrap().window;
+            let decision = decide("a", &ledger, &requirement("1"), at).unwrap();
+            ledger.window = applied(&ledger, &decision);
         }
-        assert!(ledger.window.len() <= 1441, "{}", ledger.window.len());
+        let size = serde_json::to_string(&ledger.window).unwrap().len();
+        assert!(size < 1024, "{size} bytes");
+        assert_eq!(ledger.window.count, 122, "61 minutes (the last hour and the current minute) of two each");
     }
 
     #[test]
     fn hourly_rate_denies_the_fourth_payment() {
         let ledger = ledger_with(&[(1, NOW - 10), (1, NOW - 20), (1, NOW - 30), (1, NOW - 2 * HOUR)]);
+        assert_eq!(ledger.window.count, 3);
         let error = decide("a", &ledger, &requirement("1"), Timestamp::from_millis(NOW)).unwrap_err();
         assert!(matches!(error, PaymentError::RateLimitExceeded { count: 3, limit: 3, .. }), "{error:?}");
     }

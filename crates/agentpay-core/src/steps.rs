@@ -17,7 +17,7 @@ use crate::error::{InvalidPaymentRequest, PaymentError, is_denial_name};
 use crate::money::AtomicAmount;
 use crate::payment::PaymentHeader;
 use crate::payment::{Network, PaymentRequirement};
-use crate::policy::{SpendSnapshot, check_caller, decide, release_from_window};
+use crate::policy::{SpendSnapshot, check_caller, decide};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::{PaymentRequest, derived_id};
 use crate::store::{
@@ -25,6 +25,7 @@ use crate::store::{
     ReleasedReservation, Reservation, ReservationStatus, ReserveOutcome, Store, Transition,
 };
 use crate::store::{ClaimFence, HoldCommit};
+use crate::window::WindowWrite;
 pub use crate::workflow::StepName;
 
 #[derive(Debug, Clone)]
@@ -448,8 +449,8 @@ impl Steps {
         let agent = request.agent_id.as_str();
         let reservation_id = &input.claim.reservation_id;
         let fence = input.claim.fence(request.idempotency_key.as_str(), &input.execution_id);
+        let mut ledger = self.store.agent_ledger(agent).await?;
         for attempt in 0..self.settings.ledger_attempts {
-            let ledger = self.store.agent_ledger(agent).await?;
             let now = self.clock.now();
             let checked = match &ledger.policy {
                 Some(policy) => {
@@ -483,14 +484,25 @@ impl Steps {
                 pay_to: payment.pay_to.to_checksum(None),
                 resource: request.resource.clone(),
                 snapshot: decision.snapshot,
+                charged: Some(decision.charged),
                 payment_id: None,
                 created_at: now,
                 updated_at: now,
             };
-            match self.store.reserve(ledger.version, &decision.window, &reservation, &fence).await? {
+            match self.store.reserve(&decision.write, &reservation, &fence).await? {
                 ReserveOutcome::Reserved => return Ok(summary(&reservation)),
                 ReserveOutcome::AlreadyExists(existing) => return self.existing_reservation(*existing, &fence).await,
-                ReserveOutcome::VersionConflict => conflict_backoff(attempt).await,
+                // Decide again on the window as it stands; its policy version says whether
+                // the policy read is still the one in force.
+                ReserveOutcome::WindowMoved(Some(window)) if window.policy_version == ledger.version => {
+                    crate::metrics::window_moved();
+                    ledger.window = *window;
+                }
+                ReserveOutcome::WindowMoved(_) => {
+                    crate::metrics::window_moved();
+                    conflict_backoff(attempt).await;
+                    ledger = self.store.agent_ledger(agent).await?;
+                }
                 ReserveOutcome::Fenced(holder) => {
                     crate::metrics::claim_superseded();
                     return Err(superseded(&fence, holder));
@@ -678,9 +690,12 @@ impl Steps {
             let reservation = self.store.reservation(agent, &reservation_id).await?;
             let release = match &reservation {
                 Some(r) if r.status == ReservationStatus::Reserved => {
-                    let ledger = self.store.agent_ledger(agent).await?;
-                    let window = release_from_window(ledger.window, r.amount, r.created_at);
-                    Some(ReleasedReservation { id: r.id.clone(), expected_version: ledger.version, window })
+                    let window = self.store.agent_ledger(agent).await?.window;
+                    let refund = match window.refund_for(r.charged_at(), r.amount) {
+                        WindowWrite::Refund { amount_at: None, count_at: None, .. } => None,
+                        refund => Some(refund),
+                    };
+                    Some(ReleasedReservation { id: r.id.clone(), refund })
                 }
                 // AUTHORIZED or SETTLED: a proof was recorded (by an execution that took the
                 // key over). Never released; the fenced write below names the holder.

@@ -5,9 +5,13 @@
 //!
 //! - idempotency: `idempotencyKey` (HASH); TTL on `ttl` (epoch seconds). DynamoDB deletes
 //!   expired items late, so every read and every claim compares `expiresAt` itself.
-//! - ledger: `pk` (HASH) + `sk` (RANGE); one partition per agent: `STATE` (policy, live
-//!   window, version), `RESERVATION#<id>`, `AUDIT#<millis>#<event id>`. A hot agent is bounded
-//!   by one partition's ~1,000 write units a second.
+//! - ledger: `pk` (HASH) + `sk` (RANGE). The agent's hot partition `AGENT#<id>` holds two
+//!   small items: `STATE` (policy and its version, written only by policy edits) and `WINDOW`
+//!   (the spend window, under 1 KB however busy the agent: see [`window_item`]); each payment
+//!   writes it once (2 write units, in the reservation's transaction). Everything larger and
+//!   colder — `RESERVATION#<id>`, `AUDIT#<millis>#<event id>` — lives in
+//!   [`COLD_SHARDS`] partitions `AGENT#<id>#<shard>` (the shard a hash of the record's id), so
+//!   it neither shares the hot partition's ~1,000 write units a second nor grows its reads.
 //!
 //! Each record is stored whole as JSON in `record`, with the attributes conditions need next
 //! to it; attributes that later writes change (`status`, `result`, …) override the JSON on read.
@@ -15,6 +19,8 @@
 //! returns the blocking item (`ReturnValuesOnConditionCheckFailure = ALL_OLD`) at no read cost.
 
 pub mod request_log;
+pub mod sizing;
+pub mod window_item;
 
 use std::collections::HashMap;
 
@@ -31,9 +37,11 @@ use serde::de::DeserializeOwned;
 
 use agentpay_core::clock::Timestamp;
 use agentpay_core::error::PaymentError;
-use agentpay_core::policy::{AgentLedger, SpendPolicy, WindowBucket};
+use agentpay_core::money::AtomicAmount;
+use agentpay_core::policy::{AgentLedger, SpendPolicy};
 use agentpay_core::provider::{IssuedProof, IssuedProofs};
 use agentpay_core::store::*;
+use agentpay_core::window::{SpendWindow, WindowWrite};
 use serde_json::Value;
 
 pub mod schema {
@@ -176,12 +184,41 @@ const IDEMPOTENCY_OVERRIDES: &[(&str, Override)] = &[
 const RESERVATION_OVERRIDES: &[(&str, Override)] =
     &[("status", Override::Text), ("paymentId", Override::Text), ("updatedAt", Override::Timestamp)];
 
-fn agent_pk(agent_id: &str) -> AttributeValue {
+/// The agent's hot partition: its policy and its window.
+pub fn agent_pk(agent_id: &str) -> AttributeValue {
     s(format!("AGENT#{agent_id}"))
+}
+
+/// Partitions an agent's reservations and audit events are spread over. Each takes ~1,000
+/// write units a second; a listing queries every one (ten queries: cold paths only).
+pub const COLD_SHARDS: u32 = 10;
+
+/// FNV-1a: stable across releases and platforms (the shard is part of a stored key), and
+/// short enough to keep here rather than add a crate for.
+fn shard_of(id: &str) -> u32 {
+    let hash = id.bytes().fold(0x811c_9dc5_u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193));
+    hash % COLD_SHARDS
+}
+
+/// The cold partition of `agent_id` that a record with id `id` lives in.
+pub fn cold_pk(agent_id: &str, id: &str) -> AttributeValue {
+    cold_shard_pk(agent_id, shard_of(id))
+}
+
+fn cold_shard_pk(agent_id: &str, shard: u32) -> AttributeValue {
+    s(format!("AGENT#{agent_id}#{shard}"))
 }
 
 fn reservation_sk(id: &str) -> AttributeValue {
     s(format!("RESERVATION#{id}"))
+}
+
+fn state_key(agent_id: &str) -> Item {
+    Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s("STATE"))])
+}
+
+fn window_key(agent_id: &str) -> Item {
+    Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s(window_item::WINDOW_SK))])
 }
 
 fn audit_sk(event: &AuditEvent) -> AttributeValue {
@@ -217,7 +254,7 @@ fn idempotency_item(record: &IdempotencyRecord) -> Result<Item, PaymentError> {
 fn audit_put(table: &str, event: &AuditEvent) -> Result<TransactWriteItem, PaymentError> {
     let put = Put::builder()
         .table_name(table)
-        .item("pk", agent_pk(&event.agent_id))
+        .item("pk", cold_pk(&event.agent_id, &event.event_id))
         .item("sk", audit_sk(event))
         .item("kind", s(format!("{:?}", event.kind).to_uppercase()))
         .item("record", json(event)?)
@@ -311,6 +348,7 @@ impl DynamoStore {
         Ok(output.item)
     }
 
+    /// Every item of the agent's cold partitions whose sort key starts with `prefix`.
     async fn query_prefix(
         &self,
         operation: &'static str,
@@ -318,51 +356,89 @@ impl DynamoStore {
         prefix: &str,
     ) -> Result<Vec<Item>, PaymentError> {
         let mut items = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
+        for shard in 0..COLD_SHARDS {
+            let mut start: Option<Item> = None;
+            loop {
+                let output = self
+                    .client
+                    .query()
+                    .table_name(&self.tables.ledger)
+                    .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                    .expression_attribute_values(":pk", cold_shard_pk(agent_id, shard))
+                    .expression_attribute_values(":prefix", s(prefix))
+                    .consistent_read(true)
+                    .set_exclusive_start_key(start.take())
+                    .send()
+                    .await
+                    .map_err(|e| classify(operation, e))?;
+                items.extend(output.items.unwrap_or_default());
+                match output.last_evaluated_key {
+                    Some(key) if !key.is_empty() => start = Some(key),
+                    _ => break,
+                }
+            }
+        }
+        Ok(items)
+    }
+
+    /// Consistent reads of `keys` (table, key) in one `BatchGetItem`, in the order asked.
+    async fn batch_get(
+        &self,
+        operation: &'static str,
+        keys: Vec<(&str, Item)>,
+    ) -> Result<Vec<Option<Item>>, PaymentError> {
+        let mut by_table: HashMap<String, Vec<Item>> = HashMap::new();
+        for (table, key) in &keys {
+            by_table.entry((*table).to_owned()).or_default().push(key.clone());
+        }
+        let mut pending = HashMap::new();
+        for (table, table_keys) in by_table {
+            let wanted = KeysAndAttributes::builder()
+                .set_keys(Some(table_keys))
+                .consistent_read(true)
+                .build()
+                .map_err(build_error)?;
+            pending.insert(table, wanted);
+        }
+        let mut found: Vec<(String, Item)> = Vec::new();
+        // DynamoDB may leave some keys unprocessed under throttling: ask again, bounded.
+        for _ in 0..4 {
             let output = self
                 .client
-                .query()
-                .table_name(&self.tables.ledger)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", agent_pk(agent_id))
-                .expression_attribute_values(":prefix", s(prefix))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
+                .batch_get_item()
+                .set_request_items(Some(pending))
                 .send()
                 .await
                 .map_err(|e| classify(operation, e))?;
-            items.extend(output.items.unwrap_or_default());
-            match output.last_evaluated_key {
-                Some(key) if !key.is_empty() => start = Some(key),
-                _ => return Ok(items),
+            for (table, items) in output.responses.unwrap_or_default() {
+                found.extend(items.into_iter().map(|item| (table.clone(), item)));
+            }
+            pending = output.unprocessed_keys.unwrap_or_default();
+            if pending.is_empty() {
+                let matches = |key: &Item, item: &Item| key.iter().all(|(name, value)| item.get(name) == Some(value));
+                return Ok(keys
+                    .iter()
+                    .map(|(table, key)| {
+                        found.iter().find(|(t, item)| t == table && matches(key, item)).map(|(_, item)| item.clone())
+                    })
+                    .collect());
             }
         }
+        Err(PaymentError::store(operation, "DynamoDB left keys unprocessed four times (throttled)"))
+    }
+
+    /// The agent's policy item and window item, as stored.
+    async fn agent_items(&self, agent_id: &str) -> Result<(Option<Item>, Option<Item>), PaymentError> {
+        let ledger = self.tables.ledger.as_str();
+        let mut items = self
+            .batch_get("read agent ledger", vec![(ledger, state_key(agent_id)), (ledger, window_key(agent_id))])
+            .await?
+            .into_iter();
+        Ok((items.next().flatten(), items.next().flatten()))
     }
 
     fn reservation_key(&self, agent_id: &str, id: &str) -> Item {
-        Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), reservation_sk(id))])
-    }
-
-    fn window_update(
-        &self,
-        agent_id: &str,
-        expected_version: u64,
-        window: &[WindowBucket],
-    ) -> Result<TransactWriteItem, PaymentError> {
-        let update = Update::builder()
-            .table_name(&self.tables.ledger)
-            .key("pk", agent_pk(agent_id))
-            .key("sk", s("STATE"))
-            .update_expression("SET #window = :window, version = :next")
-            .condition_expression("version = :expected")
-            .expression_attribute_names("#window", "window")
-            .expression_attribute_values(":window", json(&window)?)
-            .expression_attribute_values(":next", n(expected_version + 1))
-            .expression_attribute_values(":expected", n(expected_version))
-            .build()
-            .map_err(build_error)?;
-        Ok(TransactWriteItem::builder().update(update).build())
+        Item::from([("pk".to_owned(), cold_pk(agent_id, id)), ("sk".to_owned(), reservation_sk(id))])
     }
 
     fn idempotency_key_item(key: &str) -> Item {
@@ -441,8 +517,7 @@ impl DynamoStore {
     ) -> Result<TransactWriteItem, PaymentError> {
         let mut builder = Update::builder()
             .table_name(&self.tables.ledger)
-            .key("pk", agent_pk(agent_id))
-            .key("sk", reservation_sk(id))
+            .set_key(Some(self.reservation_key(agent_id, id)))
             .condition_expression("#status = :from")
             .expression_attribute_names("#status", "status")
             .expression_attribute_values(":from", s(from.as_str()))
@@ -475,22 +550,52 @@ fn holder_of(item: Option<&Item>) -> Result<String, PaymentError> {
     })
 }
 
-fn decode_ledger(agent_id: &str, item: Option<&Item>) -> Result<AgentLedger, PaymentError> {
-    let Some(item) = item else {
-        return Ok(AgentLedger::default());
-    };
+/// The agent as stored: the policy item and the window item. A policy item written before the
+/// window had its own item carries the window as minute buckets (`window`, JSON): read into
+/// the rings, and written as the window item by the next reservation or policy edit.
+fn decode_ledger(agent_id: &str, state: Option<&Item>, window: Option<&Item>) -> Result<AgentLedger, PaymentError> {
     let unreadable = |name: &str, e: serde_json::Error| {
         PaymentError::LedgerInconsistent(format!("agent {agent_id}: unreadable {name}: {e}"))
     };
+    let version = state.and_then(|item| number(item, "version")).and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+    let window = match (window, state.and_then(|item| text(item, "window"))) {
+        (Some(item), _) => window_item::decode(agent_id, item)?,
+        (None, Some(legacy)) => {
+            let buckets: Vec<LegacyBucket> = serde_json::from_str(legacy).map_err(|e| unreadable("window", e))?;
+            legacy_window(agent_id, &buckets, version)?
+        }
+        (None, None) => SpendWindow::default(),
+    };
     Ok(AgentLedger {
-        policy: text(item, "policy").map(serde_json::from_str).transpose().map_err(|e| unreadable("policy", e))?,
-        window: text(item, "window")
+        policy: state
+            .and_then(|item| text(item, "policy"))
             .map(serde_json::from_str)
             .transpose()
-            .map_err(|e| unreadable("window", e))?
-            .unwrap_or_default(),
-        version: number(item, "version").and_then(|v| u64::try_from(v).ok()).unwrap_or(0),
+            .map_err(|e| unreadable("policy", e))?,
+        window,
+        version,
     })
+}
+
+/// A minute bucket as the policy item kept it before the window had its own item.
+#[derive(serde::Deserialize)]
+struct LegacyBucket {
+    minute: i64,
+    amount: AtomicAmount,
+    count: u32,
+}
+
+fn legacy_window(agent_id: &str, buckets: &[LegacyBucket], version: u64) -> Result<SpendWindow, PaymentError> {
+    let Some(latest) = buckets.iter().map(|b| b.minute).max() else {
+        return Ok(SpendWindow::new(version));
+    };
+    let at = agentpay_core::clock::Timestamp::from_millis(latest.saturating_mul(60_000));
+    let triples: Vec<_> = buckets.iter().map(|b| (b.minute, b.amount, b.count)).collect();
+    let window = SpendWindow::from_minute_buckets(&triples, at).ok_or_else(|| {
+        PaymentError::LedgerInconsistent(format!("agent {agent_id}: the stored window's sums overflow"))
+    })?;
+    // Sequence 0: the first write creates the window item, conditioned on its absence.
+    Ok(SpendWindow { policy_version: version, seq: 0, ..window })
 }
 
 #[async_trait]
@@ -563,9 +668,8 @@ impl Store for DynamoStore {
     }
 
     async fn agent_ledger(&self, agent_id: &str) -> Result<AgentLedger, PaymentError> {
-        let key = Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s("STATE"))]);
-        let item = self.get("read agent ledger", &self.tables.ledger, key).await?;
-        decode_ledger(agent_id, item.as_ref())
+        let (state, window) = self.agent_items(agent_id).await?;
+        decode_ledger(agent_id, state.as_ref(), window.as_ref())
     }
 
     async fn agent_and_key(
@@ -574,83 +678,87 @@ impl Store for DynamoStore {
         key: &str,
         now: Timestamp,
     ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError> {
-        const OPERATION: &str = "read agent and key";
-        let ledger_key = Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s("STATE"))]);
-        let keys = |table: &str, key: Item| -> Result<(String, KeysAndAttributes), PaymentError> {
-            let wanted = KeysAndAttributes::builder().keys(key).consistent_read(true).build().map_err(build_error)?;
-            Ok((table.to_owned(), wanted))
-        };
-        let mut pending = HashMap::from([
-            keys(&self.tables.ledger, ledger_key)?,
-            keys(&self.tables.idempotency, Self::idempotency_key_item(key))?,
-        ]);
-        let (mut ledger_item, mut key_item) = (None, None);
-        // Two keys; DynamoDB may leave some unprocessed under throttling: ask again, bounded.
-        for _ in 0..4 {
-            let output = self
-                .client
-                .batch_get_item()
-                .set_request_items(Some(pending))
-                .send()
-                .await
-                .map_err(|e| classify(OPERATION, e))?;
-            for (table, items) in output.responses.unwrap_or_default() {
-                let slot = if table == self.tables.ledger { &mut ledger_item } else { &mut key_item };
-                *slot = items.into_iter().next();
-            }
-            pending = output.unprocessed_keys.unwrap_or_default();
-            if pending.is_empty() {
-                let ledger = decode_ledger(agent_id, ledger_item.as_ref())?;
-                let record = key_item.as_ref().map(decode_idempotency).transpose()?;
-                return Ok((ledger, record.filter(|r| !r.is_expired(now))));
-            }
-        }
-        Err(PaymentError::store(OPERATION, "DynamoDB left keys unprocessed four times (throttled)"))
+        let ledger = self.tables.ledger.as_str();
+        let mut items = self
+            .batch_get(
+                "read agent and key",
+                vec![
+                    (ledger, state_key(agent_id)),
+                    (ledger, window_key(agent_id)),
+                    (self.tables.idempotency.as_str(), Self::idempotency_key_item(key)),
+                ],
+            )
+            .await?
+            .into_iter();
+        let (state, window, key_item) = (items.next().flatten(), items.next().flatten(), items.next().flatten());
+        let ledger = decode_ledger(agent_id, state.as_ref(), window.as_ref())?;
+        let record = key_item.as_ref().map(decode_idempotency).transpose()?;
+        Ok((ledger, record.filter(|r| !r.is_expired(now))))
     }
 
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
-        self.client
-            .update_item()
-            .table_name(&self.tables.ledger)
-            .key("pk", agent_pk(agent_id))
-            .key("sk", s("STATE"))
-            .update_expression("SET policy = :policy, version = if_not_exists(version, :zero) + :one, #window = if_not_exists(#window, :empty)")
-            .expression_attribute_names("#window", "window")
-            .expression_attribute_values(":policy", json(policy)?)
-            .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":empty", s("[]"))
-            .send()
-            .await
-            .map_err(|e| classify("set policy", e))?;
-        Ok(())
+        // Policy and window's policy version move together, conditioned on what was read;
+        // edits are rare, so a lost race is simply read and tried again.
+        for _ in 0..8 {
+            let (state, window) = self.agent_items(agent_id).await?;
+            let ledger = decode_ledger(agent_id, state.as_ref(), window.as_ref())?;
+            let version = ledger.version + 1;
+            let state_put = Put::builder()
+                .table_name(&self.tables.ledger)
+                .set_item(Some(state_key(agent_id)))
+                .item("policy", json(policy)?)
+                .item("version", n(version));
+            let state_put = match state {
+                None => state_put.condition_expression("attribute_not_exists(pk)"),
+                Some(_) => state_put
+                    .condition_expression("version = :read")
+                    .expression_attribute_values(":read", n(ledger.version)),
+            };
+            let window_write = match window {
+                Some(_) => {
+                    let update = Update::builder()
+                        .table_name(&self.tables.ledger)
+                        .set_key(Some(window_key(agent_id)))
+                        .update_expression("SET policyVersion = :version, seq = seq + :one")
+                        .condition_expression("attribute_exists(pk)")
+                        .expression_attribute_values(":version", n(version))
+                        .expression_attribute_values(":one", n(1))
+                        .build()
+                        .map_err(build_error)?;
+                    TransactWriteItem::builder().update(update).build()
+                }
+                // First policy, or a policy item from before the window had its own item.
+                None => {
+                    let created = SpendWindow { policy_version: version, seq: 1, ..ledger.window };
+                    let put = Put::builder()
+                        .table_name(&self.tables.ledger)
+                        .set_item(Some(window_item::item(agent_pk(agent_id), &created)))
+                        .condition_expression("attribute_not_exists(pk)")
+                        .build()
+                        .map_err(build_error)?;
+                    TransactWriteItem::builder().put(put).build()
+                }
+            };
+            let items =
+                vec![TransactWriteItem::builder().put(state_put.build().map_err(build_error)?).build(), window_write];
+            if let TxOutcome::Committed = self.transact("set policy", items).await? {
+                return Ok(());
+            }
+        }
+        Err(PaymentError::LedgerConflict { agent: agent_id.to_owned(), attempts: 8 })
     }
 
     async fn reserve(
         &self,
-        expected_version: u64,
-        window: &[WindowBucket],
+        write: &WindowWrite,
         reservation: &Reservation,
         fence: &ClaimFence,
     ) -> Result<ReserveOutcome, PaymentError> {
-        let agent_write = if expected_version == 0 {
-            let put = Put::builder()
-                .table_name(&self.tables.ledger)
-                .item("pk", agent_pk(&reservation.agent_id))
-                .item("sk", s("STATE"))
-                .item("window", json(&window)?)
-                .item("version", n(1))
-                .condition_expression("attribute_not_exists(pk)")
-                .build()
-                .map_err(build_error)?;
-            TransactWriteItem::builder().put(put).build()
-        } else {
-            self.window_update(&reservation.agent_id, expected_version, window)?
-        };
+        let agent_id = &reservation.agent_id;
+        let window_write = window_item::transact_item(&self.tables.ledger, window_key(agent_id), write)?;
         let reservation_put = Put::builder()
             .table_name(&self.tables.ledger)
-            .item("pk", agent_pk(&reservation.agent_id))
-            .item("sk", reservation_sk(&reservation.id))
+            .set_item(Some(self.reservation_key(agent_id, &reservation.id)))
             .item("status", s(reservation.status.as_str()))
             .item("updatedAt", n(reservation.updated_at.millis()))
             .item("record", json(reservation)?)
@@ -659,7 +767,7 @@ impl Store for DynamoStore {
             .build()
             .map_err(build_error)?;
         let items =
-            vec![agent_write, TransactWriteItem::builder().put(reservation_put).build(), self.fence_check(fence)?];
+            vec![window_write, TransactWriteItem::builder().put(reservation_put).build(), self.fence_check(fence)?];
         match self.transact("reserve", items).await? {
             TxOutcome::Committed => Ok(ReserveOutcome::Reserved),
             TxOutcome::Cancelled(cancelled) => {
@@ -670,7 +778,13 @@ impl Store for DynamoStore {
                 if let Some(Reason::ConditionFailed(item)) = reasons.get(2) {
                     return Ok(ReserveOutcome::Fenced(holder_of(*item)?));
                 }
-                Ok(ReserveOutcome::VersionConflict)
+                // The window's conditions failed (it comes back as stored), or another
+                // transaction held one of the items at that moment (read again).
+                let stored = match reasons.first() {
+                    Some(Reason::ConditionFailed(Some(item))) => Some(Box::new(window_item::decode(agent_id, item)?)),
+                    _ => None,
+                };
+                Ok(ReserveOutcome::WindowMoved(stored))
             }
         }
     }
@@ -756,8 +870,10 @@ impl Store for DynamoStore {
                     commit.now,
                 )?);
                 parts.push("reservation");
-                items.push(self.window_update(&commit.agent_id, release.expected_version, &release.window)?);
-                parts.push("window");
+                if let Some(refund) = &release.refund {
+                    items.push(window_item::transact_item(&self.tables.ledger, window_key(&commit.agent_id), refund)?);
+                    parts.push("window");
+                }
             }
             items.push(self.fenced_idempotency_close(
                 &commit.fence,

@@ -1,27 +1,54 @@
-//! An SDK interceptor that logs every DynamoDB request leaving the client: operation, items
-//! written, and the largest written item (for write-unit arithmetic). For tests and benches.
+//! An SDK interceptor that logs every DynamoDB request leaving the client: operation, the
+//! items it writes and reads (table and key), whether it is a transaction. With
+//! [`capacity`], the write and read units those requests cost by DynamoDB's rules, from the
+//! items as stored. For tests and benches.
 
 use std::sync::{Arc, Mutex};
 
+use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_dynamodb::types::AttributeValue;
 use serde_json::Value;
+
+use crate::Item;
+use crate::sizing::{item_bytes, json_item_bytes, read_units, write_units};
+
+/// One item a request touches: its table and key (DynamoDB JSON, as sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TouchedItem {
+    pub table: String,
+    pub key: Value,
+    /// A put's size, from the item it sends (an update's or a check's is read afterwards).
+    pub put_bytes: Option<usize>,
+}
+
+impl TouchedItem {
+    /// The partition key's value (`pk` in the ledger, the key itself in the idempotency table).
+    pub fn partition(&self) -> String {
+        let first = self.key.get("pk").or_else(|| self.key.as_object().and_then(|o| o.values().next()));
+        first.and_then(|v| v.get("S")).and_then(Value::as_str).unwrap_or_default().to_owned()
+    }
+
+    fn sdk_key(&self) -> Item {
+        let mut key = Item::new();
+        for (name, value) in self.key.as_object().into_iter().flatten() {
+            if let Some(text) = value.get("S").and_then(Value::as_str) {
+                key.insert(name.clone(), AttributeValue::S(text.to_owned()));
+            }
+        }
+        key
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggedRequest {
     pub operation: String,
-    /// Per written item, the bytes of the item (Put) or of the new values (Update) in the
-    /// request body: close to the size DynamoDB bills (attribute names add a little).
-    pub written_item_bytes: Vec<usize>,
+    /// Items written (put, updated, or condition-checked: a check is billed as a write).
+    pub writes: Vec<TouchedItem>,
+    /// Items read by key (GetItem, BatchGetItem; all consistent in agentpay).
+    pub reads: Vec<TouchedItem>,
     pub transactional: bool,
-}
-
-impl LoggedRequest {
-    /// Write units by DynamoDB's rule: 1 per started KB per item, doubled in a transaction.
-    pub fn write_units(&self) -> usize {
-        let units: usize = self.written_item_bytes.iter().map(|b| b.div_ceil(1024).max(1)).sum();
-        if self.transactional { units * 2 } else { units }
-    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -47,8 +74,59 @@ impl RequestLog {
 #[derive(Debug)]
 pub struct RequestLogInterceptor(RequestLog);
 
-fn size(value: &Value) -> usize {
-    value.to_string().len()
+fn touched(table: &Value, key: &Value) -> TouchedItem {
+    TouchedItem { table: table.as_str().unwrap_or_default().to_owned(), key: key.clone(), put_bytes: None }
+}
+
+fn put(table: &Value, item: &Value) -> TouchedItem {
+    TouchedItem { put_bytes: Some(json_item_bytes(item)), ..touched(table, &key_of_item(item)) }
+}
+
+/// The key attributes of a put item: `pk` and `sk`, or `idempotencyKey`.
+fn key_of_item(item: &Value) -> Value {
+    let mut key = serde_json::Map::new();
+    for name in ["pk", "sk", "idempotencyKey"] {
+        if let Some(value) = item.get(name) {
+            key.insert(name.to_owned(), value.clone());
+        }
+    }
+    Value::Object(key)
+}
+
+fn parse(operation: &str, body: &Value) -> (Vec<TouchedItem>, Vec<TouchedItem>, bool) {
+    match operation {
+        "TransactWriteItems" => {
+            let writes = body["TransactItems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|entry| {
+                    if let Some(put) = entry.get("Put") {
+                        return Some(self::put(&put["TableName"], &put["Item"]));
+                    }
+                    let action = entry.get("Update").or_else(|| entry.get("ConditionCheck")).or(entry.get("Delete"))?;
+                    Some(touched(&action["TableName"], &action["Key"]))
+                })
+                .collect();
+            (writes, vec![], true)
+        }
+        "PutItem" => (vec![put(&body["TableName"], &body["Item"])], vec![], false),
+        "UpdateItem" | "DeleteItem" => (vec![touched(&body["TableName"], &body["Key"])], vec![], false),
+        "GetItem" => (vec![], vec![touched(&body["TableName"], &body["Key"])], false),
+        "BatchGetItem" => {
+            let reads = body["RequestItems"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .flat_map(|(table, wanted)| {
+                    let table = Value::String(table.clone());
+                    wanted["Keys"].as_array().cloned().unwrap_or_default().into_iter().map(move |k| touched(&table, &k))
+                })
+                .collect();
+            (vec![], reads, false)
+        }
+        _ => (vec![], vec![], false),
+    }
 }
 
 impl Intercept for RequestLogInterceptor {
@@ -66,31 +144,54 @@ impl Intercept for RequestLogInterceptor {
         let operation =
             request.headers().get("x-amz-target").and_then(|t| t.rsplit('.').next()).unwrap_or("?").to_owned();
         let body: Value = request.body().bytes().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
-        let values_size = |v: &Value| v.get("ExpressionAttributeValues").map_or(0, size);
-        let (written_item_bytes, transactional) = match operation.as_str() {
-            "TransactWriteItems" => {
-                let items = body["TransactItems"].as_array().cloned().unwrap_or_default();
-                let sizes = items
-                    .iter()
-                    .filter_map(|item| match (item.get("Put"), item.get("Update"), item.get("ConditionCheck")) {
-                        (Some(put), _, _) => Some(size(&put["Item"])),
-                        (_, Some(update), _) => Some(values_size(update)),
-                        // A condition check is billed as a write of the checked item; its size
-                        // is not in the request, so it counts as the 1 KB minimum.
-                        (_, _, Some(_)) => Some(0),
-                        _ => None,
-                    })
-                    .collect();
-                (sizes, true)
-            }
-            "PutItem" => (vec![size(&body["Item"])], false),
-            "UpdateItem" => (vec![values_size(&body)], false),
-            "DeleteItem" => (vec![0], false),
-            _ => (vec![], false),
-        };
+        let (writes, reads, transactional) = parse(&operation, &body);
         if let Ok(mut requests) = (self.0).0.lock() {
-            requests.push(LoggedRequest { operation, written_item_bytes, transactional });
+            requests.push(LoggedRequest { operation, writes, reads, transactional });
         }
         Ok(())
     }
+}
+
+/// Write and read units, on one partition and in total.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capacity {
+    pub write_units: usize,
+    pub read_units: usize,
+    pub hot_write_units: usize,
+    pub hot_read_units: usize,
+}
+
+/// What `requests` cost by DynamoDB's rules: a put by the item it sent, an update, a condition
+/// check or a read by the item as stored now (re-read through `client`, which should have no
+/// interceptor). Updates are billed on the larger of the item before and after, and the items
+/// agentpay updates only grow, so the stored size is that larger one — for a check of an item
+/// that grew later, an overestimate. The `hot_` figures count only partition `hot_partition`.
+pub async fn capacity(client: &Client, requests: &[LoggedRequest], hot_partition: &str) -> Capacity {
+    let mut capacity = Capacity::default();
+    for request in requests {
+        for item in &request.writes {
+            let bytes = match item.put_bytes {
+                Some(bytes) => bytes,
+                None => stored_bytes(client, item).await,
+            };
+            let units = write_units(bytes, request.transactional);
+            capacity.write_units += units;
+            if item.partition() == hot_partition {
+                capacity.hot_write_units += units;
+            }
+        }
+        for item in &request.reads {
+            let units = read_units(stored_bytes(client, item).await, request.transactional);
+            capacity.read_units += units;
+            if item.partition() == hot_partition {
+                capacity.hot_read_units += units;
+            }
+        }
+    }
+    capacity
+}
+
+async fn stored_bytes(client: &Client, item: &TouchedItem) -> usize {
+    let stored = client.get_item().table_name(&item.table).set_key(Some(item.sdk_key())).send().await;
+    stored.ok().and_then(|output| output.item).map_or(0, |stored| item_bytes(&stored))
 }

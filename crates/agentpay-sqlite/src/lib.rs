@@ -17,9 +17,10 @@ use serde::de::DeserializeOwned;
 use agentpay_core::clock::Timestamp;
 use agentpay_core::error::PaymentError;
 use agentpay_core::executions::{ExecutionFilter, ExecutionRecord, ExecutionStore, HistoryEvent};
-use agentpay_core::policy::{AgentLedger, SpendPolicy, WindowBucket};
+use agentpay_core::policy::{AgentLedger, SpendPolicy};
 use agentpay_core::provider::{IssuedProof, IssuedProofs};
 use agentpay_core::store::*;
+use agentpay_core::window::{SpendWindow, WindowWrite};
 
 const SCHEMA: &str = r#"
 PRAGMA journal_mode = WAL;
@@ -46,8 +47,9 @@ CREATE TABLE IF NOT EXISTS execution_history (
 "#;
 
 /// Bumped when a table's shape changes; an older file is refused with a message, never
-/// half-migrated. 2: reservations keyed by (agent, id), as in DynamoDB.
-const SCHEMA_VERSION: i64 = 2;
+/// half-migrated. 2: reservations keyed by (agent, id), as in DynamoDB. 3: the window as hour
+/// and minute rings (`agentpay_core::window`), not minute buckets.
+const SCHEMA_VERSION: i64 = 3;
 
 pub struct SqliteStore {
     connection: Mutex<Connection>,
@@ -166,29 +168,34 @@ fn get_ledger(tx: &Connection, agent_id: &str) -> SqlResult<AgentLedger> {
     let Some((version, policy, window)) = row else {
         return Ok(AgentLedger::default());
     };
+    let window: SpendWindow = from_json(&window)?;
+    window.check().map_err(|why| {
+        rusqlite::Error::FromSqlConversionFailure(
+            2,
+            rusqlite::types::Type::Text,
+            format!("agent {agent_id}'s window: {why}").into(),
+        )
+    })?;
     Ok(AgentLedger {
         policy: policy.map(|p| from_json(&p)).transpose()?,
-        window: from_json(&window)?,
+        window,
         version: u64::try_from(version).unwrap_or(0),
     })
 }
 
-/// Writes the window if the agent's version is still `expected`; false on conflict.
-fn put_window(tx: &Connection, agent_id: &str, expected: u64, window: &[WindowBucket]) -> SqlResult<bool> {
-    let window = to_json(&window)?;
-    let expected = i64::try_from(expected).unwrap_or(i64::MAX);
-    let changed = if expected == 0 {
-        tx.execute(
-            "INSERT INTO agents (agent_id, version, policy, window) VALUES (?1, 1, NULL, ?2) ON CONFLICT DO NOTHING",
-            params![agent_id, window],
-        )?
-    } else {
-        tx.execute(
-            "UPDATE agents SET window = ?2, version = version + 1 WHERE agent_id = ?1 AND version = ?3",
-            params![agent_id, window, expected],
-        )?
+/// Applies `write` to the agent's window if its conditions hold on the stored one; otherwise
+/// returns the stored window (nothing written).
+fn write_window(tx: &Connection, agent_id: &str, write: &WindowWrite) -> SqlResult<Result<(), SpendWindow>> {
+    let stored = get_ledger(tx, agent_id)?.window;
+    let Some(next) = stored.apply(write) else {
+        return Ok(Err(stored));
     };
-    Ok(changed == 1)
+    tx.execute(
+        "INSERT INTO agents (agent_id, version, policy, window) VALUES (?1, 0, NULL, ?2)
+         ON CONFLICT (agent_id) DO UPDATE SET window = excluded.window",
+        params![agent_id, to_json(&next)?],
+    )?;
+    Ok(Ok(()))
 }
 
 fn get_reservation(tx: &Connection, agent_id: &str, id: &str) -> SqlResult<Option<Reservation>> {
@@ -287,10 +294,13 @@ impl Store for SqliteStore {
 
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
         self.write("set policy", |tx| {
+            let ledger = get_ledger(tx, agent_id)?;
+            let version = ledger.version + 1;
+            let window = SpendWindow { policy_version: version, seq: ledger.window.seq + 1, ..ledger.window };
             tx.execute(
-                "INSERT INTO agents (agent_id, version, policy, window) VALUES (?1, 1, ?2, '[]')
-                 ON CONFLICT (agent_id) DO UPDATE SET policy = excluded.policy, version = version + 1",
-                params![agent_id, to_json(policy)?],
+                "INSERT INTO agents (agent_id, version, policy, window) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (agent_id) DO UPDATE SET policy = excluded.policy, version = excluded.version, window = excluded.window",
+                params![agent_id, i64::try_from(version).unwrap_or(i64::MAX), to_json(policy)?, to_json(&window)?],
             )?;
             Ok(())
         })
@@ -298,8 +308,7 @@ impl Store for SqliteStore {
 
     async fn reserve(
         &self,
-        expected_version: u64,
-        window: &[WindowBucket],
+        write: &WindowWrite,
         reservation: &Reservation,
         fence: &ClaimFence,
     ) -> Result<ReserveOutcome, PaymentError> {
@@ -310,8 +319,8 @@ impl Store for SqliteStore {
             if let Err(holder) = held_record(tx, fence)? {
                 return Ok(ReserveOutcome::Fenced(holder));
             }
-            if !put_window(tx, &reservation.agent_id, expected_version, window)? {
-                return Ok(ReserveOutcome::VersionConflict);
+            if let Err(stored) = write_window(tx, &reservation.agent_id, write)? {
+                return Ok(ReserveOutcome::WindowMoved(Some(Box::new(stored))));
             }
             put_reservation(tx, reservation)?;
             Ok(ReserveOutcome::Reserved)
@@ -387,7 +396,9 @@ impl Store for SqliteStore {
             {
                 match reservation.status {
                     ReservationStatus::Reserved => {
-                        if !put_window(tx, &commit.agent_id, release.expected_version, &release.window)? {
+                        if let Some(refund) = &release.refund
+                            && write_window(tx, &commit.agent_id, refund)?.is_err()
+                        {
                             return Ok(Transition::VersionConflict);
                         }
                         reservation.status = ReservationStatus::Released;

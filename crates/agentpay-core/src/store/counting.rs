@@ -76,13 +76,12 @@ impl Store for CountingStore {
     }
     async fn reserve(
         &self,
-        v: u64,
-        window: &[WindowBucket],
+        write: &WindowWrite,
         r: &Reservation,
         fence: &ClaimFence,
     ) -> Result<ReserveOutcome, PaymentError> {
         self.count("reserve");
-        self.inner.reserve(v, window, r, fence).await
+        self.inner.reserve(write, r, fence).await
     }
     async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
         self.count("reservation");

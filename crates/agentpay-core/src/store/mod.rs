@@ -15,8 +15,9 @@ use crate::clock::Timestamp;
 use crate::error::PaymentError;
 use crate::money::AtomicAmount;
 use crate::payment::Network;
-use crate::policy::{AgentLedger, SpendPolicy, SpendSnapshot, WindowBucket};
+use crate::policy::{AgentLedger, SpendPolicy, SpendSnapshot};
 use crate::request::BusinessContext;
+use crate::window::{ChargedAt, SpendWindow, WindowWrite};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -160,10 +161,21 @@ pub struct Reservation {
     pub pay_to: String,
     pub resource: String,
     pub snapshot: SpendSnapshot,
+    /// The window slots the payment was charged to (a release refunds exactly these).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charged: Option<ChargedAt>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_id: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+impl Reservation {
+    /// Where the payment counts in the window (records written before charges were placed
+    /// explicitly: the slots of their creation time).
+    pub fn charged_at(&self) -> ChargedAt {
+        self.charged.unwrap_or_else(|| ChargedAt::of(self.created_at))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,8 +228,10 @@ pub struct AuditEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReserveOutcome {
     Reserved,
-    /// The agent item changed since it was read: re-read and decide again.
-    VersionConflict,
+    /// The window's conditions did not hold when the write landed (it moved to a new minute,
+    /// the policy changed, or concurrent payments used the room): decide again on the window
+    /// as stored then, if the store returned it, or on a fresh read.
+    WindowMoved(Option<Box<SpendWindow>>),
     /// A reservation with this id exists already (a retried step): it is returned as is.
     AlreadyExists(Box<Reservation>),
     /// The claim is no longer held by this execution: nothing was written.
@@ -258,7 +272,7 @@ pub struct ReleaseCommit {
     pub agent_id: String,
     /// The claim's reservation id, whether or not a reservation was made.
     pub reservation_id: String,
-    /// The reservation to release and the agent window without it, if one was made.
+    /// The reservation to release and the refund of its window slots, if one was made.
     pub reservation: Option<ReleasedReservation>,
     pub fence: ClaimFence,
     pub status: IdempotencyStatus,
@@ -282,8 +296,8 @@ pub struct HoldCommit {
 #[derive(Debug, Clone)]
 pub struct ReleasedReservation {
     pub id: String,
-    pub expected_version: u64,
-    pub window: Vec<WindowBucket>,
+    /// `None` when the payment has left the window already: nothing there to refund.
+    pub refund: Option<WindowWrite>,
 }
 
 #[async_trait]
@@ -315,15 +329,15 @@ pub trait Store: Send + Sync {
         now: Timestamp,
     ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError>;
 
-    /// Sets the policy (creating the agent item if needed), bumping the version.
+    /// Sets the policy (creating the agent if needed), bumping its version and the window's
+    /// policy version together, so a charge decided under the old policy no longer applies.
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError>;
 
-    /// Atomically: write the agent window if the version is still `expected_version`, and
-    /// create the reservation if its id is new, while `fence` still holds the claim.
+    /// Atomically: apply `write` to the agent's window (if its conditions hold when it lands)
+    /// and create the reservation if its id is new, while `fence` still holds the claim.
     async fn reserve(
         &self,
-        expected_version: u64,
-        window: &[WindowBucket],
+        write: &WindowWrite,
         reservation: &Reservation,
         fence: &ClaimFence,
     ) -> Result<ReserveOutcome, PaymentError>;
@@ -337,8 +351,8 @@ pub trait Store: Send + Sync {
     async fn authorize(&self, commit: &AuthorizationCommit) -> Result<Transition, PaymentError>;
 
     /// Atomically, while the fence holds: reservation RESERVED → RELEASED with its window
-    /// entry removed (if one was made), audit event, idempotency record IN_PROGRESS → FAILED
-    /// or DENIED.
+    /// slots refunded (if one was made; `VersionConflict` if the refund's alignment moved),
+    /// audit event, idempotency record IN_PROGRESS → FAILED or DENIED.
     async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError>;
 
     /// Atomically, while the fence holds: end the claim's lease and audit the unknown outcome.
