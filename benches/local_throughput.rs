@@ -1,8 +1,10 @@
-//! Local end-to-end figures: `cargo bench --bench local_throughput [-- PAYMENTS]`.
+//! Local end-to-end figures: `cargo bench --bench local_throughput [-- PAYMENTS [CONCURRENCY]]`.
 //!
 //! Runs demo-style payments (x402 v2 challenge, policy check, dev-wallet signature, ledger
-//! commit, history) through the deployed ASL file on a file-backed SQLite store, one after
-//! another, and reports throughput, p50/p99 latency and store round trips per payment.
+//! commit, history) through the deployed ASL file on a file-backed SQLite store (WAL, full
+//! fsync), from CONCURRENCY workers at once (default 1 and 16), all for one agent, on a
+//! two-thread runtime, and reports throughput, p50/p99 latency, store round trips per payment
+//! and SQLite writes and commits per payment.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,9 +20,14 @@ use agentpay::steps::{StepSettings, Steps};
 use agentpay::store::Store;
 use agentpay::store::counting::CountingStore;
 
-#[tokio::main]
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let payments: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(2000);
+    let numbers: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let payments = numbers.first().copied().unwrap_or(2000);
+    let concurrencies = match numbers.get(1) {
+        Some(concurrency) => vec![*concurrency],
+        None => vec![1, 16],
+    };
     let dir = tempfile::tempdir().unwrap();
     let config = Config::local(dir.path());
     let sqlite = Arc::new(agentpay::store::sqlite::SqliteStore::open(&dir.path().join("agentpay.db")).unwrap());
@@ -43,30 +50,67 @@ async fn main() {
     }))
     .unwrap();
     sqlite.put_policy("bench-agent", &policy).await.unwrap();
-    counting.reset();
-
-    let mut latencies = Vec::with_capacity(payments);
-    let started = Instant::now();
-    for i in 0..payments {
-        let key = format!("bench-{i}");
-        let begin = Instant::now();
-        let record =
-            runner.start(&execution_name(&key, None), execution_input(&key, "bench-agent", "1000")).await.unwrap();
-        latencies.push(begin.elapsed());
-        assert_eq!(record.status, ExecutionStatus::Succeeded, "{record:?}");
+    let runner = Arc::new(runner);
+    let file = dir.path().join("agentpay.db");
+    println!("local end-to-end payments (SQLite file store, WAL + full fsync, dev wallet, ASL interpreted, one agent)");
+    for concurrency in concurrencies {
+        counting.reset();
+        let commits_before = sqlite.commit_stats().await;
+        let bytes_before = store_bytes(&file);
+        let started = Instant::now();
+        let workers: Vec<_> = (0..concurrency)
+            .map(|worker| {
+                let runner = runner.clone();
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    for i in (worker..payments).step_by(concurrency) {
+                        let key = format!("bench-{concurrency}-{i}");
+                        let begin = Instant::now();
+                        let record = runner
+                            .start(&execution_name(&key, None), execution_input(&key, "bench-agent", "1000"))
+                            .await
+                            .unwrap();
+                        latencies.push(begin.elapsed());
+                        assert_eq!(record.status, ExecutionStatus::Succeeded, "{record:?}");
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut latencies = Vec::with_capacity(payments);
+        for worker in workers {
+            latencies.extend(worker.await.unwrap());
+        }
+        let elapsed = started.elapsed();
+        latencies.sort();
+        let pick = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+        println!(
+            "  {concurrency:>3} at once: {payments} payments, {:.0} payments/s, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {:.2} store round trips per payment",
+            payments as f64 / elapsed.as_secs_f64(),
+            pick(0.50).as_secs_f64() * 1000.0,
+            pick(0.99).as_secs_f64() * 1000.0,
+            latencies[latencies.len() - 1].as_secs_f64() * 1000.0,
+            counting.total() as f64 / payments as f64,
+        );
+        let stats = sqlite.commit_stats().await;
+        let (writes, commits) = (stats.writes - commits_before.writes, stats.commits - commits_before.commits);
+        println!(
+            "       write lock held {:.3} ms per payment running writes, {:.3} ms committing",
+            (stats.write_time - commits_before.write_time).as_secs_f64() * 1000.0 / payments as f64,
+            (stats.commit_time - commits_before.commit_time).as_secs_f64() * 1000.0 / payments as f64,
+        );
+        println!(
+            "       SQLite: {:.1} writes and {:.2} commits (fsyncs) per payment, {:.1} writes per commit; the file grew {:.1} KB per payment",
+            writes as f64 / payments as f64,
+            commits as f64 / payments as f64,
+            writes as f64 / commits.max(1) as f64,
+            (store_bytes(&file) - bytes_before) as f64 / 1024.0 / payments as f64,
+        );
     }
-    let elapsed = started.elapsed();
-    latencies.sort();
-    let pick = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    println!("local end-to-end payments (SQLite file store, dev wallet, ASL interpreted)");
-    println!("  payments      {payments}");
-    println!("  throughput    {:.0} payments/s", payments as f64 / elapsed.as_secs_f64());
-    println!("  latency p50   {:.2} ms", pick(0.50).as_secs_f64() * 1000.0);
-    println!("  latency p99   {:.2} ms", pick(0.99).as_secs_f64() * 1000.0);
-    println!("  latency max   {:.2} ms", latencies[latencies.len() - 1].as_secs_f64() * 1000.0);
-    println!(
-        "  store round trips per payment: {:.2}  ({:?})",
-        counting.total() as f64 / payments as f64,
-        counting.calls()
-    );
+}
+
+/// The store file and its WAL, in bytes.
+fn store_bytes(file: &std::path::Path) -> i64 {
+    let size = |path: std::path::PathBuf| std::fs::metadata(path).map_or(0, |m| m.len() as i64);
+    size(file.to_path_buf()) + size(file.with_extension("db-wal"))
 }

@@ -6,17 +6,17 @@
 //! still guard against a decision made on a stale read.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use agentpay_core::clock::Timestamp;
 use agentpay_core::error::PaymentError;
-use agentpay_core::executions::{ExecutionFilter, ExecutionRecord, ExecutionStore, HistoryEvent};
+use agentpay_core::executions::{ExecutionFilter, ExecutionRecord, ExecutionStore, HistoryEvent, expand_history};
 use agentpay_core::policy::{AgentLedger, SpendPolicy};
 use agentpay_core::provider::{IssuedProof, IssuedProofs};
 use agentpay_core::store::*;
@@ -52,8 +52,38 @@ CREATE TABLE IF NOT EXISTS execution_history (
 const SCHEMA_VERSION: i64 = 3;
 
 pub struct SqliteStore {
-    connection: Mutex<Connection>,
+    writer: tokio::sync::Mutex<Writer>,
+    /// A second connection for reads (file stores): WAL lets it read while a batch is open and
+    /// shows it only committed writes. An in-memory store has one connection for both.
+    reader: Option<Mutex<Connection>>,
 }
+
+/// The write connection and the batch open on it, if any.
+struct Writer {
+    connection: Connection,
+    batch: Option<Arc<Batch>>,
+    stats: CommitStats,
+}
+
+/// Writes and commits since the store was opened: writes per commit is the group commit's gain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    pub writes: u64,
+    pub commits: u64,
+    /// Time the write lock was held running writes, and committing.
+    pub write_time: Duration,
+    pub commit_time: Duration,
+}
+
+/// One group commit: the writes of concurrent callers in one transaction and one fsync.
+#[derive(Default)]
+struct Batch {
+    /// Set by whoever commits it, before the lock is released.
+    committed: OnceLock<Result<(), String>>,
+}
+
+/// Writes one batch holds at most: bounds how long one commit keeps callers waiting.
+const MAX_BATCH: usize = 64;
 
 type SqlResult<T> = Result<T, rusqlite::Error>;
 
@@ -62,14 +92,18 @@ impl SqliteStore {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| PaymentError::store("create store directory", e))?;
         }
-        Self::init(Connection::open(path).map_err(|e| PaymentError::store("open store", e))?)
+        let writer = Self::init(Connection::open(path).map_err(|e| PaymentError::store("open store", e))?)?;
+        let reader = Connection::open(path).map_err(|e| PaymentError::store("open store", e))?;
+        reader.busy_timeout(Duration::from_secs(10)).map_err(|e| PaymentError::store("configure store", e))?;
+        Ok(Self { writer: tokio::sync::Mutex::new(writer), reader: Some(Mutex::new(reader)) })
     }
 
     pub fn in_memory() -> Result<Self, PaymentError> {
-        Self::init(Connection::open_in_memory().map_err(|e| PaymentError::store("open store", e))?)
+        let writer = Self::init(Connection::open_in_memory().map_err(|e| PaymentError::store("open store", e))?)?;
+        Ok(Self { writer: tokio::sync::Mutex::new(writer), reader: None })
     }
 
-    fn init(connection: Connection) -> Result<Self, PaymentError> {
+    fn init(connection: Connection) -> Result<Writer, PaymentError> {
         connection.busy_timeout(Duration::from_secs(10)).map_err(|e| PaymentError::store("configure store", e))?;
         let (version, tables): (i64, i64) = connection
             .query_row(
@@ -91,35 +125,129 @@ impl SqliteStore {
         connection
             .pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(|e| PaymentError::store("write schema version", e))?;
-        Ok(Self { connection: Mutex::new(connection) })
+        Ok(Writer { connection, batch: None, stats: CommitStats::default() })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite consistent (the transaction rolls back).
-        self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Runs `work` in one IMMEDIATE transaction; commits only if it returns Ok.
-    fn write<T>(
-        &self,
-        operation: &'static str,
-        work: impl FnOnce(&rusqlite::Transaction) -> SqlResult<T>,
-    ) -> Result<T, PaymentError> {
-        let mut connection = self.lock();
-        let transaction = connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| PaymentError::store(operation, e))?;
-        let value = work(&transaction).map_err(|e| PaymentError::store(operation, e))?;
-        transaction.commit().map_err(|e| PaymentError::store(operation, e))?;
-        Ok(value)
-    }
-
-    fn read<T>(
+    /// Runs `work` as one atomic write, durable (committed with a full fsync) before it
+    /// returns. Group commit: concurrent writes share one transaction and one fsync. Each runs
+    /// in its own savepoint, so one that fails (or panics) is rolled back alone; the batch is
+    /// committed by the first member to come back for its result after every write queued
+    /// behind it has joined (the lock is first come, first served); if the commit fails, every
+    /// member fails.
+    async fn write<T>(
         &self,
         operation: &'static str,
         work: impl FnOnce(&Connection) -> SqlResult<T>,
     ) -> Result<T, PaymentError> {
-        work(&self.lock()).map_err(|e| PaymentError::store(operation, e))
+        let failed = |e: rusqlite::Error| PaymentError::store(operation, e);
+        let (value, batch) = {
+            let mut writer = self.writer.lock().await;
+            let batch = match &writer.batch {
+                Some(batch) if Arc::strong_count(batch) <= MAX_BATCH => batch.clone(),
+                _ => {
+                    if let Some(full) = writer.batch.take() {
+                        writer.commit(&full);
+                    }
+                    writer
+                        .connection
+                        .prepare_cached("BEGIN IMMEDIATE")
+                        .and_then(|mut s| s.execute([]))
+                        .map_err(failed)?;
+                    let batch = Arc::new(Batch::default());
+                    writer.batch = Some(batch.clone());
+                    batch
+                }
+            };
+            writer.stats.writes += 1;
+            let began = std::time::Instant::now();
+            let connection = &writer.connection;
+            connection.prepare_cached("SAVEPOINT member").and_then(|mut s| s.execute([])).map_err(failed)?;
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(connection)));
+            let undo = !matches!(outcome, Ok(Ok(_)));
+            if undo {
+                connection.prepare_cached("ROLLBACK TO member").and_then(|mut s| s.execute([])).map_err(failed)?;
+            }
+            connection.prepare_cached("RELEASE member").and_then(|mut s| s.execute([])).map_err(failed)?;
+            writer.stats.write_time += began.elapsed();
+            match outcome {
+                Ok(Ok(value)) => (value, batch),
+                Ok(Err(error)) => return Err(failed(error)),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        };
+        let mut guard = CommitOnDrop { store: self, batch: Some(batch.clone()) };
+        {
+            let mut writer = self.writer.lock().await;
+            if writer.batch.as_ref().is_some_and(|open| Arc::ptr_eq(open, &batch)) {
+                writer.batch = None;
+                writer.commit(&batch);
+            }
+        }
+        guard.batch = None;
+        match batch.committed.get() {
+            Some(Ok(())) => Ok(value),
+            Some(Err(why)) => Err(PaymentError::store(operation, format!("commit failed: {why}"))),
+            None => Err(PaymentError::store(operation, "the write's batch was never committed")),
+        }
+    }
+
+    /// Writes and commits so far (benches report writes per commit).
+    pub async fn commit_stats(&self) -> CommitStats {
+        self.writer.lock().await.stats
+    }
+
+    async fn read<T>(
+        &self,
+        operation: &'static str,
+        work: impl FnOnce(&Connection) -> SqlResult<T>,
+    ) -> Result<T, PaymentError> {
+        match &self.reader {
+            // A panic while holding the lock leaves SQLite consistent.
+            Some(reader) => work(&reader.lock().unwrap_or_else(|p| p.into_inner())),
+            // In memory there is one connection (and no durability to keep reads behind).
+            None => work(&self.writer.lock().await.connection),
+        }
+        .map_err(|e| PaymentError::store(operation, e))
+    }
+}
+
+impl Writer {
+    /// Commits `batch` (the open one) and records the outcome for its members.
+    fn commit(&mut self, batch: &Batch) {
+        let began = std::time::Instant::now();
+        self.stats.commits += 1;
+        let outcome = self
+            .connection
+            .prepare_cached("COMMIT")
+            .and_then(|mut s| s.execute([]))
+            .map(drop)
+            .map_err(|e| e.to_string());
+        if outcome.is_err() {
+            let _ = self.connection.execute_batch("ROLLBACK");
+        }
+        let _ = batch.committed.set(outcome);
+        self.stats.commit_time += began.elapsed();
+    }
+}
+
+/// A writer whose future is dropped between its write and its commit: if the lock is free,
+/// commit the batch now rather than leave it open. If it is taken, the holder is a writer (on a
+/// file store only writers take it) that joins the open batch and commits it.
+struct CommitOnDrop<'a> {
+    store: &'a SqliteStore,
+    batch: Option<Arc<Batch>>,
+}
+
+impl Drop for CommitOnDrop<'_> {
+    fn drop(&mut self) {
+        let Some(batch) = self.batch.take() else { return };
+        // Busy: whoever holds the lock joins or commits this batch.
+        if let Ok(mut writer) = self.store.writer.try_lock()
+            && writer.batch.as_ref().is_some_and(|open| Arc::ptr_eq(open, &batch))
+        {
+            writer.batch = None;
+            writer.commit(&batch);
+        }
     }
 }
 
@@ -133,35 +261,37 @@ fn from_json<T: DeserializeOwned>(text: &str) -> SqlResult<T> {
 }
 
 fn get_idempotency(tx: &Connection, key: &str) -> SqlResult<Option<IdempotencyRecord>> {
-    tx.query_row("SELECT record FROM idempotency WHERE key = ?1", [key], |row| row.get::<_, String>(0))
+    tx.prepare_cached("SELECT record FROM idempotency WHERE key = ?1")?
+        .query_row([key], |row| row.get::<_, String>(0))
         .optional()?
         .map(|text| from_json(&text))
         .transpose()
 }
 
 fn put_idempotency(tx: &Connection, record: &IdempotencyRecord) -> SqlResult<()> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO idempotency (key, status, fingerprint, execution_id, attempt, expires_at, record)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (key) DO UPDATE SET status = excluded.status, fingerprint = excluded.fingerprint,
            execution_id = excluded.execution_id, attempt = excluded.attempt, expires_at = excluded.expires_at,
            record = excluded.record",
-        params![
-            record.key,
-            record.status.as_str(),
-            record.fingerprint,
-            record.execution_id,
-            record.attempt,
-            record.expires_at.millis(),
-            to_json(record)?
-        ],
-    )?;
+    )?
+    .execute(params![
+        record.key,
+        record.status.as_str(),
+        record.fingerprint,
+        record.execution_id,
+        record.attempt,
+        record.expires_at.millis(),
+        to_json(record)?
+    ])?;
     Ok(())
 }
 
 fn get_ledger(tx: &Connection, agent_id: &str) -> SqlResult<AgentLedger> {
     let row = tx
-        .query_row("SELECT version, policy, window FROM agents WHERE agent_id = ?1", [agent_id], |row| {
+        .prepare_cached("SELECT version, policy, window FROM agents WHERE agent_id = ?1")?
+        .query_row([agent_id], |row| {
             Ok((row.get::<_, i64>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, String>(2)?))
         })
         .optional()?;
@@ -190,44 +320,43 @@ fn write_window(tx: &Connection, agent_id: &str, write: &WindowWrite) -> SqlResu
     let Some(next) = stored.apply(write) else {
         return Ok(Err(stored));
     };
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO agents (agent_id, version, policy, window) VALUES (?1, 0, NULL, ?2)
          ON CONFLICT (agent_id) DO UPDATE SET window = excluded.window",
-        params![agent_id, to_json(&next)?],
-    )?;
+    )?
+    .execute(params![agent_id, to_json(&next)?])?;
     Ok(Ok(()))
 }
 
 fn get_reservation(tx: &Connection, agent_id: &str, id: &str) -> SqlResult<Option<Reservation>> {
-    tx.query_row("SELECT record FROM reservations WHERE agent_id = ?1 AND id = ?2", [agent_id, id], |row| {
-        row.get::<_, String>(0)
-    })
-    .optional()?
-    .map(|text| from_json(&text))
-    .transpose()
+    tx.prepare_cached("SELECT record FROM reservations WHERE agent_id = ?1 AND id = ?2")?
+        .query_row([agent_id, id], |row| row.get::<_, String>(0))
+        .optional()?
+        .map(|text| from_json(&text))
+        .transpose()
 }
 
 fn put_reservation(tx: &Connection, reservation: &Reservation) -> SqlResult<()> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO reservations (id, agent_id, status, created_at, record) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (agent_id, id) DO UPDATE SET status = excluded.status, record = excluded.record",
-        params![
-            reservation.id,
-            reservation.agent_id,
-            reservation.status.as_str(),
-            reservation.created_at.millis(),
-            to_json(reservation)?
-        ],
-    )?;
+    )?
+    .execute(params![
+        reservation.id,
+        reservation.agent_id,
+        reservation.status.as_str(),
+        reservation.created_at.millis(),
+        to_json(reservation)?
+    ])?;
     Ok(())
 }
 
 fn put_audit(tx: &Connection, event: &AuditEvent) -> SqlResult<()> {
     // The id is deterministic: a retried write of the same event is a no-op.
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO audit_events (event_id, agent_id, at, record) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-        params![event.event_id, event.agent_id, event.at.millis(), to_json(event)?],
-    )?;
+    )?
+    .execute(params![event.event_id, event.agent_id, event.at.millis(), to_json(event)?])?;
     Ok(())
 }
 
@@ -238,6 +367,28 @@ fn held_record(tx: &Connection, fence: &ClaimFence) -> SqlResult<Result<Idempote
         Some(record) => Err(record.holder()),
         None => Err("gone (no live record)".to_owned()),
     })
+}
+
+fn update_execution_row(tx: &Connection, record: &ExecutionRecord, text: &str) -> SqlResult<()> {
+    tx.prepare_cached("UPDATE executions SET status = ?2, record = ?3 WHERE execution_id = ?1")?.execute(params![
+        record.execution_id,
+        record.status.as_str(),
+        text
+    ])?;
+    Ok(())
+}
+
+fn encode_history(events: &[HistoryEvent]) -> SqlResult<Vec<(u32, String)>> {
+    events.iter().map(|event| Ok((event.seq, to_json(event)?))).collect()
+}
+
+fn insert_history(tx: &Connection, execution_id: &str, events: &[(u32, String)]) -> SqlResult<()> {
+    let mut statement =
+        tx.prepare_cached("INSERT INTO execution_history (execution_id, seq, record) VALUES (?1, ?2, ?3)")?;
+    for (seq, text) in events {
+        statement.execute(params![execution_id, seq, text])?;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -252,6 +403,7 @@ impl Store for SqliteStore {
             put_idempotency(tx, record)?;
             Ok(None)
         })
+        .await
     }
 
     async fn replace_idempotency(
@@ -270,15 +422,16 @@ impl Store for SqliteStore {
             put_idempotency(tx, record)?;
             Ok(None)
         })
+        .await
     }
 
     async fn idempotency(&self, key: &str, now: Timestamp) -> Result<Option<IdempotencyRecord>, PaymentError> {
-        let record = self.read("read idempotency key", |c| get_idempotency(c, key))?;
+        let record = self.read("read idempotency key", |c| get_idempotency(c, key)).await?;
         Ok(record.filter(|r| !r.is_expired(now)))
     }
 
     async fn agent_ledger(&self, agent_id: &str) -> Result<AgentLedger, PaymentError> {
-        self.read("read agent ledger", |c| get_ledger(c, agent_id))
+        self.read("read agent ledger", |c| get_ledger(c, agent_id)).await
     }
 
     async fn agent_and_key(
@@ -288,7 +441,7 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError> {
         let (ledger, record) =
-            self.read("read agent and key", |c| Ok((get_ledger(c, agent_id)?, get_idempotency(c, key)?)))?;
+            self.read("read agent and key", |c| Ok((get_ledger(c, agent_id)?, get_idempotency(c, key)?))).await?;
         Ok((ledger, record.filter(|r| !r.is_expired(now))))
     }
 
@@ -297,13 +450,10 @@ impl Store for SqliteStore {
             let ledger = get_ledger(tx, agent_id)?;
             let version = ledger.version + 1;
             let window = SpendWindow { policy_version: version, seq: ledger.window.seq + 1, ..ledger.window };
-            tx.execute(
-                "INSERT INTO agents (agent_id, version, policy, window) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (agent_id) DO UPDATE SET policy = excluded.policy, version = excluded.version, window = excluded.window",
-                params![agent_id, i64::try_from(version).unwrap_or(i64::MAX), to_json(policy)?, to_json(&window)?],
-            )?;
+            tx.prepare_cached("INSERT INTO agents (agent_id, version, policy, window) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (agent_id) DO UPDATE SET policy = excluded.policy, version = excluded.version, window = excluded.window")?.execute(params![agent_id, i64::try_from(version).unwrap_or(i64::MAX), to_json(policy)?, to_json(&window)?],)?;
             Ok(())
-        })
+        }).await
     }
 
     async fn reserve(
@@ -325,19 +475,21 @@ impl Store for SqliteStore {
             put_reservation(tx, reservation)?;
             Ok(ReserveOutcome::Reserved)
         })
+        .await
     }
 
     async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
-        self.read("read reservation", |c| get_reservation(c, agent_id, id))
+        self.read("read reservation", |c| get_reservation(c, agent_id, id)).await
     }
 
     async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError> {
         self.read("list reservations", |c| {
             let mut statement =
-                c.prepare("SELECT record FROM reservations WHERE agent_id = ?1 ORDER BY created_at, id")?;
+                c.prepare_cached("SELECT record FROM reservations WHERE agent_id = ?1 ORDER BY created_at, id")?;
             let rows = statement.query_map([agent_id], |row| row.get::<_, String>(0))?;
             rows.map(|row| from_json(&row?)).collect()
         })
+        .await
     }
 
     async fn authorize(&self, commit: &AuthorizationCommit) -> Result<Transition, PaymentError> {
@@ -372,6 +524,7 @@ impl Store for SqliteStore {
             put_audit(tx, &commit.audit)?;
             Ok(Transition::Applied)
         })
+        .await
     }
 
     async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError> {
@@ -423,6 +576,7 @@ impl Store for SqliteStore {
             put_audit(tx, &commit.audit)?;
             Ok(Transition::Applied)
         })
+        .await
     }
 
     async fn hold(&self, commit: &HoldCommit) -> Result<Transition, PaymentError> {
@@ -437,6 +591,7 @@ impl Store for SqliteStore {
             put_audit(tx, &commit.audit)?;
             Ok(Transition::Applied)
         })
+        .await
     }
 
     async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
@@ -456,15 +611,17 @@ impl Store for SqliteStore {
                 other => Ok(Transition::Refused(format!("reservation is {}", other.as_str()))),
             }
         })
+        .await
     }
 
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError> {
         self.read("list audit events", |c| {
             let mut statement =
-                c.prepare("SELECT record FROM audit_events WHERE agent_id = ?1 ORDER BY at, event_id")?;
+                c.prepare_cached("SELECT record FROM audit_events WHERE agent_id = ?1 ORDER BY at, event_id")?;
             let rows = statement.query_map([agent_id], |row| row.get::<_, String>(0))?;
             rows.map(|row| from_json(&row?)).collect()
         })
+        .await
     }
 }
 
@@ -472,27 +629,27 @@ impl Store for SqliteStore {
 impl IssuedProofs for SqliteStore {
     async fn issued(&self, client_token: &str) -> Result<Option<IssuedProof>, PaymentError> {
         self.read("read issued proof", |c| {
-            c.query_row("SELECT record FROM issued_proofs WHERE client_token = ?1", [client_token], |row| {
-                row.get::<_, String>(0)
-            })
-            .optional()?
-            .map(|text| from_json(&text))
-            .transpose()
+            c.prepare_cached("SELECT record FROM issued_proofs WHERE client_token = ?1")?
+                .query_row([client_token], |row| row.get::<_, String>(0))
+                .optional()?
+                .map(|text| from_json(&text))
+                .transpose()
         })
+        .await
     }
 
     async fn record_issued(&self, client_token: &str, proof: &IssuedProof) -> Result<IssuedProof, PaymentError> {
         self.write("record issued proof", |tx| {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO issued_proofs (client_token, record) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                params![client_token, to_json(proof)?],
-            )?;
-            let stored: String =
-                tx.query_row("SELECT record FROM issued_proofs WHERE client_token = ?1", [client_token], |row| {
-                    row.get(0)
-                })?;
+            )?
+            .execute(params![client_token, to_json(proof)?])?;
+            let stored: String = tx
+                .prepare_cached("SELECT record FROM issued_proofs WHERE client_token = ?1")?
+                .query_row([client_token], |row| row.get(0))?;
             from_json(&stored)
         })
+        .await
     }
 }
 
@@ -500,46 +657,54 @@ impl IssuedProofs for SqliteStore {
 impl ExecutionStore for SqliteStore {
     async fn create_execution(&self, record: &ExecutionRecord) -> Result<bool, PaymentError> {
         self.write("create execution", |tx| {
-            let inserted = tx.execute(
-                "INSERT INTO executions (execution_id, name, status, agent_id, started_at, record)
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO executions (execution_id, name, status, agent_id, started_at, record)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-                params![
+                )?
+                .execute(params![
                     record.execution_id,
                     record.name,
                     record.status.as_str(),
                     record.agent_id,
                     record.started_at.millis(),
                     to_json(record)?
-                ],
-            )?;
+                ])?;
             Ok(inserted == 1)
         })
+        .await
     }
 
     async fn update_execution(&self, record: &ExecutionRecord) -> Result<(), PaymentError> {
-        self.write("update execution", |tx| {
-            tx.execute(
-                "UPDATE executions SET status = ?2, record = ?3 WHERE execution_id = ?1",
-                params![record.execution_id, record.status.as_str(), to_json(record)?],
-            )?;
-            Ok(())
+        // Encoded before the write lock is taken: the lock is held only for SQLite's work.
+        let text = to_json(record).map_err(|e| PaymentError::store("update execution", e))?;
+        self.write("update execution", |tx| update_execution_row(tx, record, &text)).await
+    }
+
+    async fn finish_execution(&self, record: &ExecutionRecord, events: &[HistoryEvent]) -> Result<(), PaymentError> {
+        let text = to_json(record).map_err(|e| PaymentError::store("finish execution", e))?;
+        let events = encode_history(events).map_err(|e| PaymentError::store("finish execution", e))?;
+        self.write("finish execution", |tx| {
+            insert_history(tx, &record.execution_id, &events)?;
+            update_execution_row(tx, record, &text)
         })
+        .await
     }
 
     async fn execution(&self, id_or_name: &str) -> Result<Option<ExecutionRecord>, PaymentError> {
         self.read("read execution", |c| {
-            c.query_row("SELECT record FROM executions WHERE execution_id = ?1 OR name = ?1", [id_or_name], |row| {
-                row.get::<_, String>(0)
-            })
-            .optional()?
-            .map(|text| from_json(&text))
-            .transpose()
+            c.prepare_cached("SELECT record FROM executions WHERE execution_id = ?1 OR name = ?1")?
+                .query_row([id_or_name], |row| row.get::<_, String>(0))
+                .optional()?
+                .map(|text| from_json(&text))
+                .transpose()
         })
+        .await
     }
 
     async fn list_executions(&self, filter: &ExecutionFilter) -> Result<Vec<ExecutionRecord>, PaymentError> {
         self.read("list executions", |c| {
-            let mut statement = c.prepare(
+            let mut statement = c.prepare_cached(
                 "SELECT record FROM executions
                  WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR agent_id = ?2) AND (?3 IS NULL OR started_at >= ?3)
                  ORDER BY started_at DESC, execution_id LIMIT ?4",
@@ -554,26 +719,127 @@ impl ExecutionStore for SqliteStore {
                 |row| row.get::<_, String>(0),
             )?;
             rows.map(|row| from_json(&row?)).collect()
-        })
+        }).await
     }
 
     async fn append_history(&self, execution_id: &str, events: &[HistoryEvent]) -> Result<(), PaymentError> {
-        self.write("append history", |tx| {
-            let mut statement =
-                tx.prepare_cached("INSERT INTO execution_history (execution_id, seq, record) VALUES (?1, ?2, ?3)")?;
-            for event in events {
-                statement.execute(params![execution_id, event.seq, to_json(event)?])?;
-            }
-            Ok(())
-        })
+        let events = encode_history(events).map_err(|e| PaymentError::store("append history", e))?;
+        self.write("append history", |tx| insert_history(tx, execution_id, &events)).await
     }
 
     async fn history(&self, execution_id: &str) -> Result<Vec<HistoryEvent>, PaymentError> {
         self.read("read history", |c| {
             let mut statement =
-                c.prepare("SELECT record FROM execution_history WHERE execution_id = ?1 ORDER BY seq")?;
+                c.prepare_cached("SELECT record FROM execution_history WHERE execution_id = ?1 ORDER BY seq")?;
             let rows = statement.query_map([execution_id], |row| row.get::<_, String>(0))?;
             rows.map(|row| from_json(&row?)).collect()
         })
+        .await
+        .map(expand_history)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn insert(tx: &Connection, id: u32) -> SqlResult<()> {
+        tx.prepare_cached("INSERT INTO issued_proofs (client_token, record) VALUES (?1, '{}')")?
+            .execute(params![format!("token-{id}")])?;
+        Ok(())
+    }
+
+    fn committed_rows(path: &Path) -> Vec<String> {
+        let fresh = Connection::open(path).unwrap();
+        let mut statement = fresh.prepare("SELECT client_token FROM issued_proofs ORDER BY client_token").unwrap();
+        statement.query_map([], |row| row.get(0)).unwrap().map(Result::unwrap).collect()
+    }
+
+    /// Concurrent writes share commits; one that fails is rolled back alone, one that panics
+    /// too (and its caller sees the panic); every acknowledged write is on disk for a new
+    /// connection to read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_keeps_each_write_atomic_and_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = Arc::new(SqliteStore::open(&path).unwrap());
+        let tasks: Vec<_> = (0..200u32)
+            .map(|id| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .write("test", |tx| {
+                            insert(tx, id)?;
+                            match id % 10 {
+                                // Its row was written, then the write failed: none of it stays.
+                                3 => Err(rusqlite::Error::InvalidQuery),
+                                7 => panic!("a write that panics half-way"),
+                                _ => Ok(id),
+                            }
+                        })
+                        .await
+                })
+            })
+            .collect();
+        let (mut ok, mut failed, mut panicked) = (0, 0, 0);
+        for task in tasks {
+            match task.await {
+                Ok(Ok(_)) => ok += 1,
+                Ok(Err(error)) => {
+                    assert_eq!(error.name(), "StoreUnavailable", "{error}");
+                    failed += 1;
+                }
+                Err(join) if join.is_panic() => panicked += 1,
+                Err(other) => panic!("{other}"),
+            }
+        }
+        assert_eq!((ok, failed, panicked), (160, 20, 20));
+        let rows = committed_rows(&path);
+        assert_eq!(rows.len(), 160, "exactly the acknowledged writes are committed");
+        assert!(rows.iter().all(|t| !t.ends_with('3') && !t.ends_with('7')), "{rows:?}");
+        let stats = store.commit_stats().await;
+        assert_eq!(stats.writes, 200);
+        assert!(stats.commits < stats.writes, "concurrent writes shared commits: {stats:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_whose_caller_stops_waiting_is_still_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = Arc::new(SqliteStore::open(&path).unwrap());
+        let held = store.writer.lock().await;
+        // Boxed, so that dropping it drops the future (and its place in the lock's queue).
+        let mut write = Box::pin(store.write("test", |tx| insert(tx, 1)));
+        assert!(futures_poll_once(write.as_mut()).await.is_none(), "queued behind the held lock");
+        // Another writer queues behind it.
+        let other = tokio::spawn({
+            let store = store.clone();
+            async move { store.write("test", |tx| insert(tx, 2)).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        drop(held);
+        // The first write runs; its caller may stop waiting before its batch commits.
+        let finished = futures_poll_once(write.as_mut()).await;
+        drop(write);
+        other.await.unwrap().unwrap();
+        if let Some(result) = finished {
+            result.unwrap();
+        }
+        assert_eq!(committed_rows(&path), ["token-1", "token-2"], "both committed, the abandoned one included");
+        assert!(store.writer.lock().await.batch.is_none(), "no batch left open");
+    }
+
+    /// Polls `future` once, returning its output if it was ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(future: F) -> Option<F::Output> {
+        let mut future = future;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+                std::task::Poll::Ready(value) => Some(value),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
     }
 }

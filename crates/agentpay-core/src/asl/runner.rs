@@ -14,7 +14,9 @@ use super::definition::{
 use super::path::JsonPath;
 use crate::clock::{Clock, Timestamp};
 use crate::error::PaymentError;
-use crate::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
+use crate::executions::{
+    ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind, compact_history_event,
+};
 use crate::store::ErrorRecord;
 use crate::workflow::StepName;
 
@@ -160,16 +162,27 @@ enum StateResult {
     Fail { error: String, cause: String },
 }
 
-/// Appends history in memory; flushed to the store at each state boundary.
+/// Appends history in memory; flushed to the store after each task state and at the end.
+/// A state's input equal to what the event before handed on is stored once (see
+/// `executions::compact_history_event`).
 struct Recorder {
     execution_id: String,
     next_seq: u32,
     pending: Vec<HistoryEvent>,
+    /// The last event pushed, as recorded (uncompacted): what the next state's input is
+    /// compared with.
+    last: Option<HistoryEvent>,
 }
 
 impl Recorder {
+    fn new(execution_id: String, next_seq: u32) -> Self {
+        Self { execution_id, next_seq, pending: vec![], last: None }
+    }
+
     fn push(&mut self, at: Timestamp, kind: HistoryKind, state: Option<&str>, details: Value) {
-        self.pending.push(HistoryEvent { seq: self.next_seq, at, kind, state: state.map(str::to_owned), details });
+        let event = HistoryEvent { seq: self.next_seq, at, kind, state: state.map(str::to_owned), details };
+        self.pending.push(compact_history_event(self.last.as_ref(), event.clone()));
+        self.last = Some(event);
         self.next_seq += 1;
     }
 
@@ -178,6 +191,13 @@ impl Recorder {
             store.append_history(&self.execution_id, &self.pending).await?;
             self.pending.clear();
         }
+        Ok(())
+    }
+
+    /// The last events and the closed record, together.
+    async fn finish(&mut self, store: &dyn ExecutionStore, record: &ExecutionRecord) -> Result<(), PaymentError> {
+        store.finish_execution(record, &self.pending).await?;
+        self.pending.clear();
         Ok(())
     }
 }
@@ -329,7 +349,7 @@ impl LocalRunner {
         }
         // Only once created: a refused duplicate start must not mark the running one dead.
         let _live = self.go_live(&record.execution_id);
-        let mut recorder = Recorder { execution_id: record.execution_id.clone(), next_seq: 0, pending: vec![] };
+        let mut recorder = Recorder::new(record.execution_id.clone(), 0);
         recorder.push(now, HistoryKind::ExecutionStarted, None, json!({"input": input}));
         let start_at = self.machine.start_at.clone();
         self.drive(&mut record, &mut recorder, start_at, input).await?;
@@ -370,11 +390,7 @@ impl LocalRunner {
         record.stopped_at = None;
         record.owner = Some(self.instance.clone());
         self.executions.update_execution(&record).await?;
-        let mut recorder = Recorder {
-            execution_id: record.execution_id.clone(),
-            next_seq: history.last().map_or(0, |e| e.seq + 1),
-            pending: vec![],
-        };
+        let mut recorder = Recorder::new(record.execution_id.clone(), history.last().map_or(0, |e| e.seq + 1));
         recorder.push(
             now,
             HistoryKind::ExecutionRedriven,
@@ -407,11 +423,7 @@ impl LocalRunner {
         }
         let _live = self.go_live(&record.execution_id);
         let history = self.executions.history(&record.execution_id).await?;
-        let mut recorder = Recorder {
-            execution_id: record.execution_id.clone(),
-            next_seq: history.last().map_or(0, |e| e.seq + 1),
-            pending: vec![],
-        };
+        let mut recorder = Recorder::new(record.execution_id.clone(), history.last().map_or(0, |e| e.seq + 1));
         let now = self.clock.now();
         // The runner died after recording the end but before updating the record.
         if let Some(last) = history.last() {
@@ -482,18 +494,21 @@ impl LocalRunner {
                         Some(&state_name),
                         json!({"output": output, "next": next}),
                     );
-                    recorder.flush(self.executions.as_ref()).await?;
+                    // After a task, so a resumed execution does not run it again; a choice or
+                    // a pass is run again at no cost if the runner dies before the next flush.
+                    if matches!(state.kind, StateKind::Task(_)) {
+                        recorder.flush(self.executions.as_ref()).await?;
+                    }
                     state_name = next;
                     data = output;
                 }
                 StateResult::Succeed(output) => {
                     recorder.push(now, HistoryKind::StateExited, Some(&state_name), json!({"output": output}));
                     recorder.push(now, HistoryKind::ExecutionSucceeded, None, json!({"output": output}));
-                    recorder.flush(self.executions.as_ref()).await?;
                     record.status = ExecutionStatus::Succeeded;
                     record.output = Some(output);
                     record.stopped_at = Some(now);
-                    self.executions.update_execution(record).await?;
+                    recorder.finish(self.executions.as_ref(), record).await?;
                     return Ok(());
                 }
                 StateResult::Fail { error, cause } => {
@@ -503,12 +518,11 @@ impl LocalRunner {
                         Some(&state_name),
                         json!({"error": error, "cause": cause}),
                     );
-                    recorder.flush(self.executions.as_ref()).await?;
                     record.status = ExecutionStatus::Failed;
                     record.error = Some(ErrorRecord { error, cause });
                     record.failed_state = Some(state_name);
                     record.stopped_at = Some(now);
-                    self.executions.update_execution(record).await?;
+                    recorder.finish(self.executions.as_ref(), record).await?;
                     return Ok(());
                 }
             }
