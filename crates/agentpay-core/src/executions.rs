@@ -93,47 +93,6 @@ pub struct HistoryEvent {
     pub details: Value,
 }
 
-/// Stored in place of a `StateEntered` event's input when it is the output the history recorded
-/// just before (the previous state's exit, or the execution's start): every state's input
-/// would otherwise be stored twice. [`expand_history`] restores it on read.
-pub const INPUT_IS_PREVIOUS_OUTPUT: &str = "inputIsPreviousOutput";
-
-/// The data an event hands to the next state: an exit's output, a start's input.
-fn handed_on(event: &HistoryEvent) -> Option<&Value> {
-    match event.kind {
-        HistoryKind::StateExited => event.details.get("output"),
-        HistoryKind::ExecutionStarted | HistoryKind::ExecutionRedriven | HistoryKind::ExecutionResumed => {
-            event.details.get("input")
-        }
-        _ => None,
-    }
-}
-
-/// `event` as stored after `previous`: a state's input equal to what `previous` handed on is
-/// not written again.
-pub fn compact_history_event(previous: Option<&HistoryEvent>, mut event: HistoryEvent) -> HistoryEvent {
-    let same = event.kind == HistoryKind::StateEntered
-        && previous.and_then(handed_on).is_some_and(|handed| event.details.get("input") == Some(handed));
-    if same {
-        event.details = serde_json::json!({ INPUT_IS_PREVIOUS_OUTPUT: true });
-    }
-    event
-}
-
-/// History as recorded: inputs left out by [`compact_history_event`] put back.
-pub fn expand_history(events: Vec<HistoryEvent>) -> Vec<HistoryEvent> {
-    let mut expanded: Vec<HistoryEvent> = Vec::with_capacity(events.len());
-    for mut event in events {
-        if event.details.get(INPUT_IS_PREVIOUS_OUTPUT).is_some()
-            && let Some(handed) = expanded.last().and_then(handed_on)
-        {
-            event.details = serde_json::json!({ "input": handed });
-        }
-        expanded.push(event);
-    }
-    expanded
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct ExecutionFilter {
     pub status: Option<ExecutionStatus>,

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 use agentpay_core::clock::Timestamp;
 use agentpay_core::error::PaymentError;
-use agentpay_core::executions::{ExecutionFilter, ExecutionRecord, ExecutionStore, HistoryEvent, expand_history};
+use agentpay_core::executions::{ExecutionFilter, ExecutionRecord, ExecutionStore, HistoryEvent};
 use agentpay_core::policy::{AgentLedger, SpendPolicy};
 use agentpay_core::provider::{IssuedProof, IssuedProofs};
 use agentpay_core::store::*;
@@ -735,7 +735,8 @@ impl ExecutionStore for SqliteStore {
             rows.map(|row| from_json(&row?)).collect()
         })
         .await
-        .map(expand_history)
+        // Stored compacted by the runner (`asl::history`): as recorded.
+        .map(agentpay_core::asl::history::expand)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Amazon States Language, locally: the deployed definition file, interpreted.
 
 pub mod definition;
+pub mod history;
 pub mod path;
 pub mod runner;
 

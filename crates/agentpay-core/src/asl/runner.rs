@@ -11,12 +11,11 @@ use serde_json::{Map, Value, json};
 use super::definition::{
     Catcher, DefinitionError, Jitter, Retrier, State, StateKind, StateMachine, TaskState, Transition,
 };
+use super::history;
 use super::path::JsonPath;
 use crate::clock::{Clock, Timestamp};
 use crate::error::PaymentError;
-use crate::executions::{
-    ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind, compact_history_event,
-};
+use crate::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
 use crate::store::ErrorRecord;
 use crate::workflow::StepName;
 
@@ -163,26 +162,35 @@ enum StateResult {
 }
 
 /// Appends history in memory; flushed to the store after each task state and at the end.
-/// A state's input equal to what the event before handed on is stored once (see
-/// `executions::compact_history_event`).
+/// What the events before determine is stored once (see `asl::history`).
 struct Recorder {
     execution_id: String,
     next_seq: u32,
     pending: Vec<HistoryEvent>,
-    /// The last event pushed, as recorded (uncompacted): what the next state's input is
-    /// compared with.
-    last: Option<HistoryEvent>,
+    context: history::Context,
 }
 
 impl Recorder {
-    fn new(execution_id: String, next_seq: u32) -> Self {
-        Self { execution_id, next_seq, pending: vec![], last: None }
+    fn new(execution_id: String, next_seq: u32, execution_input: &Value) -> Self {
+        Self { execution_id, next_seq, pending: vec![], context: history::Context::new(Some(execution_input.clone())) }
     }
 
     fn push(&mut self, at: Timestamp, kind: HistoryKind, state: Option<&str>, details: Value) {
+        self.push_derivable(at, kind, state, details, None);
+    }
+
+    /// As `push`, for a task state's exit whose output may be its input with the task's
+    /// result at `result_path`.
+    fn push_derivable(
+        &mut self,
+        at: Timestamp,
+        kind: HistoryKind,
+        state: Option<&str>,
+        details: Value,
+        result_path: Option<&JsonPath>,
+    ) {
         let event = HistoryEvent { seq: self.next_seq, at, kind, state: state.map(str::to_owned), details };
-        self.pending.push(compact_history_event(self.last.as_ref(), event.clone()));
-        self.last = Some(event);
+        self.pending.push(self.context.compact(event, result_path));
         self.next_seq += 1;
     }
 
@@ -349,7 +357,7 @@ impl LocalRunner {
         }
         // Only once created: a refused duplicate start must not mark the running one dead.
         let _live = self.go_live(&record.execution_id);
-        let mut recorder = Recorder::new(record.execution_id.clone(), 0);
+        let mut recorder = Recorder::new(record.execution_id.clone(), 0, &record.input);
         recorder.push(now, HistoryKind::ExecutionStarted, None, json!({"input": input}));
         let start_at = self.machine.start_at.clone();
         self.drive(&mut record, &mut recorder, start_at, input).await?;
@@ -390,7 +398,8 @@ impl LocalRunner {
         record.stopped_at = None;
         record.owner = Some(self.instance.clone());
         self.executions.update_execution(&record).await?;
-        let mut recorder = Recorder::new(record.execution_id.clone(), history.last().map_or(0, |e| e.seq + 1));
+        let mut recorder =
+            Recorder::new(record.execution_id.clone(), history.last().map_or(0, |e| e.seq + 1), &record.input);
         recorder.push(
             now,
             HistoryKind::ExecutionRedriven,
@@ -423,7 +432,8 @@ impl LocalRunner {
         }
         let _live = self.go_live(&record.execution_id);
         let history = self.executions.history(&record.execution_id).await?;
-        let mut recorder = Recorder::new(record.execution_id.clone(), history.last().map_or(0, |e| e.seq + 1));
+        let mut recorder =
+            Recorder::new(record.execution_id.clone(), history.last().map_or(0, |e| e.seq + 1), &record.input);
         let now = self.clock.now();
         // The runner died after recording the end but before updating the record.
         if let Some(last) = history.last() {
@@ -488,11 +498,16 @@ impl LocalRunner {
             match result {
                 StateResult::Next(next, output) => {
                     // `next` too: a resumed execution continues from here.
-                    recorder.push(
+                    let result_path = match &state.kind {
+                        StateKind::Task(task) => task.result_path.as_ref(),
+                        _ => None,
+                    };
+                    recorder.push_derivable(
                         now,
                         HistoryKind::StateExited,
                         Some(&state_name),
                         json!({"output": output, "next": next}),
+                        result_path,
                     );
                     // After a task, so a resumed execution does not run it again; a choice or
                     // a pass is run again at no cost if the runner dies before the next flush.
