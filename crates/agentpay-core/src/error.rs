@@ -32,7 +32,8 @@ impl FieldProblem {
 
     /// Prefixes the field path, e.g. `payTo` becomes `accepts[0].payTo`.
     pub fn within(mut self, parent: &str) -> Self {
-        self.field = format!("{parent}.{}", self.field);
+        // A problem with the value itself (no field of its own) is the parent's.
+        self.field = if self.field.is_empty() { parent.to_owned() } else { format!("{parent}.{}", self.field) };
         self
     }
 }

@@ -312,8 +312,7 @@ fn absurd_timeout_is_rejected() {
 fn entry_that_is_not_an_object_is_rejected() {
     let mut body = v2_payment_required("1");
     body["accepts"] = json!(["exact"]);
-    let error = select_v2(&body).unwrap_err();
-    assert!(error.to_string().contains("accepts[0]"), "{error}");
+    assert_invalid(select_v2(&body), "challenge.x402.accepts[0]", "a payment requirement object");
 }
 
 #[test]
@@ -345,4 +344,40 @@ fn v2_resource_without_url_is_rejected() {
     body["resource"] = json!({"description": "no url"});
     let error = Challenge::from_v2_header(&encode_v2_header(&body)).unwrap_err();
     assert_eq!(error.problems[0].field, "challenge.x402.resource");
+}
+
+/// Every malformed challenge the samples list (the fuzz targets' seeds) is refused as an
+/// invalid request naming its field.
+#[test]
+fn every_listed_malformed_challenge_is_refused_naming_its_field() {
+    use crate::samples::{ChallengeKind, malformed_challenges};
+    let cases = malformed_challenges();
+    assert!(cases.len() >= 30, "{}", cases.len());
+    for case in cases {
+        let refused = match case.kind {
+            ChallengeKind::X402V2Header => Challenge::from_v2_header(&case.value)
+                .map_err(PaymentError::from)
+                .and_then(|c| c.select(&allow_all(), "agent-1"))
+                .err(),
+            ChallengeKind::X402V1Body => serde_json::from_str(&case.value)
+                .map_err(|e| panic!("{e}"))
+                .and_then(|body| Challenge::from_v1_body(body).map_err(PaymentError::from))
+                .and_then(|c| c.select(&allow_all(), "agent-1"))
+                .err(),
+            ChallengeKind::Mpp => crate::mpp::MppChallenge::parse(&case.value)
+                .map_err(PaymentError::from)
+                .and_then(|c| c.select(&allow_all(), "agent-1"))
+                .err(),
+        };
+        match refused {
+            Some(PaymentError::InvalidPaymentRequest(invalid)) => assert!(
+                invalid.problems.iter().any(|p| p.field == case.field),
+                "{:?} {}: refused without naming {}: {invalid}",
+                case.kind,
+                case.value,
+                case.field
+            ),
+            other => panic!("{:?} {}: expected InvalidPaymentRequest, got {other:?}", case.kind, case.value),
+        }
+    }
 }
