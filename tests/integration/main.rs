@@ -12,6 +12,7 @@ mod dynamodb;
 mod entry_point;
 mod events;
 mod helpers;
+mod iam;
 mod identity;
 mod layout;
 mod local_invoke;

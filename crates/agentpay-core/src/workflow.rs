@@ -7,7 +7,7 @@
 use sha2::{Digest, Sha256};
 
 /// The steps, by the names the state machine uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum StepName {
     CheckIdempotency,
     CheckSpend,

@@ -17,6 +17,9 @@ use crate::sizing::{item_bytes, json_item_bytes, read_units, write_units};
 /// One item a request touches: its table and key (DynamoDB JSON, as sent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TouchedItem {
+    /// The IAM action that touches it (`dynamodb:` left out): `PutItem`, `UpdateItem`,
+    /// `ConditionCheckItem`, `DeleteItem`, `GetItem`, `BatchGetItem`, `Query`.
+    pub action: String,
     pub table: String,
     pub key: Value,
     /// A put's size, from the item it sends (an update's or a check's is read afterwards).
@@ -74,12 +77,17 @@ impl RequestLog {
 #[derive(Debug)]
 pub struct RequestLogInterceptor(RequestLog);
 
-fn touched(table: &Value, key: &Value) -> TouchedItem {
-    TouchedItem { table: table.as_str().unwrap_or_default().to_owned(), key: key.clone(), put_bytes: None }
+fn touched(action: &str, table: &Value, key: &Value) -> TouchedItem {
+    TouchedItem {
+        action: action.to_owned(),
+        table: table.as_str().unwrap_or_default().to_owned(),
+        key: key.clone(),
+        put_bytes: None,
+    }
 }
 
 fn put(table: &Value, item: &Value) -> TouchedItem {
-    TouchedItem { put_bytes: Some(json_item_bytes(item)), ..touched(table, &key_of_item(item)) }
+    TouchedItem { put_bytes: Some(json_item_bytes(item)), ..touched("PutItem", table, &key_of_item(item)) }
 }
 
 /// The key attributes of a put item: `pk` and `sk`, or `idempotencyKey`.
@@ -104,15 +112,19 @@ fn parse(operation: &str, body: &Value) -> (Vec<TouchedItem>, Vec<TouchedItem>, 
                     if let Some(put) = entry.get("Put") {
                         return Some(self::put(&put["TableName"], &put["Item"]));
                     }
-                    let action = entry.get("Update").or_else(|| entry.get("ConditionCheck")).or(entry.get("Delete"))?;
-                    Some(touched(&action["TableName"], &action["Key"]))
+                    let (name, action) =
+                        [("UpdateItem", "Update"), ("ConditionCheckItem", "ConditionCheck"), ("DeleteItem", "Delete")]
+                            .into_iter()
+                            .find_map(|(name, kind)| entry.get(kind).map(|action| (name, action)))?;
+                    Some(touched(name, &action["TableName"], &action["Key"]))
                 })
                 .collect();
             (writes, vec![], true)
         }
         "PutItem" => (vec![put(&body["TableName"], &body["Item"])], vec![], false),
-        "UpdateItem" | "DeleteItem" => (vec![touched(&body["TableName"], &body["Key"])], vec![], false),
-        "GetItem" => (vec![], vec![touched(&body["TableName"], &body["Key"])], false),
+        "UpdateItem" | "DeleteItem" => (vec![touched(operation, &body["TableName"], &body["Key"])], vec![], false),
+        "GetItem" => (vec![], vec![touched(operation, &body["TableName"], &body["Key"])], false),
+        "Query" => (vec![], vec![touched(operation, &body["TableName"], &Value::Null)], false),
         "BatchGetItem" => {
             let reads = body["RequestItems"]
                 .as_object()
@@ -120,7 +132,12 @@ fn parse(operation: &str, body: &Value) -> (Vec<TouchedItem>, Vec<TouchedItem>, 
                 .flatten()
                 .flat_map(|(table, wanted)| {
                     let table = Value::String(table.clone());
-                    wanted["Keys"].as_array().cloned().unwrap_or_default().into_iter().map(move |k| touched(&table, &k))
+                    wanted["Keys"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |k| touched("BatchGetItem", &table, &k))
                 })
                 .collect();
             (vec![], reads, false)

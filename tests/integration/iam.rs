@@ -1,0 +1,223 @@
+//! Each function's IAM policy in template.yaml against what its step really sends to
+//! DynamoDB: the steps run on paths that reach every store call (happy path, retries,
+//! compensation, an unknown outcome held, a denial, a lease takeover, a superseded retry) with
+//! an SDK interceptor logging each action and table, and every action must be allowed on that
+//! table for that step's function — a step that reads with an action its role lacks fails on
+//! AWS with AccessDenied, which no local run shows otherwise.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentpay::clock::{Clock, ManualClock};
+use agentpay::provider::dev_wallet::DevWallet;
+use agentpay::samples::execution_input;
+use agentpay::steps::{
+    CaughtError, CheckIdempotencyInput, CheckSpendInput, Claim, CompensateInput, CompensationMode, ProcessPaymentInput,
+    RecordLedgerInput, StepName, StepSettings, Steps,
+};
+use agentpay::store::Store;
+use agentpay::store::dynamodb::DynamoStore;
+use agentpay::store::dynamodb::request_log::RequestLog;
+use serde_json::Value;
+
+use crate::helpers::policy;
+use crate::stores::{START, dynamodb_endpoint, fresh_tables};
+
+const AGENT: &str = "iam-agent";
+
+type Used = BTreeMap<StepName, BTreeSet<(String, String)>>;
+
+struct Run {
+    steps: Steps,
+    clock: Arc<ManualClock>,
+    log: RequestLog,
+    tables: BTreeMap<String, String>,
+    used: Used,
+}
+
+impl Run {
+    /// Attributes what `log` holds to `step` (action, table's logical id).
+    fn record(&mut self, step: StepName) {
+        for request in self.log.requests() {
+            for item in request.writes.iter().chain(&request.reads) {
+                let table = self.tables.get(&item.table).cloned().unwrap_or_else(|| item.table.clone());
+                self.used.entry(step).or_default().insert((format!("dynamodb:{}", item.action), table));
+            }
+        }
+        self.log.clear();
+    }
+
+    async fn claim(&mut self, key: &str, amount: &str, execution: &str) -> (Value, Claim) {
+        let request = execution_input(key, AGENT, amount);
+        let claim = self
+            .steps
+            .check_idempotency(CheckIdempotencyInput { request: request.clone(), execution_id: execution.into() })
+            .await
+            .unwrap();
+        self.record(StepName::CheckIdempotency);
+        (request, claim)
+    }
+
+    async fn spend(&mut self, request: &Value, claim: &Claim, execution: &str) -> Result<Value, String> {
+        let result = self
+            .steps
+            .check_spend(CheckSpendInput {
+                request: request.clone(),
+                execution_id: execution.into(),
+                claim: claim.clone(),
+            })
+            .await;
+        self.record(StepName::CheckSpend);
+        result.map(|r| serde_json::to_value(r).unwrap()).map_err(|e| e.name().to_owned())
+    }
+
+    async fn compensate(&mut self, request: &Value, claim: &Claim, execution: &str, mode: CompensationMode) {
+        let error = match mode {
+            CompensationMode::HoldUnknown => "Sandbox.Timedout",
+            _ => "ProviderRejected",
+        };
+        self.steps
+            .compensate(CompensateInput {
+                request: request.clone(),
+                execution_id: execution.into(),
+                claim: claim.clone(),
+                error: CaughtError { error: error.into(), cause: "{}".into() },
+                mode,
+                entered_at: Some(self.clock.now().to_rfc3339()),
+            })
+            .await
+            .unwrap();
+        self.record(StepName::Compensate);
+    }
+}
+
+/// (action, table logical id) pairs each step function's statements allow.
+fn allowed_by_template() -> BTreeMap<StepName, BTreeSet<(String, String)>> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/template.yaml")).unwrap();
+    let template: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let arn_of = |resource: &serde_yaml_ng::Value| match resource {
+        serde_yaml_ng::Value::Tagged(tagged) if tagged.tag == "!GetAtt" => {
+            tagged.value.as_str().unwrap_or_default().trim_end_matches(".Arn").to_owned()
+        }
+        other => format!("{other:?}"),
+    };
+    let mut allowed = BTreeMap::new();
+    for step in StepName::ALL {
+        let function = template["Resources"]
+            .as_mapping()
+            .unwrap()
+            .values()
+            .find(|r| r["Metadata"]["BuildProperties"]["Binary"].as_str() == Some(step.function_name()))
+            .unwrap_or_else(|| panic!("no function for {step:?}"));
+        let mut pairs = BTreeSet::new();
+        for policy in function["Properties"]["Policies"].as_sequence().into_iter().flatten() {
+            for statement in policy["Statement"].as_sequence().into_iter().flatten() {
+                let actions: Vec<String> = match &statement["Action"] {
+                    serde_yaml_ng::Value::Sequence(list) => {
+                        list.iter().filter_map(|a| a.as_str()).map(str::to_owned).collect()
+                    }
+                    other => other.as_str().map(str::to_owned).into_iter().collect(),
+                };
+                let resources: Vec<String> = match &statement["Resource"] {
+                    serde_yaml_ng::Value::Sequence(list) => list.iter().map(arn_of).collect(),
+                    single => vec![arn_of(single)],
+                };
+                for action in actions.iter().filter(|a| a.starts_with("dynamodb:")) {
+                    for resource in &resources {
+                        pairs.insert((action.clone(), resource.clone()));
+                    }
+                }
+            }
+        }
+        allowed.insert(step, pairs);
+    }
+    allowed
+}
+
+#[tokio::test]
+async fn every_function_may_send_exactly_what_its_step_sends_to_dynamodb() {
+    let log = RequestLog::default();
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(dynamodb_endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .test_credentials()
+        .load()
+        .await;
+    let config = aws_sdk_dynamodb::config::Builder::from(&shared).interceptor(log.interceptor()).build();
+    let client = aws_sdk_dynamodb::Client::from_conf(config);
+    let names = fresh_tables(&client).await;
+    let tables = BTreeMap::from([
+        (names.idempotency.clone(), "IdempotencyTable".to_owned()),
+        (names.ledger.clone(), "LedgerTable".to_owned()),
+    ]);
+    let store = Arc::new(DynamoStore::new(client, names));
+    store.put_policy(AGENT, &policy("1.00", "5.00", 100)).await.unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store.clone(), clock.clone()).unwrap();
+    let steps = Steps::new(store.clone(), Arc::new(wallet), clock.clone(), StepSettings::default());
+    log.clear();
+    let mut run = Run { steps, clock: clock.clone(), log, tables, used: Used::new() };
+
+    // Happy path, then each step again as a retry would run it.
+    let (request, claim) = run.claim("iam-paid", "10000", "exec-paid").await;
+    let reservation = run.spend(&request, &claim, "exec-paid").await.unwrap();
+    let reservation: agentpay::steps::ReservationSummary = serde_json::from_value(reservation).unwrap();
+    let proof = run
+        .steps
+        .process_payment(ProcessPaymentInput {
+            request: request.clone(),
+            execution_id: "exec-paid".into(),
+            claim: claim.clone(),
+            reservation: reservation.clone(),
+            retry_count: 0,
+        })
+        .await
+        .unwrap();
+    run.record(StepName::ProcessPayment);
+    for _ in 0..2 {
+        run.steps
+            .record_ledger(RecordLedgerInput {
+                request: request.clone(),
+                execution_id: "exec-paid".into(),
+                claim: claim.clone(),
+                reservation: reservation.clone(),
+                proof: proof.clone(),
+            })
+            .await
+            .unwrap();
+        run.record(StepName::RecordLedger);
+    }
+    run.claim("iam-paid", "10000", "exec-paid-again").await;
+    run.spend(&request, &claim, "exec-paid").await.unwrap();
+
+    // A definite refusal compensated twice, and a CheckSpend retried after it (superseded).
+    let (request, claim) = run.claim("iam-refused", "10000", "exec-refused").await;
+    run.spend(&request, &claim, "exec-refused").await.unwrap();
+    run.compensate(&request, &claim, "exec-refused", CompensationMode::Release).await;
+    run.compensate(&request, &claim, "exec-refused", CompensationMode::Release).await;
+    assert!(run.spend(&request, &claim, "exec-refused").await.is_err());
+
+    // An unknown outcome held; a denial; a lease taken over.
+    let (request, claim) = run.claim("iam-unknown", "10000", "exec-unknown").await;
+    run.spend(&request, &claim, "exec-unknown").await.unwrap();
+    run.compensate(&request, &claim, "exec-unknown", CompensationMode::HoldUnknown).await;
+    let (request, claim) = run.claim("iam-denied", "2000000", "exec-denied").await;
+    assert_eq!(run.spend(&request, &claim, "exec-denied").await.unwrap_err(), "SpendLimitExceeded");
+    run.claim("iam-taken", "10000", "exec-first").await;
+    clock.advance(Duration::from_secs(3600));
+    run.claim("iam-taken", "10000", "exec-second").await;
+
+    let allowed = allowed_by_template();
+    let mut problems = Vec::new();
+    for (step, used) in &run.used {
+        let allowed = &allowed[step];
+        for pair in used.difference(allowed) {
+            problems.push(format!("{step:?} sends {} on {} but its function may not", pair.0, pair.1));
+        }
+        for pair in allowed.difference(used) {
+            problems.push(format!("{step:?}'s function may {} on {} but the step never does", pair.0, pair.1));
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}\nused: {:#?}", run.used);
+}
