@@ -21,7 +21,6 @@ use agentpay::payment::{Network, parse_address};
 use agentpay::policy::SpendPolicy;
 use agentpay::provider::agentcore::AgentCoreProvider;
 use agentpay::request::{AgentId, UserId, derived_id};
-use agentpay::store::Store;
 use agentpay::store::dynamodb::{DynamoStore, TableNames, create_table, schema};
 
 #[derive(Debug, Parser)]
@@ -281,17 +280,27 @@ pub enum LedgerCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Set the policy from a JSON file or from flags.
+    /// Set the policy from a JSON file or from flags. A paused agent stays paused: only
+    /// `policy resume` resumes it.
     Set(Box<PolicySetArgs>),
     Show {
         agent: String,
     },
-    /// Kill switch: deny every payment of the agent.
+    /// Kill switch: deny every payment of the agent (or of every agent), including payments
+    /// already past the spend check that have not reached the provider.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["agent", "all"])))]
     Pause {
-        agent: String,
+        agent: Option<String>,
+        /// Every agent that has a policy.
+        #[arg(long)]
+        all: bool,
     },
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["agent", "all"])))]
     Resume {
-        agent: String,
+        agent: Option<String>,
+        /// Every agent that has a policy.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -468,14 +477,19 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), Cl
             };
             agentpay::request::AgentId::parse("agent", &args.agent)?;
             store.put_policy(&args.agent, &policy).await?;
-            (args.agent.clone(), policy)
+            // As stored: a paused agent stays paused whatever the new policy says.
+            let stored = store.policy(&args.agent).await?.ok_or(format!("agent {:?} lost its policy", args.agent))?;
+            if stored.paused && !policy.paused {
+                eprintln!("agent {} stays paused: resume it with `agentpay policy resume {}`", args.agent, args.agent);
+            }
+            (args.agent.clone(), stored)
         }
         PolicyCommand::Show { agent } => {
             let policy = store.agent_ledger(agent).await?.policy.ok_or(format!("agent {agent:?} has no policy"))?;
             (agent.clone(), policy)
         }
-        PolicyCommand::Pause { agent } => set_paused(store.as_ref(), agent.clone(), true).await?,
-        PolicyCommand::Resume { agent } => set_paused(store.as_ref(), agent.clone(), false).await?,
+        PolicyCommand::Pause { agent, all } => return set_paused(ctx, agent.as_deref(), *all, true).await,
+        PolicyCommand::Resume { agent, all } => return set_paused(ctx, agent.as_deref(), *all, false).await,
     };
     if ctx.json {
         println!("{}", serde_json::to_string_pretty(&json!({"agentId": agent, "policy": policy}))?);
@@ -498,12 +512,35 @@ fn agentcore_policy(args: &PolicySetArgs) -> Option<AgentCorePolicy> {
     (policy != AgentCorePolicy::default()).then_some(policy)
 }
 
-async fn set_paused(store: &dyn Store, agent: String, paused: bool) -> Result<(String, SpendPolicy), CliError> {
-    let mut policy =
-        store.agent_ledger(&agent).await?.policy.ok_or(format!("agent {agent:?} has no policy to pause or resume"))?;
-    policy.paused = paused;
-    store.put_policy(&agent, &policy).await?;
-    Ok((agent, policy))
+/// Pauses or resumes one agent, or every agent with a policy, and shows what it did.
+async fn set_paused(ctx: &Context, agent: Option<&str>, all: bool, paused: bool) -> Result<(), CliError> {
+    let store = &ctx.app.store;
+    let agents = match (agent, all) {
+        (Some(agent), _) => vec![agent.to_owned()],
+        (None, _) => store.agents().await?,
+    };
+    let mut changed = Vec::new();
+    for agent in &agents {
+        if !store.set_paused(agent, paused).await? {
+            return Err(format!("agent {agent:?} has no policy to pause or resume").into());
+        }
+        let policy = store.policy(agent).await?.ok_or(format!("agent {agent:?} lost its policy"))?;
+        changed.push((agent.clone(), policy));
+    }
+    if ctx.json {
+        let shown: Vec<_> = changed.iter().map(|(agent, policy)| json!({"agentId": agent, "policy": policy})).collect();
+        // One agent: the object itself, as `policy show` prints it.
+        let shown = if all { json!(shown) } else { shown.into_iter().next().unwrap_or_default() };
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+    } else if all {
+        let verb = if paused { "paused" } else { "resumed" };
+        println!("{verb} {} agents: {}", changed.len(), agents.join(", "));
+    } else {
+        for (agent, policy) in &changed {
+            println!("{}", policy_table(agent, policy));
+        }
+    }
+    Ok(())
 }
 
 pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {

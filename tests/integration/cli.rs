@@ -115,8 +115,63 @@ fn policy_flags_pause_and_resume() {
     assert_eq!(policy["policy"]["perTransactionLimitUsd"], "2.50");
     let paused = agentpay(dir.path(), &["--json", "policy", "pause", "a1"]);
     assert_eq!(serde_json::from_slice::<Value>(&paused.stdout).unwrap()["policy"]["paused"], true);
+    // Setting the policy again does not resume it, and says so.
+    let set_again = agentpay(
+        dir.path(),
+        &[
+            "--json",
+            "policy",
+            "set",
+            "a1",
+            "--per-transaction-usd",
+            "3",
+            "--daily-usd",
+            "10",
+            "--max-per-hour",
+            "3",
+            "--network",
+            "eip155:84532",
+        ],
+    );
+    assert!(set_again.status.success(), "{set_again:?}");
+    let stored: Value = serde_json::from_slice(&set_again.stdout).unwrap();
+    assert_eq!(
+        (stored["policy"]["paused"].as_bool(), stored["policy"]["perTransactionLimitUsd"].as_str()),
+        (Some(true), Some("3.00"))
+    );
+    assert!(String::from_utf8_lossy(&set_again.stderr).contains("stays paused"), "{set_again:?}");
     let resumed = agentpay(dir.path(), &["--json", "policy", "resume", "a1"]);
     assert_eq!(serde_json::from_slice::<Value>(&resumed.stdout).unwrap()["policy"]["paused"], false);
+
+    // The whole fleet at once.
+    let second = agentpay(
+        dir.path(),
+        &[
+            "policy",
+            "set",
+            "a2",
+            "--per-transaction-usd",
+            "1",
+            "--daily-usd",
+            "2",
+            "--max-per-hour",
+            "3",
+            "--network",
+            "eip155:84532",
+        ],
+    );
+    assert!(second.status.success(), "{second:?}");
+    let all = agentpay(dir.path(), &["--json", "policy", "pause", "--all"]);
+    let all: Value = serde_json::from_slice(&all.stdout).unwrap();
+    let agents: Vec<(&str, bool)> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["agentId"].as_str().unwrap(), a["policy"]["paused"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(agents, [("a1", true), ("a2", true)]);
+    let neither = agentpay(dir.path(), &["policy", "pause"]);
+    assert!(!neither.status.success() && String::from_utf8_lossy(&neither.stderr).contains("--all"), "{neither:?}");
 }
 
 #[test]

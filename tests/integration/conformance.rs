@@ -140,6 +140,7 @@ conformance!(
     a_hold_keeps_the_reservation_and_ends_the_lease,
     an_unfinished_claim_never_expires,
     a_completed_key_answers_before_the_policy,
+    a_pause_stops_payments_past_the_spend_check,
 );
 
 async fn claim_then_cached_result(backend: Backend) {
@@ -342,10 +343,17 @@ async fn every_policy_limit_denies(backend: Backend) {
     let claim = f.claim(&input, "e").await.unwrap();
     f.spend(&input, "e", &claim).await.unwrap();
 
-    let mut paused = policy("0.50", "1.00", 3);
-    paused.paused = true;
-    f.store.put_policy(AGENT, &paused).await.unwrap();
+    assert!(f.store.set_paused(AGENT, true).await.unwrap());
     assert_eq!(deny(&f, "k-paused", "1").await.name(), "AgentPaused");
+    // A policy edit keeps the kill switch where it is, whatever the new policy says.
+    let mut edited = policy("0.50", "1.00", 3);
+    edited.paused = false;
+    f.store.put_policy(AGENT, &edited).await.unwrap();
+    assert_eq!(f.store.policy(AGENT).await.unwrap().map(|p| p.paused), Some(true));
+    assert_eq!(deny(&f, "k-paused-2", "1").await.name(), "AgentPaused");
+    assert!(f.store.set_paused(AGENT, false).await.unwrap());
+    assert!(!f.store.set_paused("no-such-agent", true).await.unwrap(), "nothing to pause");
+    assert_eq!(f.store.agents().await.unwrap(), [AGENT]);
 
     let mut payees = policy("0.50", "100", 100);
     payees.allowed_payees = vec![alloy_primitives::Address::repeat_byte(9)];
@@ -462,10 +470,52 @@ async fn a_completed_key_answers_before_the_policy(backend: Backend) {
     let input = execution_input("k-cache-first", AGENT, "10000");
     let claim = f.claim(&input, "exec-1").await.unwrap();
     f.pay(&input, "exec-1", &claim).await.unwrap();
-    let mut paused = policy("1.00", "5.00", 10);
-    paused.paused = true;
-    paused.allowed_payees = vec!["0x0000000000000000000000000000000000000001".parse().unwrap()];
-    f.store.put_policy(AGENT, &paused).await.unwrap();
+    let mut changed = policy("1.00", "5.00", 10);
+    changed.allowed_payees = vec!["0x0000000000000000000000000000000000000001".parse().unwrap()];
+    f.store.put_policy(AGENT, &changed).await.unwrap();
+    f.store.set_paused(AGENT, true).await.unwrap();
     let cached = f.claim(&input, "exec-2").await.unwrap();
     assert_eq!(cached.outcome, ClaimOutcome::Cached);
+}
+
+/// The kill switch reaches payments already reserved: a charge decided before the pause no
+/// longer applies, and ProcessPayment refuses before the provider (or holds, when an earlier
+/// call may have issued a proof).
+async fn a_pause_stops_payments_past_the_spend_check(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    // A pause is a policy version: charges decided under the unpaused policy (conditioned on
+    // the window's policy version) no longer apply.
+    let ledger = f.store.agent_ledger(AGENT).await.unwrap();
+    f.store.set_paused(AGENT, true).await.unwrap();
+    let after = f.store.agent_ledger(AGENT).await.unwrap();
+    assert!(after.version > ledger.version && after.window.policy_version == after.version);
+    f.store.set_paused(AGENT, false).await.unwrap();
+
+    let input = execution_input("k-paused-late", AGENT, "10000");
+    let claim = f.claim(&input, "exec-1").await.unwrap();
+    let reservation = f.spend(&input, "exec-1", &claim).await.unwrap();
+    f.store.set_paused(AGENT, true).await.unwrap();
+    let process = |retry_count: u32| ProcessPaymentInput {
+        request: input.clone(),
+        execution_id: "exec-1".into(),
+        claim: claim.clone(),
+        reservation: reservation.clone(),
+        retry_count,
+    };
+    // A retry: its predecessor may have been paid, so the reservation is held, not refused.
+    let held = f.steps.process_payment(process(1)).await.unwrap_err();
+    assert_eq!(held.name(), "PaymentOutcomeUnknown", "{held}");
+    // A first call: refused before the provider, then compensated like any denial.
+    let refused = f.steps.process_payment(process(0)).await.unwrap_err();
+    assert_eq!(refused.name(), "AgentPaused", "{refused}");
+    let compensation = f.compensate(&input, "exec-1", &claim, "AgentPaused").await.unwrap();
+    assert_eq!(compensation["released"], true);
+    let stored = f.store.reservation(AGENT, &reservation.reservation_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, ReservationStatus::Released);
+    assert!(f.store.agent_ledger(AGENT).await.unwrap().window.is_empty());
+    let record = f.store.idempotency("k-paused-late", f.clock.now()).await.unwrap().unwrap();
+    assert_eq!(record.status, IdempotencyStatus::Denied);
+    // Nothing was signed: the provider was never asked.
+    let token = claim.client_token.clone();
+    assert!(f.proofs.issued(&token).await.unwrap().is_none(), "no proof for {token}");
 }

@@ -88,11 +88,13 @@ async fn a_payment_costs_the_same_on_the_hot_partition_idle_or_with_a_full_windo
     for request in &requests {
         *by_operation.entry(request.operation.as_str()).or_insert(0) += 1;
     }
-    // The dev wallet's issued-proof journal (GetItem + PutItem) is not part of the store's cost.
-    assert_eq!(wallet_requests, 2);
-    assert_eq!(requests.len(), 5, "{by_operation:?}");
+    // ProcessPayment: the kill switch (the policy item), then the dev wallet's issued-proof
+    // journal (GetItem + PutItem), which is the wallet's cost, not the store's.
+    assert_eq!(wallet_requests, 3);
+    assert_eq!(requests.len(), 6, "{by_operation:?}");
     assert_eq!(by_operation["TransactWriteItems"], 2);
     assert_eq!(by_operation["BatchGetItem"], 2, "CheckIdempotency (agent and key) and CheckSpend (agent)");
+    assert_eq!(by_operation["GetItem"], 1, "ProcessPayment's look at the kill switch");
     let idle = capacity(&plain, &requests, &hot).await;
 
     // A window with every slot taken: a payment in every minute of the last day.
@@ -118,9 +120,10 @@ async fn a_payment_costs_the_same_on_the_hot_partition_idle_or_with_a_full_windo
     let busy = capacity(&plain, &requests, &hot).await;
     eprintln!("capacity per payment: idle {idle:?}, full window {busy:?}");
     // The window item and the policy item are the agent's only hot items: each payment writes
-    // the window once, in a transaction (2 units), and reads both twice (4 units).
-    assert_eq!((idle.hot_write_units, idle.hot_read_units), (2, 4), "{idle:?}");
-    assert_eq!((busy.hot_write_units, busy.hot_read_units), (2, 4), "{busy:?}");
+    // the window once, in a transaction (2 units), reads both twice (4 units) and the policy
+    // once more before paying (1 unit).
+    assert_eq!((idle.hot_write_units, idle.hot_read_units), (2, 5), "{idle:?}");
+    assert_eq!((busy.hot_write_units, busy.hot_read_units), (2, 5), "{busy:?}");
     assert_eq!(store.agent_ledger(AGENT).await.unwrap().window.count, full.count + 1);
 }
 

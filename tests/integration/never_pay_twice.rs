@@ -351,9 +351,9 @@ async fn a_completed_key_answers_from_its_cache_whatever_the_policy_says_now() {
     assert_eq!(paid.status, ExecutionStatus::Succeeded);
     // The agent is paused and its network no longer allowed: the paid key still answers.
     let mut changed = policy("1.00", "5.00", 100);
-    changed.paused = true;
     changed.allowed_networks = vec![agentpay::payment::Network::Base];
     h.app.store.put_policy(AGENT, &changed).await.unwrap();
+    h.app.store.set_paused(AGENT, true).await.unwrap();
     let again = h.run(input).await;
     assert_eq!(again.status, ExecutionStatus::Succeeded, "{:?}", again.error);
     let output = again.output.unwrap();

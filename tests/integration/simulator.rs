@@ -365,7 +365,11 @@ impl World {
                     let cents = self.sim.number(20..120);
                     policy.per_transaction_limit_usd = format!("{}.{:02}", cents / 100, cents % 100).parse().unwrap();
                 }
-                self.app.store.put_policy(agent, policy).await.unwrap();
+                if what == Interleave::PauseAgent {
+                    self.app.store.set_paused(agent, policy.paused).await.unwrap();
+                } else {
+                    self.app.store.put_policy(agent, policy).await.unwrap();
+                }
                 *self.policies.lock().unwrap() = policies;
             }
             Interleave::DayPasses => self.sim.clock.advance(Duration::from_secs(25 * 3600)),
@@ -477,6 +481,7 @@ async fn recover(world: &World) -> Vec<String> {
         let mut policy = world.policies.lock().unwrap()[agent].clone();
         policy.paused = false;
         world.app.store.put_policy(agent, &policy).await.unwrap();
+        world.app.store.set_paused(agent, false).await.unwrap();
     }
     for _round in 0..3 {
         resume_dead(world).await;

@@ -60,6 +60,8 @@ pub struct Fixture {
     pub store: Arc<dyn Store>,
     pub steps: Steps,
     pub clock: Arc<ManualClock>,
+    /// The dev wallet's journal of issued proofs.
+    pub proofs: Arc<dyn IssuedProofs>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -77,9 +79,9 @@ impl Fixture {
                 (store.clone(), store, None)
             }
         };
-        let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), proofs, clock.clone()).unwrap();
+        let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), proofs.clone(), clock.clone()).unwrap();
         let settings = StepSettings { lease: Duration::from_secs(300), ledger_attempts: 50, ..StepSettings::default() };
         let steps = Steps::new(store.clone(), Arc::new(wallet), clock.clone(), settings);
-        Self { store, steps, clock, _dir: dir }
+        Self { store, steps, clock, proofs, _dir: dir }
     }
 }

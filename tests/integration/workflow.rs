@@ -260,7 +260,7 @@ async fn the_hourly_rate_limit_denies() {
 }
 
 #[tokio::test]
-async fn a_happy_path_payment_takes_five_store_round_trips() {
+async fn a_happy_path_payment_takes_six_store_round_trips() {
     use std::sync::Arc;
 
     use agentpay::asl::{LocalRunner, PAYMENT_DEFINITION, RecordingSleeper};
@@ -287,16 +287,17 @@ async fn a_happy_path_payment_takes_five_store_round_trips() {
     let record = runner.start("count-1", execution_input("count-1", AGENT, "1000")).await.unwrap();
     assert_eq!(record.status, ExecutionStatus::Succeeded);
     let calls = counting.calls();
-    assert_eq!(counting.total(), 5, "{calls:?}");
+    assert_eq!(counting.total(), 6, "{calls:?}");
     assert_eq!(
         (
             calls["agent_and_key"],
             calls["agent_ledger"],
             calls["insert_idempotency"],
             calls["reserve"],
+            calls["policy"],
             calls["authorize"]
         ),
-        (1, 1, 1, 1, 1)
+        (1, 1, 1, 1, 1, 1)
     );
 }
 

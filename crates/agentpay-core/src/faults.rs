@@ -16,7 +16,7 @@ use crate::policy::{AgentLedger, SpendPolicy};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::PaymentRequest;
 use crate::store::{
-    AuditEvent, AuthorizationCommit, ClaimFence, HoldCommit, IdempotencyRecord, ReleaseCommit, Reservation,
+    AuditEvent, AuthorizationCommit, ClaimFence, HoldCommit, IdempotencyRecord, PolicyEdit, ReleaseCommit, Reservation,
     ReserveOutcome, Store, Transition,
 };
 use crate::window::WindowWrite;
@@ -211,8 +211,14 @@ impl Store for FaultyStore {
     ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError> {
         self.inner.agent_and_key(agent_id, key, now).await
     }
-    async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
-        self.inner.put_policy(agent_id, policy).await
+    async fn edit_policy(&self, agent_id: &str, edit: &PolicyEdit) -> Result<bool, PaymentError> {
+        self.inner.edit_policy(agent_id, edit).await
+    }
+    async fn policy(&self, agent_id: &str) -> Result<Option<SpendPolicy>, PaymentError> {
+        self.inner.policy(agent_id).await
+    }
+    async fn agents(&self) -> Result<Vec<String>, PaymentError> {
+        self.inner.agents().await
     }
     async fn reserve(
         &self,

@@ -552,6 +552,23 @@ impl Steps {
             context: input.claim.provider_context.clone(),
         };
         let provider = self.provider.name();
+        // The kill switch, looked at last, right before paying: a pause stops payments already
+        // past CheckSpend too.
+        let agent = order.request.agent_id.as_str();
+        if self.store.policy(agent).await?.is_some_and(|policy| policy.paused) {
+            // An earlier call with this client token (a retry's, or the one of the execution
+            // this claim was taken from) may have issued a proof: hold it, do not release it.
+            if input.retry_count > 0 || input.claim.adopted {
+                return Err(PaymentError::PaymentOutcomeUnknown {
+                    provider,
+                    message: format!(
+                        "agent {agent} was paused before this call, and an earlier call with this client token may have issued a proof: the reservation stays counted; replay the key after `agentpay policy resume {agent}` to settle it"
+                    ),
+                    source: None,
+                });
+            }
+            return Err(PaymentError::AgentPaused { agent: agent.to_owned() });
+        }
         let proof = match self.provider.process_payment(&order).await {
             Ok(proof) => proof,
             // Throttled, or not connected: this call was not processed, but that says nothing

@@ -696,17 +696,20 @@ impl Store for DynamoStore {
         Ok((ledger, record.filter(|r| !r.is_expired(now))))
     }
 
-    async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
+    async fn edit_policy(&self, agent_id: &str, edit: &PolicyEdit) -> Result<bool, PaymentError> {
         // Policy and window's policy version move together, conditioned on what was read;
         // edits are rare, so a lost race is simply read and tried again.
         for _ in 0..8 {
             let (state, window) = self.agent_items(agent_id).await?;
             let ledger = decode_ledger(agent_id, state.as_ref(), window.as_ref())?;
+            let Some(policy) = edit.apply(ledger.policy.as_ref()) else {
+                return Ok(false);
+            };
             let version = ledger.version + 1;
             let state_put = Put::builder()
                 .table_name(&self.tables.ledger)
                 .set_item(Some(state_key(agent_id)))
-                .item("policy", json(policy)?)
+                .item("policy", json(&policy)?)
                 .item("version", n(version));
             let state_put = match state {
                 None => state_put.condition_expression("attribute_not_exists(pk)"),
@@ -742,10 +745,44 @@ impl Store for DynamoStore {
             let items =
                 vec![TransactWriteItem::builder().put(state_put.build().map_err(build_error)?).build(), window_write];
             if let TxOutcome::Committed = self.transact("set policy", items).await? {
-                return Ok(());
+                return Ok(true);
             }
         }
         Err(PaymentError::LedgerConflict { agent: agent_id.to_owned(), attempts: 8 })
+    }
+
+    async fn policy(&self, agent_id: &str) -> Result<Option<SpendPolicy>, PaymentError> {
+        let item = self.get("read agent policy", &self.tables.ledger, state_key(agent_id)).await?;
+        Ok(decode_ledger(agent_id, item.as_ref(), None)?.policy)
+    }
+
+    async fn agents(&self) -> Result<Vec<String>, PaymentError> {
+        let mut agents = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let output = self
+                .client
+                .scan()
+                .table_name(&self.tables.ledger)
+                .filter_expression("sk = :state")
+                .expression_attribute_values(":state", s("STATE"))
+                .projection_expression("pk")
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify("list agents", e))?;
+            for item in output.items.unwrap_or_default() {
+                if let Some(agent) = text(&item, "pk").and_then(|pk| pk.strip_prefix("AGENT#")) {
+                    agents.push(agent.to_owned());
+                }
+            }
+            match output.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => break,
+            }
+        }
+        agents.sort();
+        Ok(agents)
     }
 
     async fn reserve(

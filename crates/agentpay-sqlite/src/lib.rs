@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use agentpay_core::clock::Timestamp;
 use agentpay_core::error::PaymentError;
 use agentpay_core::executions::{ExecutionFilter, ExecutionRecord, ExecutionStore, HistoryEvent};
-use agentpay_core::policy::{AgentLedger, SpendPolicy};
+use agentpay_core::policy::AgentLedger;
 use agentpay_core::provider::{IssuedProof, IssuedProofs};
 use agentpay_core::store::*;
 use agentpay_core::window::{SpendWindow, WindowWrite};
@@ -445,15 +445,32 @@ impl Store for SqliteStore {
         Ok((ledger, record.filter(|r| !r.is_expired(now))))
     }
 
-    async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
+    async fn edit_policy(&self, agent_id: &str, edit: &PolicyEdit) -> Result<bool, PaymentError> {
         self.write("set policy", |tx| {
             let ledger = get_ledger(tx, agent_id)?;
+            let Some(policy) = edit.apply(ledger.policy.as_ref()) else {
+                return Ok(false);
+            };
             let version = ledger.version + 1;
             let window = SpendWindow { policy_version: version, seq: ledger.window.seq + 1, ..ledger.window };
-            tx.prepare_cached("INSERT INTO agents (agent_id, version, policy, window) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (agent_id) DO UPDATE SET policy = excluded.policy, version = excluded.version, window = excluded.window")?.execute(params![agent_id, i64::try_from(version).unwrap_or(i64::MAX), to_json(policy)?, to_json(&window)?],)?;
-            Ok(())
-        }).await
+            tx.prepare_cached(
+                "INSERT INTO agents (agent_id, version, policy, window) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (agent_id) DO UPDATE SET policy = excluded.policy, version = excluded.version, window = excluded.window",
+            )?
+            .execute(params![agent_id, i64::try_from(version).unwrap_or(i64::MAX), to_json(&policy)?, to_json(&window)?])?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn agents(&self) -> Result<Vec<String>, PaymentError> {
+        self.read("list agents", |c| {
+            let mut statement =
+                c.prepare_cached("SELECT agent_id FROM agents WHERE policy IS NOT NULL ORDER BY agent_id")?;
+            let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
+            rows.collect()
+        })
+        .await
     }
 
     async fn reserve(

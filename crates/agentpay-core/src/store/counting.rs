@@ -70,9 +70,17 @@ impl Store for CountingStore {
         self.count("agent_and_key");
         self.inner.agent_and_key(agent_id, key, now).await
     }
-    async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
-        self.count("put_policy");
-        self.inner.put_policy(agent_id, policy).await
+    async fn edit_policy(&self, agent_id: &str, edit: &PolicyEdit) -> Result<bool, PaymentError> {
+        self.count("edit_policy");
+        self.inner.edit_policy(agent_id, edit).await
+    }
+    async fn policy(&self, agent_id: &str) -> Result<Option<SpendPolicy>, PaymentError> {
+        self.count("policy");
+        self.inner.policy(agent_id).await
+    }
+    async fn agents(&self) -> Result<Vec<String>, PaymentError> {
+        self.count("agents");
+        self.inner.agents().await
     }
     async fn reserve(
         &self,

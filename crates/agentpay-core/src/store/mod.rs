@@ -224,6 +224,30 @@ pub struct AuditEvent {
     pub error: Option<ErrorRecord>,
 }
 
+/// A change to an agent's policy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicyEdit {
+    /// Everything but the kill switch: an agent that has a policy keeps `paused` as stored, so
+    /// no edit can resume a paused agent by accident (a new agent takes the given value).
+    Replace(SpendPolicy),
+    /// The kill switch alone.
+    SetPaused(bool),
+}
+
+impl PolicyEdit {
+    /// The policy after this edit of `stored` (`None`: nothing to pause or resume).
+    pub fn apply(&self, stored: Option<&SpendPolicy>) -> Option<SpendPolicy> {
+        match (self, stored) {
+            (PolicyEdit::Replace(policy), Some(stored)) => {
+                Some(SpendPolicy { paused: stored.paused, ..policy.clone() })
+            }
+            (PolicyEdit::Replace(policy), None) => Some(policy.clone()),
+            (PolicyEdit::SetPaused(paused), Some(stored)) => Some(SpendPolicy { paused: *paused, ..stored.clone() }),
+            (PolicyEdit::SetPaused(_), None) => None,
+        }
+    }
+}
+
 /// Outcome of a reservation write.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReserveOutcome {
@@ -329,9 +353,28 @@ pub trait Store: Send + Sync {
         now: Timestamp,
     ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError>;
 
-    /// Sets the policy (creating the agent if needed), bumping its version and the window's
-    /// policy version together, so a charge decided under the old policy no longer applies.
-    async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError>;
+    /// Applies `edit` to the agent's policy (creating the agent if needed), bumping its version
+    /// and the window's policy version together, so a charge decided under the old policy no
+    /// longer applies. `false`: a pause or resume of an agent without a policy (nothing written).
+    async fn edit_policy(&self, agent_id: &str, edit: &PolicyEdit) -> Result<bool, PaymentError>;
+
+    /// Sets the policy; an existing agent keeps its kill switch as stored (see [`PolicyEdit`]).
+    async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
+        self.edit_policy(agent_id, &PolicyEdit::Replace(policy.clone())).await.map(drop)
+    }
+
+    /// Pauses or resumes the agent; `false` if it has no policy.
+    async fn set_paused(&self, agent_id: &str, paused: bool) -> Result<bool, PaymentError> {
+        self.edit_policy(agent_id, &PolicyEdit::SetPaused(paused)).await
+    }
+
+    /// The agent's policy alone: ProcessPayment's last look at the kill switch before it pays.
+    async fn policy(&self, agent_id: &str) -> Result<Option<SpendPolicy>, PaymentError> {
+        Ok(self.agent_ledger(agent_id).await?.policy)
+    }
+
+    /// Every agent with a policy (operators' `policy pause --all`), in id order.
+    async fn agents(&self) -> Result<Vec<String>, PaymentError>;
 
     /// Atomically: apply `write` to the agent's window (if its conditions hold when it lands)
     /// and create the reservation if its id is new, while `fence` still holds the claim.
