@@ -13,23 +13,9 @@ use agentpay::store::dynamodb::DynamoStore;
 use agentpay::store::dynamodb::request_log::{LoggedRequest, RequestLog, capacity};
 
 use crate::helpers::policy;
-use crate::stores::{START, dynamo_store, dynamodb_client, dynamodb_endpoint, fresh_tables};
+use crate::stores::{START, dynamo_store, dynamodb_client, logged_store};
 
 const AGENT: &str = "dynamo-agent";
-
-async fn logged_store() -> (Arc<DynamoStore>, RequestLog) {
-    let log = RequestLog::default();
-    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(dynamodb_endpoint())
-        .region(aws_config::Region::new("us-east-1"))
-        .test_credentials()
-        .load()
-        .await;
-    let config = aws_sdk_dynamodb::config::Builder::from(&shared).interceptor(log.interceptor()).build();
-    let client = aws_sdk_dynamodb::Client::from_conf(config);
-    let tables = fresh_tables(&client).await;
-    (Arc::new(DynamoStore::new(client, tables)), log)
-}
 
 fn steps_over(store: Arc<DynamoStore>, settings: StepSettings) -> Steps {
     let clock = Arc::new(ManualClock::new(START));

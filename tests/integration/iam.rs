@@ -17,12 +17,11 @@ use agentpay::steps::{
     RecordLedgerInput, StepName, StepSettings, Steps,
 };
 use agentpay::store::Store;
-use agentpay::store::dynamodb::DynamoStore;
 use agentpay::store::dynamodb::request_log::RequestLog;
 use serde_json::Value;
 
 use crate::helpers::policy;
-use crate::stores::{START, dynamodb_endpoint, fresh_tables};
+use crate::stores::{START, logged_store};
 
 const AGENT: &str = "iam-agent";
 
@@ -137,21 +136,12 @@ fn allowed_by_template() -> BTreeMap<StepName, BTreeSet<(String, String)>> {
 
 #[tokio::test]
 async fn every_function_may_send_exactly_what_its_step_sends_to_dynamodb() {
-    let log = RequestLog::default();
-    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(dynamodb_endpoint())
-        .region(aws_config::Region::new("us-east-1"))
-        .test_credentials()
-        .load()
-        .await;
-    let config = aws_sdk_dynamodb::config::Builder::from(&shared).interceptor(log.interceptor()).build();
-    let client = aws_sdk_dynamodb::Client::from_conf(config);
-    let names = fresh_tables(&client).await;
+    let (store, log) = logged_store().await;
+    let names = store.tables();
     let tables = BTreeMap::from([
         (names.idempotency.clone(), "IdempotencyTable".to_owned()),
         (names.ledger.clone(), "LedgerTable".to_owned()),
     ]);
-    let store = Arc::new(DynamoStore::new(client, names));
     store.put_policy(AGENT, &policy("1.00", "5.00", 100)).await.unwrap();
     let clock = Arc::new(ManualClock::new(START));
     let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store.clone(), clock.clone()).unwrap();

@@ -85,3 +85,18 @@ impl Fixture {
         Self { store, steps, clock, proofs, _dir: dir }
     }
 }
+
+/// A DynamoDB store on fresh tables whose client logs every request it sends.
+pub async fn logged_store() -> (Arc<DynamoStore>, agentpay::store::dynamodb::request_log::RequestLog) {
+    let log = agentpay::store::dynamodb::request_log::RequestLog::default();
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(dynamodb_endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .test_credentials()
+        .load()
+        .await;
+    let config = aws_sdk_dynamodb::config::Builder::from(&shared).interceptor(log.interceptor()).build();
+    let client = aws_sdk_dynamodb::Client::from_conf(config);
+    let tables = fresh_tables(&client).await;
+    (Arc::new(DynamoStore::new(client, tables)), log)
+}
