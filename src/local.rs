@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::asl::{LocalRunner, PAYMENT_DEFINITION, RunnerError, Sleeper};
 use crate::client::naming::execution_name;
 use crate::clock::Clock;
-use crate::config::{BuiltProvider, Config, ConfigError};
+use crate::config::{BuiltProvider, Config, ConfigError, OpenedStore, StoreConfig};
 use crate::executions::ExecutionRecord;
 use crate::faults::{FaultyProvider, FaultyStore, ProviderFault};
 use crate::provider::PaymentProvider;
@@ -50,8 +50,16 @@ impl LocalApp {
         sleeper: Arc<dyn Sleeper>,
         provider: Option<Arc<dyn PaymentProvider>>,
     ) -> Result<Self, LocalError> {
-        let executions = Arc::new(SqliteStore::open(&data_dir.join("agentpay.db")).map_err(ConfigError::Store)?);
-        let opened = config.open_store().await?;
+        let executions_path = data_dir.join("agentpay.db");
+        let executions = Arc::new(SqliteStore::open(&executions_path).map_err(ConfigError::Store)?);
+        // One file, one store: a second instance would be a second writer on the file, whose
+        // BEGIN IMMEDIATE waits (blocking its thread) while the first holds a group commit open.
+        let opened = match &config.store {
+            StoreConfig::Sqlite(path) if *path == executions_path => {
+                OpenedStore { store: executions.clone(), proofs: executions.clone() }
+            }
+            _ => config.open_store().await?,
+        };
         let built = match provider {
             Some(provider) => BuiltProvider { provider, wallet_address: None },
             None => config.payment_provider(opened.proofs, clock.clone()).await?,
