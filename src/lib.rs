@@ -14,10 +14,11 @@
 //! | `provider::dev_wallet` | `agentpay-dev-wallet` | the local dev wallet |
 
 pub use agentpay_core::{
-    agentcore, asl, clock, error, executions, faults, identity, metrics, money, mpp, payment, policy, request, samples,
-    steps, window, workflow, x402,
+    agentcore, approval, asl, clock, error, executions, faults, identity, metrics, money, mpp, payment, policy,
+    request, samples, steps, window, workflow, x402,
 };
 
+pub mod approvals;
 pub mod client;
 pub mod config;
 pub mod local;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::asl::runner::{Notification, Notifier, TaskFailure};
 use crate::asl::{LocalRunner, PAYMENT_DEFINITION, RunnerError, Sleeper};
 use crate::client::naming::execution_name;
 use crate::clock::Clock;
@@ -74,13 +75,17 @@ impl LocalApp {
             clock,
             config.settings.clone(),
         );
-        let runner = Arc::new(LocalRunner::new(
-            PAYMENT_DEFINITION,
-            Arc::new(steps.clone()),
-            steps.clock().clone(),
-            executions.clone(),
-            sleeper,
-        )?);
+        let outbox = Arc::new(Outbox(data_dir.join(OUTBOX_FILE)));
+        let runner = Arc::new(
+            LocalRunner::new(
+                PAYMENT_DEFINITION,
+                Arc::new(steps.clone()),
+                steps.clock().clone(),
+                executions.clone(),
+                sleeper,
+            )?
+            .with_notifier(outbox),
+        );
         Ok(Self { store, executions, provider, ledger, wallet_address, steps, runner })
     }
 
@@ -97,6 +102,40 @@ impl LocalApp {
         let key = input.get("idempotencyKey").and_then(Value::as_str).unwrap_or("no-key");
         let run_id = alloy_primitives::hex::encode(rand::random::<[u8; 4]>());
         self.runner.start(&execution_name(key, Some(&run_id)), input).await
+    }
+}
+
+/// Where the local runner's notifications to operators go (one JSON object per line): what
+/// SNS would deliver on AWS, e.g. a payment waiting for approval. `tail -f` it.
+pub const OUTBOX_FILE: &str = "notifications.jsonl";
+
+/// Appends each notification to the outbox file.
+pub struct Outbox(pub std::path::PathBuf);
+
+impl Outbox {
+    /// Every notification written so far.
+    pub fn read(path: &std::path::Path) -> Vec<Notification> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl Notifier for Outbox {
+    async fn publish(&self, notification: &Notification) -> Result<String, TaskFailure> {
+        use std::io::Write;
+        let failed = |e: std::io::Error| TaskFailure {
+            error: "SNS.InternalErrorException".into(),
+            cause: format!("cannot write the local outbox {}: {e}", self.0.display()),
+        };
+        let mut line = serde_json::to_string(notification).map_err(|e| failed(std::io::Error::other(e)))?;
+        line.push('\n');
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.0).map_err(failed)?;
+        file.write_all(line.as_bytes()).map_err(failed)?;
+        Ok(alloy_primitives::hex::encode(rand::random::<[u8; 8]>()))
     }
 }
 

@@ -1,5 +1,6 @@
 //! The `agentpay` command line: run and inspect payment executions on the local runner.
 
+mod approvals;
 mod aws;
 mod demo;
 
@@ -108,6 +109,20 @@ pub enum Command {
     /// Set, show, pause or resume an agent's spend policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Payments waiting for a person (human approval): list them, show one.
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
+    /// Approve a payment waiting for a person: its execution goes on to pay. Recorded with who
+    /// you are (your IAM principal with --backend aws, the local user locally).
+    Approve { id: String },
+    /// Reject a payment waiting for a person: its reservation is released and its key DENIED
+    /// (ApprovalRejected, with who rejected it and why).
+    Reject {
+        id: String,
+        /// Why (recorded and shown to the agent's operators), up to 500 characters.
+        #[arg(long)]
+        reason: String,
+    },
     /// A scripted tour on a fresh embedded store: every path of the workflow.
     Demo,
     /// Create the DynamoDB tables (for `--store dynamodb` against a local endpoint).
@@ -274,6 +289,14 @@ pub enum ExecutionsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// The approvals of the last three days, newest first (pending ones first to answer).
+    List,
+    /// One approval: the payment, why it waits, the limits, the decision.
+    Show { id: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum LedgerCommand {
     Show { agent: String },
 }
@@ -308,7 +331,7 @@ pub enum PolicyCommand {
 pub struct PolicySetArgs {
     pub agent: String,
     /// A policy JSON file (see events/policy-demo-agent.json); flags are then not allowed.
-    #[arg(long, conflicts_with_all = ["per_transaction_usd", "daily_usd", "max_per_hour", "network", "payee", "principal"])]
+    #[arg(long, conflicts_with_all = ["per_transaction_usd", "daily_usd", "max_per_hour", "approval_threshold_usd", "network", "payee", "principal"])]
     pub file: Option<PathBuf>,
     #[arg(long, required_unless_present = "file")]
     pub per_transaction_usd: Option<UsdAmount>,
@@ -316,6 +339,9 @@ pub struct PolicySetArgs {
     pub daily_usd: Option<UsdAmount>,
     #[arg(long, required_unless_present = "file")]
     pub max_per_hour: Option<u32>,
+    /// Payments above this wait for a person (`agentpay approve` / `reject`).
+    #[arg(long)]
+    pub approval_threshold_usd: Option<UsdAmount>,
     /// CAIP-2 network allowed (repeatable), e.g. eip155:84532.
     #[arg(long, required_unless_present = "file")]
     pub network: Vec<Network>,
@@ -395,6 +421,9 @@ pub async fn run(mut cli: Cli) -> Result<i32, CliError> {
             Ok(0)
         }
         Command::Demo => crate::cli::demo::run(cli.json).await,
+        Command::Approvals(_) | Command::Approve { .. } | Command::Reject { .. } => {
+            crate::cli::approvals::run(&cli).await
+        }
         Command::Agentcore(AgentcoreCommand::CreateSession {
             manager_arn,
             user_id,
@@ -469,6 +498,7 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), Cl
                     per_transaction_limit_usd: args.per_transaction_usd.ok_or("--per-transaction-usd is required")?,
                     daily_limit_usd: args.daily_usd.ok_or("--daily-usd is required")?,
                     max_transactions_per_hour: args.max_per_hour.ok_or("--max-per-hour is required")?,
+                    approval_threshold_usd: args.approval_threshold_usd,
                     allowed_networks: args.network.clone(),
                     allowed_payees: args.payee.clone(),
                     agentcore: agentcore_policy(args),

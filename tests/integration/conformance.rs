@@ -281,6 +281,8 @@ fn settle_event(reservation: &agentpay::store::Reservation) -> agentpay::store::
         limits: None,
         payment_id: reservation.payment_id.clone(),
         error: None,
+        decided_by: None,
+        reason: None,
     }
 }
 

@@ -22,6 +22,7 @@ pub fn policy(per_transaction: &str, daily: &str, per_hour: u32) -> SpendPolicy 
         per_transaction_limit_usd: per_transaction.parse().unwrap(),
         daily_limit_usd: daily.parse().unwrap(),
         max_transactions_per_hour: per_hour,
+        approval_threshold_usd: None,
         allowed_networks: vec![Network::BaseSepolia],
         allowed_payees: vec![],
         agentcore: None,

@@ -3,6 +3,7 @@
 
 mod agentcore;
 mod agentcore_emulator;
+mod approvals;
 mod asl_file;
 mod cli;
 mod client;

@@ -398,6 +398,8 @@ error_names!(
     StoreRejected,
     LedgerConflict,
     LedgerInconsistent,
+    ApprovalRejected,
+    ApprovalTimedOut,
 );
 
 impl ErrorName {
@@ -428,6 +430,8 @@ impl ErrorName {
             | StoreRejected
             | LedgerConflict
             | LedgerInconsistent => false,
+            // A person said no, or did not answer in time.
+            ApprovalRejected | ApprovalTimedOut => true,
         }
     }
 
@@ -461,7 +465,10 @@ impl ErrorName {
             | StoreUnavailable
             | StoreRejected
             | LedgerConflict
-            | LedgerInconsistent => false,
+            | LedgerInconsistent
+            // Raised while waiting for a person, before ProcessPayment.
+            | ApprovalRejected
+            | ApprovalTimedOut => false,
         }
     }
 }

@@ -72,6 +72,8 @@ pub enum HistoryKind {
     ExecutionResumed,
     StateEntered,
     TaskScheduled,
+    /// A callback task was started and waits for its token's answer (`token`, `deadline`).
+    TaskSubmitted,
     TaskSucceeded,
     TaskFailed,
     TaskRetryScheduled,

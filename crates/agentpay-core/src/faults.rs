@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+
 use serde_json::Value;
 
 use crate::clock::Timestamp;
@@ -16,8 +17,8 @@ use crate::policy::{AgentLedger, SpendPolicy};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::PaymentRequest;
 use crate::store::{
-    AuditEvent, AuthorizationCommit, ClaimFence, HoldCommit, IdempotencyRecord, PolicyEdit, ReleaseCommit, Reservation,
-    ReserveOutcome, Store, Transition,
+    ApprovalDecisionCommit, ApprovalRecord, ApprovalRequestCommit, AuditEvent, AuthorizationCommit, ClaimFence,
+    HoldCommit, IdempotencyRecord, PolicyEdit, ReleaseCommit, Reservation, ReserveOutcome, Store, Transition,
 };
 use crate::window::WindowWrite;
 
@@ -251,5 +252,17 @@ impl Store for FaultyStore {
     }
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError> {
         self.inner.audit_events(agent_id).await
+    }
+    async fn request_approval(&self, commit: &ApprovalRequestCommit) -> Result<Transition, PaymentError> {
+        self.around("request_approval", self.inner.request_approval(commit)).await
+    }
+    async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, PaymentError> {
+        self.inner.approval(id).await
+    }
+    async fn approvals(&self, since: Timestamp, until: Timestamp) -> Result<Vec<ApprovalRecord>, PaymentError> {
+        self.inner.approvals(since, until).await
+    }
+    async fn decide_approval(&self, commit: &ApprovalDecisionCommit) -> Result<Transition, PaymentError> {
+        self.around("decide_approval", self.inner.decide_approval(commit)).await
     }
 }

@@ -8,6 +8,7 @@
 //! `agentcore` → `window` → `policy`, `request` → `store`, `provider` → `steps` → `asl`'s task handler.
 
 pub mod agentcore;
+pub mod approval;
 pub mod asl;
 pub mod clock;
 pub mod error;

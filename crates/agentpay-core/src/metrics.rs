@@ -19,6 +19,7 @@ pub mod names {
     pub const CLAIMS_SUPERSEDED: &str = "ClaimsSuperseded";
     pub const STEP_ERRORS: &str = "StepErrors";
     pub const WINDOW_RETRIES: &str = "WindowRetries";
+    pub const APPROVALS_REQUESTED: &str = "ApprovalsRequested";
 }
 
 /// A payment authorized: counted, and its amount (atomic units) added, per agent and in total.
@@ -58,4 +59,10 @@ pub fn step_error(error: &str) {
 /// edit, or concurrent payments used the room): the contention on one agent, per payment.
 pub fn window_moved() {
     metrics::counter!(names::WINDOW_RETRIES).increment(1);
+}
+
+/// A payment sent to a person for approval (the backlog alarm compares it with the decisions
+/// and time-outs that follow).
+pub fn approval_requested() {
+    metrics::counter!(names::APPROVALS_REQUESTED).increment(1);
 }

@@ -23,6 +23,10 @@ pub struct SpendPolicy {
     /// Rolling 24 hours: settled + authorized + reserved.
     pub daily_limit_usd: UsdAmount,
     pub max_transactions_per_hour: u32,
+    /// Payments above it wait for a person (human approval), already reserved. None: no
+    /// payment waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_threshold_usd: Option<UsdAmount>,
     pub allowed_networks: Vec<Network>,
     /// Empty: any payee.
     #[serde(default, with = "checksummed_addresses")]
@@ -154,6 +158,8 @@ pub struct SpendDecision {
     pub write: WindowWrite,
     pub charged: ChargedAt,
     pub snapshot: SpendSnapshot,
+    /// Why the payment waits for a person, if it does.
+    pub approval: Option<String>,
 }
 
 /// Evaluates every limit against the window as it stands at `now` and, if all pass, returns
@@ -203,6 +209,10 @@ pub fn decide(
     };
     let per_transaction_limit = convert(policy.per_transaction_limit_usd, "per-transaction limit")?;
     let daily_limit = convert(policy.daily_limit_usd, "daily limit")?;
+    let approval_threshold = policy
+        .approval_threshold_usd
+        .map(|usd| convert(usd, "approval threshold").map(|atomic| (usd, atomic)))
+        .transpose()?;
     let amount = requirement.amount;
 
     let rolled = ledger.window.rolled(now);
@@ -257,8 +267,12 @@ pub fn decide(
         next.policy_version = ledger.version;
         WindowWrite::Replace { expected_seq: stored.seq, window: Box::new(next) }
     };
+    let approval = approval_threshold.filter(|(_, atomic)| amount > *atomic).map(|(usd, _)| {
+        format!("{} USDC is above the agent's approval threshold of {usd} USD", amount.display_with_decimals(decimals))
+    });
     Ok(SpendDecision {
         write,
+        approval,
         charged: rolled.charge_point(),
         snapshot: SpendSnapshot {
             per_transaction_limit,
@@ -283,6 +297,7 @@ mod tests {
             per_transaction_limit_usd: "1.00".parse().unwrap(),
             daily_limit_usd: "2.50".parse().unwrap(),
             max_transactions_per_hour: 3,
+            approval_threshold_usd: None,
             allowed_networks: vec![Network::BaseSepolia],
             allowed_payees: vec![],
             agentcore: None,
@@ -402,6 +417,24 @@ mod tests {
         let size = serde_json::to_string(&ledger.window).unwrap().len();
         assert!(size < 1024, "{size} bytes");
         assert_eq!(ledger.window.count, 122, "61 minutes (the last hour and the current minute) of two each");
+    }
+
+    #[test]
+    fn payments_above_the_approval_threshold_wait_for_a_person() {
+        let mut ledger = ledger_with(&[]);
+        ledger.policy.as_mut().unwrap().approval_threshold_usd = Some("0.50".parse().unwrap());
+        let at = Timestamp::from_millis(NOW);
+        assert_eq!(decide("a", &ledger, &requirement("500000"), at).unwrap().approval, None, "at the threshold");
+        let above = decide("a", &ledger, &requirement("500001"), at).unwrap();
+        assert_eq!(
+            above.approval.as_deref(),
+            Some("0.500001 USDC is above the agent's approval threshold of 0.50 USD")
+        );
+        // The caps still come first: waiting for a person never lets a payment past them.
+        let error = decide("a", &ledger, &requirement("1000001"), at).unwrap_err();
+        assert_eq!(error.name(), "SpendLimitExceeded");
+        ledger.policy.as_mut().unwrap().approval_threshold_usd = None;
+        assert_eq!(decide("a", &ledger, &requirement("900000"), at).unwrap().approval, None);
     }
 
     #[test]

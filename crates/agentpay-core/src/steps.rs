@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::approval::{ApprovalGate, PaymentSummary, approval_id};
 use crate::asl::runner::{TaskFailure, TaskHandler};
 use crate::clock::{Clock, Timestamp};
 use crate::error::{InvalidPaymentRequest, PaymentError, is_denial_name};
@@ -20,11 +21,11 @@ use crate::payment::{Network, PaymentRequirement};
 use crate::policy::{SpendSnapshot, check_caller, decide};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::{PaymentRequest, derived_id};
+use crate::store::{ApprovalNeed, ApprovalRecord, ApprovalRequestCommit, ApprovalStatus, ClaimFence, HoldCommit};
 use crate::store::{
     AuditEvent, AuditKind, AuthorizationCommit, ErrorRecord, IdempotencyRecord, IdempotencyStatus, ReleaseCommit,
     ReleasedReservation, Reservation, ReservationStatus, ReserveOutcome, Store, Transition,
 };
-use crate::store::{ClaimFence, HoldCommit};
 use crate::window::WindowWrite;
 pub use crate::workflow::StepName;
 
@@ -45,7 +46,13 @@ pub struct StepSettings {
     /// Refuse an agent with no IAM principal bound (the deployed functions do; locally, with
     /// no entry point, an agent without principals pays for whoever runs the CLI).
     pub require_bound_caller: bool,
+    /// How long a payment waits for a person (the callback task's time-out; the claim's lease
+    /// is extended over it).
+    pub approval_timeout: Duration,
 }
+
+/// Step Functions' task tokens are at most 2,048 characters (SendTaskSuccess's limit).
+const MAX_TASK_TOKEN_LEN: usize = 2048;
 
 /// The default lease: above the longest hold the ASL allows (see [`StepSettings::lease`]).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(20 * 60);
@@ -57,6 +64,7 @@ impl Default for StepSettings {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             ledger_attempts: 8,
             require_bound_caller: false,
+            approval_timeout: Duration::from_secs(crate::approval::DEFAULT_TIMEOUT_SECONDS),
         }
     }
 }
@@ -112,6 +120,9 @@ pub struct ReservationSummary {
     pub amount: AtomicAmount,
     pub snapshot: SpendSnapshot,
     pub remaining_24h: AtomicAmount,
+    /// Whether the payment waits for a person first (the state machine's Choice reads it).
+    #[serde(default)]
+    pub approval: ApprovalGate,
 }
 
 /// The amount as paid, with enough to read it.
@@ -230,6 +241,27 @@ pub struct RecordLedgerInput {
     pub proof: PaymentProof,
 }
 
+/// The callback task's payload (`AwaitApproval`): the task token to wait on.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestApprovalInput {
+    pub task_token: String,
+    pub request: Value,
+    pub execution_id: String,
+    pub claim: Claim,
+    pub reservation: ReservationSummary,
+}
+
+/// RequestApproval's answer (Step Functions ignores it: the task waits for its token).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalRequested {
+    pub approval_id: String,
+    pub expires_at: Timestamp,
+    /// The request was recorded before (a retried invocation with the same token).
+    pub already_requested: bool,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CompensateInput {
@@ -323,6 +355,7 @@ impl Steps {
             StepName::ProcessPayment => to_output(&self.process_payment(parse_input(step, input)?).await?),
             StepName::RecordLedger => to_output(&self.record_ledger(parse_input(step, input)?).await?),
             StepName::Compensate => to_output(&self.compensate(parse_input(step, input)?).await?),
+            StepName::RequestApproval => to_output(&self.request_approval(parse_input(step, input)?).await?),
         }
     }
 
@@ -464,7 +497,7 @@ impl Steps {
                 Err(denial) => {
                     // A retried step whose reservation already counts against the cap.
                     if let Some(existing) = self.store.reservation(agent, reservation_id).await? {
-                        return self.existing_reservation(existing, &fence).await;
+                        return self.existing_reservation(existing, &fence, &request).await;
                     }
                     return Err(denial);
                 }
@@ -486,12 +519,17 @@ impl Steps {
                 snapshot: decision.snapshot,
                 charged: Some(decision.charged),
                 payment_id: None,
+                approval: decision
+                    .approval
+                    .map(|reason| ApprovalNeed { reason, timeout_seconds: self.settings.approval_timeout.as_secs() }),
                 created_at: now,
                 updated_at: now,
             };
             match self.store.reserve(&decision.write, &reservation, &fence).await? {
-                ReserveOutcome::Reserved => return Ok(summary(&reservation)),
-                ReserveOutcome::AlreadyExists(existing) => return self.existing_reservation(*existing, &fence).await,
+                ReserveOutcome::Reserved => return Ok(summary(&reservation, &request)),
+                ReserveOutcome::AlreadyExists(existing) => {
+                    return self.existing_reservation(*existing, &fence, &request).await;
+                }
                 // Decide again on the window as it stands; its policy version says whether
                 // the policy read is still the one in force.
                 ReserveOutcome::WindowMoved(Some(window)) if window.policy_version == ledger.version => {
@@ -518,9 +556,19 @@ impl Steps {
         &self,
         existing: Reservation,
         fence: &ClaimFence,
+        request: &PaymentRequest,
     ) -> Result<ReservationSummary, PaymentError> {
         if existing.status != ReservationStatus::Released {
-            return Ok(summary(&existing));
+            let mut answer = summary(&existing, request);
+            // Approved already (this claim was taken over, or replayed after an unknown
+            // outcome): the person's decision stands for the reservation it was about.
+            if answer.approval.required
+                && let Some(approval) = self.store.approval(&approval_id(&existing.id, existing.created_at)).await?
+                && approval.status == ApprovalStatus::Approved
+            {
+                answer.approval = ApprovalGate::not_required();
+            }
+            return Ok(answer);
         }
         match self.store.idempotency(&fence.key, self.clock.now()).await? {
             Some(record) if record.is_held_by(fence) => Err(PaymentError::LedgerInconsistent(format!(
@@ -649,6 +697,8 @@ impl Steps {
             limits: Some(input.reservation.snapshot.clone()),
             payment_id: Some(outcome.payment_id.clone()),
             error: None,
+            decided_by: None,
+            reason: None,
         };
         let fence = input.claim.fence(request.idempotency_key.as_str(), &input.execution_id);
         let commit = AuthorizationCommit {
@@ -684,6 +734,98 @@ impl Steps {
                 crate::metrics::claim_superseded();
                 Err(superseded(&fence, holder))
             }
+        }
+    }
+
+    /// The callback task's step: records the pending approval with the task token the
+    /// execution waits on, extends the claim's lease over the wait, audits. Idempotent; a
+    /// retried task (a new token) replaces the token of a pending approval.
+    pub async fn request_approval(&self, input: RequestApprovalInput) -> Result<ApprovalRequested, PaymentError> {
+        let request = PaymentRequest::parse(&input.request)?;
+        let gate = &input.reservation.approval;
+        let (true, Some(id)) = (gate.required, gate.id.clone()) else {
+            return Err(InvalidPaymentRequest::field(
+                "reservation.approval",
+                "an approval that is not required",
+                "the reservation of a payment CheckSpend sent to approval",
+            )
+            .into());
+        };
+        if input.task_token.is_empty() || input.task_token.len() > MAX_TASK_TOKEN_LEN {
+            return Err(InvalidPaymentRequest::field(
+                "taskToken",
+                format!("{} characters", input.task_token.len()),
+                format!("the task token of the waiting task, 1 to {MAX_TASK_TOKEN_LEN} characters"),
+            )
+            .into());
+        }
+        let agent = request.agent_id.as_str();
+        let reservation_id = &input.claim.reservation_id;
+        let reservation = match self.store.reservation(agent, reservation_id).await? {
+            Some(r) if r.status == ReservationStatus::Reserved => r,
+            other => {
+                return Err(PaymentError::LedgerInconsistent(format!(
+                    "approval {id} is for reservation {reservation_id}, which is {}",
+                    other.map_or("missing", |r| r.status.as_str())
+                )));
+            }
+        };
+        let Some(need) = reservation.approval.clone() else {
+            return Err(PaymentError::LedgerInconsistent(format!(
+                "reservation {reservation_id} was not sent to approval, yet approval {id} is requested"
+            )));
+        };
+        let now = self.clock.now();
+        let expires_at = now.plus(Duration::from_secs(need.timeout_seconds));
+        let fence = input.claim.fence(request.idempotency_key.as_str(), &input.execution_id);
+        let token_digest = derived_id("tok", &[&input.task_token]);
+        let audit = AuditEvent {
+            event_id: derived_id("evt", &[reservation_id, "APPROVAL_REQUESTED", &token_digest]),
+            kind: AuditKind::ApprovalRequested,
+            reason: Some(need.reason.clone()),
+            ..self.claim_audit(&request, &input.execution_id, &input.claim, Some(&reservation), now)
+        };
+        let summary = payment_summary(&reservation, &request);
+        let record = ApprovalRecord {
+            id: id.clone(),
+            agent_id: agent.to_owned(),
+            user_id: request.user_id.to_string(),
+            idempotency_key: request.idempotency_key.to_string(),
+            execution_id: input.execution_id.clone(),
+            reservation_id: reservation_id.clone(),
+            task_token: input.task_token.clone(),
+            amount: reservation.amount,
+            network: reservation.network,
+            display: summary.display,
+            payee: summary.payee,
+            resource: summary.resource,
+            context: summary.context,
+            caller_arn: request.caller.as_ref().map(|c| c.arn.clone()),
+            limits: reservation.snapshot.clone(),
+            reason: need.reason,
+            status: ApprovalStatus::Pending,
+            requested_at: now,
+            expires_at,
+            decided_by: None,
+            decided_at: None,
+            decision_reason: None,
+        };
+        let commit = ApprovalRequestCommit { record, fence, lease_until: expires_at.plus(self.settings.lease), audit };
+        let answer = |already_requested| ApprovalRequested { approval_id: id.clone(), expires_at, already_requested };
+        match self.store.request_approval(&commit).await? {
+            Transition::Applied => {
+                crate::metrics::approval_requested();
+                Ok(answer(false))
+            }
+            Transition::AlreadyApplied => Ok(answer(true)),
+            Transition::Fenced(holder) => {
+                crate::metrics::claim_superseded();
+                Err(superseded(&commit.fence, holder))
+            }
+            Transition::Refused(why) => {
+                Err(PaymentError::LedgerInconsistent(format!("approval {id} cannot wait for a person again: {why}")))
+            }
+            Transition::VersionConflict => Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: 1 }),
         }
     }
 
@@ -724,7 +866,7 @@ impl Steps {
                 event_id: derived_id("evt", &[&reservation_id, if releasing { "RELEASED" } else { status.as_str() }]),
                 kind,
                 error: Some(error.clone()),
-                ..self.claim_audit(&request, &input, reservation.as_ref(), now)
+                ..self.claim_audit(&request, &input.execution_id, &input.claim, reservation.as_ref(), now)
             };
             let commit = ReleaseCommit {
                 agent_id: agent.to_owned(),
@@ -788,7 +930,7 @@ impl Steps {
             event_id: derived_id("evt", &[&reservation_id, "OUTCOME_UNKNOWN", &input.execution_id, &entered]),
             kind: AuditKind::OutcomeUnknown,
             error: Some(ErrorRecord { error: "PaymentOutcomeUnknown".into(), cause: cause.clone() }),
-            ..self.claim_audit(request, input, reservation.as_ref(), now)
+            ..self.claim_audit(request, &input.execution_id, &input.claim, reservation.as_ref(), now)
         };
         let held = |already_compensated: bool| Compensation {
             error: "PaymentOutcomeUnknown".into(),
@@ -820,11 +962,12 @@ impl Steps {
     fn claim_audit(
         &self,
         request: &PaymentRequest,
-        input: &CompensateInput,
+        execution_id: &str,
+        claim: &Claim,
         reservation: Option<&Reservation>,
         now: Timestamp,
     ) -> AuditEvent {
-        let payment = input.claim.payment.as_ref();
+        let payment = claim.payment.as_ref();
         AuditEvent {
             event_id: String::new(),
             kind: AuditKind::Released,
@@ -832,7 +975,7 @@ impl Steps {
             user_id: request.user_id.to_string(),
             at: now,
             idempotency_key: request.idempotency_key.to_string(),
-            execution_id: input.execution_id.clone(),
+            execution_id: execution_id.to_owned(),
             reservation_id: reservation.map(|r| r.id.clone()),
             amount: reservation.map(|r| r.amount).or(payment.map(|p| p.amount)),
             network: payment.map(|p| p.network),
@@ -844,6 +987,8 @@ impl Steps {
             limits: reservation.map(|r| r.snapshot.clone()),
             payment_id: None,
             error: None,
+            decided_by: None,
+            reason: None,
         }
     }
 }
@@ -894,12 +1039,33 @@ fn superseded_compensation(fence: &ClaimFence, holder: String, reservation_id: &
     }
 }
 
-fn summary(reservation: &Reservation) -> ReservationSummary {
+fn summary(reservation: &Reservation, request: &PaymentRequest) -> ReservationSummary {
+    let approval = match &reservation.approval {
+        None => ApprovalGate::not_required(),
+        Some(need) => ApprovalGate::required(
+            approval_id(&reservation.id, reservation.created_at),
+            need,
+            &payment_summary(reservation, request),
+        ),
+    };
     ReservationSummary {
         reservation_id: reservation.id.clone(),
         amount: reservation.amount,
         remaining_24h: reservation.snapshot.remaining_24h(),
         snapshot: reservation.snapshot.clone(),
+        approval,
+    }
+}
+
+/// What a person reads about a reserved payment.
+fn payment_summary(reservation: &Reservation, request: &PaymentRequest) -> PaymentSummary {
+    let decimals = reservation.network.usdc().decimals;
+    PaymentSummary {
+        agent: reservation.agent_id.clone(),
+        display: format!("{} USDC", reservation.amount.display_with_decimals(decimals)),
+        payee: reservation.pay_to.clone(),
+        resource: reservation.resource.clone(),
+        context: request.context.clone(),
     }
 }
 

@@ -14,11 +14,19 @@ pub enum StepName {
     ProcessPayment,
     RecordLedger,
     Compensate,
+    /// The callback task's function: records the approval a payment waits for.
+    RequestApproval,
 }
 
 impl StepName {
-    pub const ALL: [StepName; 5] =
-        [Self::CheckIdempotency, Self::CheckSpend, Self::ProcessPayment, Self::RecordLedger, Self::Compensate];
+    pub const ALL: [StepName; 6] = [
+        Self::CheckIdempotency,
+        Self::CheckSpend,
+        Self::ProcessPayment,
+        Self::RecordLedger,
+        Self::Compensate,
+        Self::RequestApproval,
+    ];
 
     /// The crate under `functions/` and the function's name in `template.yaml`.
     pub fn function_name(self) -> &'static str {
@@ -28,6 +36,7 @@ impl StepName {
             Self::ProcessPayment => "process-payment",
             Self::RecordLedger => "record-ledger",
             Self::Compensate => "compensate",
+            Self::RequestApproval => "request-approval",
         }
     }
 
@@ -39,6 +48,7 @@ impl StepName {
             Self::ProcessPayment => "ProcessPaymentFunctionArn",
             Self::RecordLedger => "RecordLedgerFunctionArn",
             Self::Compensate => "CompensateFunctionArn",
+            Self::RequestApproval => "RequestApprovalFunctionArn",
         }
     }
 }

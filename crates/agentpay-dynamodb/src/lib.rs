@@ -1028,6 +1028,150 @@ impl Store for DynamoStore {
         let items = self.query_prefix("list audit events", agent_id, "AUDIT#").await?;
         items.iter().map(|item| decode(item, &[])).collect()
     }
+
+    async fn request_approval(&self, commit: &ApprovalRequestCommit) -> Result<Transition, PaymentError> {
+        let (condition, values) = Self::fence_condition(&commit.fence);
+        let mut lease = Update::builder()
+            .table_name(&self.tables.idempotency)
+            .set_key(Some(Self::idempotency_key_item(&commit.fence.key)))
+            .update_expression("SET leaseExpiresAt = :until, updatedAt = :now")
+            .condition_expression(condition)
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":until", n(commit.lease_until.millis()))
+            .expression_attribute_values(":now", n(commit.record.requested_at.millis()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        for (name, value) in values {
+            lease = lease.expression_attribute_values(name, value);
+        }
+        // New, or pending with another token (a retried task replaces it).
+        let approval = approval_put(&self.tables.ledger, &commit.record)?
+            .condition_expression("attribute_not_exists(pk) OR (#status = :pending AND taskToken <> :token)")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":pending", s(ApprovalStatus::Pending.as_str()))
+            .expression_attribute_values(":token", s(&commit.record.task_token))
+            .build()
+            .map_err(build_error)?;
+        let items = vec![
+            TransactWriteItem::builder().update(lease.build().map_err(build_error)?).build(),
+            TransactWriteItem::builder().put(approval).build(),
+            audit_put(&self.tables.ledger, &commit.audit)?,
+        ];
+        match self.transact("request approval", items).await? {
+            TxOutcome::Committed => Ok(Transition::Applied),
+            TxOutcome::Cancelled(cancelled) => match reasons(&cancelled).as_slice() {
+                [Reason::ConditionFailed(item), ..] => Ok(Transition::Fenced(holder_of(*item)?)),
+                [_, Reason::ConditionFailed(Some(item)), ..] => {
+                    let stored: ApprovalRecord = decode(item, &[])?;
+                    Ok(request_check(Some(&stored), commit).unwrap_or(Transition::VersionConflict))
+                }
+                // The audit event of this very token exists: requested before.
+                [_, _, Reason::ConditionFailed(_)] => Ok(Transition::AlreadyApplied),
+                _ => Ok(Transition::VersionConflict),
+            },
+        }
+    }
+
+    async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, PaymentError> {
+        let Some(key) = approval_key(id) else { return Ok(None) };
+        let item = self.get("read approval", &self.tables.ledger, key).await?;
+        item.as_ref().map(|i| decode(i, &[])).transpose()
+    }
+
+    async fn approvals(&self, since: Timestamp, until: Timestamp) -> Result<Vec<ApprovalRecord>, PaymentError> {
+        // One partition per day; an approval's partition is its reservation's day, which can
+        // be the day before its request.
+        let since = since.max(until.minus(MAX_APPROVAL_LISTING));
+        let mut day = since.minus(DAY);
+        let mut approvals = Vec::new();
+        while day <= until {
+            let mut start: Option<Item> = None;
+            loop {
+                let output = self
+                    .client
+                    .query()
+                    .table_name(&self.tables.ledger)
+                    .key_condition_expression("pk = :pk")
+                    .expression_attribute_values(":pk", s(approvals_pk(&agentpay_core::approval::day_of(day))))
+                    .consistent_read(true)
+                    .set_exclusive_start_key(start.take())
+                    .send()
+                    .await
+                    .map_err(|e| classify("list approvals", e))?;
+                for item in output.items() {
+                    approvals.push(decode::<ApprovalRecord>(item, &[])?);
+                }
+                match output.last_evaluated_key {
+                    Some(key) if !key.is_empty() => start = Some(key),
+                    _ => break,
+                }
+            }
+            day = day.plus(DAY);
+        }
+        approvals.retain(|a| a.requested_at >= since && a.requested_at <= until);
+        approvals.sort_by(|a, b| (b.requested_at, &a.id).cmp(&(a.requested_at, &b.id)));
+        approvals.truncate(agentpay_core::approval::MAX_LISTED);
+        Ok(approvals)
+    }
+
+    async fn decide_approval(&self, commit: &ApprovalDecisionCommit) -> Result<Transition, PaymentError> {
+        if approval_key(commit.id()).is_none() {
+            return Ok(Transition::Refused("no such approval".into()));
+        }
+        let put = approval_put(&self.tables.ledger, &commit.decided)?
+            .condition_expression("#status = :pending AND expiresAt > :at")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":pending", s(ApprovalStatus::Pending.as_str()))
+            .expression_attribute_values(":at", n(commit.at().millis()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(build_error)?;
+        let items = vec![TransactWriteItem::builder().put(put).build(), audit_put(&self.tables.ledger, &commit.audit)?];
+        match self.transact("decide approval", items).await? {
+            TxOutcome::Committed => Ok(Transition::Applied),
+            TxOutcome::Cancelled(cancelled) => match reasons(&cancelled).as_slice() {
+                [Reason::ConditionFailed(Some(item)), ..] => {
+                    let stored: ApprovalRecord = decode(item, &[])?;
+                    Ok(decision_check(&stored, commit).unwrap_or(Transition::VersionConflict))
+                }
+                [Reason::ConditionFailed(None), ..] => Ok(Transition::Refused("no such approval".into())),
+                [_, Reason::ConditionFailed(_)] => Ok(Transition::AlreadyApplied),
+                _ => Ok(Transition::VersionConflict),
+            },
+        }
+    }
+}
+
+const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The longest span one listing reads (one query per day).
+const MAX_APPROVAL_LISTING: std::time::Duration = std::time::Duration::from_secs(31 * 24 * 3600);
+
+/// Approvals live in one partition per day (`APPROVALS#YYYYMMDD`, the day their id carries):
+/// a person's queue is found with a query or two, never a scan.
+fn approvals_pk(day: &str) -> String {
+    format!("APPROVALS#{day}")
+}
+
+fn approval_key(id: &str) -> Option<Item> {
+    let day = agentpay_core::approval::day_of_id(id)?;
+    Some(Item::from([("pk".to_owned(), s(approvals_pk(day))), ("sk".to_owned(), s(id))]))
+}
+
+/// A put of the whole approval record (its status, expiry and token also as attributes, for
+/// the conditions).
+fn approval_put(
+    table: &str,
+    approval: &ApprovalRecord,
+) -> Result<aws_sdk_dynamodb::types::builders::PutBuilder, PaymentError> {
+    let key = approval_key(&approval.id)
+        .ok_or_else(|| PaymentError::LedgerInconsistent(format!("{:?} is not an approval id", approval.id)))?;
+    Ok(Put::builder()
+        .table_name(table)
+        .set_item(Some(key))
+        .item("status", s(approval.status.as_str()))
+        .item("requestedAt", n(approval.requested_at.millis()))
+        .item("expiresAt", n(approval.expires_at.millis()))
+        .item("taskToken", s(&approval.task_token))
+        .item("record", json(approval)?))
 }
 
 #[async_trait]

@@ -173,6 +173,15 @@ fn settings(set: &impl Fn(&str) -> Option<String>) -> Result<StepSettings, Confi
             expected: "a whole number of seconds above 0",
         })?);
     }
+    if let Some(text) = set("AGENTPAY_APPROVAL_TIMEOUT_SECONDS") {
+        let max = agentpay_core::approval::MAX_TIMEOUT_SECONDS;
+        settings.approval_timeout =
+            Duration::from_secs(text.parse().ok().filter(|s| (60..=max).contains(s)).ok_or(ConfigError::Invalid {
+                variable: "AGENTPAY_APPROVAL_TIMEOUT_SECONDS",
+                received: text,
+                expected: "seconds from 60 to 86400 (how long a payment waits for a person)",
+            })?);
+    }
     if let Some(text) = set("AGENTPAY_IDEMPOTENCY_TTL_HOURS") {
         settings.idempotency_ttl = Duration::from_secs(
             3600 * text.parse::<u64>().ok().filter(|h| (1..=24 * 30).contains(h)).ok_or(ConfigError::Invalid {

@@ -36,6 +36,9 @@ CREATE INDEX IF NOT EXISTS reservations_by_agent ON reservations (agent_id, crea
 CREATE TABLE IF NOT EXISTS audit_events (
     event_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, at INTEGER NOT NULL, record TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_by_agent ON audit_events (agent_id, at);
+CREATE TABLE IF NOT EXISTS approvals (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, requested_at INTEGER NOT NULL, record TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS approvals_by_time ON approvals (requested_at);
 CREATE TABLE IF NOT EXISTS issued_proofs (
     client_token TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS executions (
@@ -360,6 +363,23 @@ fn put_audit(tx: &Connection, event: &AuditEvent) -> SqlResult<()> {
     Ok(())
 }
 
+fn get_approval(tx: &Connection, id: &str) -> SqlResult<Option<ApprovalRecord>> {
+    tx.prepare_cached("SELECT record FROM approvals WHERE id = ?1")?
+        .query_row([id], |row| row.get::<_, String>(0))
+        .optional()?
+        .map(|text| from_json(&text))
+        .transpose()
+}
+
+fn put_approval(tx: &Connection, approval: &ApprovalRecord) -> SqlResult<()> {
+    tx.prepare_cached(
+        "INSERT INTO approvals (id, status, requested_at, record) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (id) DO UPDATE SET status = excluded.status, requested_at = excluded.requested_at, record = excluded.record",
+    )?
+    .execute(params![approval.id, approval.status.as_str(), approval.requested_at.millis(), to_json(approval)?])?;
+    Ok(())
+}
+
 /// The key's record if `fence` still holds it; otherwise who does (for `Fenced`).
 fn held_record(tx: &Connection, fence: &ClaimFence) -> SqlResult<Result<IdempotencyRecord, String>> {
     Ok(match get_idempotency(tx, &fence.key)? {
@@ -637,6 +657,60 @@ impl Store for SqliteStore {
                 c.prepare_cached("SELECT record FROM audit_events WHERE agent_id = ?1 ORDER BY at, event_id")?;
             let rows = statement.query_map([agent_id], |row| row.get::<_, String>(0))?;
             rows.map(|row| from_json(&row?)).collect()
+        })
+        .await
+    }
+
+    async fn request_approval(&self, commit: &ApprovalRequestCommit) -> Result<Transition, PaymentError> {
+        self.write("request approval", |tx| {
+            let mut record = match held_record(tx, &commit.fence)? {
+                Ok(record) => record,
+                Err(holder) => return Ok(Transition::Fenced(holder)),
+            };
+            if let Some(refused) = request_check(get_approval(tx, &commit.record.id)?.as_ref(), commit) {
+                return Ok(refused);
+            }
+            record.lease_expires_at = record.lease_expires_at.max(commit.lease_until);
+            record.updated_at = commit.record.requested_at;
+            put_idempotency(tx, &record)?;
+            put_approval(tx, &commit.record)?;
+            put_audit(tx, &commit.audit)?;
+            Ok(Transition::Applied)
+        })
+        .await
+    }
+
+    async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, PaymentError> {
+        self.read("read approval", |c| get_approval(c, id)).await
+    }
+
+    async fn approvals(&self, since: Timestamp, until: Timestamp) -> Result<Vec<ApprovalRecord>, PaymentError> {
+        self.read("list approvals", |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT record FROM approvals WHERE requested_at >= ?1 AND requested_at <= ?2
+                 ORDER BY requested_at DESC, id LIMIT ?3",
+            )?;
+            let limit = agentpay_core::approval::MAX_LISTED as i64;
+            let rows =
+                statement.query_map(params![since.millis(), until.millis(), limit], |row| row.get::<_, String>(0))?;
+            rows.map(|row| from_json(&row?)).collect()
+        })
+        .await
+    }
+
+    async fn decide_approval(&self, commit: &ApprovalDecisionCommit) -> Result<Transition, PaymentError> {
+        self.write("decide approval", |tx| {
+            let Some(stored) = get_approval(tx, commit.id())? else {
+                return Ok(Transition::Refused("no such approval".into()));
+            };
+            Ok(match decision_check(&stored, commit) {
+                Some(refused) => refused,
+                None => {
+                    put_approval(tx, &commit.decided)?;
+                    put_audit(tx, &commit.audit)?;
+                    Transition::Applied
+                }
+            })
         })
         .await
     }

@@ -66,6 +66,8 @@ pub struct TaskState {
     pub catch: Vec<Catcher>,
     /// `TimeoutSeconds`: past it the attempt fails with `States.Timeout`.
     pub timeout_seconds: Option<u64>,
+    /// `TimeoutSecondsPath`: the same, read from the state's input.
+    pub timeout_seconds_path: Option<JsonPath>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,8 +332,14 @@ fn parse_state(name: &str, map: &Map<String, Value>) -> Result<State, Definition
                     "Retry",
                     "Catch",
                     "TimeoutSeconds",
+                    "TimeoutSecondsPath",
                 ]),
             )?;
+            if map.contains_key("TimeoutSeconds") && map.contains_key("TimeoutSecondsPath") {
+                return Err(DefinitionError::Invalid(format!(
+                    "state {name:?}: TimeoutSeconds and TimeoutSecondsPath exclude each other"
+                )));
+            }
             StateKind::Task(TaskState {
                 resource: fields.required_string("Resource")?,
                 parameters: fields.template("Parameters")?,
@@ -347,6 +355,7 @@ fn parse_state(name: &str, map: &Map<String, Value>) -> Result<State, Definition
                         ))
                     })?),
                 },
+                timeout_seconds_path: fields.optional_path("TimeoutSecondsPath")?,
             })
         }
         "Pass" => {

@@ -15,21 +15,101 @@ use super::history;
 use super::path::JsonPath;
 use crate::clock::{Clock, Timestamp};
 use crate::error::PaymentError;
-use crate::executions::{ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
+use crate::executions::{ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
 use crate::store::ErrorRecord;
 use crate::workflow::StepName;
 
 pub const STATE_MACHINE_NAME: &str = "agentpay-payment";
 const LOCAL_REGION_ACCOUNT: &str = "local:000000000000";
 
+/// The Lambda callback integration: invoke the function with a task token, then wait for
+/// SendTaskSuccess / SendTaskFailure with that token (or the task's time-out).
+pub const LAMBDA_CALLBACK_RESOURCE: &str = "arn:aws:states:::lambda:invoke.waitForTaskToken";
+/// The SNS publish integration (request-response).
+pub const SNS_PUBLISH_RESOURCE: &str = "arn:aws:states:::sns:publish";
+/// What `${OperatorsTopicArn}` becomes locally: the runner's notifier receives what is published.
+pub const LOCAL_OPERATORS_TOPIC: &str = "arn:aws:sns:local:000000000000:agentpay-operators";
+/// The substitution naming the operators' SNS topic.
+pub const OPERATORS_TOPIC_SUBSTITUTION: &str = "OperatorsTopicArn";
+
 /// The ARN the local runner substitutes for a step's `${...FunctionArn}`.
 pub fn local_function_arn(step: StepName) -> String {
     format!("arn:aws:lambda:{LOCAL_REGION_ACCOUNT}:function:agentpay-{}", step.function_name())
 }
 
-/// Substitutions for the local run: every step's ARN placeholder.
+/// Substitutions for the local run: every step's ARN placeholder and the operators' topic.
 pub fn local_substitutions() -> HashMap<String, String> {
-    StepName::ALL.iter().map(|s| (s.arn_substitution().to_owned(), local_function_arn(*s))).collect()
+    let mut substitutions: HashMap<String, String> =
+        StepName::ALL.iter().map(|s| (s.arn_substitution().to_owned(), local_function_arn(*s))).collect();
+    substitutions.insert(OPERATORS_TOPIC_SUBSTITUTION.to_owned(), LOCAL_OPERATORS_TOPIC.to_owned());
+    substitutions
+}
+
+/// What the state machine publishes to a topic (`sns:publish`), locally.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Notification {
+    pub topic: String,
+    pub subject: Option<String>,
+    pub message: String,
+}
+
+/// Where the local runner's `sns:publish` tasks go.
+#[async_trait]
+pub trait Notifier: Send + Sync {
+    /// Publishes; returns a message id.
+    async fn publish(&self, notification: &Notification) -> Result<String, TaskFailure>;
+}
+
+/// Logs each notification (the default: never a silent drop).
+pub struct TracingNotifier;
+
+#[async_trait]
+impl Notifier for TracingNotifier {
+    async fn publish(&self, notification: &Notification) -> Result<String, TaskFailure> {
+        tracing::warn!(topic = %notification.topic, subject = ?notification.subject, message = %notification.message, "notification for operators");
+        Ok(alloy_primitives::hex::encode(rand::random::<[u8; 8]>()))
+    }
+}
+
+/// A new task token for a callback task of `execution_id` (the runner finds the execution by it).
+fn new_task_token(execution_id: &str) -> String {
+    format!("{}.{execution_id}", alloy_primitives::hex::encode(rand::random::<[u8; 16]>()))
+}
+
+/// A callback task the execution waits on, as its history's last event records it.
+struct Waiting {
+    token: String,
+    state: String,
+    deadline: Option<Timestamp>,
+    retry_count: u32,
+}
+
+fn waiting_on(history: &[HistoryEvent]) -> Option<Waiting> {
+    let last = history.last().filter(|e| e.kind == HistoryKind::TaskSubmitted)?;
+    Some(Waiting {
+        token: last.details.get("token")?.as_str()?.to_owned(),
+        state: last.state.clone()?,
+        deadline: last.details.get("deadline").and_then(|d| serde_json::from_value(d.clone()).ok()),
+        retry_count: last.details.get("retryCount").and_then(Value::as_u64).unwrap_or(0) as u32,
+    })
+}
+
+/// How a Task state's resource is run locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskTarget {
+    /// A step function's ARN: invoked, its result is the task's.
+    Step(StepName),
+    /// `lambda:invoke.waitForTaskToken` on a step function: invoked with a token, then the
+    /// execution waits for the token's answer.
+    Callback(StepName),
+    /// `sns:publish`: handed to the notifier.
+    Notify,
+}
+
+/// A waiting task's answer, fed back into the task when the execution continues.
+struct Answer {
+    outcome: Result<Value, TaskFailure>,
+    retry_count: u32,
 }
 
 pub fn local_execution_arn(name: &str) -> String {
@@ -138,6 +218,12 @@ pub enum RunnerError {
     ExecutionNotFound(String),
     #[error("execution {id} cannot be redriven: {reason}")]
     NotRedrivable { id: String, reason: String },
+    /// SendTaskSuccess / SendTaskFailure with a token nobody waits on.
+    #[error("task token not waited on: {0}")]
+    TaskNotWaiting(String),
+    /// The answer came after the task's time-out: the execution went on with `States.Timeout`.
+    #[error("the task timed out at {0} before the answer came; the execution continued with States.Timeout")]
+    TaskTimedOut(String),
     #[error(transparent)]
     Store(#[from] PaymentError),
 }
@@ -148,7 +234,9 @@ pub struct LocalRunner {
     clock: Arc<dyn Clock>,
     executions: Arc<dyn ExecutionStore>,
     sleeper: Arc<dyn Sleeper>,
-    resources: HashMap<String, StepName>,
+    notifier: Arc<dyn Notifier>,
+    /// Each Task state's target, by state name.
+    targets: HashMap<String, TaskTarget>,
     /// `pid:<pid>:<nonce>`, written into the records this runner drives.
     instance: String,
     /// Executions this runner is driving now.
@@ -158,7 +246,16 @@ pub struct LocalRunner {
 enum StateResult {
     Next(String, Value),
     Succeed(Value),
-    Fail { error: String, cause: String },
+    Fail {
+        error: String,
+        cause: String,
+    },
+    /// A callback task is waiting for its token's answer.
+    Wait {
+        token: String,
+        deadline: Option<Timestamp>,
+        retry_count: u32,
+    },
 }
 
 /// Appends history in memory; flushed to the store after each task state and at the end.
@@ -291,20 +388,31 @@ impl LocalRunner {
         sleeper: Arc<dyn Sleeper>,
     ) -> Result<Self, DefinitionError> {
         let machine = StateMachine::parse(definition, &local_substitutions())?;
-        let resources: HashMap<String, StepName> = StepName::ALL.iter().map(|s| (local_function_arn(*s), *s)).collect();
+        let mut targets = HashMap::new();
         for state in machine.states.values() {
-            if let StateKind::Task(task) = &state.kind
-                && !resources.contains_key(&task.resource)
-            {
-                return Err(DefinitionError::Unsupported(format!(
-                    "state {:?}: Task resource {:?} is not one of the agentpay step functions",
-                    state.name, task.resource
-                )));
+            if let StateKind::Task(task) = &state.kind {
+                targets.insert(state.name.clone(), task_target(&state.name, task)?);
             }
         }
         let instance =
             format!("pid:{}:{}", std::process::id(), alloy_primitives::hex::encode(rand::random::<[u8; 4]>()));
-        Ok(Self { machine, handler, clock, executions, sleeper, resources, instance, live: Default::default() })
+        Ok(Self {
+            machine,
+            handler,
+            clock,
+            executions,
+            sleeper,
+            notifier: Arc::new(TracingNotifier),
+            targets,
+            instance,
+            live: Default::default(),
+        })
+    }
+
+    /// Sends what `sns:publish` tasks publish to `notifier` (the default logs it).
+    pub fn with_notifier(mut self, notifier: Arc<dyn Notifier>) -> Self {
+        self.notifier = notifier;
+        self
     }
 
     /// Marks `execution_id` live in this runner until the returned guard drops.
@@ -360,7 +468,7 @@ impl LocalRunner {
         let mut recorder = Recorder::new(record.execution_id.clone(), 0, &record.input);
         recorder.push(now, HistoryKind::ExecutionStarted, None, json!({"input": input}));
         let start_at = self.machine.start_at.clone();
-        self.drive(&mut record, &mut recorder, start_at, input).await?;
+        self.drive(&mut record, &mut recorder, start_at, input, None).await?;
         Ok(record)
     }
 
@@ -406,7 +514,7 @@ impl LocalRunner {
             Some(&failed_state),
             json!({"redriveCount": record.redrive_count, "input": state_input}),
         );
-        self.drive(&mut record, &mut recorder, failed_state, state_input).await?;
+        self.drive(&mut record, &mut recorder, failed_state, state_input, None).await?;
         Ok(record)
     }
 
@@ -430,8 +538,15 @@ impl LocalRunner {
         if let Some(reason) = self.still_driven(&record) {
             return Err(refuse(format!("{reason}; resume only an execution whose runner is gone")));
         }
-        let _live = self.go_live(&record.execution_id);
         let history = self.executions.history(&record.execution_id).await?;
+        if let Some(waiting) = waiting_on(&history) {
+            return Err(refuse(format!(
+                "it is waiting in state {:?} for its task token's answer (a person's approval: `agentpay approve` or `agentpay reject`){}",
+                waiting.state,
+                waiting.deadline.map(|d| format!(", or its time-out at {}", d.to_rfc3339())).unwrap_or_default()
+            )));
+        }
+        let _live = self.go_live(&record.execution_id);
         let mut recorder =
             Recorder::new(record.execution_id.clone(), history.last().map_or(0, |e| e.seq + 1), &record.input);
         let now = self.clock.now();
@@ -462,8 +577,92 @@ impl LocalRunner {
         record.owner = Some(self.instance.clone());
         self.executions.update_execution(&record).await?;
         recorder.push(now, HistoryKind::ExecutionResumed, Some(&state), json!({"input": input}));
-        self.drive(&mut record, &mut recorder, state, input).await?;
+        self.drive(&mut record, &mut recorder, state, input, None).await?;
         Ok(record)
+    }
+
+    /// SendTaskSuccess: the waiting task of the token's execution succeeds with `output`, and
+    /// the execution runs on (to its end or its next wait).
+    pub async fn send_task_success(&self, token: &str, output: Value) -> Result<ExecutionRecord, RunnerError> {
+        self.answer(token, Ok(output)).await
+    }
+
+    /// SendTaskFailure: the waiting task fails with `error` and `cause` (its Retry and Catch apply).
+    pub async fn send_task_failure(
+        &self,
+        token: &str,
+        error: &str,
+        cause: &str,
+    ) -> Result<ExecutionRecord, RunnerError> {
+        self.answer(token, Err(TaskFailure { error: error.to_owned(), cause: cause.to_owned() })).await
+    }
+
+    /// Fails every waiting task whose time-out has passed with `States.Timeout`, as Step
+    /// Functions' timer would have; returns how many. Locally nothing runs between commands,
+    /// so the CLI calls this before it reads or answers approvals.
+    pub async fn expire_waits(&self) -> Result<usize, RunnerError> {
+        let filter = ExecutionFilter { status: Some(ExecutionStatus::Running), ..Default::default() };
+        let now = self.clock.now();
+        let mut expired = 0;
+        for record in self.executions.list_executions(&filter).await? {
+            let history = self.executions.history(&record.execution_id).await?;
+            let Some(waiting) = waiting_on(&history) else { continue };
+            if waiting.deadline.is_some_and(|deadline| deadline <= now) {
+                match self.answer(&waiting.token, Err(timed_out(None))).await {
+                    Ok(_) | Err(RunnerError::TaskTimedOut(_)) => expired += 1,
+                    // Answered meanwhile by another command: not ours to expire.
+                    Err(RunnerError::TaskNotWaiting(_)) => {}
+                    Err(other) => return Err(other),
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Feeds `outcome` to the task waiting on `token` and drives the execution on. Past the
+    /// task's deadline the outcome is `States.Timeout` whatever was sent.
+    async fn answer(&self, token: &str, outcome: Result<Value, TaskFailure>) -> Result<ExecutionRecord, RunnerError> {
+        let not_waiting = |why: String| RunnerError::TaskNotWaiting(why);
+        let execution_id =
+            token.split_once('.').map(|(_, id)| id).ok_or_else(|| not_waiting("malformed token".into()))?;
+        let mut record = self
+            .executions
+            .execution(execution_id)
+            .await?
+            .ok_or_else(|| not_waiting(format!("no execution {execution_id:?}")))?;
+        if record.status != ExecutionStatus::Running {
+            return Err(not_waiting(format!("execution {} is {}", record.execution_id, record.status.as_str())));
+        }
+        if self.live.lock().is_ok_and(|live| live.contains(&record.execution_id)) {
+            return Err(not_waiting(format!("execution {} is being run on already", record.execution_id)));
+        }
+        let history = self.executions.history(&record.execution_id).await?;
+        let waiting = waiting_on(&history).filter(|w| w.token == token).ok_or_else(|| {
+            not_waiting(format!(
+                "execution {} is not waiting for this token (it was answered before, timed out, or its task was retried with a new token)",
+                record.execution_id
+            ))
+        })?;
+        let state_input = history
+            .iter()
+            .rev()
+            .find(|e| e.kind == HistoryKind::StateEntered && e.state.as_deref() == Some(waiting.state.as_str()))
+            .and_then(|e| e.details.get("input").cloned())
+            .ok_or_else(|| not_waiting(format!("no recorded input for state {:?}", waiting.state)))?;
+        let now = self.clock.now();
+        let late = waiting.deadline.filter(|deadline| *deadline <= now);
+        let outcome = if late.is_some() { Err(timed_out(None)) } else { outcome };
+        let _live = self.go_live(&record.execution_id);
+        record.owner = Some(self.instance.clone());
+        self.executions.update_execution(&record).await?;
+        let mut recorder =
+            Recorder::new(record.execution_id.clone(), history.last().map_or(0, |e| e.seq + 1), &record.input);
+        let answer = Answer { outcome, retry_count: waiting.retry_count };
+        self.drive(&mut record, &mut recorder, waiting.state, state_input, Some(answer)).await?;
+        match late {
+            Some(deadline) => Err(RunnerError::TaskTimedOut(deadline.to_rfc3339())),
+            None => Ok(record),
+        }
     }
 
     async fn drive(
@@ -472,6 +671,7 @@ impl LocalRunner {
         recorder: &mut Recorder,
         mut state_name: String,
         mut data: Value,
+        mut answer: Option<Answer>,
     ) -> Result<(), RunnerError> {
         let clock = self.clock.clone();
         loop {
@@ -481,7 +681,10 @@ impl LocalRunner {
                 .get(&state_name)
                 .ok_or_else(|| DefinitionError::Invalid(format!("no state {state_name:?}")))?;
             let entered = clock.now();
-            recorder.push(entered, HistoryKind::StateEntered, Some(&state_name), json!({"input": data}));
+            // A waiting task's answer continues the state it entered before.
+            if answer.is_none() {
+                recorder.push(entered, HistoryKind::StateEntered, Some(&state_name), json!({"input": data}));
+            }
             let context = json!({
                 "Execution": {
                     "Id": record.execution_id,
@@ -493,9 +696,22 @@ impl LocalRunner {
                 "StateMachine": {"Id": format!("arn:aws:states:{LOCAL_REGION_ACCOUNT}:stateMachine:{STATE_MACHINE_NAME}"), "Name": STATE_MACHINE_NAME},
                 "State": {"Name": state_name, "EnteredTime": entered, "RetryCount": 0},
             });
-            let result = self.run_state(state, &data, context, recorder).await;
+            let result = self.run_state(state, &data, context, recorder, answer.take()).await;
             let now = clock.now();
             match result {
+                StateResult::Wait { token, deadline, retry_count } => {
+                    recorder.push(
+                        now,
+                        HistoryKind::TaskSubmitted,
+                        Some(&state_name),
+                        json!({"token": token, "deadline": deadline, "retryCount": retry_count}),
+                    );
+                    recorder.flush(self.executions.as_ref()).await?;
+                    // Nobody drives it until the token is answered (or its time-out passes).
+                    record.owner = None;
+                    self.executions.update_execution(record).await?;
+                    return Ok(());
+                }
                 StateResult::Next(next, output) => {
                     // `next` too: a resumed execution continues from here.
                     let result_path = match &state.kind {
@@ -544,6 +760,19 @@ impl LocalRunner {
         }
     }
 
+    /// `sns:publish`, locally: the notifier gets it.
+    async fn publish(&self, parameters: &Value) -> Result<Value, TaskFailure> {
+        let text = |key: &str| parameters.get(key).and_then(Value::as_str).map(str::to_owned);
+        let (Some(topic), Some(message)) = (text("TopicArn"), text("Message")) else {
+            return Err(TaskFailure {
+                error: "SNS.InvalidParameterException".into(),
+                cause: "sns:publish needs the strings TopicArn and Message in its Parameters".into(),
+            });
+        };
+        let id = self.notifier.publish(&Notification { topic, subject: text("Subject"), message }).await?;
+        Ok(json!({ "MessageId": id }))
+    }
+
     fn after(state: &State, output: Value) -> StateResult {
         match &state.transition {
             Transition::Next(next) => StateResult::Next(next.clone(), output),
@@ -551,14 +780,21 @@ impl LocalRunner {
         }
     }
 
-    async fn run_state(&self, state: &State, raw: &Value, context: Value, recorder: &mut Recorder) -> StateResult {
+    async fn run_state(
+        &self,
+        state: &State,
+        raw: &Value,
+        context: Value,
+        recorder: &mut Recorder,
+        answer: Option<Answer>,
+    ) -> StateResult {
         let effective = match select(&state.input_path, raw, "InputPath") {
             Ok(value) => value,
             Err(cause) => return runtime_error(cause),
         };
         let output = |value: &Value| select(&state.output_path, value, "OutputPath");
         match &state.kind {
-            StateKind::Task(task) => self.run_task(state, task, raw, &effective, context, recorder).await,
+            StateKind::Task(task) => self.run_task(state, task, raw, &effective, context, recorder, answer).await,
             StateKind::Pass { parameters, result, result_path } => {
                 let value = match (result, parameters) {
                     (Some(result), _) => Ok(result.clone()),
@@ -602,6 +838,7 @@ impl LocalRunner {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // the state, its data, and where to record: one call site
     async fn run_task(
         &self,
         state: &State,
@@ -610,37 +847,63 @@ impl LocalRunner {
         effective: &Value,
         mut context: Value,
         recorder: &mut Recorder,
+        mut answer: Option<Answer>,
     ) -> StateResult {
         let clock = self.clock.clone();
-        let step = self.resources[&task.resource];
+        let target = self.targets[&state.name];
         let mut retries_used = vec![0u32; task.retry.len()];
-        let mut retry_count = 0u32;
+        let mut retry_count = answer.as_ref().map_or(0, |a| a.retry_count);
         loop {
             context["State"]["RetryCount"] = json!(retry_count);
-            let parameters = match &task.parameters {
-                Some(template) => match render(template, effective, &context) {
-                    Ok(value) => value,
-                    Err(cause) => return runtime_error(cause),
-                },
-                None => effective.clone(),
-            };
-            recorder.push(
-                clock.now(),
-                HistoryKind::TaskScheduled,
-                Some(&state.name),
-                json!({"resource": task.resource, "parameters": parameters}),
-            );
-            let invocation = self.handler.invoke(step, parameters);
-            let outcome = match task.timeout_seconds {
-                Some(seconds) => {
-                    tokio::time::timeout(Duration::from_secs(seconds), invocation).await.unwrap_or_else(|_| {
-                        Err(TaskFailure {
-                            error: "States.Timeout".into(),
-                            cause: format!("the task did not finish within its TimeoutSeconds ({seconds} s)"),
-                        })
-                    })
+            let outcome = match answer.take() {
+                Some(answer) => answer.outcome,
+                None => {
+                    let token = matches!(target, TaskTarget::Callback(_))
+                        .then(|| new_task_token(&context["Execution"]["Id"].as_str().unwrap_or_default().to_owned()));
+                    if let Some(token) = &token {
+                        context["Task"] = json!({"Token": token});
+                    }
+                    let parameters = match &task.parameters {
+                        Some(template) => match render(template, effective, &context) {
+                            Ok(value) => value,
+                            Err(cause) => return runtime_error(cause),
+                        },
+                        None => effective.clone(),
+                    };
+                    let timeout = match task_timeout(task, effective) {
+                        Ok(timeout) => timeout,
+                        Err(cause) => return runtime_error(cause),
+                    };
+                    let scheduled = clock.now();
+                    recorder.push(
+                        scheduled,
+                        HistoryKind::TaskScheduled,
+                        Some(&state.name),
+                        json!({"resource": task.resource, "parameters": parameters}),
+                    );
+                    match (target, token) {
+                        (TaskTarget::Callback(step), Some(token)) => {
+                            let payload = parameters.get("Payload").cloned().unwrap_or_else(|| json!({}));
+                            match self.handler.invoke(step, payload).await {
+                                Ok(_) => {
+                                    let deadline = timeout.map(|t| scheduled.plus(t));
+                                    return StateResult::Wait { token, deadline, retry_count };
+                                }
+                                Err(failure) => Err(failure),
+                            }
+                        }
+                        (TaskTarget::Notify, _) => self.publish(&parameters).await,
+                        (TaskTarget::Step(step) | TaskTarget::Callback(step), _) => {
+                            let invocation = self.handler.invoke(step, parameters);
+                            match timeout {
+                                Some(limit) => tokio::time::timeout(limit, invocation)
+                                    .await
+                                    .unwrap_or_else(|_| Err(timed_out(Some(limit)))),
+                                None => invocation.await,
+                            }
+                        }
+                    }
                 }
-                None => invocation.await,
             };
             let (error, cause) = match outcome {
                 Ok(result) => {
@@ -706,6 +969,54 @@ impl LocalRunner {
                 None => StateResult::Fail { error, cause },
             };
         }
+    }
+}
+
+/// The failure of a task past its time-out.
+fn timed_out(limit: Option<Duration>) -> TaskFailure {
+    TaskFailure {
+        error: "States.Timeout".into(),
+        cause: match limit {
+            Some(limit) => format!("the task did not finish within its time-out ({} s)", limit.as_secs()),
+            None => "the task was not answered within its time-out".into(),
+        },
+    }
+}
+
+/// `TimeoutSeconds`, or `TimeoutSecondsPath` read from the state's input (a positive integer).
+fn task_timeout(task: &TaskState, input: &Value) -> Result<Option<Duration>, String> {
+    if let Some(seconds) = task.timeout_seconds {
+        return Ok(Some(Duration::from_secs(seconds)));
+    }
+    let Some(path) = &task.timeout_seconds_path else { return Ok(None) };
+    let value = path
+        .get(input)
+        .ok_or_else(|| format!("TimeoutSecondsPath {:?} could not be found in the input", path.as_str()))?;
+    value
+        .as_u64()
+        .filter(|s| *s > 0)
+        .map(|s| Some(Duration::from_secs(s)))
+        .ok_or_else(|| format!("TimeoutSecondsPath {:?}: received {value}, expected a positive integer", path.as_str()))
+}
+
+/// How the runner runs a Task state's resource.
+fn task_target(state: &str, task: &TaskState) -> Result<TaskTarget, DefinitionError> {
+    let step_of = |arn: &str| StepName::ALL.into_iter().find(|s| local_function_arn(*s) == arn);
+    let unsupported = |what: String| DefinitionError::Unsupported(format!("state {state:?}: {what}"));
+    match task.resource.as_str() {
+        LAMBDA_CALLBACK_RESOURCE => {
+            let function = task.parameters.as_ref().and_then(|p| p.get("FunctionName")).and_then(Value::as_str);
+            match function.and_then(step_of) {
+                Some(step) => Ok(TaskTarget::Callback(step)),
+                None => Err(unsupported(format!(
+                    "the callback task's Parameters.FunctionName {function:?} is not one of the agentpay step functions"
+                ))),
+            }
+        }
+        SNS_PUBLISH_RESOURCE => Ok(TaskTarget::Notify),
+        arn => step_of(arn).map(TaskTarget::Step).ok_or_else(|| {
+            unsupported(format!("Task resource {arn:?} is not one of the agentpay step functions or integrations"))
+        }),
     }
 }
 

@@ -119,4 +119,20 @@ impl Store for CountingStore {
         self.count("audit_events");
         self.inner.audit_events(agent_id).await
     }
+    async fn request_approval(&self, commit: &ApprovalRequestCommit) -> Result<Transition, PaymentError> {
+        self.count("request_approval");
+        self.inner.request_approval(commit).await
+    }
+    async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, PaymentError> {
+        self.count("approval");
+        self.inner.approval(id).await
+    }
+    async fn approvals(&self, since: Timestamp, until: Timestamp) -> Result<Vec<ApprovalRecord>, PaymentError> {
+        self.count("approvals");
+        self.inner.approvals(since, until).await
+    }
+    async fn decide_approval(&self, commit: &ApprovalDecisionCommit) -> Result<Transition, PaymentError> {
+        self.count("decide_approval");
+        self.inner.decide_approval(commit).await
+    }
 }

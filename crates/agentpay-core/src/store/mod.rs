@@ -5,7 +5,13 @@
 //! on the agent item) that reports what blocked it, so the domain never reads and then
 //! writes separately.
 
+mod approvals;
 pub mod counting;
+
+pub use approvals::{
+    ApprovalDecisionCommit, ApprovalNeed, ApprovalRecord, ApprovalRequestCommit, ApprovalStatus, decision_check,
+    request_check,
+};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -166,6 +172,10 @@ pub struct Reservation {
     pub charged: Option<ChargedAt>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_id: Option<String>,
+    /// Why it waits for a person, if it does (decided with the reservation, so a retried
+    /// CheckSpend answers the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalNeed>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -187,6 +197,12 @@ pub enum AuditKind {
     Settled,
     /// The provider may have issued a proof; the reservation stays counted.
     OutcomeUnknown,
+    /// The payment waits for a person (human approval), reserved.
+    ApprovalRequested,
+    /// A person approved it (`decided_by`).
+    ApprovalGranted,
+    /// A person rejected it (`decided_by`, `reason`); the payment is compensated.
+    ApprovalRejected,
 }
 
 /// One line of the audit trail: who paid whom, why, under which limits.
@@ -222,6 +238,12 @@ pub struct AuditEvent {
     pub payment_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorRecord>,
+    /// Who took a decision recorded here (an approver's IAM principal, or the local user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// Why: an approval's trigger, a rejection's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A change to an agent's policy.
@@ -405,4 +427,19 @@ pub trait Store: Send + Sync {
     async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError>;
 
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError>;
+
+    /// Atomically, while the fence holds: the pending approval (created, or its task token
+    /// replaced if it is still pending), the claim's lease extended to `lease_until`, and the
+    /// audit event. `Refused` names the status of an approval decided already.
+    async fn request_approval(&self, commit: &ApprovalRequestCommit) -> Result<Transition, PaymentError>;
+
+    async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, PaymentError>;
+
+    /// The approvals requested from `since` to `until`, newest first, at most
+    /// `approval::MAX_LISTED` (a person's queue: older decisions are in the audit trail).
+    async fn approvals(&self, since: Timestamp, until: Timestamp) -> Result<Vec<ApprovalRecord>, PaymentError>;
+
+    /// Atomically: PENDING and not past `expires_at` → the decision, with its audit event.
+    /// `AlreadyApplied` for the same decision by the same person; `Refused` names what is stored.
+    async fn decide_approval(&self, commit: &ApprovalDecisionCommit) -> Result<Transition, PaymentError>;
 }
