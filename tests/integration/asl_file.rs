@@ -13,8 +13,11 @@ fn machine() -> StateMachine {
 
 #[test]
 fn every_task_is_a_step_function_substitution() {
-    let names = substitution_names(PAYMENT_DEFINITION);
-    let expected: Vec<String> = StepName::ALL.iter().map(|s| s.arn_substitution().to_owned()).collect();
+    let mut names = substitution_names(PAYMENT_DEFINITION);
+    let mut expected: Vec<String> = StepName::ALL.iter().map(|s| s.arn_substitution().to_owned()).collect();
+    expected.push(agentpay::asl::runner::OPERATORS_TOPIC_SUBSTITUTION.to_owned());
+    names.sort();
+    expected.sort();
     assert_eq!(names, expected);
     assert!(StateMachine::parse(PAYMENT_DEFINITION, &HashMap::new()).is_err(), "unsubstituted ARNs are refused");
 }
@@ -92,7 +95,8 @@ fn process_payment_retries_the_store_and_unknown_outcomes_with_the_same_token() 
     }
 }
 
-/// Every Task's TimeoutSeconds equals its Lambda's timeout in template.yaml.
+/// Every Task's TimeoutSeconds equals its Lambda's timeout in template.yaml; the approval
+/// callback waits as long as the reservation says, and the notification is bounded.
 #[test]
 fn every_task_times_out_with_its_lambda() {
     let template: serde_yaml_ng::Value = serde_yaml_ng::from_str(
@@ -103,6 +107,20 @@ fn every_task_times_out_with_its_lambda() {
     let machine = machine();
     for state in machine.states.values() {
         let StateKind::Task(task) = &state.kind else { continue };
+        match task.resource.as_str() {
+            agentpay::asl::runner::LAMBDA_CALLBACK_RESOURCE => {
+                assert_eq!(
+                    task.timeout_seconds_path.as_ref().map(|p| p.as_str()),
+                    Some("$.reservation.approval.timeoutSeconds")
+                );
+                continue;
+            }
+            agentpay::asl::runner::SNS_PUBLISH_RESOURCE => {
+                assert!(task.timeout_seconds.is_some(), "state {}", state.name);
+                continue;
+            }
+            _ => {}
+        }
         let step =
             StepName::ALL.into_iter().find(|s| agentpay::asl::runner::local_function_arn(*s) == task.resource).unwrap();
         let function = template["Resources"]

@@ -141,6 +141,7 @@ conformance!(
     an_unfinished_claim_never_expires,
     a_completed_key_answers_before_the_policy,
     a_pause_stops_payments_past_the_spend_check,
+    an_approval_waits_once_extends_the_lease_and_is_decided_once,
 );
 
 async fn claim_then_cached_result(backend: Backend) {
@@ -520,4 +521,93 @@ async fn a_pause_stops_payments_past_the_spend_check(backend: Backend) {
     // Nothing was signed: the provider was never asked.
     let token = claim.client_token.clone();
     assert!(f.proofs.issued(&token).await.unwrap().is_none(), "no proof for {token}");
+}
+
+/// The callback task's step and a person's decision, on each store: the pending approval is
+/// recorded once per token (a retried task replaces the token), the claim's lease covers the
+/// wait, a decision lands once, and one past the time-out is refused.
+async fn an_approval_waits_once_extends_the_lease_and_is_decided_once(backend: Backend) {
+    use agentpay::approval::{Decision, decide};
+    use agentpay::steps::RequestApprovalInput;
+    use agentpay::store::{ApprovalStatus, Transition};
+
+    let f = Fixture::new(backend).await;
+    let mut approving = policy("5.00", "5.00", 10);
+    approving.approval_threshold_usd = Some("0.10".parse().unwrap());
+    f.store.put_policy(AGENT, &approving).await.unwrap();
+    let input = execution_input("k-approval", AGENT, "200000");
+    let claim = f.claim(&input, "exec-1").await.unwrap();
+    let reservation = f.spend(&input, "exec-1", &claim).await.unwrap();
+    assert!(reservation.approval.required, "{:?}", reservation.approval);
+    let id = reservation.approval.id.clone().unwrap();
+    let request = |token: &str| RequestApprovalInput {
+        task_token: token.into(),
+        request: input.clone(),
+        execution_id: "exec-1".into(),
+        claim: claim.clone(),
+        reservation: reservation.clone(),
+    };
+    let first = f.steps.request_approval(request("token-1")).await.unwrap();
+    assert!(!first.already_requested);
+    assert!(f.steps.request_approval(request("token-1")).await.unwrap().already_requested, "same token: once");
+    // A retried task has a new token: the pending approval now answers to it.
+    f.steps.request_approval(request("token-2")).await.unwrap();
+    let stored = f.store.approval(&id).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.task_token.as_str()), (ApprovalStatus::Pending, "token-2"));
+    let key = f.store.idempotency("k-approval", f.clock.now()).await.unwrap().unwrap();
+    assert!(key.lease_expires_at >= stored.expires_at, "no takeover while a person decides");
+    let listed = f.store.approvals(f.clock.now().minus(Duration::from_secs(60)), f.clock.now()).await.unwrap();
+    assert_eq!(listed.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
+
+    // Another execution that does not hold the key cannot make it wait.
+    let fenced = f.steps.request_approval(RequestApprovalInput { execution_id: "exec-x".into(), ..request("t") }).await;
+    assert_eq!(fenced.unwrap_err().name(), "ClaimSuperseded");
+
+    f.clock.advance(Duration::from_secs(30));
+    let approve = decide(&stored, &Decision::Approve, "local:alice", &[], f.clock.now()).unwrap();
+    assert_eq!(f.store.decide_approval(&approve).await.unwrap(), Transition::Applied);
+    assert_eq!(f.store.decide_approval(&approve).await.unwrap(), Transition::AlreadyApplied);
+    let reject = decide(&stored, &Decision::Reject { reason: "no".into() }, "local:bob", &[], f.clock.now()).unwrap();
+    assert!(
+        matches!(f.store.decide_approval(&reject).await.unwrap(), Transition::Refused(why) if why.contains("APPROVED by local:alice"))
+    );
+    let decided = f.store.approval(&id).await.unwrap().unwrap();
+    assert_eq!((decided.status, decided.decided_by.as_deref()), (ApprovalStatus::Approved, Some("local:alice")));
+    let kinds: Vec<AuditKind> = f.store.audit_events(AGENT).await.unwrap().iter().map(|e| e.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == AuditKind::ApprovalRequested).count(), 2, "one per token");
+    assert_eq!(kinds.iter().filter(|k| **k == AuditKind::ApprovalGranted).count(), 1);
+    // A decided approval never waits again; a retried CheckSpend sees it approved.
+    let again = f.steps.request_approval(request("token-3")).await.unwrap_err();
+    assert_eq!(again.name(), "LedgerInconsistent", "{again}");
+    assert!(!f.spend(&input, "exec-1", &claim).await.unwrap().approval.required);
+
+    // Past its time-out nobody decides.
+    let input = execution_input("k-approval-late", AGENT, "200000");
+    let claim = f.claim(&input, "exec-2").await.unwrap();
+    let reservation = f.spend(&input, "exec-2", &claim).await.unwrap();
+    f.steps
+        .request_approval(RequestApprovalInput {
+            task_token: "late".into(),
+            request: input.clone(),
+            execution_id: "exec-2".into(),
+            claim: claim.clone(),
+            reservation: reservation.clone(),
+        })
+        .await
+        .unwrap();
+    let pending = f.store.approval(reservation.approval.id.as_deref().unwrap()).await.unwrap().unwrap();
+    f.clock.advance(Duration::from_secs(7200));
+    assert!(decide(&pending, &Decision::Approve, "local:alice", &[], f.clock.now()).is_err());
+    let forced = agentpay::store::ApprovalDecisionCommit {
+        decided: agentpay::store::ApprovalRecord {
+            status: ApprovalStatus::Approved,
+            decided_by: Some("x".into()),
+            decided_at: Some(f.clock.now()),
+            ..pending
+        },
+        audit: f.store.audit_events(AGENT).await.unwrap()[0].clone(),
+    };
+    assert!(
+        matches!(f.store.decide_approval(&forced).await.unwrap(), Transition::Refused(why) if why.contains("timed out"))
+    );
 }

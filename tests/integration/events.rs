@@ -31,8 +31,14 @@ const EXECUTION_INPUTS: &[&str] = &[
     "ledger-failure.json",
     "x402-v1-challenge.json",
 ];
-const FUNCTION_EVENTS: &[&str] =
-    &["check-idempotency.json", "check-spend.json", "process-payment.json", "record-ledger.json", "compensate.json"];
+const FUNCTION_EVENTS: &[&str] = &[
+    "check-idempotency.json",
+    "check-spend.json",
+    "process-payment.json",
+    "record-ledger.json",
+    "compensate.json",
+    "request-approval.json",
+];
 
 #[test]
 fn every_event_file_is_covered_by_a_test() {
@@ -136,4 +142,22 @@ async fn the_compensate_event_releases_what_check_spend_reserved() {
     assert_eq!((again["released"].as_bool(), again["alreadyCompensated"].as_bool()), (Some(false), Some(true)));
     assert_eq!(t.app.store.audit_events("demo-agent").await.unwrap().len(), 1);
     assert!(t.app.store.agent_ledger("demo-agent").await.unwrap().window.is_empty());
+}
+
+#[tokio::test]
+async fn the_request_approval_event_records_a_pending_approval() {
+    let t = demo_app().await;
+    let steps = &t.app.steps;
+    let event = |name: &str| read(&format!("events/functions/{name}"));
+    // The demo agent with an approval threshold below the sample's 0.50 USDC.
+    let mut policy = t.app.store.policy("demo-agent").await.unwrap().unwrap();
+    policy.approval_threshold_usd = Some("0.10".parse().unwrap());
+    t.app.store.put_policy("demo-agent", &policy).await.unwrap();
+    steps.invoke(StepName::CheckIdempotency, event("check-idempotency.json")).await.unwrap();
+    let reservation = steps.invoke(StepName::CheckSpend, event("check-spend.json")).await.unwrap();
+    assert_eq!(reservation["approval"]["required"], true, "{reservation}");
+    let requested = steps.invoke(StepName::RequestApproval, event("request-approval.json")).await.unwrap();
+    assert_eq!(requested["approvalId"], reservation["approval"]["id"]);
+    let approval = t.app.store.approval(requested["approvalId"].as_str().unwrap()).await.unwrap().unwrap();
+    assert_eq!(approval.status, agentpay::store::ApprovalStatus::Pending);
 }

@@ -142,7 +142,9 @@ async fn every_function_may_send_exactly_what_its_step_sends_to_dynamodb() {
         (names.idempotency.clone(), "IdempotencyTable".to_owned()),
         (names.ledger.clone(), "LedgerTable".to_owned()),
     ]);
-    store.put_policy(AGENT, &policy("1.00", "5.00", 100)).await.unwrap();
+    let mut approving = policy("1.00", "5.00", 100);
+    approving.approval_threshold_usd = Some("0.05".parse().unwrap());
+    store.put_policy(AGENT, &approving).await.unwrap();
     let clock = Arc::new(ManualClock::new(START));
     let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store.clone(), clock.clone()).unwrap();
     let steps = Steps::new(store.clone(), Arc::new(wallet), clock.clone(), StepSettings::default());
@@ -197,6 +199,33 @@ async fn every_function_may_send_exactly_what_its_step_sends_to_dynamodb() {
     run.claim("iam-taken", "10000", "exec-first").await;
     clock.advance(Duration::from_secs(3600));
     run.claim("iam-taken", "10000", "exec-second").await;
+
+    // A payment above the threshold waits: requested, retried with the same and a new token,
+    // decided, and a CheckSpend retried after the decision.
+    let (request, claim) = run.claim("iam-approval", "100000", "exec-approval").await;
+    let reservation = run.spend(&request, &claim, "exec-approval").await.unwrap();
+    let reservation: agentpay::steps::ReservationSummary = serde_json::from_value(reservation).unwrap();
+    for token in ["token-1", "token-1", "token-2"] {
+        run.steps
+            .request_approval(agentpay::steps::RequestApprovalInput {
+                task_token: token.into(),
+                request: request.clone(),
+                execution_id: "exec-approval".into(),
+                claim: claim.clone(),
+                reservation: reservation.clone(),
+            })
+            .await
+            .unwrap();
+        run.record(StepName::RequestApproval);
+    }
+    let id = reservation.approval.id.clone().unwrap();
+    let pending = run.steps.store().approval(&id).await.unwrap().unwrap();
+    let decision =
+        agentpay::approval::decide(&pending, &agentpay::approval::Decision::Approve, "local:alice", &[], clock.now())
+            .unwrap();
+    run.steps.store().decide_approval(&decision).await.unwrap();
+    run.log.clear();
+    run.spend(&request, &claim, "exec-approval").await.unwrap();
 
     let allowed = allowed_by_template();
     let mut problems = Vec::new();

@@ -163,6 +163,17 @@ async fn every_function_event_invokes_locally_through_cargo_lambda() {
     assert_eq!(store.reservations("demo-agent").await.unwrap()[0].status.as_str(), "AUTHORIZED");
     assert_eq!(store.audit_events("demo-agent").await.unwrap().len(), 1);
 
+    // A payment above the agent's approval threshold: the callback task's function records it.
+    let store = recreate(&client, &tables).await;
+    let mut approving = store.policy("demo-agent").await.unwrap().unwrap();
+    approving.approval_threshold_usd = Some("0.10".parse().unwrap());
+    store.put_policy("demo-agent", &approving).await.unwrap();
+    watch.invoke_ok("check-idempotency");
+    assert_eq!(watch.invoke_ok("check-spend")["approval"]["required"], true);
+    let requested = watch.invoke_ok("request-approval");
+    let approval = store.approval(requested["approvalId"].as_str().unwrap()).await.unwrap().unwrap();
+    assert_eq!(approval.status.as_str(), "PENDING");
+
     // A bad event comes back as the named error the state machine matches on.
     let bad = watch.invoke("check-spend", "check-idempotency.json");
     assert!(!bad.status.success());

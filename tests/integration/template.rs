@@ -215,8 +215,10 @@ fn the_state_machine_role_may_deliver_its_logs_and_nothing_wider() {
     for statement in &statements {
         for action in statement_actions(statement) {
             assert!(!action.contains('*'), "wildcard action {action} in the state machine role");
+            // Invoke the steps; publish approval requests to the operators' topic, with its key.
+            let expected = ["lambda:InvokeFunction", "sns:Publish", "kms:GenerateDataKey", "kms:Decrypt"];
             assert!(
-                action == "lambda:InvokeFunction" || LOG_DELIVERY_ACTIONS.contains(&action.as_str()),
+                expected.contains(&action.as_str()) || LOG_DELIVERY_ACTIONS.contains(&action.as_str()),
                 "unexpected action {action} in the state machine role"
             );
         }
@@ -330,4 +332,47 @@ fn the_dev_wallet_key_comes_from_a_secret_only_on_dev_wallet_stages() {
         let arn = resource.value.as_str().unwrap();
         assert!(arn.ends_with(":secret:${DevWalletKeySecretName}-??????"), "{name:?}: scoped to the one secret: {arn}");
     }
+}
+
+/// Separation of duties: only the approvers' role may answer a waiting payment (send task
+/// success or failure); no function — the agents' entry point included — and no other role may.
+#[test]
+fn only_the_approvers_role_may_answer_waiting_payments() {
+    let template = template();
+    let answering = ["states:SendTaskSuccess", "states:SendTaskFailure"];
+    for (function, actions) in function_actions(&template) {
+        assert!(
+            !actions.iter().any(|a| answering.contains(&a.as_str())),
+            "{function} may answer approvals: {actions:?}"
+        );
+    }
+    let mut roles_answering = Vec::new();
+    for (name, resource) in template["Resources"].as_mapping().unwrap() {
+        if resource["Type"].as_str() != Some("AWS::IAM::Role") {
+            continue;
+        }
+        for policy in resource["Properties"]["Policies"].as_sequence().into_iter().flatten() {
+            for statement in policy["PolicyDocument"]["Statement"].as_sequence().into_iter().flatten() {
+                let actions: Vec<&str> = match &statement["Action"] {
+                    Value::Sequence(list) => list.iter().filter_map(Value::as_str).collect(),
+                    other => other.as_str().into_iter().collect(),
+                };
+                assert!(actions.iter().all(|a| !a.contains('*')), "{name:?}: wildcard action in {actions:?}");
+                if actions.iter().any(|a| answering.contains(a)) {
+                    roles_answering.push(name.as_str().unwrap().to_owned());
+                }
+            }
+        }
+    }
+    assert_eq!(roles_answering, ["ApproversRole"]);
+    // The state machine invokes the callback function and publishes to the operators' topic.
+    let machine = &template["Resources"]["PaymentStateMachine"]["Properties"];
+    let policies = serde_yaml_ng::to_string(&machine["Policies"]).unwrap();
+    assert!(policies.contains("RequestApprovalFunction"), "{policies}");
+    assert!(policies.contains("SNSPublishMessagePolicy"), "{policies}");
+    assert!(template["Parameters"]["ApprovalTimeoutSeconds"]["Default"].as_u64() == Some(7200));
+    // CloudWatch alarms can publish to the topic: it is encrypted with a key whose policy lets them.
+    let key_policy =
+        serde_yaml_ng::to_string(&template["Resources"]["OperatorsTopicKey"]["Properties"]["KeyPolicy"]).unwrap();
+    assert!(key_policy.contains("cloudwatch.amazonaws.com"), "{key_policy}");
 }

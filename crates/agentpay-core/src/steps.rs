@@ -743,7 +743,7 @@ impl Steps {
     pub async fn request_approval(&self, input: RequestApprovalInput) -> Result<ApprovalRequested, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
         let gate = &input.reservation.approval;
-        let (true, Some(id)) = (gate.required, gate.id.clone()) else {
+        let (true, Some(_)) = (gate.required, gate.id.as_ref()) else {
             return Err(InvalidPaymentRequest::field(
                 "reservation.approval",
                 "an approval that is not required",
@@ -765,14 +765,16 @@ impl Steps {
             Some(r) if r.status == ReservationStatus::Reserved => r,
             other => {
                 return Err(PaymentError::LedgerInconsistent(format!(
-                    "approval {id} is for reservation {reservation_id}, which is {}",
+                    "an approval is requested for reservation {reservation_id}, which is {}",
                     other.map_or("missing", |r| r.status.as_str())
                 )));
             }
         };
+        // The id as the stored reservation determines it, whatever the input says.
+        let id = approval_id(&reservation.id, reservation.created_at);
         let Some(need) = reservation.approval.clone() else {
             return Err(PaymentError::LedgerInconsistent(format!(
-                "reservation {reservation_id} was not sent to approval, yet approval {id} is requested"
+                "reservation {reservation_id} was not sent to approval, yet an approval is requested"
             )));
         };
         let now = self.clock.now();

@@ -1049,6 +1049,7 @@ impl Store for DynamoStore {
             .expression_attribute_names("#status", "status")
             .expression_attribute_values(":pending", s(ApprovalStatus::Pending.as_str()))
             .expression_attribute_values(":token", s(&commit.record.task_token))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .build()
             .map_err(build_error)?;
         let items = vec![

@@ -859,7 +859,7 @@ impl LocalRunner {
                 Some(answer) => answer.outcome,
                 None => {
                     let token = matches!(target, TaskTarget::Callback(_))
-                        .then(|| new_task_token(&context["Execution"]["Id"].as_str().unwrap_or_default().to_owned()));
+                        .then(|| new_task_token(context["Execution"]["Id"].as_str().unwrap_or_default()));
                     if let Some(token) = &token {
                         context["Task"] = json!({"Token": token});
                     }
