@@ -406,6 +406,35 @@ async fn an_execution_whose_runner_died_is_resumed_where_it_stopped() {
     }
 }
 
+/// Found by the fault simulator (seed 16213059664923265925): the runner died after the
+/// provider issued a proof but before the history recorded the call; the agent was paused; the
+/// resumed execution called ProcessPayment as a first attempt, was refused (AgentPaused, a
+/// definite refusal) and released the reservation of an issued proof. A resumed task may have
+/// run: it runs as a retry, so the pause holds the payment as unknown instead.
+#[tokio::test]
+async fn a_resumed_payment_whose_proof_may_exist_is_held_not_released_by_a_pause() {
+    let h = Harness::new().await;
+    let hook =
+        Arc::new(KillAt { point: FaultPoint::After("process_payment"), kill: Notify::new(), fired: AtomicU32::new(0) });
+    h.app.provider.set_hook(Some(hook.clone()));
+    let run = h.runner.start("npt-paused", execution_input("npt-paused", AGENT, "10000"));
+    tokio::select! {
+        biased;
+        _ = run => panic!("the execution should have died"),
+        _ = hook.kill.notified() => {}
+    }
+    assert_eq!(h.app.provider.delegated_calls(), 1, "the proof was issued before the runner died");
+    h.app.store.set_paused(AGENT, true).await.unwrap();
+    let resumed = h.runner.resume("npt-paused").await.unwrap();
+    assert_eq!(resumed.error.as_ref().map(|e| e.error.as_str()), Some("PaymentOutcomeUnknown"), "{resumed:?}");
+    assert_eq!(h.reservations().await[0].status, ReservationStatus::Reserved, "still counted");
+    // Resumed agent, replayed key: the same client token brings the issued proof back.
+    h.app.store.set_paused(AGENT, false).await.unwrap();
+    let replayed = h.run(execution_input("npt-paused", AGENT, "10000")).await;
+    assert_eq!(replayed.status, ExecutionStatus::Succeeded, "{:?}", replayed.error);
+    assert_eq!(h.reservations().await[0].status, ReservationStatus::Authorized);
+}
+
 /// The provider's answers, scripted per call: the first call's answer is lost after the proof
 /// was issued, every later call is throttled.
 struct LostThenThrottled {

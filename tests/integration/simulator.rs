@@ -543,6 +543,39 @@ async fn issued_tokens(world: &World) -> BTreeMap<String, (String, String, Strin
     issued
 }
 
+/// What happened to a reservation's key, for a violation's message: its audit events and the
+/// executions of its key, state by state.
+async fn trace(world: &World, audit: &[agentpay::store::AuditEvent], r: &agentpay::store::Reservation) -> String {
+    let mut lines = Vec::new();
+    for e in audit.iter().filter(|e| e.idempotency_key == r.idempotency_key) {
+        lines.push(format!(
+            "  audit {:?} at {} by {} error {:?}",
+            e.kind,
+            e.at.millis(),
+            e.execution_id,
+            e.error.as_ref().map(|x| x.error.as_str())
+        ));
+    }
+    let filter = ExecutionFilter { agent_id: Some(r.agent_id.clone()), ..Default::default() };
+    for record in world.app.executions.list_executions(&filter).await.unwrap() {
+        if record.idempotency_key.as_deref() != Some(r.idempotency_key.as_str()) {
+            continue;
+        }
+        lines
+            .push(format!("  execution {} {:?} redrives {}", record.execution_id, record.status, record.redrive_count));
+        for event in world.app.executions.history(&record.execution_id).await.unwrap() {
+            let error = event.details.get("error").and_then(Value::as_str).unwrap_or_default();
+            lines.push(format!(
+                "    {} {:?} {:?} {error}",
+                event.at.millis(),
+                event.kind,
+                event.state.unwrap_or_default()
+            ));
+        }
+    }
+    lines.join("\n")
+}
+
 async fn check(world: &World) -> Vec<String> {
     let mut violations = Vec::new();
     let issued = issued_tokens(world).await;
@@ -560,9 +593,11 @@ async fn check(world: &World) -> Vec<String> {
             // once recovered, it is recorded (no proof lost).
             match by_token.get(token.as_str()) {
                 None => violations.push(format!("(b) proof {payment_id} of key {key} has no reservation")),
-                Some(r) if r.status == ReservationStatus::Released => {
-                    violations.push(format!("(c) reservation {} was released though proof {payment_id} exists", r.id))
-                }
+                Some(r) if r.status == ReservationStatus::Released => violations.push(format!(
+                    "(c) reservation {} was released though proof {payment_id} exists\n{}",
+                    r.id,
+                    trace(world, &audit, r).await
+                )),
                 Some(r) if r.status != ReservationStatus::Authorized => violations.push(format!(
                     "proof {payment_id} of key {key} is not recorded: reservation {} is {}",
                     r.id,

@@ -106,6 +106,16 @@ enum TaskTarget {
     Notify,
 }
 
+/// How a drive begins.
+enum Entry {
+    /// At the start, or at a redriven state.
+    Fresh,
+    /// Where a dead runner's history ends: the first task reached may have run unrecorded.
+    Resumed,
+    /// At a waiting task, with its answer.
+    Answered(Answer),
+}
+
 /// A waiting task's answer, fed back into the task when the execution continues.
 struct Answer {
     outcome: Result<Value, TaskFailure>,
@@ -468,7 +478,7 @@ impl LocalRunner {
         let mut recorder = Recorder::new(record.execution_id.clone(), 0, &record.input);
         recorder.push(now, HistoryKind::ExecutionStarted, None, json!({"input": input}));
         let start_at = self.machine.start_at.clone();
-        self.drive(&mut record, &mut recorder, start_at, input, None).await?;
+        self.drive(&mut record, &mut recorder, start_at, input, Entry::Fresh).await?;
         Ok(record)
     }
 
@@ -514,7 +524,7 @@ impl LocalRunner {
             Some(&failed_state),
             json!({"redriveCount": record.redrive_count, "input": state_input}),
         );
-        self.drive(&mut record, &mut recorder, failed_state, state_input, None).await?;
+        self.drive(&mut record, &mut recorder, failed_state, state_input, Entry::Fresh).await?;
         Ok(record)
     }
 
@@ -577,7 +587,7 @@ impl LocalRunner {
         record.owner = Some(self.instance.clone());
         self.executions.update_execution(&record).await?;
         recorder.push(now, HistoryKind::ExecutionResumed, Some(&state), json!({"input": input}));
-        self.drive(&mut record, &mut recorder, state, input, None).await?;
+        self.drive(&mut record, &mut recorder, state, input, Entry::Resumed).await?;
         Ok(record)
     }
 
@@ -658,7 +668,7 @@ impl LocalRunner {
         let mut recorder =
             Recorder::new(record.execution_id.clone(), history.last().map_or(0, |e| e.seq + 1), &record.input);
         let answer = Answer { outcome, retry_count: waiting.retry_count };
-        self.drive(&mut record, &mut recorder, waiting.state, state_input, Some(answer)).await?;
+        self.drive(&mut record, &mut recorder, waiting.state, state_input, Entry::Answered(answer)).await?;
         match late {
             Some(deadline) => Err(RunnerError::TaskTimedOut(deadline.to_rfc3339())),
             None => Ok(record),
@@ -671,9 +681,14 @@ impl LocalRunner {
         recorder: &mut Recorder,
         mut state_name: String,
         mut data: Value,
-        mut answer: Option<Answer>,
+        entry: Entry,
     ) -> Result<(), RunnerError> {
         let clock = self.clock.clone();
+        let (mut answer, mut resumed) = match entry {
+            Entry::Fresh => (None, false),
+            Entry::Resumed => (None, true),
+            Entry::Answered(answer) => (Some(answer), false),
+        };
         loop {
             let state = self
                 .machine
@@ -696,7 +711,14 @@ impl LocalRunner {
                 "StateMachine": {"Id": format!("arn:aws:states:{LOCAL_REGION_ACCOUNT}:stateMachine:{STATE_MACHINE_NAME}"), "Name": STATE_MACHINE_NAME},
                 "State": {"Name": state_name, "EnteredTime": entered, "RetryCount": 0},
             });
-            let result = self.run_state(state, &data, context, recorder, answer.take()).await;
+            // A resumed execution's first task may have run before the runner died, unrecorded
+            // (history is flushed after each task): it runs again as a retry would, so a step
+            // that must know whether an earlier call may have happened (ProcessPayment) knows.
+            let may_have_run = resumed && matches!(state.kind, StateKind::Task(_));
+            if may_have_run {
+                resumed = false;
+            }
+            let result = self.run_state(state, &data, context, recorder, answer.take(), may_have_run).await;
             let now = clock.now();
             match result {
                 StateResult::Wait { token, deadline, retry_count } => {
@@ -787,6 +809,7 @@ impl LocalRunner {
         context: Value,
         recorder: &mut Recorder,
         answer: Option<Answer>,
+        may_have_run: bool,
     ) -> StateResult {
         let effective = match select(&state.input_path, raw, "InputPath") {
             Ok(value) => value,
@@ -794,7 +817,9 @@ impl LocalRunner {
         };
         let output = |value: &Value| select(&state.output_path, value, "OutputPath");
         match &state.kind {
-            StateKind::Task(task) => self.run_task(state, task, raw, &effective, context, recorder, answer).await,
+            StateKind::Task(task) => {
+                self.run_task(state, task, raw, &effective, context, recorder, answer, may_have_run).await
+            }
             StateKind::Pass { parameters, result, result_path } => {
                 let value = match (result, parameters) {
                     (Some(result), _) => Ok(result.clone()),
@@ -848,11 +873,12 @@ impl LocalRunner {
         mut context: Value,
         recorder: &mut Recorder,
         mut answer: Option<Answer>,
+        may_have_run: bool,
     ) -> StateResult {
         let clock = self.clock.clone();
         let target = self.targets[&state.name];
         let mut retries_used = vec![0u32; task.retry.len()];
-        let mut retry_count = answer.as_ref().map_or(0, |a| a.retry_count);
+        let mut retry_count = answer.as_ref().map_or(u32::from(may_have_run), |a| a.retry_count);
         loop {
             context["State"]["RetryCount"] = json!(retry_count);
             let outcome = match answer.take() {
