@@ -127,7 +127,7 @@ fn answer_code(answer: &PaymentAnswer) -> i32 {
     match answer {
         PaymentAnswer::Paid { .. } => 0,
         PaymentAnswer::Denied { .. } | PaymentAnswer::Failed { .. } => 1,
-        PaymentAnswer::Running => 2,
+        PaymentAnswer::Running | PaymentAnswer::AwaitingApproval { .. } => 2,
     }
 }
 
@@ -161,6 +161,9 @@ pub fn execution_text(execution: &Execution) -> String {
             }
         }
         PaymentAnswer::Running => text.push_str("\n  next    poll `agentpay status` (still running)"),
+        PaymentAnswer::AwaitingApproval { approval_id } => text.push_str(&format!(
+            "\n  waits   for a person: approval {approval_id} (reserved; `agentpay approvals show {approval_id}`, then `agentpay approve` or `reject`)"
+        )),
     }
     text
 }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::{Backend, ClientError, Execution, ListFilter, StepEvent};
 use crate::asl::runner::local_execution_arn;
 use crate::asl::{LocalRunner, RunnerError};
-use crate::executions::{ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent};
+use crate::executions::{ExecutionFilter, ExecutionRecord, ExecutionStatus, ExecutionStore, HistoryEvent, HistoryKind};
 
 pub struct LocalBackend {
     runner: Arc<LocalRunner>,
@@ -44,7 +44,19 @@ pub fn to_execution(record: ExecutionRecord) -> Execution {
         cause,
         not_redrivable_reason: None,
         redrivable_per_backend: false,
+        awaiting_approval: None,
     }
+}
+
+/// The approval a RUNNING execution waits for, if its history ends in a callback task's wait.
+fn awaiting_approval(history: &[HistoryEvent]) -> Option<String> {
+    let waiting = history.last().filter(|e| e.kind == HistoryKind::TaskSubmitted)?;
+    history
+        .iter()
+        .rev()
+        .find(|e| e.kind == HistoryKind::TaskScheduled && e.state == waiting.state)
+        .and_then(|e| e.details.get("parameters"))
+        .and_then(super::approval_in_parameters)
 }
 
 fn to_event(event: HistoryEvent) -> StepEvent {
@@ -78,7 +90,17 @@ impl Backend for LocalBackend {
             .await
             .map_err(|e| ClientError::backend("DescribeExecution", e))?
             .ok_or_else(|| ClientError::NotFound(id.to_owned()))?;
-        Ok(to_execution(record))
+        let running = record.status == ExecutionStatus::Running;
+        let mut execution = to_execution(record);
+        if running {
+            let history = self
+                .executions
+                .history(&execution.execution_arn)
+                .await
+                .map_err(|e| ClientError::backend("GetExecutionHistory", e))?;
+            execution.awaiting_approval = awaiting_approval(&history);
+        }
+        Ok(execution)
     }
 
     fn execution_arn(&self, name: &str) -> String {

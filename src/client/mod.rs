@@ -95,6 +95,9 @@ pub struct Execution {
     /// need not be counted here).
     #[serde(skip)]
     pub redrivable_per_backend: bool,
+    /// RUNNING and waiting for a person: the approval's id (`agentpay approve ID`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub awaiting_approval: Option<String>,
 }
 
 impl Execution {
@@ -123,7 +126,11 @@ impl Execution {
                     },
                 }
             }
-            "RUNNING" | "PENDING_REDRIVE" => PaymentAnswer::Running,
+            "RUNNING" => match &self.awaiting_approval {
+                Some(approval_id) => PaymentAnswer::AwaitingApproval { approval_id: approval_id.clone() },
+                None => PaymentAnswer::Running,
+            },
+            "PENDING_REDRIVE" => PaymentAnswer::Running,
             _ => {
                 let error = self.error.clone().unwrap_or_else(|| self.status.clone());
                 let cause = self.cause.clone().unwrap_or_default();
@@ -159,6 +166,18 @@ pub enum PaymentAnswer {
     },
     /// Not finished (yet): poll `status`.
     Running,
+    /// Waiting for a person to approve or reject it (the amount is reserved): poll `status`
+    /// later; it ends paid, or denied (ApprovalRejected / ApprovalTimedOut).
+    #[serde(rename_all = "camelCase")]
+    AwaitingApproval {
+        approval_id: String,
+    },
+}
+
+/// The approval a waiting callback task is about, from the task's scheduled parameters
+/// (`Payload.reservation.approval.id`, as the ASL's AwaitApproval passes it).
+pub fn approval_in_parameters(parameters: &Value) -> Option<String> {
+    parameters.pointer("/Payload/reservation/approval/id").and_then(Value::as_str).map(str::to_owned)
 }
 
 /// One history event, readable.
@@ -307,14 +326,16 @@ impl PaymentClient {
         Ok(Started { execution, already_existed, answer })
     }
 
-    /// Polls until the execution closes or `options.timeout` passes (then it is returned RUNNING).
+    /// Polls until the execution closes, waits for a person, or `options.timeout` passes (then
+    /// it is returned RUNNING).
     pub async fn wait(&self, id: &str, options: WaitOptions) -> Result<Execution, ClientError> {
         let deadline = tokio::time::Instant::now() + options.timeout;
         let mut delay = options.first_delay;
         loop {
             let execution = self.backend.describe(id).await?;
             let now = tokio::time::Instant::now();
-            if execution.is_closed() || now >= deadline {
+            // A person decides when they decide: the agent hears that it waits, not a time-out.
+            if execution.is_closed() || execution.awaiting_approval.is_some() || now >= deadline {
                 return Ok(execution);
             }
             tokio::time::sleep(delay.min(deadline - now)).await;

@@ -30,6 +30,31 @@ impl SfnBackend {
         self
     }
 
+    /// The approval a RUNNING execution waits for: its newest events are a callback task's
+    /// TaskSubmitted with no exit after it. Best effort: a caller allowed to describe but not
+    /// to read history (an agent's role may be) sees RUNNING, which is true.
+    async fn awaiting_approval(&self, arn: &str) -> Option<String> {
+        use aws_sdk_sfn::types::HistoryEventType as Kind;
+        let history =
+            self.client.get_execution_history().execution_arn(arn).reverse_order(true).max_results(8).send().await;
+        let output = match history {
+            Ok(output) => output,
+            Err(error) => {
+                tracing::debug!(error = %crate::error::error_chain(&error), "cannot read the history of a running execution");
+                return None;
+            }
+        };
+        let events = output.events();
+        let submitted = events.iter().position(|e| e.r#type() == &Kind::TaskSubmitted)?;
+        let exited = [Kind::TaskSucceeded, Kind::TaskFailed, Kind::TaskTimedOut, Kind::TaskStateExited];
+        if events[..submitted].iter().any(|e| exited.contains(e.r#type())) {
+            return None;
+        }
+        let scheduled = events[submitted..].iter().find(|e| e.r#type() == &Kind::TaskScheduled)?;
+        let parameters: Value = serde_json::from_str(scheduled.task_scheduled_event_details()?.parameters()).ok()?;
+        super::approval_in_parameters(&parameters)
+    }
+
     pub async fn from_env(state_machine_arn: impl Into<String>) -> Self {
         Self::new(Client::new(&aws_config::load_from_env().await), state_machine_arn)
     }
@@ -109,6 +134,10 @@ impl Backend for SfnBackend {
             _ => None,
         };
         let redrivable_per_backend = output.redrive_status == Some(ExecutionRedriveStatus::Redrivable);
+        let awaiting_approval = match output.status {
+            ExecutionStatus::Running => self.awaiting_approval(&arn).await,
+            _ => None,
+        };
         Ok(Execution {
             name: output.name.clone().unwrap_or_else(|| arn.rsplit(':').next().unwrap_or_default().to_owned()),
             execution_arn: output.execution_arn,
@@ -122,6 +151,7 @@ impl Backend for SfnBackend {
             cause: output.cause,
             not_redrivable_reason,
             redrivable_per_backend,
+            awaiting_approval,
         })
     }
 
@@ -162,6 +192,7 @@ impl Backend for SfnBackend {
                     cause: None,
                     not_redrivable_reason: None,
                     redrivable_per_backend: false,
+                    awaiting_approval: None,
                 }
             };
             if filter.agent_id.as_deref().is_some_and(|agent| execution.agent_id() != Some(agent)) {

@@ -249,3 +249,16 @@ async fn below_the_threshold_nothing_waits_and_the_happy_path_gains_one_choice()
         "7 state transitions per happy-path payment (the budget is 8)"
     );
 }
+
+#[tokio::test]
+async fn the_agent_hears_that_its_payment_waits_for_a_person() {
+    let f = Fixture::new().await;
+    let client = f.app.client();
+    let wait = agentpay::client::WaitOptions { timeout: Duration::from_secs(30), ..Default::default() };
+    let started = client.start(&execution_input("big-6", AGENT, "1000000"), Some(wait)).await.unwrap();
+    let id = f.only_approval_id().await;
+    assert_eq!(started.answer, agentpay::client::PaymentAnswer::AwaitingApproval { approval_id: id.clone() });
+    f.approvals().decide(&id, Decision::Approve, APPROVER).await.unwrap();
+    let paid = client.status(&started.execution.execution_arn).await.unwrap();
+    assert!(matches!(paid.answer(), agentpay::client::PaymentAnswer::Paid { .. }), "{:?}", paid.answer());
+}
