@@ -68,6 +68,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("not paid: {error}: {cause}");
         }
         PaymentAnswer::Running => println!("still running: poll `agentpay status {}`", started.execution.name),
+        PaymentAnswer::AwaitingApproval { approval_id } => {
+            println!("waits for a person: `agentpay approve {approval_id}` (or reject), then poll `agentpay status`")
+        }
     }
     Ok(())
 }
