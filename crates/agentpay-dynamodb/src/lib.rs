@@ -491,6 +491,30 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().update(update.build().map_err(build_error)?).build())
     }
 
+    /// Sets the claim's lease to `until`, while `fence` holds it: ended at once after an unknown
+    /// outcome, extended over a wait for a person. A refusal returns the record that blocked it.
+    fn fenced_lease(
+        &self,
+        fence: &ClaimFence,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> Result<TransactWriteItem, PaymentError> {
+        let (condition, values) = Self::fence_condition(fence);
+        let mut update = Update::builder()
+            .table_name(&self.tables.idempotency)
+            .set_key(Some(Self::idempotency_key_item(&fence.key)))
+            .update_expression("SET leaseExpiresAt = :until, updatedAt = :now")
+            .condition_expression(condition)
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":until", n(until.millis()))
+            .expression_attribute_values(":now", n(now.millis()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        for (name, value) in values {
+            update = update.expression_attribute_values(name, value);
+        }
+        Ok(TransactWriteItem::builder().update(update.build().map_err(build_error)?).build())
+    }
+
     /// A transaction item that only checks the fence (reserving writes no key field).
     fn fence_check(&self, fence: &ClaimFence) -> Result<TransactWriteItem, PaymentError> {
         let (condition, values) = Self::fence_condition(fence);
@@ -972,20 +996,8 @@ impl Store for DynamoStore {
     }
 
     async fn hold(&self, commit: &HoldCommit) -> Result<Transition, PaymentError> {
-        let (condition, values) = Self::fence_condition(&commit.fence);
-        let mut update = Update::builder()
-            .table_name(&self.tables.idempotency)
-            .set_key(Some(Self::idempotency_key_item(&commit.fence.key)))
-            .update_expression("SET leaseExpiresAt = :now, updatedAt = :now")
-            .condition_expression(condition)
-            .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":now", n(commit.now.millis()))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        for (name, value) in values {
-            update = update.expression_attribute_values(name, value);
-        }
         let items = vec![
-            TransactWriteItem::builder().update(update.build().map_err(build_error)?).build(),
+            self.fenced_lease(&commit.fence, commit.now, commit.now)?,
             audit_put(&self.tables.ledger, &commit.audit)?,
         ];
         match self.transact("hold unknown outcome", items).await? {
@@ -1030,19 +1042,6 @@ impl Store for DynamoStore {
     }
 
     async fn request_approval(&self, commit: &ApprovalRequestCommit) -> Result<Transition, PaymentError> {
-        let (condition, values) = Self::fence_condition(&commit.fence);
-        let mut lease = Update::builder()
-            .table_name(&self.tables.idempotency)
-            .set_key(Some(Self::idempotency_key_item(&commit.fence.key)))
-            .update_expression("SET leaseExpiresAt = :until, updatedAt = :now")
-            .condition_expression(condition)
-            .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":until", n(commit.lease_until.millis()))
-            .expression_attribute_values(":now", n(commit.record.requested_at.millis()))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        for (name, value) in values {
-            lease = lease.expression_attribute_values(name, value);
-        }
         // New, or pending with another token (a retried task replaces it).
         let approval = approval_put(&self.tables.ledger, &commit.record)?
             .condition_expression("attribute_not_exists(pk) OR (#status = :pending AND taskToken <> :token)")
@@ -1053,7 +1052,7 @@ impl Store for DynamoStore {
             .build()
             .map_err(build_error)?;
         let items = vec![
-            TransactWriteItem::builder().update(lease.build().map_err(build_error)?).build(),
+            self.fenced_lease(&commit.fence, commit.lease_until, commit.record.requested_at)?,
             TransactWriteItem::builder().put(approval).build(),
             audit_put(&self.tables.ledger, &commit.audit)?,
         ];
