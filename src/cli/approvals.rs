@@ -30,15 +30,31 @@ async fn service(cli: &Cli) -> Result<(Approvals, String), CliError> {
         }
         BackendKind::Aws => {
             let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            let identity = aws_sdk_sts::Client::new(&aws).get_caller_identity().send().await.map_err(|e| {
-                format!("cannot tell who you are (sts:GetCallerIdentity): {}", agentpay::error::error_chain(&e))
-            })?;
-            let approver = identity.arn().ok_or("sts:GetCallerIdentity returned no ARN")?.to_owned();
+            let approver = caller_arn(&aws).await?;
             let store = Arc::new(DynamoStore::from_sdk_config(&aws, cli.tables()));
             let answers = Arc::new(SfnAnswers(aws_sdk_sfn::Client::new(&aws)));
             Ok((Approvals::new(store, answers, clock), approver))
         }
     }
+}
+
+/// Who runs this command, for the records it writes: the IAM principal of the credentials
+/// (sts:GetCallerIdentity) with `--backend aws`, the local user otherwise.
+pub(crate) async fn operator(cli: &Cli) -> Result<String, CliError> {
+    match cli.backend {
+        BackendKind::Local => Ok(local_user()),
+        BackendKind::Aws => {
+            let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            caller_arn(&aws).await
+        }
+    }
+}
+
+async fn caller_arn(aws: &aws_config::SdkConfig) -> Result<String, CliError> {
+    let identity = aws_sdk_sts::Client::new(aws).get_caller_identity().send().await.map_err(|e| {
+        format!("cannot tell who you are (sts:GetCallerIdentity): {}", agentpay::error::error_chain(&e))
+    })?;
+    Ok(identity.arn().ok_or("sts:GetCallerIdentity returned no ARN")?.to_owned())
 }
 
 /// Locally the approver is the operating-system user.

@@ -23,6 +23,7 @@ use agentpay::policy::SpendPolicy;
 use agentpay::provider::agentcore::AgentCoreProvider;
 use agentpay::request::{AgentId, UserId, derived_id};
 use agentpay::store::dynamodb::{DynamoStore, TableNames, create_table, schema};
+use agentpay::store::{PolicyChange, PolicyEdit, PolicyEdited};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -317,6 +318,9 @@ pub enum PolicyCommand {
         /// Every agent that has a policy.
         #[arg(long)]
         all: bool,
+        /// Why (kept in the agent's policy history with who and when).
+        #[arg(long)]
+        reason: Option<String>,
     },
     #[command(group(clap::ArgGroup::new("which").required(true).args(["agent", "all"])))]
     Resume {
@@ -324,12 +328,18 @@ pub enum PolicyCommand {
         /// Every agent that has a policy.
         #[arg(long)]
         all: bool,
+        /// Why (kept in the agent's policy history with who and when).
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
 #[derive(Debug, Args)]
 pub struct PolicySetArgs {
     pub agent: String,
+    /// Why (kept in the agent's policy history with who and when).
+    #[arg(long)]
+    pub reason: Option<String>,
     /// A policy JSON file (see events/policy-demo-agent.json); flags are then not allowed.
     #[arg(long, conflicts_with_all = ["per_transaction_usd", "daily_usd", "max_per_hour", "approval_threshold_usd", "network", "payee", "principal"])]
     pub file: Option<PathBuf>,
@@ -417,7 +427,8 @@ pub async fn run(mut cli: Cli) -> Result<i32, CliError> {
         }
         Command::Policy(command) => {
             let ctx = cli.open(false).await?;
-            policy_command(&ctx, command).await?;
+            let operator = crate::cli::approvals::operator(&cli).await?;
+            policy_command(&ctx, command, &operator).await?;
             Ok(0)
         }
         Command::Demo => crate::cli::demo::run(cli.json).await,
@@ -474,7 +485,12 @@ pub async fn run(mut cli: Cli) -> Result<i32, CliError> {
     }
 }
 
-async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), CliError> {
+/// A change of `agent`'s policy by `operator`, kept in its policy history.
+fn change(edit: PolicyEdit, operator: &str, reason: Option<&String>, expected_version: Option<u64>) -> PolicyChange {
+    PolicyChange { edit, by: operator.to_owned(), reason: reason.cloned(), at: SystemClock.now(), expected_version }
+}
+
+async fn policy_command(ctx: &Context, command: &PolicyCommand, operator: &str) -> Result<(), CliError> {
     let store = &ctx.app.store;
     let (agent, policy) = match command {
         PolicyCommand::Set(args) => {
@@ -506,7 +522,16 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), Cl
                 },
             };
             agentpay::request::AgentId::parse("agent", &args.agent)?;
-            store.put_policy(&args.agent, &policy).await?;
+            // Decided on the version read now: an edit that landed in between is not overwritten.
+            let read = store.agent_ledger(&args.agent).await?.version;
+            let edit = change(PolicyEdit::Replace(policy.clone()), operator, args.reason.as_ref(), Some(read));
+            if let PolicyEdited::VersionMoved { current } = store.change_policy(&args.agent, &edit).await? {
+                return Err(format!(
+                    "agent {:?}'s policy changed while this edit was prepared (version {read} read, {current} now); show it with `agentpay policy show {}` and set it again",
+                    args.agent, args.agent
+                )
+                .into());
+            }
             // As stored: a paused agent stays paused whatever the new policy says.
             let stored = store.policy(&args.agent).await?.ok_or(format!("agent {:?} lost its policy", args.agent))?;
             if stored.paused && !policy.paused {
@@ -518,8 +543,14 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand) -> Result<(), Cl
             let policy = store.agent_ledger(agent).await?.policy.ok_or(format!("agent {agent:?} has no policy"))?;
             (agent.clone(), policy)
         }
-        PolicyCommand::Pause { agent, all } => return set_paused(ctx, agent.as_deref(), *all, true).await,
-        PolicyCommand::Resume { agent, all } => return set_paused(ctx, agent.as_deref(), *all, false).await,
+        PolicyCommand::Pause { agent, all, reason } => {
+            let edit = change(PolicyEdit::SetPaused(true), operator, reason.as_ref(), None);
+            return set_paused(ctx, agent.as_deref(), *all, &edit).await;
+        }
+        PolicyCommand::Resume { agent, all, reason } => {
+            let edit = change(PolicyEdit::SetPaused(false), operator, reason.as_ref(), None);
+            return set_paused(ctx, agent.as_deref(), *all, &edit).await;
+        }
     };
     if ctx.json {
         println!("{}", serde_json::to_string_pretty(&json!({"agentId": agent, "policy": policy}))?);
@@ -543,7 +574,8 @@ fn agentcore_policy(args: &PolicySetArgs) -> Option<AgentCorePolicy> {
 }
 
 /// Pauses or resumes one agent, or every agent with a policy, and shows what it did.
-async fn set_paused(ctx: &Context, agent: Option<&str>, all: bool, paused: bool) -> Result<(), CliError> {
+async fn set_paused(ctx: &Context, agent: Option<&str>, all: bool, change: &PolicyChange) -> Result<(), CliError> {
+    let paused = change.edit == PolicyEdit::SetPaused(true);
     let store = &ctx.app.store;
     let agents = match (agent, all) {
         (Some(agent), _) => vec![agent.to_owned()],
@@ -551,7 +583,7 @@ async fn set_paused(ctx: &Context, agent: Option<&str>, all: bool, paused: bool)
     };
     let mut changed = Vec::new();
     for agent in &agents {
-        if !store.set_paused(agent, paused).await? {
+        if store.change_policy(agent, change).await? == PolicyEdited::NoPolicy {
             return Err(format!("agent {agent:?} has no policy to pause or resume").into());
         }
         let policy = store.policy(agent).await?.ok_or(format!("agent {agent:?} lost its policy"))?;
@@ -741,6 +773,7 @@ async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
     let ledger = store.agent_ledger(agent).await?;
     let reservations = store.reservations(agent).await?;
     let audit = store.audit_events(agent).await?;
+    let policy_history = store.policy_history(agent).await?;
     let now = SystemClock.now();
     let window = ledger.window.rolled(now);
     let spent = window.spent;
@@ -749,7 +782,8 @@ async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
             "{}",
             serde_json::to_string_pretty(&json!({
                 "agentId": agent, "policy": ledger.policy, "version": ledger.version,
-                "spent24h": spent, "paymentsLastHour": window.count, "reservations": reservations, "audit": audit
+                "spent24h": spent, "paymentsLastHour": window.count, "reservations": reservations, "audit": audit,
+                "policyHistory": policy_history
             }))?
         );
         return Ok(());
@@ -791,5 +825,16 @@ async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
         ]);
     }
     println!("audit trail\n{table}");
+    let mut table = new_table(&["at", "version", "change", "by", "why"]);
+    for change in &policy_history {
+        table.add_row(vec![
+            change.at.to_rfc3339(),
+            change.version.to_string(),
+            format!("{:?}", change.action).to_uppercase(),
+            change.by.clone(),
+            change.reason.clone().unwrap_or_else(|| "(no reason given)".into()),
+        ]);
+    }
+    println!("policy history\n{table}");
     Ok(())
 }

@@ -113,7 +113,7 @@ fn policy_flags_pause_and_resume() {
     assert!(set.status.success(), "{set:?}");
     let policy: Value = serde_json::from_slice(&set.stdout).unwrap();
     assert_eq!(policy["policy"]["perTransactionLimitUsd"], "2.50");
-    let paused = agentpay(dir.path(), &["--json", "policy", "pause", "a1"]);
+    let paused = agentpay(dir.path(), &["--json", "policy", "pause", "a1", "--reason", "incident 42: runaway loop"]);
     assert_eq!(serde_json::from_slice::<Value>(&paused.stdout).unwrap()["policy"]["paused"], true);
     // Setting the policy again does not resume it, and says so.
     let set_again = agentpay(
@@ -172,6 +172,21 @@ fn policy_flags_pause_and_resume() {
     assert_eq!(agents, [("a1", true), ("a2", true)]);
     let neither = agentpay(dir.path(), &["policy", "pause"]);
     assert!(!neither.status.success() && String::from_utf8_lossy(&neither.stderr).contains("--all"), "{neither:?}");
+
+    // Every edit, pause and resume is in the agent's policy history, with who and why.
+    let ledger = agentpay(dir.path(), &["--json", "ledger", "show", "a1"]);
+    let history: Value = serde_json::from_slice::<Value>(&ledger.stdout).unwrap()["policyHistory"].clone();
+    let actions: Vec<(&str, u64)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["action"].as_str().unwrap(), c["version"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(actions, [("SET", 1), ("PAUSED", 2), ("SET", 3), ("RESUMED", 4), ("PAUSED", 5)]);
+    assert_eq!(history[1]["reason"], "incident 42: runaway loop");
+    assert!(history[1]["by"].as_str().unwrap().starts_with("local:"), "{history}");
+    let shown = agentpay(dir.path(), &["ledger", "show", "a1"]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("incident 42: runaway loop"), "{shown:?}");
 }
 
 #[test]

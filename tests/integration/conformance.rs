@@ -142,6 +142,7 @@ conformance!(
     a_completed_key_answers_before_the_policy,
     a_pause_stops_payments_past_the_spend_check,
     an_approval_waits_once_extends_the_lease_and_is_decided_once,
+    every_policy_change_is_kept_with_who_when_and_why,
 );
 
 async fn claim_then_cached_result(backend: Backend) {
@@ -610,4 +611,48 @@ async fn an_approval_waits_once_extends_the_lease_and_is_decided_once(backend: B
     assert!(
         matches!(f.store.decide_approval(&forced).await.unwrap(), Transition::Refused(why) if why.contains("timed out"))
     );
+}
+
+/// Policy edits, pauses and resumes: each a new version, each in the agent's policy history
+/// with who, when and why, written with the policy; an edit decided on an older version is
+/// refused and writes nothing.
+async fn every_policy_change_is_kept_with_who_when_and_why(backend: Backend) {
+    use agentpay::store::{PolicyAction, PolicyChange, PolicyEdit, PolicyEdited};
+    let f = Fixture::new(backend).await;
+    let change = |edit: PolicyEdit, by: &str, reason: &str, expected_version: Option<u64>| PolicyChange {
+        edit,
+        by: by.into(),
+        reason: Some(reason.into()),
+        at: f.clock.now(),
+        expected_version,
+    };
+    let first = policy("1.00", "5.00", 10);
+    let set = change(PolicyEdit::Replace(first.clone()), "local:alice", "onboarding", Some(0));
+    assert_eq!(f.store.change_policy(AGENT, &set).await.unwrap(), PolicyEdited::Applied { version: 1 });
+    let pause = change(PolicyEdit::SetPaused(true), "arn:aws:iam::123456789012:role/oncall", "incident 42", None);
+    assert_eq!(f.store.change_policy(AGENT, &pause).await.unwrap(), PolicyEdited::Applied { version: 2 });
+    // Decided on version 1: the pause landed since, so nothing is written.
+    let stale = change(PolicyEdit::Replace(policy("2.00", "5.00", 10)), "local:bob", "raise", Some(1));
+    assert_eq!(f.store.change_policy(AGENT, &stale).await.unwrap(), PolicyEdited::VersionMoved { current: 2 });
+    assert_eq!(
+        f.store.policy(AGENT).await.unwrap().unwrap().per_transaction_limit_usd,
+        first.per_transaction_limit_usd
+    );
+    let resume = change(PolicyEdit::SetPaused(false), "local:alice", "fixed", Some(2));
+    assert_eq!(f.store.change_policy(AGENT, &resume).await.unwrap(), PolicyEdited::Applied { version: 3 });
+    let nobody = change(PolicyEdit::SetPaused(true), "local:alice", "x", None);
+    assert_eq!(f.store.change_policy("no-such-agent", &nobody).await.unwrap(), PolicyEdited::NoPolicy);
+
+    let history = f.store.policy_history(AGENT).await.unwrap();
+    let seen: Vec<(u64, PolicyAction, &str, Option<&str>, bool)> =
+        history.iter().map(|e| (e.version, e.action, e.by.as_str(), e.reason.as_deref(), e.policy.paused)).collect();
+    assert_eq!(
+        seen,
+        [
+            (1, PolicyAction::Set, "local:alice", Some("onboarding"), false),
+            (2, PolicyAction::Paused, "arn:aws:iam::123456789012:role/oncall", Some("incident 42"), true),
+            (3, PolicyAction::Resumed, "local:alice", Some("fixed"), false),
+        ]
+    );
+    assert!(f.store.policy_history("no-such-agent").await.unwrap().is_empty());
 }

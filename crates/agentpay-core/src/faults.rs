@@ -18,7 +18,8 @@ use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::PaymentRequest;
 use crate::store::{
     ApprovalDecisionCommit, ApprovalRecord, ApprovalRequestCommit, AuditEvent, AuthorizationCommit, ClaimFence,
-    HoldCommit, IdempotencyRecord, PolicyEdit, ReleaseCommit, Reservation, ReserveOutcome, Store, Transition,
+    HoldCommit, IdempotencyRecord, PolicyAuditEvent, PolicyChange, PolicyEdited, ReleaseCommit, Reservation,
+    ReserveOutcome, Store, Transition,
 };
 use crate::window::WindowWrite;
 
@@ -212,8 +213,11 @@ impl Store for FaultyStore {
     ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError> {
         self.inner.agent_and_key(agent_id, key, now).await
     }
-    async fn edit_policy(&self, agent_id: &str, edit: &PolicyEdit) -> Result<bool, PaymentError> {
-        self.inner.edit_policy(agent_id, edit).await
+    async fn change_policy(&self, agent_id: &str, change: &PolicyChange) -> Result<PolicyEdited, PaymentError> {
+        self.inner.change_policy(agent_id, change).await
+    }
+    async fn policy_history(&self, agent_id: &str) -> Result<Vec<PolicyAuditEvent>, PaymentError> {
+        self.inner.policy_history(agent_id).await
     }
     async fn policy(&self, agent_id: &str) -> Result<Option<SpendPolicy>, PaymentError> {
         self.inner.policy(agent_id).await

@@ -720,14 +720,20 @@ impl Store for DynamoStore {
         Ok((ledger, record.filter(|r| !r.is_expired(now))))
     }
 
-    async fn edit_policy(&self, agent_id: &str, edit: &PolicyEdit) -> Result<bool, PaymentError> {
+    async fn change_policy(&self, agent_id: &str, change: &PolicyChange) -> Result<PolicyEdited, PaymentError> {
         // Policy and window's policy version move together, conditioned on what was read;
-        // edits are rare, so a lost race is simply read and tried again.
+        // edits are rare, so a lost race is simply read and tried again (unless the change
+        // was decided on a version, which it then reports moved).
         for _ in 0..8 {
             let (state, window) = self.agent_items(agent_id).await?;
             let ledger = decode_ledger(agent_id, state.as_ref(), window.as_ref())?;
-            let Some(policy) = edit.apply(ledger.policy.as_ref()) else {
-                return Ok(false);
+            if let Some(expected) = change.expected_version
+                && expected != ledger.version
+            {
+                return Ok(PolicyEdited::VersionMoved { current: ledger.version });
+            }
+            let Some(policy) = change.edit.apply(ledger.policy.as_ref()) else {
+                return Ok(PolicyEdited::NoPolicy);
             };
             let version = ledger.version + 1;
             let state_put = Put::builder()
@@ -766,13 +772,33 @@ impl Store for DynamoStore {
                     TransactWriteItem::builder().put(put).build()
                 }
             };
-            let items =
-                vec![TransactWriteItem::builder().put(state_put.build().map_err(build_error)?).build(), window_write];
+            let event = PolicyAuditEvent::of(agent_id, version, change, &policy);
+            let history_put = Put::builder()
+                .table_name(&self.tables.ledger)
+                .item("pk", cold_pk(agent_id, POLICY_HISTORY))
+                .item("sk", s(format!("{POLICY_HISTORY}#{version:020}")))
+                .item("record", json(&event)?)
+                .condition_expression("attribute_not_exists(pk)")
+                .build()
+                .map_err(build_error)?;
+            let items = vec![
+                TransactWriteItem::builder().put(state_put.build().map_err(build_error)?).build(),
+                window_write,
+                TransactWriteItem::builder().put(history_put).build(),
+            ];
             if let TxOutcome::Committed = self.transact("set policy", items).await? {
-                return Ok(true);
+                return Ok(PolicyEdited::Applied { version });
             }
         }
         Err(PaymentError::LedgerConflict { agent: agent_id.to_owned(), attempts: 8 })
+    }
+
+    async fn policy_history(&self, agent_id: &str) -> Result<Vec<PolicyAuditEvent>, PaymentError> {
+        let items = self.query_prefix("read policy history", agent_id, POLICY_HISTORY).await?;
+        let mut history =
+            items.iter().map(|item| decode::<PolicyAuditEvent>(item, &[])).collect::<Result<Vec<_>, _>>()?;
+        history.sort_by_key(|event| event.version);
+        Ok(history)
     }
 
     async fn policy(&self, agent_id: &str) -> Result<Option<SpendPolicy>, PaymentError> {
@@ -1140,6 +1166,9 @@ impl Store for DynamoStore {
         }
     }
 }
+
+/// The sort-key prefix (and cold-partition id) of an agent's policy history.
+const POLICY_HISTORY: &str = "POLICY";
 
 const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// The longest span one listing reads (one query per day).

@@ -36,6 +36,8 @@ CREATE INDEX IF NOT EXISTS reservations_by_agent ON reservations (agent_id, crea
 CREATE TABLE IF NOT EXISTS audit_events (
     event_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, at INTEGER NOT NULL, record TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_by_agent ON audit_events (agent_id, at);
+CREATE TABLE IF NOT EXISTS policy_history (
+    agent_id TEXT NOT NULL, version INTEGER NOT NULL, record TEXT NOT NULL, PRIMARY KEY (agent_id, version));
 CREATE TABLE IF NOT EXISTS approvals (
     id TEXT PRIMARY KEY, status TEXT NOT NULL, requested_at INTEGER NOT NULL, record TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS approvals_by_time ON approvals (requested_at);
@@ -465,20 +467,39 @@ impl Store for SqliteStore {
         Ok((ledger, record.filter(|r| !r.is_expired(now))))
     }
 
-    async fn edit_policy(&self, agent_id: &str, edit: &PolicyEdit) -> Result<bool, PaymentError> {
+    async fn change_policy(&self, agent_id: &str, change: &PolicyChange) -> Result<PolicyEdited, PaymentError> {
         self.write("set policy", |tx| {
             let ledger = get_ledger(tx, agent_id)?;
-            let Some(policy) = edit.apply(ledger.policy.as_ref()) else {
-                return Ok(false);
+            if let Some(expected) = change.expected_version
+                && expected != ledger.version
+            {
+                return Ok(PolicyEdited::VersionMoved { current: ledger.version });
+            }
+            let Some(policy) = change.edit.apply(ledger.policy.as_ref()) else {
+                return Ok(PolicyEdited::NoPolicy);
             };
             let version = ledger.version + 1;
             let window = SpendWindow { policy_version: version, seq: ledger.window.seq + 1, ..ledger.window };
+            let stored_version = i64::try_from(version).unwrap_or(i64::MAX);
             tx.prepare_cached(
                 "INSERT INTO agents (agent_id, version, policy, window) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (agent_id) DO UPDATE SET policy = excluded.policy, version = excluded.version, window = excluded.window",
             )?
-            .execute(params![agent_id, i64::try_from(version).unwrap_or(i64::MAX), to_json(&policy)?, to_json(&window)?])?;
-            Ok(true)
+            .execute(params![agent_id, stored_version, to_json(&policy)?, to_json(&window)?])?;
+            let event = PolicyAuditEvent::of(agent_id, version, change, &policy);
+            tx.prepare_cached("INSERT INTO policy_history (agent_id, version, record) VALUES (?1, ?2, ?3)")?
+                .execute(params![agent_id, stored_version, to_json(&event)?])?;
+            Ok(PolicyEdited::Applied { version })
+        })
+        .await
+    }
+
+    async fn policy_history(&self, agent_id: &str) -> Result<Vec<PolicyAuditEvent>, PaymentError> {
+        self.read("read policy history", |c| {
+            let mut statement =
+                c.prepare_cached("SELECT record FROM policy_history WHERE agent_id = ?1 ORDER BY version")?;
+            let rows = statement.query_map([agent_id], |row| row.get::<_, String>(0))?;
+            rows.map(|row| from_json(&row?)).collect()
         })
         .await
     }

@@ -70,9 +70,13 @@ impl Store for CountingStore {
         self.count("agent_and_key");
         self.inner.agent_and_key(agent_id, key, now).await
     }
-    async fn edit_policy(&self, agent_id: &str, edit: &PolicyEdit) -> Result<bool, PaymentError> {
-        self.count("edit_policy");
-        self.inner.edit_policy(agent_id, edit).await
+    async fn change_policy(&self, agent_id: &str, change: &PolicyChange) -> Result<PolicyEdited, PaymentError> {
+        self.count("change_policy");
+        self.inner.change_policy(agent_id, change).await
+    }
+    async fn policy_history(&self, agent_id: &str) -> Result<Vec<PolicyAuditEvent>, PaymentError> {
+        self.count("policy_history");
+        self.inner.policy_history(agent_id).await
     }
     async fn policy(&self, agent_id: &str) -> Result<Option<SpendPolicy>, PaymentError> {
         self.count("policy");

@@ -270,6 +270,90 @@ impl PolicyEdit {
     }
 }
 
+/// Who changes an agent's policy, when and why, and on which version they read it: every
+/// edit, pause and resume is kept in the agent's policy history with these.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyChange {
+    pub edit: PolicyEdit,
+    /// An operator's IAM principal, or `local:<user>`.
+    pub by: String,
+    pub reason: Option<String>,
+    pub at: Timestamp,
+    /// The version the change was decided on: if the policy moved since, nothing is written.
+    pub expected_version: Option<u64>,
+}
+
+impl PolicyChange {
+    /// A change made through the library without an operator (tests, the demo, benches).
+    pub fn unattributed(edit: PolicyEdit) -> Self {
+        Self {
+            edit,
+            by: "(unattributed: library call)".into(),
+            reason: None,
+            at: crate::clock::Clock::now(&crate::clock::SystemClock),
+            expected_version: None,
+        }
+    }
+
+    pub fn action(&self) -> PolicyAction {
+        match self.edit {
+            PolicyEdit::Replace(_) => PolicyAction::Set,
+            PolicyEdit::SetPaused(true) => PolicyAction::Paused,
+            PolicyEdit::SetPaused(false) => PolicyAction::Resumed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PolicyAction {
+    Set,
+    Paused,
+    Resumed,
+}
+
+/// One entry of an agent's policy history: the policy as it became, who, when, why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyAuditEvent {
+    pub agent_id: String,
+    pub version: u64,
+    pub action: PolicyAction,
+    pub by: String,
+    pub at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub policy: SpendPolicy,
+}
+
+impl PolicyAuditEvent {
+    pub fn of(agent_id: &str, version: u64, change: &PolicyChange, policy: &SpendPolicy) -> Self {
+        Self {
+            agent_id: agent_id.to_owned(),
+            version,
+            action: change.action(),
+            by: change.by.clone(),
+            at: change.at,
+            reason: change.reason.clone(),
+            policy: policy.clone(),
+        }
+    }
+}
+
+/// Outcome of a policy change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyEdited {
+    Applied {
+        version: u64,
+    },
+    /// A pause or resume of an agent without a policy: nothing written.
+    NoPolicy,
+    /// The policy is no longer at the version the change expected: nothing written.
+    VersionMoved {
+        current: u64,
+    },
+}
+
 /// Outcome of a reservation write.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReserveOutcome {
@@ -375,10 +459,26 @@ pub trait Store: Send + Sync {
         now: Timestamp,
     ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError>;
 
-    /// Applies `edit` to the agent's policy (creating the agent if needed), bumping its version
-    /// and the window's policy version together, so a charge decided under the old policy no
-    /// longer applies. `false`: a pause or resume of an agent without a policy (nothing written).
-    async fn edit_policy(&self, agent_id: &str, edit: &PolicyEdit) -> Result<bool, PaymentError>;
+    /// Applies the change to the agent's policy (creating the agent if needed), bumping its
+    /// version and the window's policy version together, so a charge decided under the old
+    /// policy no longer applies, and records it in the agent's policy history (who, when, why)
+    /// in the same write.
+    async fn change_policy(&self, agent_id: &str, change: &PolicyChange) -> Result<PolicyEdited, PaymentError>;
+
+    /// Every change of the agent's policy, oldest first.
+    async fn policy_history(&self, agent_id: &str) -> Result<Vec<PolicyAuditEvent>, PaymentError>;
+
+    /// `change_policy`, unattributed (library callers: tests, the demo). `false`: a pause or
+    /// resume of an agent without a policy (nothing written).
+    async fn edit_policy(&self, agent_id: &str, edit: &PolicyEdit) -> Result<bool, PaymentError> {
+        match self.change_policy(agent_id, &PolicyChange::unattributed(edit.clone())).await? {
+            PolicyEdited::Applied { .. } => Ok(true),
+            PolicyEdited::NoPolicy => Ok(false),
+            PolicyEdited::VersionMoved { .. } => {
+                Err(PaymentError::LedgerConflict { agent: agent_id.to_owned(), attempts: 1 })
+            }
+        }
+    }
 
     /// Sets the policy; an existing agent keeps its kill switch as stored (see [`PolicyEdit`]).
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
