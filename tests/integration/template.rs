@@ -241,6 +241,7 @@ fn the_alarms_watch_what_the_code_emits_and_notify_the_operators() {
         names::OUTCOMES_UNKNOWN,
         names::CLAIMS_SUPERSEDED,
         names::STEP_ERRORS,
+        names::APPROVALS_REQUESTED,
     ];
     let mut alarmed = Vec::new();
     for (name, resource) in resources {
@@ -270,6 +271,8 @@ fn the_alarms_watch_what_the_code_emits_and_notify_the_operators() {
     assert!(has(names::OUTCOMES_UNKNOWN, None), "unknown outcomes above zero");
     assert!(has(names::STEP_ERRORS, Some("LedgerConflict")), "ledger conflicts");
     assert!(has(names::STEP_ERRORS, Some("StoreUnavailable")), "store throttles");
+    assert!(has(names::COMPENSATIONS, Some("ApprovalTimedOut")), "approvals nobody answered");
+    assert!(has(names::APPROVALS_REQUESTED, None), "an approval backlog");
     let unknown = &template["Resources"]["OutcomeUnknownAlarm"]["Properties"];
     assert_eq!(
         (unknown["Threshold"].as_u64(), unknown["ComparisonOperator"].as_str()),
