@@ -240,3 +240,91 @@ async fn every_function_may_send_exactly_what_its_step_sends_to_dynamodb() {
     }
     assert!(problems.is_empty(), "{problems:#?}\nused: {:#?}", run.used);
 }
+
+/// The decision never reaches a Lambda: an approver's CLI lists, reads and decides approvals in
+/// the ledger with the ApproversRole's credentials. Its statements must allow exactly what the
+/// approvals service sends (and, separately, the Step Functions answers).
+#[tokio::test]
+async fn the_approvers_role_may_send_exactly_what_deciding_sends() {
+    use agentpay::approval::{ApprovalError, Decision};
+    use agentpay::approvals::{Approvals, TaskAnswers};
+
+    /// Delivery is Step Functions' business (SendTaskSuccess / SendTaskFailure), not DynamoDB's.
+    struct Delivered;
+    #[async_trait::async_trait]
+    impl TaskAnswers for Delivered {
+        async fn succeed(&self, _: &str, _: &Value) -> Result<(), ApprovalError> {
+            Ok(())
+        }
+        async fn fail(&self, _: &str, _: &str, _: &str) -> Result<(), ApprovalError> {
+            Ok(())
+        }
+    }
+
+    let (store, log) = logged_store().await;
+    let names = store.tables();
+    let tables = BTreeMap::from([
+        (names.idempotency.clone(), "IdempotencyTable".to_owned()),
+        (names.ledger.clone(), "LedgerTable".to_owned()),
+    ]);
+    let mut approving = policy("1.00", "5.00", 100);
+    approving.approval_threshold_usd = Some("0.05".parse().unwrap());
+    store.put_policy(AGENT, &approving).await.unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store.clone(), clock.clone()).unwrap();
+    let steps = Steps::new(store.clone(), Arc::new(wallet), clock.clone(), StepSettings::default());
+    let mut run = Run { steps, clock: clock.clone(), log: log.clone(), tables: tables.clone(), used: Used::new() };
+    for (key, execution) in [("iam-approve", "exec-a"), ("iam-reject", "exec-r")] {
+        let (request, claim) = run.claim(key, "100000", execution).await;
+        let reservation: agentpay::steps::ReservationSummary =
+            serde_json::from_value(run.spend(&request, &claim, execution).await.unwrap()).unwrap();
+        run.steps
+            .request_approval(agentpay::steps::RequestApprovalInput {
+                task_token: format!("token-{key}"),
+                request,
+                execution_id: execution.into(),
+                claim,
+                reservation,
+            })
+            .await
+            .unwrap();
+    }
+    log.clear();
+
+    let approvals = Approvals::new(store.clone(), Arc::new(Delivered), clock.clone());
+    let listed = approvals.list().await.unwrap();
+    assert_eq!(listed.len(), 2);
+    approvals.show(&listed[0].id).await.unwrap();
+    approvals
+        .decide(&listed[0].id, Decision::Approve, "arn:aws:sts::123456789012:assumed-role/approver/a")
+        .await
+        .unwrap();
+    approvals
+        .decide(
+            &listed[1].id,
+            Decision::Reject { reason: "no".into() },
+            "arn:aws:sts::123456789012:assumed-role/approver/a",
+        )
+        .await
+        .unwrap();
+    let mut used = BTreeSet::new();
+    for request in log.requests() {
+        for item in request.writes.iter().chain(&request.reads) {
+            used.insert((format!("dynamodb:{}", item.action), tables[&item.table].clone()));
+        }
+    }
+
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/template.yaml")).unwrap();
+    let template: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let mut allowed = BTreeSet::new();
+    for policy in template["Resources"]["ApproversRole"]["Properties"]["Policies"].as_sequence().unwrap() {
+        for statement in policy["PolicyDocument"]["Statement"].as_sequence().unwrap() {
+            let serde_yaml_ng::Value::Tagged(resource) = &statement["Resource"] else { continue };
+            let table = resource.value.as_str().unwrap().trim_end_matches(".Arn").to_owned();
+            for action in statement["Action"].as_sequence().unwrap() {
+                allowed.insert((action.as_str().unwrap().to_owned(), table.clone()));
+            }
+        }
+    }
+    assert_eq!(used, allowed, "what deciding sends vs what the ApproversRole allows");
+}
