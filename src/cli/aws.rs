@@ -16,7 +16,13 @@ use agentpay::clock::{Clock, SystemClock};
 
 async fn client(cli: &Cli) -> Result<PaymentClient, CliError> {
     Ok(match cli.backend {
-        BackendKind::Local => cli.open_app().await?.client(),
+        BackendKind::Local => {
+            let app = cli.open_app().await?;
+            // Nothing runs between commands locally: fire the approval time-outs that passed,
+            // so `status` and `list` show what Step Functions would.
+            app.runner.expire_waits().await?;
+            app.client()
+        }
         BackendKind::Aws => {
             let arn = cli.state_machine_arn.clone().ok_or(
                 "--backend aws needs the state machine: --state-machine-arn or AGENTPAY_STATE_MACHINE_ARN (the stack output PaymentStateMachineArn)",

@@ -403,3 +403,55 @@ fn replay_resumes_an_execution_whose_process_died() {
         serde_json::from_slice(&agentpay(dir.path(), &["--json", "status", "died-1"]).stdout).unwrap();
     assert_eq!(described["execution"]["status"], "SUCCEEDED");
 }
+
+/// Human approval from the command line: a payment above the threshold waits (exit code 2,
+/// the approval named), operators list, show and approve it, and the payment is made.
+#[test]
+fn a_payment_waits_for_a_person_who_approves_it_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = agentpay(
+        dir.path(),
+        &[
+            "policy",
+            "set",
+            "demo-agent",
+            "--per-transaction-usd",
+            "1",
+            "--daily-usd",
+            "5",
+            "--max-per-hour",
+            "10",
+            "--network",
+            "eip155:84532",
+            "--approval-threshold-usd",
+            "0.10",
+            "--reason",
+            "pilot",
+        ],
+    );
+    assert!(set.status.success(), "{set:?}");
+    let start = agentpay(dir.path(), &["start", "events/executions/paid-call.json", "--wait"]);
+    assert_eq!(start.status.code(), Some(2), "{start:?}");
+    assert!(stdout(&start).contains("waits   for a person: approval apr-"), "{}", stdout(&start));
+
+    let list = agentpay(dir.path(), &["--json", "approvals", "list"]);
+    let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(listed[0]["status"], "PENDING");
+    assert_eq!(listed[0]["taskToken"], "(redacted)", "the token never leaves the store");
+    let show = agentpay(dir.path(), &["approvals", "show", &id]);
+    assert!(stdout(&show).contains("above the agent's approval threshold"), "{}", stdout(&show));
+    assert!(dir.path().join("notifications.jsonl").exists(), "the operators were told");
+
+    let approve = agentpay(dir.path(), &["--json", "approve", &id]);
+    assert!(approve.status.success(), "{approve:?}");
+    let approved: Value = serde_json::from_slice(&approve.stdout).unwrap();
+    assert_eq!(approved["approval"]["status"], "APPROVED");
+    assert!(approved["approval"]["decidedBy"].as_str().unwrap().starts_with("local:"));
+    let status = agentpay(dir.path(), &["--json", "status", "demo-paid-1"]);
+    let answer: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(answer["answer"]["outcome"], "PAID", "{answer}");
+    let twice = agentpay(dir.path(), &["reject", &id, "--reason", "too late"]);
+    assert!(!twice.status.success());
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("APPROVED by local:"), "{twice:?}");
+}
