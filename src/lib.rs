@@ -1,5 +1,5 @@
 //! agentpay: the layer under agent payments — idempotency, a spend ledger across sessions,
-//! compensation and an audit trail — as five step functions chained by one state machine.
+//! compensation and an audit trail — as six step functions chained by one state machine.
 //!
 //! This crate is what an agent or a tool embeds: the payment client (Step Functions or the
 //! local runner behind one interface), the local workflow and its configuration. The domain
@@ -7,7 +7,7 @@
 //!
 //! | module | crate | what |
 //! |---|---|---|
-//! | `money`, `payment`, `x402`, `mpp`, `policy`, `request`, `steps`, `asl`, … | `agentpay-core` | the domain, the ports, the five steps, the ASL interpreter |
+//! | `money`, `payment`, `x402`, `mpp`, `policy`, `request`, `steps`, `asl`, … | `agentpay-core` | the domain, the ports, the six steps, the ASL interpreter |
 //! | `store::sqlite` | `agentpay-sqlite` | the embedded store |
 //! | `store::dynamodb` | `agentpay-dynamodb` | the DynamoDB store |
 //! | `provider::agentcore` | `agentpay-agentcore` | AgentCore Payments |
