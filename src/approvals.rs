@@ -15,38 +15,43 @@ use crate::asl::{LocalRunner, RunnerError};
 use crate::clock::Clock;
 use crate::store::{ApprovalRecord, Store, Transition};
 
+/// Why a decision did not reach its execution.
+#[derive(Debug)]
+pub enum Undelivered {
+    /// Nobody waits on the token (answered before, timed out, or retried with a new token).
+    NotWaiting(String),
+    /// The answer came after the task's time-out (when).
+    TimedOut(String),
+    Failed(String),
+}
+
 /// Where a decision goes: the execution waiting on the approval's task token.
 #[async_trait]
 pub trait TaskAnswers: Send + Sync {
-    async fn succeed(&self, token: &str, output: &serde_json::Value) -> Result<(), ApprovalError>;
-    async fn fail(&self, token: &str, error: &str, cause: &str) -> Result<(), ApprovalError>;
+    async fn succeed(&self, token: &str, output: &serde_json::Value) -> Result<(), Undelivered>;
+    async fn fail(&self, token: &str, error: &str, cause: &str) -> Result<(), Undelivered>;
 }
 
 /// Locally: the runner continues the waiting execution in this process.
 pub struct LocalAnswers(pub Arc<LocalRunner>);
 
-fn runner_answer(
-    id: &str,
-    result: Result<crate::executions::ExecutionRecord, RunnerError>,
-) -> Result<(), ApprovalError> {
+fn runner_answer(result: Result<crate::executions::ExecutionRecord, RunnerError>) -> Result<(), Undelivered> {
     match result {
         Ok(_) => Ok(()),
-        Err(RunnerError::TaskNotWaiting(detail)) => {
-            Err(ApprovalError::NotWaiting { id: id.to_owned(), status: "decided", detail })
-        }
-        Err(RunnerError::TaskTimedOut(at)) => Err(ApprovalError::TimedOut { id: id.to_owned(), at }),
-        Err(other) => Err(ApprovalError::Delivery(other.to_string())),
+        Err(RunnerError::TaskNotWaiting(detail)) => Err(Undelivered::NotWaiting(detail)),
+        Err(RunnerError::TaskTimedOut(at)) => Err(Undelivered::TimedOut(at)),
+        Err(other) => Err(Undelivered::Failed(other.to_string())),
     }
 }
 
 #[async_trait]
 impl TaskAnswers for LocalAnswers {
-    async fn succeed(&self, token: &str, output: &serde_json::Value) -> Result<(), ApprovalError> {
-        runner_answer("(local)", self.0.send_task_success(token, output.clone()).await)
+    async fn succeed(&self, token: &str, output: &serde_json::Value) -> Result<(), Undelivered> {
+        runner_answer(self.0.send_task_success(token, output.clone()).await)
     }
 
-    async fn fail(&self, token: &str, error: &str, cause: &str) -> Result<(), ApprovalError> {
-        runner_answer("(local)", self.0.send_task_failure(token, error, cause).await)
+    async fn fail(&self, token: &str, error: &str, cause: &str) -> Result<(), Undelivered> {
+        runner_answer(self.0.send_task_failure(token, error, cause).await)
     }
 }
 
@@ -59,7 +64,7 @@ fn sfn_answer<E>(
         impl Sized,
         aws_sdk_sfn::error::SdkError<E, aws_smithy_runtime_api::client::orchestrator::HttpResponse>,
     >,
-) -> Result<(), ApprovalError>
+) -> Result<(), Undelivered>
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -70,12 +75,10 @@ where
             let message = error.as_service_error().and_then(|e| e.message()).unwrap_or_default().to_owned();
             match code.as_str() {
                 // The task finished (answered, or timed out) or the token is not one of ours.
-                "TaskTimedOut" | "TaskDoesNotExist" | "InvalidToken" => Err(ApprovalError::NotWaiting {
-                    id: "(aws)".into(),
-                    status: "decided",
-                    detail: format!("{code}: {message}"),
-                }),
-                _ => Err(ApprovalError::Delivery(crate::error::error_chain(&error))),
+                "TaskTimedOut" | "TaskDoesNotExist" | "InvalidToken" => {
+                    Err(Undelivered::NotWaiting(format!("{code}: {message}")))
+                }
+                _ => Err(Undelivered::Failed(crate::error::error_chain(&error))),
             }
         }
     }
@@ -83,11 +86,11 @@ where
 
 #[async_trait]
 impl TaskAnswers for SfnAnswers {
-    async fn succeed(&self, token: &str, output: &serde_json::Value) -> Result<(), ApprovalError> {
+    async fn succeed(&self, token: &str, output: &serde_json::Value) -> Result<(), Undelivered> {
         sfn_answer(self.0.send_task_success().task_token(token).output(output.to_string()).send().await)
     }
 
-    async fn fail(&self, token: &str, error: &str, cause: &str) -> Result<(), ApprovalError> {
+    async fn fail(&self, token: &str, error: &str, cause: &str) -> Result<(), Undelivered> {
         sfn_answer(self.0.send_task_failure().task_token(token).error(error).cause(cause).send().await)
     }
 }
@@ -160,12 +163,12 @@ impl Approvals {
                 self.answers.fail(&record.task_token, approval::REJECTED_ERROR, &approval::rejected_cause(record)).await
             }
         };
-        delivered.map_err(|error| match error {
-            ApprovalError::NotWaiting { detail, .. } => {
+        delivered.map_err(|undelivered| match undelivered {
+            Undelivered::NotWaiting(detail) => {
                 ApprovalError::NotWaiting { id: record.id.clone(), status: record.status.as_str(), detail }
             }
-            ApprovalError::TimedOut { at, .. } => ApprovalError::TimedOut { id: record.id.clone(), at },
-            other => other,
+            Undelivered::TimedOut(at) => ApprovalError::TimedOut { id: record.id.clone(), at },
+            Undelivered::Failed(why) => ApprovalError::Delivery(why),
         })
     }
 }

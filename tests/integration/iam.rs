@@ -36,6 +36,25 @@ struct Run {
 }
 
 impl Run {
+    /// The steps on a logged DynamoDB store whose agent sends payments above 0.05 USD to a
+    /// person, with the log cleared.
+    async fn start() -> Self {
+        let (store, log) = logged_store().await;
+        let names = store.tables();
+        let tables = BTreeMap::from([
+            (names.idempotency.clone(), "IdempotencyTable".to_owned()),
+            (names.ledger.clone(), "LedgerTable".to_owned()),
+        ]);
+        let mut approving = policy("1.00", "5.00", 100);
+        approving.approval_threshold_usd = Some("0.05".parse().unwrap());
+        store.put_policy(AGENT, &approving).await.unwrap();
+        let clock = Arc::new(ManualClock::new(START));
+        let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store.clone(), clock.clone()).unwrap();
+        let steps = Steps::new(store, Arc::new(wallet), clock.clone(), StepSettings::default());
+        log.clear();
+        Self { steps, clock, log, tables, used: Used::new() }
+    }
+
     /// Attributes what `log` holds to `step` (action, table's logical id).
     fn record(&mut self, step: StepName) {
         for request in self.log.requests() {
@@ -136,20 +155,8 @@ fn allowed_by_template() -> BTreeMap<StepName, BTreeSet<(String, String)>> {
 
 #[tokio::test]
 async fn every_function_may_send_exactly_what_its_step_sends_to_dynamodb() {
-    let (store, log) = logged_store().await;
-    let names = store.tables();
-    let tables = BTreeMap::from([
-        (names.idempotency.clone(), "IdempotencyTable".to_owned()),
-        (names.ledger.clone(), "LedgerTable".to_owned()),
-    ]);
-    let mut approving = policy("1.00", "5.00", 100);
-    approving.approval_threshold_usd = Some("0.05".parse().unwrap());
-    store.put_policy(AGENT, &approving).await.unwrap();
-    let clock = Arc::new(ManualClock::new(START));
-    let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store.clone(), clock.clone()).unwrap();
-    let steps = Steps::new(store.clone(), Arc::new(wallet), clock.clone(), StepSettings::default());
-    log.clear();
-    let mut run = Run { steps, clock: clock.clone(), log, tables, used: Used::new() };
+    let mut run = Run::start().await;
+    let clock = run.clock.clone();
 
     // Happy path, then each step again as a retry would run it.
     let (request, claim) = run.claim("iam-paid", "10000", "exec-paid").await;
@@ -246,34 +253,23 @@ async fn every_function_may_send_exactly_what_its_step_sends_to_dynamodb() {
 /// approvals service sends (and, separately, the Step Functions answers).
 #[tokio::test]
 async fn the_approvers_role_may_send_exactly_what_deciding_sends() {
-    use agentpay::approval::{ApprovalError, Decision};
-    use agentpay::approvals::{Approvals, TaskAnswers};
+    use agentpay::approval::Decision;
+    use agentpay::approvals::{Approvals, TaskAnswers, Undelivered};
 
     /// Delivery is Step Functions' business (SendTaskSuccess / SendTaskFailure), not DynamoDB's.
     struct Delivered;
     #[async_trait::async_trait]
     impl TaskAnswers for Delivered {
-        async fn succeed(&self, _: &str, _: &Value) -> Result<(), ApprovalError> {
+        async fn succeed(&self, _: &str, _: &Value) -> Result<(), Undelivered> {
             Ok(())
         }
-        async fn fail(&self, _: &str, _: &str, _: &str) -> Result<(), ApprovalError> {
+        async fn fail(&self, _: &str, _: &str, _: &str) -> Result<(), Undelivered> {
             Ok(())
         }
     }
 
-    let (store, log) = logged_store().await;
-    let names = store.tables();
-    let tables = BTreeMap::from([
-        (names.idempotency.clone(), "IdempotencyTable".to_owned()),
-        (names.ledger.clone(), "LedgerTable".to_owned()),
-    ]);
-    let mut approving = policy("1.00", "5.00", 100);
-    approving.approval_threshold_usd = Some("0.05".parse().unwrap());
-    store.put_policy(AGENT, &approving).await.unwrap();
-    let clock = Arc::new(ManualClock::new(START));
-    let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store.clone(), clock.clone()).unwrap();
-    let steps = Steps::new(store.clone(), Arc::new(wallet), clock.clone(), StepSettings::default());
-    let mut run = Run { steps, clock: clock.clone(), log: log.clone(), tables: tables.clone(), used: Used::new() };
+    let mut run = Run::start().await;
+    let (store, clock, log) = (run.steps.store().clone(), run.clock.clone(), run.log.clone());
     for (key, execution) in [("iam-approve", "exec-a"), ("iam-reject", "exec-r")] {
         let (request, claim) = run.claim(key, "100000", execution).await;
         let reservation: agentpay::steps::ReservationSummary =
@@ -310,7 +306,7 @@ async fn the_approvers_role_may_send_exactly_what_deciding_sends() {
     let mut used = BTreeSet::new();
     for request in log.requests() {
         for item in request.writes.iter().chain(&request.reads) {
-            used.insert((format!("dynamodb:{}", item.action), tables[&item.table].clone()));
+            used.insert((format!("dynamodb:{}", item.action), run.tables[&item.table].clone()));
         }
     }
 

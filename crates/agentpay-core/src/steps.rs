@@ -742,15 +742,14 @@ impl Steps {
     /// retried task (a new token) replaces the token of a pending approval.
     pub async fn request_approval(&self, input: RequestApprovalInput) -> Result<ApprovalRequested, PaymentError> {
         let request = PaymentRequest::parse(&input.request)?;
-        let gate = &input.reservation.approval;
-        let (true, Some(_)) = (gate.required, gate.id.as_ref()) else {
+        if !input.reservation.approval.required {
             return Err(InvalidPaymentRequest::field(
                 "reservation.approval",
                 "an approval that is not required",
                 "the reservation of a payment CheckSpend sent to approval",
             )
             .into());
-        };
+        }
         if input.task_token.is_empty() || input.task_token.len() > MAX_TASK_TOKEN_LEN {
             return Err(InvalidPaymentRequest::field(
                 "taskToken",

@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::builders::UpdateBuilder;
 use aws_sdk_dynamodb::types::{
     AttributeValue, CancellationReason, ConditionCheck, KeysAndAttributes, Put, ReturnValuesOnConditionCheckFailure,
     TransactWriteItem, Update,
@@ -468,26 +469,18 @@ impl DynamoStore {
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<TransactWriteItem, PaymentError> {
-        let (condition, values) = Self::fence_condition(fence);
-        let mut update = Update::builder()
-            .table_name(&self.tables.idempotency)
-            .set_key(Some(Self::idempotency_key_item(&fence.key)))
-            .update_expression(
+        let update = self
+            .fenced_key_update(
+                fence,
                 "SET #status = :status, #extra = :extra, updatedAt = :now, expiresAt = :expires, #ttl = :ttl",
             )
-            .condition_expression(condition)
-            .expression_attribute_names("#status", "status")
             .expression_attribute_names("#extra", extra.0)
             .expression_attribute_names("#ttl", "ttl")
             .expression_attribute_values(":status", s(status.as_str()))
             .expression_attribute_values(":extra", extra.1)
             .expression_attribute_values(":now", n(now.millis()))
             .expression_attribute_values(":expires", n(expires_at.millis()))
-            .expression_attribute_values(":ttl", n(expires_at.seconds()))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        for (name, value) in values {
-            update = update.expression_attribute_values(name, value);
-        }
+            .expression_attribute_values(":ttl", n(expires_at.seconds()));
         Ok(TransactWriteItem::builder().update(update.build().map_err(build_error)?).build())
     }
 
@@ -499,20 +492,28 @@ impl DynamoStore {
         until: Timestamp,
         now: Timestamp,
     ) -> Result<TransactWriteItem, PaymentError> {
+        let update = self
+            .fenced_key_update(fence, "SET leaseExpiresAt = :until, updatedAt = :now")
+            .expression_attribute_values(":until", n(until.millis()))
+            .expression_attribute_values(":now", n(now.millis()));
+        Ok(TransactWriteItem::builder().update(update.build().map_err(build_error)?).build())
+    }
+
+    /// An update of the key's record conditioned on `fence` still holding it (the record that
+    /// blocked it comes back on a refusal); callers add the expression's own values.
+    fn fenced_key_update(&self, fence: &ClaimFence, expression: &str) -> UpdateBuilder {
         let (condition, values) = Self::fence_condition(fence);
         let mut update = Update::builder()
             .table_name(&self.tables.idempotency)
             .set_key(Some(Self::idempotency_key_item(&fence.key)))
-            .update_expression("SET leaseExpiresAt = :until, updatedAt = :now")
+            .update_expression(expression)
             .condition_expression(condition)
             .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":until", n(until.millis()))
-            .expression_attribute_values(":now", n(now.millis()))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         for (name, value) in values {
             update = update.expression_attribute_values(name, value);
         }
-        Ok(TransactWriteItem::builder().update(update.build().map_err(build_error)?).build())
+        update
     }
 
     /// A transaction item that only checks the fence (reserving writes no key field).
