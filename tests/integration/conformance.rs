@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use agentpay::clock::Clock;
 use agentpay::error::PaymentError;
+use agentpay::provider::PaymentProof;
 use agentpay::samples::execution_input;
 use agentpay::steps::{CaughtError, Claim, ClaimOutcome, CompensateInput, CompensationMode, ReservationSummary};
 use agentpay::steps::{CheckIdempotencyInput, CheckSpendInput, ProcessPaymentInput, RecordLedgerInput};
@@ -62,6 +63,18 @@ impl Fixture {
                 retry_count: 0,
             })
             .await?;
+        self.record(input, execution, claim, reservation, proof).await
+    }
+
+    /// RecordLedger alone (a retried or redriven step holding its proof): the outcome's JSON.
+    async fn record(
+        &self,
+        input: &Value,
+        execution: &str,
+        claim: &Claim,
+        reservation: &ReservationSummary,
+        proof: PaymentProof,
+    ) -> Result<Value, PaymentError> {
         let outcome = self
             .steps
             .record_ledger(RecordLedgerInput {
@@ -242,9 +255,20 @@ async fn reserve_is_idempotent_and_authorize_and_settle_happen_once(backend: Bac
     let window = f.store.agent_ledger(AGENT).await.unwrap().window;
     assert_eq!((window.spent.get(), window.count), (10_000, 1), "a retried reserve counts once");
 
-    let outcome = f.pay(&input, "exec-1", &claim).await.unwrap();
+    let proof = f
+        .steps
+        .process_payment(ProcessPaymentInput {
+            request: input.clone(),
+            execution_id: "exec-1".into(),
+            claim: claim.clone(),
+            reservation: first.clone(),
+            retry_count: 0,
+        })
+        .await
+        .unwrap();
+    let outcome = f.record(&input, "exec-1", &claim, &first, proof.clone()).await.unwrap();
     // RecordLedger again (a retried step) answers the same outcome without writing.
-    let again = f.prove_and_record(&input, "exec-1", &claim, &first).await.unwrap();
+    let again = f.record(&input, "exec-1", &claim, &first, proof).await.unwrap();
     assert_eq!(again["paymentId"], outcome["paymentId"]);
     assert_eq!(f.store.audit_events(AGENT).await.unwrap().len(), 1);
 
@@ -302,8 +326,17 @@ async fn release_happens_once_and_never_after_authorization(backend: Backend) {
     assert!(f.store.agent_ledger(AGENT).await.unwrap().window.is_empty());
     assert_eq!(f.store.audit_events(AGENT).await.unwrap().len(), 1);
 
-    // A released reservation cannot be authorized afterwards.
+    // A released reservation is not paid afterwards (its claim is closed), nor authorized by
+    // a proof from elsewhere.
     let error = f.prove_and_record(&input, "exec-1", &claim, &reservation).await.unwrap_err();
+    assert_eq!(error.name(), "ClaimSuperseded");
+    assert!(error.to_string().contains("FAILED by execution exec-1"), "{error}");
+    let stray: PaymentProof = serde_json::from_value(serde_json::json!({
+        "paymentId": "pay-stray", "provider": "dev-wallet", "status": "PROOF_GENERATED",
+        "header": {"name": "X-PAYMENT", "value": "stray"}, "issuedAt": f.clock.now().to_rfc3339(),
+    }))
+    .unwrap();
+    let error = f.record(&input, "exec-1", &claim, &reservation, stray).await.unwrap_err();
     assert_eq!(error.name(), "LedgerInconsistent");
 
     // And an authorized one cannot be released.
@@ -420,9 +453,16 @@ async fn a_takeover_fences_the_old_holder_out(backend: Backend) {
     assert_eq!((record.status, record.execution_id.as_str()), (IdempotencyStatus::InProgress, "exec-new"));
     assert!(f.store.audit_events(AGENT).await.unwrap().is_empty(), "a fenced write writes nothing");
 
-    // The old holder cannot record either; the new one can.
+    // ProcessPayment's last look (one round trip) shows the new holder, so the old one does
+    // not pay; the new one pays and records.
+    let (policy, record) = f.store.policy_and_key(AGENT, "k-fence", f.clock.now()).await.unwrap();
+    assert_eq!(policy.map(|p| p.paused), Some(false));
+    assert_eq!(record.map(|r| r.execution_id).as_deref(), Some("exec-new"));
+    let (_, absent) = f.store.policy_and_key(AGENT, "k-never-claimed", f.clock.now()).await.unwrap();
+    assert!(absent.is_none());
     let late = f.prove_and_record(&input, "exec-old", &old, &reservation).await.unwrap_err();
     assert_eq!(late.name(), "ClaimSuperseded");
+    assert!(late.to_string().contains("held by execution exec-new"), "{late}");
     f.prove_and_record(&input, "exec-new", &new, &reservation).await.unwrap();
     let paid = f.store.reservation(AGENT, &reservation.reservation_id).await.unwrap().unwrap();
     assert_eq!(paid.status, ReservationStatus::Authorized);

@@ -74,13 +74,15 @@ async fn a_payment_costs_the_same_on_the_hot_partition_idle_or_with_a_full_windo
     for request in &requests {
         *by_operation.entry(request.operation.as_str()).or_insert(0) += 1;
     }
-    // ProcessPayment: the kill switch (the policy item), then the dev wallet's issued-proof
-    // journal (GetItem + PutItem), which is the wallet's cost, not the store's.
+    // ProcessPayment: the kill switch (the policy item) and the claim, then the dev wallet's
+    // issued-proof journal (GetItem + PutItem), which is the wallet's cost, not the store's.
     assert_eq!(wallet_requests, 3);
     assert_eq!(requests.len(), 6, "{by_operation:?}");
     assert_eq!(by_operation["TransactWriteItems"], 2);
-    assert_eq!(by_operation["BatchGetItem"], 2, "CheckIdempotency (agent and key) and CheckSpend (agent)");
-    assert_eq!(by_operation["GetItem"], 1, "ProcessPayment's look at the kill switch");
+    assert_eq!(
+        by_operation["BatchGetItem"], 3,
+        "CheckIdempotency (agent and key), CheckSpend (agent), ProcessPayment (policy and claim)"
+    );
     let idle = capacity(&plain, &requests, &hot).await;
 
     // A window with every slot taken: a payment in every minute of the last day.

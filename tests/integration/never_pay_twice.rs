@@ -570,3 +570,75 @@ async fn a_stalled_holder_meeting_its_claim_compensated_elsewhere_is_superseded(
     assert_eq!(error.name(), "ClaimSuperseded", "{error}");
     assert!(error.to_string().contains("FAILED by execution arn:local:execution:taker"), "{error}");
 }
+
+/// Found by the fault simulator (seed 6931505452572252592): A reserved, then stalled past its
+/// lease; B took the key over, met A's reservation, was refused by the wallet and released
+/// it; A then woke up and paid, a proof for a released reservation. A stalled holder must
+/// look at its claim before it pays.
+#[tokio::test]
+async fn a_stalled_holder_does_not_pay_for_a_reservation_its_taker_released() {
+    let h = Harness::new().await;
+    let steps = &h.app.steps;
+    let input = execution_input("npt-zombie", AGENT, "10000");
+    let (a, b) = ("arn:local:execution:zombie".to_owned(), "arn:local:execution:taker".to_owned());
+    let claim_a = steps
+        .check_idempotency(CheckIdempotencyInput { request: input.clone(), execution_id: a.clone() })
+        .await
+        .unwrap();
+    let reservation_a = steps
+        .check_spend(CheckSpendInput { request: input.clone(), execution_id: a.clone(), claim: claim_a.clone() })
+        .await
+        .unwrap();
+    h.clock.advance(Duration::from_secs(21 * 60));
+    let claim_b = steps
+        .check_idempotency(CheckIdempotencyInput { request: input.clone(), execution_id: b.clone() })
+        .await
+        .unwrap();
+    assert!(claim_b.adopted && claim_b.client_token == claim_a.client_token, "the takeover keeps the token");
+    let reservation_b = steps
+        .check_spend(CheckSpendInput { request: input.clone(), execution_id: b.clone(), claim: claim_b.clone() })
+        .await
+        .unwrap();
+    assert_eq!(reservation_b.reservation_id, reservation_a.reservation_id, "B met A's reservation");
+    h.app.provider.fail_next(ProviderFault::Rejected, 1);
+    let refused = steps
+        .process_payment(ProcessPaymentInput {
+            request: input.clone(),
+            execution_id: b.clone(),
+            claim: claim_b.clone(),
+            reservation: reservation_b,
+            retry_count: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.name(), "ProviderRejected");
+    let compensation = steps
+        .compensate(CompensateInput {
+            request: input.clone(),
+            execution_id: b,
+            claim: claim_b,
+            error: caught("ProviderRejected"),
+            mode: Default::default(),
+            entered_at: None,
+        })
+        .await
+        .unwrap();
+    assert!(compensation.released);
+    let calls_before = h.app.provider.delegated_calls();
+
+    let late = steps
+        .process_payment(ProcessPaymentInput {
+            request: input,
+            execution_id: a,
+            claim: claim_a,
+            reservation: reservation_a,
+            retry_count: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(late.name(), "ClaimSuperseded", "{late}");
+    assert!(late.to_string().contains("FAILED by execution arn:local:execution:taker"), "{late}");
+    assert_eq!(h.app.provider.delegated_calls(), calls_before, "the wallet was not asked");
+    assert_eq!(h.reservations().await[0].status, ReservationStatus::Released);
+    assert_eq!(h.window_total().await, 0, "nothing counts: nothing was paid");
+}

@@ -165,7 +165,15 @@ impl FaultHook for Sim {
         if top && self.roll(INTERLEAVE_PER_MILLE) {
             self.injected();
             let world = self.world();
-            Box::pin(world.interleave(self.pick(&INTERLEAVINGS))).await;
+            let mut what = self.pick(&INTERLEAVINGS);
+            // Anywhere else an execution may stall past its lease (a paused runner, a step
+            // retried late) and meet the execution that took its key over. Not here: between
+            // ProcessPayment's look at its claim and its provider call is one invocation,
+            // which Lambda ends long before the lease runs out (see `StepSettings::lease`).
+            if point == FaultPoint::Before("process_payment") && what == Interleave::TakeoverAfterLease {
+                what = Interleave::DuplicateStart;
+            }
+            Box::pin(world.interleave(what)).await;
         }
         if !self.roll(FAULT_PER_MILLE) {
             return Ok(());

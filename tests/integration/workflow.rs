@@ -294,7 +294,7 @@ async fn a_happy_path_payment_takes_six_store_round_trips() {
             calls["agent_ledger"],
             calls["insert_idempotency"],
             calls["reserve"],
-            calls["policy"],
+            calls["policy_and_key"],
             calls["authorize"]
         ),
         (1, 1, 1, 1, 1, 1)

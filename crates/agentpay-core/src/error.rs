@@ -438,13 +438,15 @@ impl ErrorName {
     /// Out of ProcessPayment, whether the error proves no proof was issued: the provider
     /// answered that it refused (or was never asked). Only these may release a reservation;
     /// every other error out of ProcessPayment, Lambda crashes and time-outs included, is an
-    /// unknown outcome.
+    /// unknown outcome. `ClaimSuperseded` is in: this execution found its claim taken over
+    /// and did not ask, and Compensate's write, fenced by the claim, then changes nothing.
     pub fn is_definite_refusal(self) -> bool {
         use ErrorName::*;
         match self {
             InvalidPaymentRequest
             | PolicyDenied
             | AgentPaused
+            | ClaimSuperseded
             | ProviderUnavailable
             | ProviderRejected
             | SessionBudgetExhausted
@@ -461,7 +463,6 @@ impl ErrorName {
             // Raised by CheckSpend, before anything is reserved; never out of ProcessPayment.
             | CallerNotBound
             | PaymentOutcomeUnknown
-            | ClaimSuperseded
             | StoreUnavailable
             | StoreRejected
             | LedgerConflict

@@ -222,6 +222,14 @@ impl Store for FaultyStore {
     async fn policy(&self, agent_id: &str) -> Result<Option<SpendPolicy>, PaymentError> {
         self.inner.policy(agent_id).await
     }
+    async fn policy_and_key(
+        &self,
+        agent_id: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<(Option<SpendPolicy>, Option<IdempotencyRecord>), PaymentError> {
+        self.inner.policy_and_key(agent_id, key, now).await
+    }
     async fn agents(&self) -> Result<Vec<String>, PaymentError> {
         self.inner.agents().await
     }

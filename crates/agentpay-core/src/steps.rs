@@ -34,8 +34,12 @@ pub struct StepSettings {
     /// How long a claim keeps other executions of the same key away. It covers the longest
     /// time one run of the state machine can hold a claim (every Task's TimeoutSeconds times
     /// its attempts, plus the retry waits: a test computes that bound from the ASL), so a key
-    /// is taken over only from an execution that has stopped. Safety does not rest on it:
-    /// every write is fenced by the holding execution, and a takeover keeps the client token.
+    /// is taken over only from an execution that has stopped. Safety rests on it in one place
+    /// only: between ProcessPayment's check that its claim is still held and its provider
+    /// call, which is one invocation (Lambda ends one after at most 15 minutes; ours after
+    /// 30 s), shorter than the lease. Everywhere else an execution that outlives its lease
+    /// is harmless: every write is fenced by the holding execution, ProcessPayment refuses
+    /// to pay for a claim it no longer holds, and a takeover keeps the client token.
     pub lease: Duration,
     /// How long a finished key's record lives (DynamoDB TTL; compared explicitly, never
     /// trusted). An unfinished (IN_PROGRESS) record never expires: a redrive of RecordLedger
@@ -600,10 +604,22 @@ impl Steps {
             context: input.claim.provider_context.clone(),
         };
         let provider = self.provider.name();
+        let agent = order.request.agent_id.as_str();
+        let key = order.request.idempotency_key.as_str();
+        let (policy, record) = self.store.policy_and_key(agent, key, self.clock.now()).await?;
+        // An execution that stalled past its lease may have lost the key to another, which
+        // then paid, or was refused and released the reservation: this one must not pay now.
+        // (A takeover needs the lease to pass; the instant between this read and the call
+        // below is one invocation, which Lambda ends long before: see `StepSettings::lease`.)
+        let fence = input.claim.fence(key, &input.execution_id);
+        if !record.as_ref().is_some_and(|r| r.is_held_by(&fence)) {
+            crate::metrics::claim_superseded();
+            let holder = record.map_or_else(|| "gone (no live record)".to_owned(), |r| r.holder());
+            return Err(superseded(&fence, holder));
+        }
         // The kill switch, looked at last, right before paying: a pause stops payments already
         // past CheckSpend too.
-        let agent = order.request.agent_id.as_str();
-        if self.store.policy(agent).await?.is_some_and(|policy| policy.paused) {
+        if policy.is_some_and(|policy| policy.paused) {
             // An earlier call with this client token (a retry's, or the one of the execution
             // this claim was taken from) may have issued a proof: hold it, do not release it.
             if input.retry_count > 0 || input.claim.adopted {

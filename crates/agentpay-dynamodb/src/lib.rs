@@ -807,6 +807,28 @@ impl Store for DynamoStore {
         Ok(decode_ledger(agent_id, item.as_ref(), None)?.policy)
     }
 
+    async fn policy_and_key(
+        &self,
+        agent_id: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<(Option<SpendPolicy>, Option<IdempotencyRecord>), PaymentError> {
+        let mut items = self
+            .batch_get(
+                "read agent policy and key",
+                vec![
+                    (self.tables.ledger.as_str(), state_key(agent_id)),
+                    (self.tables.idempotency.as_str(), Self::idempotency_key_item(key)),
+                ],
+            )
+            .await?
+            .into_iter();
+        let (state, key_item) = (items.next().flatten(), items.next().flatten());
+        let policy = decode_ledger(agent_id, state.as_ref(), None)?.policy;
+        let record = key_item.as_ref().map(decode_idempotency).transpose()?;
+        Ok((policy, record.filter(|r| !r.is_expired(now))))
+    }
+
     async fn agents(&self) -> Result<Vec<String>, PaymentError> {
         let mut agents = Vec::new();
         let mut start: Option<Item> = None;

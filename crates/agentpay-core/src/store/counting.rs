@@ -82,6 +82,15 @@ impl Store for CountingStore {
         self.count("policy");
         self.inner.policy(agent_id).await
     }
+    async fn policy_and_key(
+        &self,
+        agent_id: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<(Option<SpendPolicy>, Option<IdempotencyRecord>), PaymentError> {
+        self.count("policy_and_key");
+        self.inner.policy_and_key(agent_id, key, now).await
+    }
     async fn agents(&self) -> Result<Vec<String>, PaymentError> {
         self.count("agents");
         self.inner.agents().await

@@ -495,6 +495,18 @@ pub trait Store: Send + Sync {
         Ok(self.agent_ledger(agent_id).await?.policy)
     }
 
+    /// ProcessPayment's last look before it pays, in one round trip where the store allows:
+    /// the agent's policy (its kill switch) and the live record of `key` (whether the claim is
+    /// still the paying execution's, or was taken over while it stalled).
+    async fn policy_and_key(
+        &self,
+        agent_id: &str,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<(Option<SpendPolicy>, Option<IdempotencyRecord>), PaymentError> {
+        Ok((self.policy(agent_id).await?, self.idempotency(key, now).await?))
+    }
+
     /// Every agent with a policy (operators' `policy pause --all`), in id order.
     async fn agents(&self) -> Result<Vec<String>, PaymentError>;
 
