@@ -14,8 +14,8 @@
 //! | `provider::dev_wallet` | `agentpay-dev-wallet` | the local dev wallet |
 
 pub use agentpay_core::{
-    agentcore, approval, asl, clock, error, executions, faults, identity, metrics, money, mpp, payment, policy,
-    request, samples, steps, window, workflow, x402,
+    agentcore, approval, asl, clock, deviation, error, executions, faults, identity, metrics, money, mpp, payment,
+    policy, request, samples, steps, window, workflow, x402,
 };
 
 pub mod approvals;

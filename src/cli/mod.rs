@@ -515,6 +515,7 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand, operator: &str) 
                     daily_limit_usd: args.daily_usd.ok_or("--daily-usd is required")?,
                     max_transactions_per_hour: args.max_per_hour.ok_or("--max-per-hour is required")?,
                     approval_threshold_usd: args.approval_threshold_usd,
+                    deviation: None,
                     allowed_networks: args.network.clone(),
                     allowed_payees: args.payee.clone(),
                     agentcore: agentcore_policy(args),
@@ -524,7 +525,8 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand, operator: &str) 
             agentpay::request::AgentId::parse("agent", &args.agent)?;
             // Decided on the version read now: an edit that landed in between is not overwritten.
             let read = store.agent_ledger(&args.agent).await?.version;
-            let edit = change(PolicyEdit::Replace(policy.clone()), operator, args.reason.as_ref(), Some(read));
+            let edit =
+                change(PolicyEdit::Replace(Box::new(policy.clone())), operator, args.reason.as_ref(), Some(read));
             if let PolicyEdited::VersionMoved { current } = store.change_policy(&args.agent, &edit).await? {
                 return Err(format!(
                     "agent {:?}'s policy changed while this edit was prepared (version {read} read, {current} now); show it with `agentpay policy show {}` and set it again",
@@ -619,6 +621,23 @@ pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
         ("transactions per hour", policy.max_transactions_per_hour.to_string()),
         ("networks", policy.allowed_networks.iter().map(|n| n.caip2()).collect::<Vec<_>>().join(", ")),
         ("payees", payees),
+        (
+            "approval above",
+            policy.approval_threshold_usd.map_or_else(|| "never".to_owned(), |usd| format!("{usd} USD")),
+        ),
+        (
+            "deviation",
+            policy.deviation.as_ref().map_or_else(
+                || "not checked".to_owned(),
+                |d| {
+                    format!(
+                        "above {}x the {}-day average per {:?} (from {} payments): {:?}",
+                        d.multiplier, d.lookback_days, d.scope, d.min_payments, d.action
+                    )
+                    .to_lowercase()
+                },
+            ),
+        ),
         (
             "principals (IAM)",
             if policy.principals.is_empty() { "none bound".to_owned() } else { policy.principals.join(", ") },

@@ -156,6 +156,7 @@ conformance!(
     a_pause_stops_payments_past_the_spend_check,
     an_approval_waits_once_extends_the_lease_and_is_decided_once,
     every_policy_change_is_kept_with_who_when_and_why,
+    the_spend_history_keeps_each_payment_by_day_payee_and_category,
 );
 
 async fn claim_then_cached_result(backend: Backend) {
@@ -270,6 +271,11 @@ async fn reserve_is_idempotent_and_authorize_and_settle_happen_once(backend: Bac
     // RecordLedger again (a retried step) answers the same outcome without writing.
     let again = f.record(&input, "exec-1", &claim, &first, proof).await.unwrap();
     assert_eq!(again["paymentId"], outcome["paymentId"]);
+    // ...and the spend history counts the payment once.
+    let payee = agentpay::deviation::payee_scope(agentpay::samples::SAMPLE_PAYEE);
+    let today = agentpay::deviation::day_number(f.clock.now());
+    let history = f.store.spend_history(AGENT, &payee, today, today).await.unwrap();
+    assert_eq!((history.total.get(), history.count), (10_000, 1));
     assert_eq!(f.store.audit_events(AGENT).await.unwrap().len(), 1);
 
     let reservation = f.store.reservation(AGENT, &first.reservation_id).await.unwrap().unwrap();
@@ -302,6 +308,7 @@ fn settle_event(reservation: &agentpay::store::Reservation) -> agentpay::store::
             decision: "settlement report".into(),
             delegated_by: "facilitator".into(),
             scope: "settlement".into(),
+            category: None,
         },
         caller_arn: None,
         limits: None,
@@ -667,12 +674,12 @@ async fn every_policy_change_is_kept_with_who_when_and_why(backend: Backend) {
         expected_version,
     };
     let first = policy("1.00", "5.00", 10);
-    let set = change(PolicyEdit::Replace(first.clone()), "local:alice", "onboarding", Some(0));
+    let set = change(PolicyEdit::Replace(Box::new(first.clone())), "local:alice", "onboarding", Some(0));
     assert_eq!(f.store.change_policy(AGENT, &set).await.unwrap(), PolicyEdited::Applied { version: 1 });
     let pause = change(PolicyEdit::SetPaused(true), "arn:aws:iam::123456789012:role/oncall", "incident 42", None);
     assert_eq!(f.store.change_policy(AGENT, &pause).await.unwrap(), PolicyEdited::Applied { version: 2 });
     // Decided on version 1: the pause landed since, so nothing is written.
-    let stale = change(PolicyEdit::Replace(policy("2.00", "5.00", 10)), "local:bob", "raise", Some(1));
+    let stale = change(PolicyEdit::Replace(Box::new(policy("2.00", "5.00", 10))), "local:bob", "raise", Some(1));
     assert_eq!(f.store.change_policy(AGENT, &stale).await.unwrap(), PolicyEdited::VersionMoved { current: 2 });
     assert_eq!(
         f.store.policy(AGENT).await.unwrap().unwrap().per_transaction_limit_usd,
@@ -695,4 +702,43 @@ async fn every_policy_change_is_kept_with_who_when_and_why(backend: Backend) {
         ]
     );
     assert!(f.store.policy_history("no-such-agent").await.unwrap().is_empty());
+}
+
+async fn the_spend_history_keeps_each_payment_by_day_payee_and_category(backend: Backend) {
+    use agentpay::deviation::{category_scope, day_number, payee_scope};
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let payee = payee_scope(agentpay::samples::SAMPLE_PAYEE);
+    let travel = category_scope("travel");
+    let first_day = day_number(f.clock.now());
+    for (n, (amount, category)) in
+        [("10000", Some("travel")), ("20000", None), ("40000", Some("travel"))].iter().enumerate()
+    {
+        let mut input = execution_input(&format!("k-history-{n}"), AGENT, amount);
+        if let Some(category) = category {
+            input["context"]["category"] = serde_json::json!(category);
+        }
+        let execution = format!("exec-history-{n}");
+        let claim = f.claim(&input, &execution).await.unwrap();
+        f.pay(&input, &execution, &claim).await.unwrap();
+        f.clock.advance(Duration::from_secs(24 * 3600));
+    }
+    let last_day = first_day + 2;
+    let read = |scope: &str, first: u32, last: u32| {
+        let (store, scope) = (f.store.clone(), scope.to_owned());
+        async move {
+            let history = store.spend_history(AGENT, &scope, first, last).await.unwrap();
+            (history.total.get(), history.count)
+        }
+    };
+    assert_eq!(read(&payee, first_day, last_day).await, (70_000, 3));
+    assert_eq!(read(&payee, first_day + 1, last_day).await, (60_000, 2), "the range bounds the days");
+    assert_eq!(read(&travel, first_day, last_day).await, (50_000, 2), "only the payments naming it");
+    assert_eq!(read(&category_scope("food"), first_day, last_day).await, (0, 0));
+    assert_eq!(read(&payee, last_day + 1, last_day + 30).await, (0, 0));
+    // A refused payment adds nothing.
+    let input = execution_input("k-history-refused", AGENT, "10000");
+    let claim = f.claim(&input, "exec-refused").await.unwrap();
+    f.spend(&input, "exec-refused", &claim).await.unwrap();
+    f.compensate(&input, "exec-refused", &claim, "ProviderRejected").await.unwrap();
+    assert_eq!(read(&payee, first_day, last_day + 1).await, (70_000, 3));
 }

@@ -23,6 +23,7 @@ pub fn policy(per_transaction: &str, daily: &str, per_hour: u32) -> SpendPolicy 
         daily_limit_usd: daily.parse().unwrap(),
         max_transactions_per_hour: per_hour,
         approval_threshold_usd: None,
+        deviation: None,
         allowed_networks: vec![Network::BaseSepolia],
         allowed_payees: vec![],
         agentcore: None,

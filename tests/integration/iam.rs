@@ -47,6 +47,8 @@ impl Run {
         ]);
         let mut approving = policy("1.00", "5.00", 100);
         approving.approval_threshold_usd = Some("0.05".parse().unwrap());
+        // CheckSpend reads the payee's history; RecordLedger adds to it.
+        approving.deviation = Some(serde_json::from_value(serde_json::json!({"scope": "category"})).unwrap());
         store.put_policy(AGENT, &approving).await.unwrap();
         let clock = Arc::new(ManualClock::new(START));
         let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store.clone(), clock.clone()).unwrap();

@@ -9,6 +9,7 @@ mod cli;
 mod client;
 mod concurrency;
 mod conformance;
+mod deviation;
 mod dynamodb;
 mod entry_point;
 mod events;

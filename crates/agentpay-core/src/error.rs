@@ -133,6 +133,11 @@ pub enum PaymentError {
     PolicyDenied { agent: String, reason: String },
 
     #[error(
+        "payment denied for agent {agent}: it deviates from the agent's history: {details}; pay less, or have the policy send deviations to approval (deviation.action \"approve\")"
+    )]
+    DeviationDetected { agent: String, details: String },
+
+    #[error(
         "{limit} exceeded for agent {agent}: amount {amount}, limit {cap}, already spent {spent}, remaining {remaining} (atomic units)"
     )]
     SpendLimitExceeded {
@@ -239,6 +244,7 @@ impl PaymentError {
             PaymentError::IdempotencyKeyReused { .. } => ErrorName::IdempotencyKeyReused,
             PaymentError::PaymentInFlight { .. } => ErrorName::PaymentInFlight,
             PaymentError::PolicyDenied { .. } => ErrorName::PolicyDenied,
+            PaymentError::DeviationDetected { .. } => ErrorName::DeviationDetected,
             PaymentError::SpendLimitExceeded { .. } => ErrorName::SpendLimitExceeded,
             PaymentError::RateLimitExceeded { .. } => ErrorName::RateLimitExceeded,
             PaymentError::AgentPaused { .. } => ErrorName::AgentPaused,
@@ -379,6 +385,7 @@ error_names!(
     IdempotencyKeyReused,
     PaymentInFlight,
     PolicyDenied,
+    DeviationDetected,
     SpendLimitExceeded,
     RateLimitExceeded,
     AgentPaused,
@@ -411,7 +418,8 @@ impl ErrorName {
     pub fn is_denial(self) -> bool {
         use ErrorName::*;
         match self {
-            PolicyDenied | SpendLimitExceeded | RateLimitExceeded | AgentPaused | CallerNotBound => true,
+            PolicyDenied | DeviationDetected | SpendLimitExceeded | RateLimitExceeded | AgentPaused
+            | CallerNotBound => true,
             InvalidPaymentRequest
             | IdempotencyKeyReused
             | PaymentInFlight
@@ -460,6 +468,7 @@ impl ErrorName {
             | PaymentInFlight
             | SpendLimitExceeded
             | RateLimitExceeded
+            | DeviationDetected
             // Raised by CheckSpend, before anything is reserved; never out of ProcessPayment.
             | CallerNotBound
             | PaymentOutcomeUnknown

@@ -19,7 +19,7 @@ use crate::request::PaymentRequest;
 use crate::store::{
     ApprovalDecisionCommit, ApprovalRecord, ApprovalRequestCommit, AuditEvent, AuthorizationCommit, ClaimFence,
     HoldCommit, IdempotencyRecord, PolicyAuditEvent, PolicyChange, PolicyEdited, ReleaseCommit, Reservation,
-    ReserveOutcome, Store, Transition,
+    ReserveOutcome, SpendHistory, Store, Transition,
 };
 use crate::window::WindowWrite;
 
@@ -229,6 +229,15 @@ impl Store for FaultyStore {
         now: Timestamp,
     ) -> Result<(Option<SpendPolicy>, Option<IdempotencyRecord>), PaymentError> {
         self.inner.policy_and_key(agent_id, key, now).await
+    }
+    async fn spend_history(
+        &self,
+        agent_id: &str,
+        scope: &str,
+        first_day: u32,
+        last_day: u32,
+    ) -> Result<SpendHistory, PaymentError> {
+        self.inner.spend_history(agent_id, scope, first_day, last_day).await
     }
     async fn agents(&self) -> Result<Vec<String>, PaymentError> {
         self.inner.agents().await

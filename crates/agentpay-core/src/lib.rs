@@ -11,6 +11,7 @@ pub mod agentcore;
 pub mod approval;
 pub mod asl;
 pub mod clock;
+pub mod deviation;
 pub mod error;
 pub mod executions;
 pub mod faults;

@@ -20,6 +20,8 @@ pub mod names {
     pub const STEP_ERRORS: &str = "StepErrors";
     pub const WINDOW_RETRIES: &str = "WindowRetries";
     pub const APPROVALS_REQUESTED: &str = "ApprovalsRequested";
+    pub const DEVIATIONS_FLAGGED: &str = "DeviationsFlagged";
+    pub const KILL_SWITCH_TRIPS: &str = "KillSwitchTrips";
 }
 
 /// A payment authorized: counted, and its amount (atomic units) added, per agent and in total.
@@ -65,4 +67,16 @@ pub fn window_moved() {
 /// and time-outs that follow).
 pub fn approval_requested() {
     metrics::counter!(names::APPROVALS_REQUESTED).increment(1);
+}
+
+/// A payment far from the agent's own history (sent to a person, or denied).
+pub fn deviation_flagged(agent: &str) {
+    metrics::counter!(names::DEVIATIONS_FLAGGED).increment(1);
+    metrics::counter!(names::DEVIATIONS_FLAGGED, "Agent" => agent.to_owned()).increment(1);
+}
+
+/// An agent paused by an automatic trip: its alarm tells the operators' topic.
+pub fn kill_switch_tripped(agent: &str) {
+    metrics::counter!(names::KILL_SWITCH_TRIPS).increment(1);
+    metrics::counter!(names::KILL_SWITCH_TRIPS, "Agent" => agent.to_owned()).increment(1);
 }

@@ -27,6 +27,10 @@ pub struct SpendPolicy {
     /// payment waits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval_threshold_usd: Option<UsdAmount>,
+    /// Payments far above the agent's own average for the payee (or category) go to a person
+    /// or are denied. None: no deviation check (and no history read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deviation: Option<crate::deviation::DeviationPolicy>,
     pub allowed_networks: Vec<Network>,
     /// Empty: any payee.
     #[serde(default, with = "checksummed_addresses")]
@@ -298,6 +302,7 @@ mod tests {
             daily_limit_usd: "2.50".parse().unwrap(),
             max_transactions_per_hour: 3,
             approval_threshold_usd: None,
+            deviation: None,
             allowed_networks: vec![Network::BaseSepolia],
             allowed_payees: vec![],
             agentcore: None,

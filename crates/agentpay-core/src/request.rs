@@ -67,7 +67,14 @@ pub struct BusinessContext {
     pub decision: String,
     pub delegated_by: String,
     pub scope: String,
+    /// What kind of spend this is (`travel`, `inventory`...): a deviation policy with scope
+    /// `category` compares the payment with the agent's history in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
 }
+
+/// The longest category name: it is part of a ledger key.
+pub const MAX_CATEGORY_LEN: usize = 64;
 
 /// The challenge exactly as the agent received it.
 #[derive(Debug, Clone, PartialEq)]
@@ -308,7 +315,22 @@ fn parse_context(value: Option<&Value>, problems: &mut Vec<FieldProblem>) -> Opt
     let decision = text("decision");
     let delegated_by = text("delegatedBy");
     let scope = text("scope");
-    Some(BusinessContext { decision: decision?, delegated_by: delegated_by?, scope: scope? })
+    let category = match fields.get("category") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(name)) if is_category(name) => Ok(Some(name.clone())),
+        Some(other) => Err(FieldProblem::new(
+            "context.category",
+            describe(other),
+            format!("a name of 1 to {MAX_CATEGORY_LEN} lowercase letters, digits, '-', '_' or '.'"),
+        )),
+    };
+    let category = category.map_err(|problem| problems.push(problem)).ok()?;
+    Some(BusinessContext { decision: decision?, delegated_by: delegated_by?, scope: scope?, category })
+}
+
+fn is_category(name: &str) -> bool {
+    (1..=MAX_CATEGORY_LEN).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
 }
 
 /// Canonical JSON: object keys sorted recursively, no whitespace.

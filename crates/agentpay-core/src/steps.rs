@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::approval::{ApprovalGate, PaymentSummary, approval_id};
 use crate::asl::runner::{TaskFailure, TaskHandler};
 use crate::clock::{Clock, Timestamp};
+use crate::deviation::{Deviation, DeviationAction, HistoryEntry, day_number, history_scopes};
 use crate::error::{InvalidPaymentRequest, PaymentError, is_denial_name};
 use crate::money::AtomicAmount;
 use crate::payment::PaymentHeader;
@@ -487,6 +488,9 @@ impl Steps {
         let reservation_id = &input.claim.reservation_id;
         let fence = input.claim.fence(request.idempotency_key.as_str(), &input.execution_id);
         let mut ledger = self.store.agent_ledger(agent).await?;
+        // Read once: the history moves only with authorizations, and a payment decided on a
+        // history a moment old is still decided on the agent's habits.
+        let deviation = self.deviation(agent, &ledger, payment, request.context.category.as_deref()).await?;
         for attempt in 0..self.settings.ledger_attempts {
             let now = self.clock.now();
             let checked = match &ledger.policy {
@@ -496,7 +500,26 @@ impl Steps {
                 }
                 None => Ok(()),
             };
-            let decision = match checked.and_then(|()| decide(agent, &ledger, payment, now)) {
+            let decided = checked.and_then(|()| decide(agent, &ledger, payment, now)).and_then(|mut decision| {
+                match &deviation {
+                    Some(found) if found.action == DeviationAction::Deny => {
+                        return Err(PaymentError::DeviationDetected {
+                            agent: agent.to_owned(),
+                            details: found.describe(payment.usdc().decimals),
+                        });
+                    }
+                    Some(found) => {
+                        let flagged = format!("deviation: {}", found.describe(payment.usdc().decimals));
+                        decision.approval = Some(match decision.approval.take() {
+                            Some(threshold) => format!("{threshold}; {flagged}"),
+                            None => flagged,
+                        });
+                    }
+                    None => {}
+                }
+                Ok(decision)
+            });
+            let decision = match decided {
                 Ok(decision) => decision,
                 Err(denial) => {
                     // A retried step whose reservation already counts against the cap.
@@ -552,6 +575,28 @@ impl Steps {
             }
         }
         Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: self.settings.ledger_attempts })
+    }
+
+    /// Whether the payment deviates from the agent's history, per its policy (None: no
+    /// deviation policy, too little history, or within the multiple).
+    async fn deviation(
+        &self,
+        agent: &str,
+        ledger: &crate::policy::AgentLedger,
+        payment: &PaymentRequirement,
+        category: Option<&str>,
+    ) -> Result<Option<Deviation>, PaymentError> {
+        let Some(policy) = ledger.policy.as_ref().and_then(|p| p.deviation.as_ref()) else {
+            return Ok(None);
+        };
+        let scope = crate::deviation::checked_scope(policy, &payment.pay_to.to_checksum(None), category);
+        let (first, last) = crate::deviation::lookback(policy, self.clock.now());
+        let history = self.store.spend_history(agent, &scope, first, last).await?;
+        let found = crate::deviation::check(policy, scope, history, payment.amount);
+        if found.is_some() {
+            crate::metrics::deviation_flagged(agent);
+        }
+        Ok(found)
     }
 
     /// A retried CheckSpend meets the reservation its claim made. Released means the claim was
@@ -725,8 +770,23 @@ impl Steps {
             audit,
             now,
             expires_at: now.plus(self.settings.idempotency_ttl),
+            history: HistoryEntry {
+                scopes: history_scopes(&outcome.payee, request.context.category.as_deref()),
+                day: day_number(now),
+                amount: payment.amount,
+            },
         };
-        match self.store.authorize(&commit).await? {
+        // Concurrent payments to one payee add to the same history day: a transaction that
+        // met another is tried again, here, before the state machine's retry.
+        let mut transition = self.store.authorize(&commit).await?;
+        for attempt in 1..self.settings.ledger_attempts {
+            if transition != Transition::VersionConflict {
+                break;
+            }
+            conflict_backoff(attempt).await;
+            transition = self.store.authorize(&commit).await?;
+        }
+        match transition {
             Transition::Applied => {
                 crate::metrics::authorized(&commit.audit.agent_id, payment.amount);
                 Ok(outcome)
@@ -743,9 +803,10 @@ impl Steps {
                 "cannot record payment {} for key {:?}: {why}",
                 commit.payment_id, fence.key
             ))),
-            Transition::VersionConflict => {
-                Err(PaymentError::LedgerConflict { agent: request.agent_id.to_string(), attempts: 1 })
-            }
+            Transition::VersionConflict => Err(PaymentError::LedgerConflict {
+                agent: request.agent_id.to_string(),
+                attempts: self.settings.ledger_attempts,
+            }),
             Transition::Fenced(holder) => {
                 crate::metrics::claim_superseded();
                 Err(superseded(&fence, holder))

@@ -37,6 +37,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use agentpay_core::clock::Timestamp;
+use agentpay_core::deviation::MAX_LOOKBACK_DAYS;
 use agentpay_core::error::PaymentError;
 use agentpay_core::money::AtomicAmount;
 use agentpay_core::policy::{AgentLedger, SpendPolicy};
@@ -65,8 +66,9 @@ pub mod schema {
         ttl_attribute: Some("ttl"),
     };
 
+    /// `ttl` is set on spend-history days only (they expire once no lookback reaches them).
     pub const LEDGER: TableSchema =
-        TableSchema { logical_id: "LedgerTable", hash_key: "pk", range_key: Some("sk"), ttl_attribute: None };
+        TableSchema { logical_id: "LedgerTable", hash_key: "pk", range_key: Some("sk"), ttl_attribute: Some("ttl") };
 }
 
 type Item = HashMap<String, AttributeValue>;
@@ -216,6 +218,16 @@ fn reservation_sk(id: &str) -> AttributeValue {
 
 fn state_key(agent_id: &str) -> Item {
     Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s("STATE"))])
+}
+
+/// One (agent, scope) history per partition: a busy payee's days are read together and
+/// written away from the agent's hot items.
+fn history_pk(agent_id: &str, scope: &str) -> AttributeValue {
+    s(format!("HIST#{agent_id}#{scope}"))
+}
+
+fn history_sk(day: u32) -> AttributeValue {
+    s(format!("DAY#{day:06}"))
 }
 
 fn window_key(agent_id: &str) -> Item {
@@ -531,6 +543,32 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().condition_check(check.build().map_err(build_error)?).build())
     }
 
+    /// The authorization's additions to its history days: unconditional adds, so concurrent
+    /// payments to one payee never fail each other's condition (only a transaction conflict,
+    /// retried). The day expires once no lookback reaches it.
+    fn history_adds(&self, agent_id: &str, entry: &HistoryEntry) -> Result<Vec<TransactWriteItem>, PaymentError> {
+        let expires = (i64::from(entry.day) + i64::from(MAX_LOOKBACK_DAYS) + 1) * 86_400;
+        entry
+            .scopes
+            .iter()
+            .map(|scope| {
+                let update = Update::builder()
+                    .table_name(&self.tables.ledger)
+                    .key("pk", history_pk(agent_id, scope))
+                    .key("sk", history_sk(entry.day))
+                    .update_expression("ADD #total :amount, payments :one SET #ttl = :ttl")
+                    .expression_attribute_names("#total", "total")
+                    .expression_attribute_names("#ttl", "ttl")
+                    .expression_attribute_values(":amount", n(entry.amount.get()))
+                    .expression_attribute_values(":one", n(1))
+                    .expression_attribute_values(":ttl", n(expires))
+                    .build()
+                    .map_err(build_error)?;
+                Ok(TransactWriteItem::builder().update(update).build())
+            })
+            .collect()
+    }
+
     fn reservation_move(
         &self,
         agent_id: &str,
@@ -829,6 +867,47 @@ impl Store for DynamoStore {
         Ok((policy, record.filter(|r| !r.is_expired(now))))
     }
 
+    async fn spend_history(
+        &self,
+        agent_id: &str,
+        scope: &str,
+        first_day: u32,
+        last_day: u32,
+    ) -> Result<SpendHistory, PaymentError> {
+        let mut sum = SpendHistory::default();
+        let overflow = || PaymentError::LedgerInconsistent(format!("agent {agent_id}: the {scope} history overflows"));
+        let mut start: Option<Item> = None;
+        loop {
+            let output = self
+                .client
+                .query()
+                .table_name(&self.tables.ledger)
+                .key_condition_expression("pk = :pk AND sk BETWEEN :first AND :last")
+                .expression_attribute_values(":pk", history_pk(agent_id, scope))
+                .expression_attribute_values(":first", history_sk(first_day))
+                .expression_attribute_values(":last", history_sk(last_day))
+                .projection_expression("#total, payments")
+                .expression_attribute_names("#total", "total")
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify("read spend history", e))?;
+            for item in output.items.unwrap_or_default() {
+                let total = number(&item, "total").and_then(AtomicAmount::from_i64).ok_or_else(overflow)?;
+                let payments = number(&item, "payments").and_then(|p| u64::try_from(p).ok()).ok_or_else(overflow)?;
+                sum = SpendHistory {
+                    total: sum.total.checked_add(total).ok_or_else(overflow)?,
+                    count: sum.count.checked_add(payments).ok_or_else(overflow)?,
+                };
+            }
+            match output.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(sum),
+            }
+        }
+    }
+
     async fn agents(&self) -> Result<Vec<String>, PaymentError> {
         let mut agents = Vec::new();
         let mut start: Option<Item> = None;
@@ -931,6 +1010,7 @@ impl Store for DynamoStore {
             )?,
             audit_put(&self.tables.ledger, &commit.audit)?,
         ];
+        let items = items.into_iter().chain(self.history_adds(agent_id, &commit.history)?).collect();
         match self.transact("record ledger", items).await? {
             TxOutcome::Committed => Ok(Transition::Applied),
             TxOutcome::Cancelled(cancelled) => {

@@ -15,8 +15,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use agentpay_core::clock::Timestamp;
+use agentpay_core::deviation::MAX_LOOKBACK_DAYS;
 use agentpay_core::error::PaymentError;
 use agentpay_core::executions::{ExecutionFilter, ExecutionRecord, ExecutionStore, HistoryEvent};
+use agentpay_core::money::AtomicAmount;
 use agentpay_core::policy::AgentLedger;
 use agentpay_core::provider::{IssuedProof, IssuedProofs};
 use agentpay_core::store::*;
@@ -41,6 +43,9 @@ CREATE TABLE IF NOT EXISTS policy_history (
 CREATE TABLE IF NOT EXISTS approvals (
     id TEXT PRIMARY KEY, status TEXT NOT NULL, requested_at INTEGER NOT NULL, record TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS approvals_by_time ON approvals (requested_at);
+CREATE TABLE IF NOT EXISTS spend_history (
+    agent_id TEXT NOT NULL, scope TEXT NOT NULL, day INTEGER NOT NULL, total INTEGER NOT NULL,
+    payments INTEGER NOT NULL, PRIMARY KEY (agent_id, scope, day));
 CREATE TABLE IF NOT EXISTS issued_proofs (
     client_token TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS executions (
@@ -504,6 +509,28 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn spend_history(
+        &self,
+        agent_id: &str,
+        scope: &str,
+        first_day: u32,
+        last_day: u32,
+    ) -> Result<SpendHistory, PaymentError> {
+        let rows = self
+            .read("read spend history", |c| {
+                let mut statement = c.prepare_cached(
+                    "SELECT total, payments FROM spend_history WHERE agent_id = ?1 AND scope = ?2 AND day BETWEEN ?3 AND ?4",
+                )?;
+                let rows = statement.query_map(params![agent_id, scope, first_day, last_day], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+                })?;
+                rows.collect::<SqlResult<Vec<_>>>()
+            })
+            .await?;
+        sum_history(rows.into_iter())
+            .ok_or_else(|| PaymentError::LedgerInconsistent(format!("agent {agent_id}: the {scope} history overflows")))
+    }
+
     async fn agents(&self) -> Result<Vec<String>, PaymentError> {
         self.read("list agents", |c| {
             let mut statement =
@@ -580,6 +607,7 @@ impl Store for SqliteStore {
             record.expires_at = commit.expires_at;
             put_idempotency(tx, &record)?;
             put_audit(tx, &commit.audit)?;
+            add_history(tx, &commit.audit.agent_id, &commit.history)?;
             Ok(Transition::Applied)
         })
         .await
@@ -850,6 +878,32 @@ impl ExecutionStore for SqliteStore {
         // Stored compacted by the runner (`asl::history`): as recorded.
         .map(agentpay_core::asl::history::expand)
     }
+}
+
+/// Adds one payment to each of its history scopes and drops the days no lookback can reach,
+/// so an agent's history stays bounded (`MAX_LOOKBACK_DAYS` rows per scope).
+fn add_history(tx: &Connection, agent_id: &str, entry: &HistoryEntry) -> SqlResult<()> {
+    let oldest = entry.day.saturating_sub(MAX_LOOKBACK_DAYS - 1);
+    for scope in &entry.scopes {
+        tx.prepare_cached(
+            "INSERT INTO spend_history (agent_id, scope, day, total, payments) VALUES (?1, ?2, ?3, ?4, 1)
+             ON CONFLICT (agent_id, scope, day) DO UPDATE SET total = total + excluded.total, payments = payments + 1",
+        )?
+        .execute(params![agent_id, scope, entry.day, entry.amount.to_i64()])?;
+        tx.prepare_cached("DELETE FROM spend_history WHERE agent_id = ?1 AND scope = ?2 AND day < ?3")?
+            .execute(params![agent_id, scope, oldest])?;
+    }
+    Ok(())
+}
+
+/// The sum of (total, payments) rows; None if it does not fit an amount.
+fn sum_history(mut rows: impl Iterator<Item = (i64, i64)>) -> Option<SpendHistory> {
+    rows.try_fold(SpendHistory::default(), |sum, (total, payments)| {
+        Some(SpendHistory {
+            total: sum.total.checked_add(AtomicAmount::from_i64(total)?)?,
+            count: sum.count.checked_add(u64::try_from(payments).ok()?)?,
+        })
+    })
 }
 
 #[cfg(test)]

@@ -91,6 +91,16 @@ impl Store for CountingStore {
         self.count("policy_and_key");
         self.inner.policy_and_key(agent_id, key, now).await
     }
+    async fn spend_history(
+        &self,
+        agent_id: &str,
+        scope: &str,
+        first_day: u32,
+        last_day: u32,
+    ) -> Result<SpendHistory, PaymentError> {
+        self.count("spend_history");
+        self.inner.spend_history(agent_id, scope, first_day, last_day).await
+    }
     async fn agents(&self) -> Result<Vec<String>, PaymentError> {
         self.count("agents");
         self.inner.agents().await

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::clock::Timestamp;
+pub use crate::deviation::{HistoryEntry, SpendHistory};
 use crate::error::PaymentError;
 use crate::money::AtomicAmount;
 use crate::payment::Network;
@@ -251,7 +252,7 @@ pub struct AuditEvent {
 pub enum PolicyEdit {
     /// Everything but the kill switch: an agent that has a policy keeps `paused` as stored, so
     /// no edit can resume a paused agent by accident (a new agent takes the given value).
-    Replace(SpendPolicy),
+    Replace(Box<SpendPolicy>),
     /// The kill switch alone.
     SetPaused(bool),
 }
@@ -261,9 +262,9 @@ impl PolicyEdit {
     pub fn apply(&self, stored: Option<&SpendPolicy>) -> Option<SpendPolicy> {
         match (self, stored) {
             (PolicyEdit::Replace(policy), Some(stored)) => {
-                Some(SpendPolicy { paused: stored.paused, ..policy.clone() })
+                Some(SpendPolicy { paused: stored.paused, ..(**policy).clone() })
             }
-            (PolicyEdit::Replace(policy), None) => Some(policy.clone()),
+            (PolicyEdit::Replace(policy), None) => Some((**policy).clone()),
             (PolicyEdit::SetPaused(paused), Some(stored)) => Some(SpendPolicy { paused: *paused, ..stored.clone() }),
             (PolicyEdit::SetPaused(_), None) => None,
         }
@@ -394,6 +395,9 @@ pub struct AuthorizationCommit {
     pub now: Timestamp,
     /// The completed record's new expiry (the idempotency TTL from now).
     pub expires_at: Timestamp,
+    /// What the payment adds to the agent's spend history (deviation detection), in the same
+    /// write: a payment counts there once it is made, and only then.
+    pub history: HistoryEntry,
 }
 
 /// Compensate's single atomic write.
@@ -482,7 +486,7 @@ pub trait Store: Send + Sync {
 
     /// Sets the policy; an existing agent keeps its kill switch as stored (see [`PolicyEdit`]).
     async fn put_policy(&self, agent_id: &str, policy: &SpendPolicy) -> Result<(), PaymentError> {
-        self.edit_policy(agent_id, &PolicyEdit::Replace(policy.clone())).await.map(drop)
+        self.edit_policy(agent_id, &PolicyEdit::Replace(Box::new(policy.clone()))).await.map(drop)
     }
 
     /// Pauses or resumes the agent; `false` if it has no policy.
@@ -506,6 +510,16 @@ pub trait Store: Send + Sync {
     ) -> Result<(Option<SpendPolicy>, Option<IdempotencyRecord>), PaymentError> {
         Ok((self.policy(agent_id).await?, self.idempotency(key, now).await?))
     }
+
+    /// The agent's payments in one history scope (`payee#0x…`, `category#…`) over the days
+    /// `first_day..=last_day` (at most [`crate::deviation::MAX_LOOKBACK_DAYS`]).
+    async fn spend_history(
+        &self,
+        agent_id: &str,
+        scope: &str,
+        first_day: u32,
+        last_day: u32,
+    ) -> Result<SpendHistory, PaymentError>;
 
     /// Every agent with a policy (operators' `policy pause --all`), in id order.
     async fn agents(&self) -> Result<Vec<String>, PaymentError>;
