@@ -516,6 +516,7 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand, operator: &str) 
                     max_transactions_per_hour: args.max_per_hour.ok_or("--max-per-hour is required")?,
                     approval_threshold_usd: args.approval_threshold_usd,
                     deviation: None,
+                    auto_pause: None,
                     allowed_networks: args.network.clone(),
                     allowed_payees: args.payee.clone(),
                     agentcore: agentcore_policy(args),
@@ -638,6 +639,7 @@ pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
                 },
             ),
         ),
+        ("auto-pause", policy.auto_pause.as_ref().map_or_else(|| "never".to_owned(), auto_pause_text)),
         (
             "principals (IAM)",
             if policy.principals.is_empty() { "none bound".to_owned() } else { policy.principals.join(", ") },
@@ -646,6 +648,21 @@ pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
         table.add_row(vec![agent.to_owned(), setting.to_owned(), value]);
     }
     table
+}
+
+/// The automatic trips a policy sets, as one line.
+fn auto_pause_text(auto: &agentpay::trips::AutoPausePolicy) -> String {
+    let mut trips = Vec::new();
+    if let Some(n) = auto.consecutive_rejections {
+        trips.push(format!("{n} rejections in a row"));
+    }
+    if let Some(n) = auto.deviation_flags_per_hour {
+        trips.push(format!("{n} deviations within an hour"));
+    }
+    if let Some(usd) = auto.spend_per_hour_usd {
+        trips.push(format!("above {usd} USD within an hour"));
+    }
+    if trips.is_empty() { "never".to_owned() } else { trips.join("; ") }
 }
 
 pub(crate) fn new_table(header: &[&str]) -> Table {

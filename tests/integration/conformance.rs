@@ -157,6 +157,7 @@ conformance!(
     an_approval_waits_once_extends_the_lease_and_is_decided_once,
     every_policy_change_is_kept_with_who_when_and_why,
     the_spend_history_keeps_each_payment_by_day_payee_and_category,
+    trip_counters_are_written_only_over_the_version_read,
 );
 
 async fn claim_then_cached_result(backend: Backend) {
@@ -741,4 +742,23 @@ async fn the_spend_history_keeps_each_payment_by_day_payee_and_category(backend:
     f.spend(&input, "exec-refused", &claim).await.unwrap();
     f.compensate(&input, "exec-refused", &claim, "ProviderRejected").await.unwrap();
     assert_eq!(read(&payee, first_day, last_day + 1).await, (70_000, 3));
+}
+
+async fn trip_counters_are_written_only_over_the_version_read(backend: Backend) {
+    use agentpay::trips::TripEvent;
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let fresh = f.store.trip_counters(AGENT).await.unwrap();
+    assert_eq!(fresh, Default::default());
+    let rejected = |id: &str| TripEvent::ApprovalRejected { reservation_id: id.into() };
+    let first = fresh.after(&rejected("res-1"), f.clock.now()).unwrap();
+    assert!(f.store.put_trip_counters(AGENT, &first).await.unwrap());
+    assert!(!f.store.put_trip_counters(AGENT, &first).await.unwrap(), "a second writer of version 1 loses");
+    let flagged = first.after(&TripEvent::DeviationFlagged { reservation_id: "res-2".into() }, f.clock.now()).unwrap();
+    assert!(f.store.put_trip_counters(AGENT, &flagged).await.unwrap());
+    let stale = first.after(&rejected("res-3"), f.clock.now()).unwrap();
+    assert!(!f.store.put_trip_counters(AGENT, &stale).await.unwrap(), "decided on version 1, stored is 2");
+    let stored = f.store.trip_counters(AGENT).await.unwrap();
+    assert_eq!(stored, flagged);
+    assert_eq!((stored.version, stored.rejections.len(), stored.deviation_flags.len()), (2, 1, 1));
+    assert_eq!(f.store.trip_counters("another-agent").await.unwrap().version, 0);
 }

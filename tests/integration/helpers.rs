@@ -24,6 +24,7 @@ pub fn policy(per_transaction: &str, daily: &str, per_hour: u32) -> SpendPolicy 
         max_transactions_per_hour: per_hour,
         approval_threshold_usd: None,
         deviation: None,
+        auto_pause: None,
         allowed_networks: vec![Network::BaseSepolia],
         allowed_payees: vec![],
         agentcore: None,

@@ -49,6 +49,11 @@ impl Run {
         approving.approval_threshold_usd = Some("0.05".parse().unwrap());
         // CheckSpend reads the payee's history; RecordLedger adds to it.
         approving.deviation = Some(serde_json::from_value(serde_json::json!({"scope": "category"})).unwrap());
+        // Two rejections in a row trip from Compensate; the velocity trip from CheckSpend
+        // (0.25 USD an hour).
+        approving.auto_pause = Some(
+            serde_json::from_value(serde_json::json!({"consecutiveRejections": 2, "spendPerHourUsd": "0.25"})).unwrap(),
+        );
         store.put_policy(AGENT, &approving).await.unwrap();
         let clock = Arc::new(ManualClock::new(START));
         let wallet = DevWallet::from_hex_key(&DevWallet::generate_hex_key(), store.clone(), clock.clone()).unwrap();
@@ -97,6 +102,21 @@ impl Run {
             CompensationMode::HoldUnknown => "Sandbox.Timedout",
             _ => "ProviderRejected",
         };
+        self.compensate_with(request, claim, execution, mode, error).await;
+    }
+
+    async fn compensate_for(&mut self, request: &Value, claim: &Claim, execution: &str, error: &str) {
+        self.compensate_with(request, claim, execution, CompensationMode::Release, error).await;
+    }
+
+    async fn compensate_with(
+        &mut self,
+        request: &Value,
+        claim: &Claim,
+        execution: &str,
+        mode: CompensationMode,
+        error: &str,
+    ) {
         self.steps
             .compensate(CompensateInput {
                 request: request.clone(),
@@ -235,6 +255,49 @@ async fn every_function_may_send_exactly_what_its_step_sends_to_dynamodb() {
     run.steps.store().decide_approval(&decision).await.unwrap();
     run.log.clear();
     run.spend(&request, &claim, "exec-approval").await.unwrap();
+    let (approved_request, approved_claim) = (request, claim);
+    let (request, claim) = run.claim("iam-rejected-1", "100000", "exec-rejected-1").await;
+    run.spend(&request, &claim, "exec-rejected-1").await.unwrap();
+    run.compensate_for(&request, &claim, "exec-rejected-1", "ApprovalRejected").await;
+    let (request, claim) = (approved_request, approved_claim);
+    // Approved and paid: RecordLedger forgets the rejection before it.
+    let proof = run
+        .steps
+        .process_payment(ProcessPaymentInput {
+            request: request.clone(),
+            execution_id: "exec-approval".into(),
+            claim: claim.clone(),
+            reservation: reservation.clone(),
+            retry_count: 0,
+        })
+        .await
+        .unwrap();
+    run.record(StepName::ProcessPayment);
+    run.steps
+        .record_ledger(RecordLedgerInput {
+            request: request.clone(),
+            execution_id: "exec-approval".into(),
+            claim: claim.clone(),
+            reservation,
+            proof,
+        })
+        .await
+        .unwrap();
+    run.record(StepName::RecordLedger);
+
+    // Automatic trips: two rejections in a row pause the agent (Compensate); resumed, a
+    // payment that would pass the hourly pace pauses it again (CheckSpend).
+    for n in [2, 3] {
+        let (key, execution) = (format!("iam-rejected-{n}"), format!("exec-rejected-{n}"));
+        let (request, claim) = run.claim(&key, "100000", &execution).await;
+        run.spend(&request, &claim, &execution).await.unwrap();
+        run.compensate_for(&request, &claim, &execution, "ApprovalRejected").await;
+    }
+    assert!(run.steps.store().policy(AGENT).await.unwrap().unwrap().paused, "tripped");
+    run.steps.store().set_paused(AGENT, false).await.unwrap();
+    run.log.clear();
+    let (request, claim) = run.claim("iam-fast", "200000", "exec-fast").await;
+    assert_eq!(run.spend(&request, &claim, "exec-fast").await.unwrap_err(), "KillSwitchTripped");
 
     let allowed = allowed_by_template();
     let mut problems = Vec::new();

@@ -24,4 +24,5 @@ mod secrets;
 mod simulator;
 mod stores;
 mod template;
+mod trips;
 mod workflow;

@@ -242,6 +242,8 @@ fn the_alarms_watch_what_the_code_emits_and_notify_the_operators() {
         names::CLAIMS_SUPERSEDED,
         names::STEP_ERRORS,
         names::APPROVALS_REQUESTED,
+        names::DEVIATIONS_FLAGGED,
+        names::KILL_SWITCH_TRIPS,
     ];
     let mut alarmed = Vec::new();
     for (name, resource) in resources {
@@ -273,6 +275,7 @@ fn the_alarms_watch_what_the_code_emits_and_notify_the_operators() {
     assert!(has(names::STEP_ERRORS, Some("StoreUnavailable")), "store throttles");
     assert!(has(names::COMPENSATIONS, Some("ApprovalTimedOut")), "approvals nobody answered");
     assert!(has(names::APPROVALS_REQUESTED, None), "an approval backlog");
+    assert!(has(names::KILL_SWITCH_TRIPS, None), "an agent paused by an automatic trip");
     let unknown = &template["Resources"]["OutcomeUnknownAlarm"]["Properties"];
     assert_eq!(
         (unknown["Threshold"].as_u64(), unknown["ComparisonOperator"].as_str()),

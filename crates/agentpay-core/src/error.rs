@@ -138,6 +138,11 @@ pub enum PaymentError {
     DeviationDetected { agent: String, details: String },
 
     #[error(
+        "agent {agent} was paused automatically: {reason}; nothing was reserved or paid. A person reviews its recent payments and resumes it with `agentpay policy resume {agent} --reason ...`"
+    )]
+    KillSwitchTripped { agent: String, reason: String },
+
+    #[error(
         "{limit} exceeded for agent {agent}: amount {amount}, limit {cap}, already spent {spent}, remaining {remaining} (atomic units)"
     )]
     SpendLimitExceeded {
@@ -245,6 +250,7 @@ impl PaymentError {
             PaymentError::PaymentInFlight { .. } => ErrorName::PaymentInFlight,
             PaymentError::PolicyDenied { .. } => ErrorName::PolicyDenied,
             PaymentError::DeviationDetected { .. } => ErrorName::DeviationDetected,
+            PaymentError::KillSwitchTripped { .. } => ErrorName::KillSwitchTripped,
             PaymentError::SpendLimitExceeded { .. } => ErrorName::SpendLimitExceeded,
             PaymentError::RateLimitExceeded { .. } => ErrorName::RateLimitExceeded,
             PaymentError::AgentPaused { .. } => ErrorName::AgentPaused,
@@ -386,6 +392,7 @@ error_names!(
     PaymentInFlight,
     PolicyDenied,
     DeviationDetected,
+    KillSwitchTripped,
     SpendLimitExceeded,
     RateLimitExceeded,
     AgentPaused,
@@ -418,8 +425,8 @@ impl ErrorName {
     pub fn is_denial(self) -> bool {
         use ErrorName::*;
         match self {
-            PolicyDenied | DeviationDetected | SpendLimitExceeded | RateLimitExceeded | AgentPaused
-            | CallerNotBound => true,
+            PolicyDenied | DeviationDetected | KillSwitchTripped | SpendLimitExceeded | RateLimitExceeded
+            | AgentPaused | CallerNotBound => true,
             InvalidPaymentRequest
             | IdempotencyKeyReused
             | PaymentInFlight
@@ -469,6 +476,7 @@ impl ErrorName {
             | SpendLimitExceeded
             | RateLimitExceeded
             | DeviationDetected
+            | KillSwitchTripped
             // Raised by CheckSpend, before anything is reserved; never out of ProcessPayment.
             | CallerNotBound
             | PaymentOutcomeUnknown

@@ -19,7 +19,7 @@ use crate::request::PaymentRequest;
 use crate::store::{
     ApprovalDecisionCommit, ApprovalRecord, ApprovalRequestCommit, AuditEvent, AuthorizationCommit, ClaimFence,
     HoldCommit, IdempotencyRecord, PolicyAuditEvent, PolicyChange, PolicyEdited, ReleaseCommit, Reservation,
-    ReserveOutcome, SpendHistory, Store, Transition,
+    ReserveOutcome, SpendHistory, Store, Transition, TripCounters,
 };
 use crate::window::WindowWrite;
 
@@ -238,6 +238,12 @@ impl Store for FaultyStore {
         last_day: u32,
     ) -> Result<SpendHistory, PaymentError> {
         self.inner.spend_history(agent_id, scope, first_day, last_day).await
+    }
+    async fn trip_counters(&self, agent_id: &str) -> Result<TripCounters, PaymentError> {
+        self.inner.trip_counters(agent_id).await
+    }
+    async fn put_trip_counters(&self, agent_id: &str, counters: &TripCounters) -> Result<bool, PaymentError> {
+        self.inner.put_trip_counters(agent_id, counters).await
     }
     async fn agents(&self) -> Result<Vec<String>, PaymentError> {
         self.inner.agents().await

@@ -26,6 +26,7 @@ pub mod request;
 pub mod samples;
 pub mod steps;
 pub mod store;
+pub mod trips;
 pub mod window;
 pub mod workflow;
 pub mod x402;

@@ -31,6 +31,9 @@ pub struct SpendPolicy {
     /// or are denied. None: no deviation check (and no history read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deviation: Option<crate::deviation::DeviationPolicy>,
+    /// Conditions that pause the agent by themselves (see [`crate::trips`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<crate::trips::AutoPausePolicy>,
     pub allowed_networks: Vec<Network>,
     /// Empty: any payee.
     #[serde(default, with = "checksummed_addresses")]
@@ -303,6 +306,7 @@ mod tests {
             max_transactions_per_hour: 3,
             approval_threshold_usd: None,
             deviation: None,
+            auto_pause: None,
             allowed_networks: vec![Network::BaseSepolia],
             allowed_payees: vec![],
             agentcore: None,

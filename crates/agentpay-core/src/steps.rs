@@ -19,14 +19,16 @@ use crate::error::{InvalidPaymentRequest, PaymentError, is_denial_name};
 use crate::money::AtomicAmount;
 use crate::payment::PaymentHeader;
 use crate::payment::{Network, PaymentRequirement};
-use crate::policy::{SpendSnapshot, check_caller, decide};
+use crate::policy::{SpendDecision, SpendSnapshot, check_caller, decide};
 use crate::provider::{PaymentOrder, PaymentProof, PaymentProvider};
 use crate::request::{PaymentRequest, derived_id};
 use crate::store::{ApprovalNeed, ApprovalRecord, ApprovalRequestCommit, ApprovalStatus, ClaimFence, HoldCommit};
 use crate::store::{
-    AuditEvent, AuditKind, AuthorizationCommit, ErrorRecord, IdempotencyRecord, IdempotencyStatus, ReleaseCommit,
-    ReleasedReservation, Reservation, ReservationStatus, ReserveOutcome, Store, Transition,
+    AuditEvent, AuditKind, AuthorizationCommit, ErrorRecord, IdempotencyRecord, IdempotencyStatus, PolicyChange,
+    PolicyEdit, PolicyEdited, ReleaseCommit, ReleasedReservation, Reservation, ReservationStatus, ReserveOutcome,
+    Store, Transition,
 };
+use crate::trips::{AutoPausePolicy, TRIPPED_BY, TripEvent, velocity_trip};
 use crate::window::WindowWrite;
 pub use crate::workflow::StepName;
 
@@ -491,6 +493,13 @@ impl Steps {
         // Read once: the history moves only with authorizations, and a payment decided on a
         // history a moment old is still decided on the agent's habits.
         let deviation = self.deviation(agent, &ledger, payment, request.context.category.as_deref()).await?;
+        if let Some(reason) = self.deviation_trip(agent, &ledger, deviation.as_ref(), reservation_id).await? {
+            if let Some(existing) = self.store.reservation(agent, reservation_id).await? {
+                return self.existing_reservation(existing, &fence, &request).await;
+            }
+            self.trip(agent, &reason).await?;
+            return Err(PaymentError::KillSwitchTripped { agent: agent.to_owned(), reason });
+        }
         for attempt in 0..self.settings.ledger_attempts {
             let now = self.clock.now();
             let checked = match &ledger.policy {
@@ -500,31 +509,19 @@ impl Steps {
                 }
                 None => Ok(()),
             };
-            let decided = checked.and_then(|()| decide(agent, &ledger, payment, now)).and_then(|mut decision| {
-                match &deviation {
-                    Some(found) if found.action == DeviationAction::Deny => {
-                        return Err(PaymentError::DeviationDetected {
-                            agent: agent.to_owned(),
-                            details: found.describe(payment.usdc().decimals),
-                        });
-                    }
-                    Some(found) => {
-                        let flagged = format!("deviation: {}", found.describe(payment.usdc().decimals));
-                        decision.approval = Some(match decision.approval.take() {
-                            Some(threshold) => format!("{threshold}; {flagged}"),
-                            None => flagged,
-                        });
-                    }
-                    None => {}
-                }
-                Ok(decision)
-            });
+            let decided = checked
+                .and_then(|()| decide(agent, &ledger, payment, now))
+                .and_then(|decision| with_deviation(decision, deviation.as_ref(), agent, payment))
+                .and_then(|decision| within_velocity(decision, &ledger, agent, payment, now));
             let decision = match decided {
                 Ok(decision) => decision,
                 Err(denial) => {
                     // A retried step whose reservation already counts against the cap.
                     if let Some(existing) = self.store.reservation(agent, reservation_id).await? {
                         return self.existing_reservation(existing, &fence, &request).await;
+                    }
+                    if let PaymentError::KillSwitchTripped { reason, .. } = &denial {
+                        self.trip(agent, reason).await?;
                     }
                     return Err(denial);
                 }
@@ -597,6 +594,84 @@ impl Steps {
             crate::metrics::deviation_flagged(agent);
         }
         Ok(found)
+    }
+
+    /// Counts a deviation flag where the policy trips on them; why the agent trips, if it does.
+    async fn deviation_trip(
+        &self,
+        agent: &str,
+        ledger: &crate::policy::AgentLedger,
+        deviation: Option<&Deviation>,
+        reservation_id: &str,
+    ) -> Result<Option<String>, PaymentError> {
+        let auto = ledger.policy.as_ref().and_then(|p| p.auto_pause.as_ref());
+        match (deviation, auto) {
+            (Some(_), Some(auto)) if auto.deviation_flags_per_hour.is_some() => {
+                let event = TripEvent::DeviationFlagged { reservation_id: reservation_id.to_owned() };
+                self.count_trip(agent, auto, &event).await
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Counts `event` in the agent's trip counters (once per reservation, however often a
+    /// step is retried); why they now trip `policy`, if they do.
+    async fn count_trip(
+        &self,
+        agent: &str,
+        policy: &AutoPausePolicy,
+        event: &TripEvent,
+    ) -> Result<Option<String>, PaymentError> {
+        for attempt in 0..self.settings.ledger_attempts {
+            let counters = self.store.trip_counters(agent).await?;
+            // Unchanged (counted by an earlier try): still trips if it did, so a try that
+            // died between counting and pausing is finished by its retry.
+            let Some(next) = counters.after(event, self.clock.now()) else {
+                return Ok(counters.tripped(policy));
+            };
+            if self.store.put_trip_counters(agent, &next).await? {
+                return Ok(next.tripped(policy));
+            }
+            conflict_backoff(attempt).await;
+        }
+        Err(PaymentError::LedgerConflict { agent: agent.to_owned(), attempts: self.settings.ledger_attempts })
+    }
+
+    /// Pauses the agent for `reason`: a policy change attributed to the trip, in the agent's
+    /// policy history, counted for the `KillSwitchTrips` alarm. The counters start over, so
+    /// an agent a person resumes is not paused again by the events already judged.
+    async fn trip(&self, agent: &str, reason: &str) -> Result<(), PaymentError> {
+        let change = PolicyChange {
+            edit: PolicyEdit::SetPaused(true),
+            by: TRIPPED_BY.to_owned(),
+            reason: Some(reason.to_owned()),
+            at: self.clock.now(),
+            expected_version: None,
+        };
+        if let PolicyEdited::Applied { version } = self.store.change_policy(agent, &change).await? {
+            crate::metrics::kill_switch_tripped(agent);
+            tracing::warn!(agent, version, reason, "kill switch tripped: agent paused");
+        }
+        for _ in 0..self.settings.ledger_attempts {
+            let counters = self.store.trip_counters(agent).await?;
+            if self.store.put_trip_counters(agent, &counters.started_over()).await? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a person's decision (or its time-out) on `reservation_id`: counts it where the
+    /// policy trips on rejections, and trips.
+    async fn count_decision(&self, agent: &str, event: TripEvent) -> Result<(), PaymentError> {
+        let Some(policy) = self.store.policy(agent).await? else { return Ok(()) };
+        let Some(auto) = policy.auto_pause.as_ref().filter(|a| a.consecutive_rejections.is_some()) else {
+            return Ok(());
+        };
+        match self.count_trip(agent, auto, &event).await? {
+            Some(reason) if !policy.paused => self.trip(agent, &reason).await,
+            _ => Ok(()),
+        }
     }
 
     /// A retried CheckSpend meets the reservation its claim made. Released means the claim was
@@ -786,6 +861,12 @@ impl Steps {
             conflict_backoff(attempt).await;
             transition = self.store.authorize(&commit).await?;
         }
+        // A person approved this one: rejections before it are no longer "in a row" (counted
+        // again by a retry that finds the payment recorded, in case this try died here).
+        if input.reservation.approval.required && matches!(transition, Transition::Applied | Transition::AlreadyApplied)
+        {
+            self.count_decision(&commit.audit.agent_id, TripEvent::ApprovalGranted).await?;
+        }
         match transition {
             Transition::Applied => {
                 crate::metrics::authorized(&commit.audit.agent_id, payment.amount);
@@ -966,7 +1047,14 @@ impl Steps {
                 already_compensated,
                 held: false,
             };
-            match self.store.release(&commit).await? {
+            let transition = self.store.release(&commit).await?;
+            if matches!(transition, Transition::Applied | Transition::AlreadyApplied)
+                && matches!(error.error.as_str(), "ApprovalRejected" | "ApprovalTimedOut")
+            {
+                let event = TripEvent::ApprovalRejected { reservation_id: reservation_id.clone() };
+                self.count_decision(agent, event).await?;
+            }
+            match transition {
                 Transition::Applied => {
                     crate::metrics::compensated(&error.error);
                     if denied {
@@ -1068,6 +1156,42 @@ impl Steps {
             decided_by: None,
             reason: None,
         }
+    }
+}
+
+/// The decision with a deviation applied: denied, or sent to a person with the figures.
+fn with_deviation(
+    mut decision: SpendDecision,
+    deviation: Option<&Deviation>,
+    agent: &str,
+    payment: &PaymentRequirement,
+) -> Result<SpendDecision, PaymentError> {
+    let Some(found) = deviation else { return Ok(decision) };
+    let details = found.describe(payment.usdc().decimals);
+    if found.action == DeviationAction::Deny {
+        return Err(PaymentError::DeviationDetected { agent: agent.to_owned(), details });
+    }
+    let flagged = format!("deviation: {details}");
+    decision.approval = Some(match decision.approval.take() {
+        Some(threshold) => format!("{threshold}; {flagged}"),
+        None => flagged,
+    });
+    Ok(decision)
+}
+
+/// The decision, unless the payment would take the last hour's spend past the policy's
+/// velocity trip (then the agent is paused, and this payment with it).
+fn within_velocity(
+    decision: SpendDecision,
+    ledger: &crate::policy::AgentLedger,
+    agent: &str,
+    payment: &PaymentRequirement,
+    now: Timestamp,
+) -> Result<SpendDecision, PaymentError> {
+    let Some(auto) = ledger.policy.as_ref().and_then(|p| p.auto_pause.as_ref()) else { return Ok(decision) };
+    match velocity_trip(auto, &ledger.window.rolled(now), payment.amount, payment.usdc().decimals) {
+        Some(reason) => Err(PaymentError::KillSwitchTripped { agent: agent.to_owned(), reason }),
+        None => Ok(decision),
     }
 }
 

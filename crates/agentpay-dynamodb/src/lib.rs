@@ -220,6 +220,12 @@ fn state_key(agent_id: &str) -> Item {
     Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s("STATE"))])
 }
 
+/// The agent's trip counters: written on rare events only (a flag, a person's decision), so
+/// they may share the agent's partition.
+fn trips_key(agent_id: &str) -> Item {
+    Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s("TRIPS"))])
+}
+
 /// One (agent, scope) history per partition: a busy payee's days are read together and
 /// written away from the agent's hot items.
 fn history_pk(agent_id: &str, scope: &str) -> AttributeValue {
@@ -905,6 +911,34 @@ impl Store for DynamoStore {
                 Some(key) if !key.is_empty() => start = Some(key),
                 _ => return Ok(sum),
             }
+        }
+    }
+
+    async fn trip_counters(&self, agent_id: &str) -> Result<TripCounters, PaymentError> {
+        let item = self.get("read trip counters", &self.tables.ledger, trips_key(agent_id)).await?;
+        Ok(item.as_ref().map(|i| decode(i, &[])).transpose()?.unwrap_or_default())
+    }
+
+    async fn put_trip_counters(&self, agent_id: &str, counters: &TripCounters) -> Result<bool, PaymentError> {
+        let mut put = self
+            .client
+            .put_item()
+            .table_name(&self.tables.ledger)
+            .set_item(Some(trips_key(agent_id)))
+            .item("record", json(counters)?)
+            .item("version", n(counters.version));
+        put = match counters.version {
+            0 | 1 => put.condition_expression("attribute_not_exists(pk)"),
+            version => put.condition_expression("version = :read").expression_attribute_values(":read", n(version - 1)),
+        };
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(error) => match error.as_service_error() {
+                Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(_)) => {
+                    Ok(false)
+                }
+                _ => Err(classify("write trip counters", error)),
+            },
         }
     }
 

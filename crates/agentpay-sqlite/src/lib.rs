@@ -46,6 +46,8 @@ CREATE INDEX IF NOT EXISTS approvals_by_time ON approvals (requested_at);
 CREATE TABLE IF NOT EXISTS spend_history (
     agent_id TEXT NOT NULL, scope TEXT NOT NULL, day INTEGER NOT NULL, total INTEGER NOT NULL,
     payments INTEGER NOT NULL, PRIMARY KEY (agent_id, scope, day));
+CREATE TABLE IF NOT EXISTS trip_counters (
+    agent_id TEXT PRIMARY KEY, version INTEGER NOT NULL, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS issued_proofs (
     client_token TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS executions (
@@ -529,6 +531,41 @@ impl Store for SqliteStore {
             .await?;
         sum_history(rows.into_iter())
             .ok_or_else(|| PaymentError::LedgerInconsistent(format!("agent {agent_id}: the {scope} history overflows")))
+    }
+
+    async fn trip_counters(&self, agent_id: &str) -> Result<TripCounters, PaymentError> {
+        let record = self
+            .read("read trip counters", |c| {
+                c.prepare_cached("SELECT record FROM trip_counters WHERE agent_id = ?1")?
+                    .query_row([agent_id], |row| row.get::<_, String>(0))
+                    .optional()
+            })
+            .await?;
+        record
+            .map(|text| from_json(&text).map_err(|e| PaymentError::store("read trip counters", e)))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    }
+
+    async fn put_trip_counters(&self, agent_id: &str, counters: &TripCounters) -> Result<bool, PaymentError> {
+        let record = serde_json::to_string(counters).map_err(|e| PaymentError::store("write trip counters", e))?;
+        self.write("write trip counters", |tx| {
+            let stored: i64 = tx
+                .prepare_cached("SELECT version FROM trip_counters WHERE agent_id = ?1")?
+                .query_row([agent_id], |row| row.get(0))
+                .optional()?
+                .unwrap_or(0);
+            if stored != counters.version as i64 - 1 {
+                return Ok(false);
+            }
+            tx.prepare_cached(
+                "INSERT INTO trip_counters (agent_id, version, record) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (agent_id) DO UPDATE SET version = excluded.version, record = excluded.record",
+            )?
+            .execute(params![agent_id, counters.version as i64, record])?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn agents(&self) -> Result<Vec<String>, PaymentError> {

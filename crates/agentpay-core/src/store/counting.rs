@@ -101,6 +101,14 @@ impl Store for CountingStore {
         self.count("spend_history");
         self.inner.spend_history(agent_id, scope, first_day, last_day).await
     }
+    async fn trip_counters(&self, agent_id: &str) -> Result<TripCounters, PaymentError> {
+        self.count("trip_counters");
+        self.inner.trip_counters(agent_id).await
+    }
+    async fn put_trip_counters(&self, agent_id: &str, counters: &TripCounters) -> Result<bool, PaymentError> {
+        self.count("put_trip_counters");
+        self.inner.put_trip_counters(agent_id, counters).await
+    }
     async fn agents(&self) -> Result<Vec<String>, PaymentError> {
         self.count("agents");
         self.inner.agents().await

@@ -24,6 +24,7 @@ use crate::money::AtomicAmount;
 use crate::payment::Network;
 use crate::policy::{AgentLedger, SpendPolicy, SpendSnapshot};
 use crate::request::BusinessContext;
+pub use crate::trips::TripCounters;
 use crate::window::{ChargedAt, SpendWindow, WindowWrite};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -520,6 +521,13 @@ pub trait Store: Send + Sync {
         first_day: u32,
         last_day: u32,
     ) -> Result<SpendHistory, PaymentError>;
+
+    /// What the agent's automatic trips count (the default, version 0, if never written).
+    async fn trip_counters(&self, agent_id: &str) -> Result<TripCounters, PaymentError>;
+
+    /// Writes `counters` if the stored version is `counters.version - 1` (what was read);
+    /// `false` if another write came first (read again and retry).
+    async fn put_trip_counters(&self, agent_id: &str, counters: &TripCounters) -> Result<bool, PaymentError>;
 
     /// Every agent with a policy (operators' `policy pause --all`), in id order.
     async fn agents(&self) -> Result<Vec<String>, PaymentError>;
