@@ -244,6 +244,8 @@ fn the_alarms_watch_what_the_code_emits_and_notify_the_operators() {
         names::APPROVALS_REQUESTED,
         names::DEVIATIONS_FLAGGED,
         names::KILL_SWITCH_TRIPS,
+        names::APPROVALS_DECIDED,
+        names::APPROVAL_WAIT_SECONDS,
     ];
     let mut alarmed = Vec::new();
     for (name, resource) in resources {
@@ -276,6 +278,7 @@ fn the_alarms_watch_what_the_code_emits_and_notify_the_operators() {
     assert!(has(names::COMPENSATIONS, Some("ApprovalTimedOut")), "approvals nobody answered");
     assert!(has(names::APPROVALS_REQUESTED, None), "an approval backlog");
     assert!(has(names::KILL_SWITCH_TRIPS, None), "an agent paused by an automatic trip");
+    assert!(has(names::DEVIATIONS_FLAGGED, None), "deviation flags");
     let unknown = &template["Resources"]["OutcomeUnknownAlarm"]["Properties"];
     assert_eq!(
         (unknown["Threshold"].as_u64(), unknown["ComparisonOperator"].as_str()),
@@ -297,9 +300,18 @@ fn the_dashboard_is_valid_json_over_the_emitted_metrics() {
     let parsed: serde_json::Value = serde_json::from_str(&text).expect("the dashboard body is JSON");
     let widgets = parsed["widgets"].as_array().unwrap();
     assert!(widgets.len() >= 4);
-    for metric in
-        ["AmountAuthorizedAtomic", "PaymentsAuthorized", "OutcomesUnknown", "PaymentsDenied", "ExecutionsFailed"]
-    {
+    for metric in [
+        "AmountAuthorizedAtomic",
+        "PaymentsAuthorized",
+        "OutcomesUnknown",
+        "PaymentsDenied",
+        "ExecutionsFailed",
+        "ApprovalsRequested",
+        "ApprovalsDecided",
+        "ApprovalWaitSeconds",
+        "DeviationsFlagged",
+        "KillSwitchTrips",
+    ] {
         assert!(text.contains(metric), "the dashboard shows {metric}");
     }
 }

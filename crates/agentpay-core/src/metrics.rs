@@ -22,6 +22,8 @@ pub mod names {
     pub const APPROVALS_REQUESTED: &str = "ApprovalsRequested";
     pub const DEVIATIONS_FLAGGED: &str = "DeviationsFlagged";
     pub const KILL_SWITCH_TRIPS: &str = "KillSwitchTrips";
+    pub const APPROVALS_DECIDED: &str = "ApprovalsDecided";
+    pub const APPROVAL_WAIT_SECONDS: &str = "ApprovalWaitSeconds";
 }
 
 /// A payment authorized: counted, and its amount (atomic units) added, per agent and in total.
@@ -79,4 +81,13 @@ pub fn deviation_flagged(agent: &str) {
 pub fn kill_switch_tripped(agent: &str) {
     metrics::counter!(names::KILL_SWITCH_TRIPS).increment(1);
     metrics::counter!(names::KILL_SWITCH_TRIPS, "Agent" => agent.to_owned()).increment(1);
+}
+
+/// A person's decision on a waiting payment reached the workflow (`Approved`, `Rejected`, or
+/// `TimedOut` when nobody answered), with how long the payment waited: requested minus
+/// decided is the backlog, the wait its age.
+pub fn approval_decided(decision: &'static str, waited_seconds: u64) {
+    metrics::counter!(names::APPROVALS_DECIDED, "Decision" => decision).increment(1);
+    let waited = f64::from(u32::try_from(waited_seconds).unwrap_or(u32::MAX));
+    metrics::histogram!(names::APPROVAL_WAIT_SECONDS, "Decision" => decision).record(waited);
 }

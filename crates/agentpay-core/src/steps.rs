@@ -674,6 +674,17 @@ impl Steps {
         }
     }
 
+    /// Counts a decision that reached the workflow, with how long the payment waited (from
+    /// the approval record: decided minus requested; a time-out waited its whole time-out).
+    async fn approval_metrics(&self, approval_id: &str, decision: &'static str) -> Result<(), PaymentError> {
+        if let Some(record) = self.store.approval(approval_id).await? {
+            let ended = if decision == "TimedOut" { Some(record.expires_at) } else { record.decided_at };
+            let waited = ended.map_or(0, |at| at.millis().saturating_sub(record.requested_at.millis()) / 1000);
+            crate::metrics::approval_decided(decision, u64::try_from(waited).unwrap_or(0));
+        }
+        Ok(())
+    }
+
     /// A retried CheckSpend meets the reservation its claim made. Released means the claim was
     /// compensated — by an execution that took the key over while this one stalled: superseded.
     async fn existing_reservation(
@@ -870,6 +881,11 @@ impl Steps {
         match transition {
             Transition::Applied => {
                 crate::metrics::authorized(&commit.audit.agent_id, payment.amount);
+                if let Some(id) =
+                    input.reservation.approval.id.as_deref().filter(|_| input.reservation.approval.required)
+                {
+                    self.approval_metrics(id, "Approved").await?;
+                }
                 Ok(outcome)
             }
             Transition::AlreadyApplied => {
@@ -1048,9 +1064,17 @@ impl Steps {
                 held: false,
             };
             let transition = self.store.release(&commit).await?;
-            if matches!(transition, Transition::Applied | Transition::AlreadyApplied)
-                && matches!(error.error.as_str(), "ApprovalRejected" | "ApprovalTimedOut")
+            let decision = match error.error.as_str() {
+                "ApprovalRejected" => Some("Rejected"),
+                "ApprovalTimedOut" => Some("TimedOut"),
+                _ => None,
+            };
+            if let (Some(decision), Some(reservation)) = (decision, &reservation)
+                && transition == Transition::Applied
             {
+                self.approval_metrics(&approval_id(&reservation.id, reservation.created_at), decision).await?;
+            }
+            if decision.is_some() && matches!(transition, Transition::Applied | Transition::AlreadyApplied) {
                 let event = TripEvent::ApprovalRejected { reservation_id: reservation_id.clone() };
                 self.count_decision(agent, event).await?;
             }

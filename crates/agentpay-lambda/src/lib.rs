@@ -141,6 +141,9 @@ mod tests {
         agentpay_core::metrics::denied("SpendLimitExceeded");
         agentpay_core::metrics::outcome_unknown();
         agentpay_core::metrics::step_error("LedgerConflict");
+        agentpay_core::metrics::approval_decided("Approved", 600);
+        agentpay_core::metrics::approval_decided("Approved", 30);
+        agentpay_core::metrics::kill_switch_tripped("agent-a");
         let mut out = Vec::new();
         collector.flush(&mut out).unwrap();
         let documents: Vec<Value> =
@@ -161,6 +164,16 @@ mod tests {
         assert_eq!(find("PaymentsDenied", Some(("Reason", "SpendLimitExceeded"))), Some(1.0));
         assert_eq!(find("OutcomesUnknown", None), Some(1.0));
         assert_eq!(find("StepErrors", Some(("Error", "LedgerConflict"))), Some(1.0));
+        assert_eq!(find("ApprovalsDecided", Some(("Decision", "Approved"))), Some(2.0));
+        assert_eq!(find("KillSwitchTrips", Some(("Agent", "agent-a"))), Some(1.0));
+        // The wait is a distribution: every value kept, for CloudWatch's percentiles.
+        let waits = documents.iter().find(|d| d["Decision"] == "Approved" && d.get("ApprovalWaitSeconds").is_some());
+        let mut waits: Vec<f64> = match &waits.expect("ApprovalWaitSeconds")["ApprovalWaitSeconds"] {
+            Value::Array(values) => values.iter().filter_map(Value::as_f64).collect(),
+            single => single.as_f64().into_iter().collect(),
+        };
+        waits.sort_by(f64::total_cmp);
+        assert_eq!(waits, [30.0, 600.0]);
     }
 
     #[tokio::test]
