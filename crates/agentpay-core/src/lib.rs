@@ -24,6 +24,7 @@ pub mod policy;
 pub mod provider;
 pub mod request;
 pub mod samples;
+pub mod settlement;
 pub mod steps;
 pub mod store;
 pub mod trips;
