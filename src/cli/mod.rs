@@ -124,6 +124,10 @@ pub enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// Record what the merchant answered after the payment (its settlement): the ledger moves
+    /// the payment forward (SETTLED, SETTLEMENT_PENDING, SETTLEMENT_FAILED) and keeps it
+    /// counted; a report that contradicts the payment is refused and audited.
+    Settle(Box<SettleArgs>),
     /// A scripted tour on a fresh embedded store: every path of the workflow.
     Demo,
     /// Create the DynamoDB tables (for `--store dynamodb` against a local endpoint).
@@ -302,6 +306,36 @@ pub enum LedgerCommand {
     Show { agent: String },
 }
 
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("answer").required(true).args(["payment_response", "x_payment_response", "payment_receipt"])))]
+pub struct SettleArgs {
+    /// The payment's idempotency key.
+    pub key: String,
+    /// The agent that paid.
+    #[arg(long)]
+    pub agent: String,
+    /// The x402 v2 `PAYMENT-RESPONSE` header value, as received.
+    #[arg(long)]
+    pub payment_response: Option<String>,
+    /// The x402 v1 `X-PAYMENT-RESPONSE` header value.
+    #[arg(long)]
+    pub x_payment_response: Option<String>,
+    /// The MPP `Payment-Receipt` header value.
+    #[arg(long)]
+    pub payment_receipt: Option<String>,
+}
+
+impl SettleArgs {
+    fn input(&self) -> agentpay::settlement::ReportInput {
+        use agentpay::settlement::ReportInput;
+        match (&self.payment_response, &self.x_payment_response, &self.payment_receipt) {
+            (Some(value), _, _) => ReportInput::X402V2(value.clone()),
+            (_, Some(value), _) => ReportInput::X402V1(value.clone()),
+            (_, _, value) => ReportInput::MppReceipt(value.clone().unwrap_or_default()),
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Set the policy from a JSON file or from flags. A paused agent stays paused: only
@@ -432,6 +466,31 @@ pub async fn run(mut cli: Cli) -> Result<i32, CliError> {
             Ok(0)
         }
         Command::Demo => crate::cli::demo::run(cli.json).await,
+        Command::Settle(args) => {
+            let ctx = cli.open(false).await?;
+            let reporter = crate::cli::approvals::operator(&cli).await?;
+            let settlements = agentpay::settlements::Settlements::new(ctx.app.store.clone(), Arc::new(SystemClock));
+            AgentId::parse("--agent", &args.agent)?;
+            let recorded = settlements.report(&args.agent, &args.key, &args.input(), &reporter).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&recorded)?);
+            } else if recorded.already_recorded {
+                println!(
+                    "payment {} is {}: this report was recorded before, nothing changed",
+                    args.key,
+                    recorded.status.as_str()
+                );
+            } else {
+                let tx =
+                    recorded.report.transaction.as_deref().map(|tx| format!(", transaction {tx}")).unwrap_or_default();
+                println!(
+                    "payment {} is now {}{tx} (still counted against the agent's caps)",
+                    args.key,
+                    recorded.status.as_str()
+                );
+            }
+            Ok(0)
+        }
         Command::Approvals(_) | Command::Approve { .. } | Command::Reject { .. } => {
             crate::cli::approvals::run(&cli).await
         }

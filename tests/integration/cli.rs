@@ -455,3 +455,42 @@ fn a_payment_waits_for_a_person_who_approves_it_from_the_command_line() {
     assert!(!twice.status.success());
     assert!(String::from_utf8_lossy(&twice.stderr).contains("APPROVED by local:"), "{twice:?}");
 }
+
+#[test]
+fn a_settlement_report_moves_a_payment_forward_from_the_command_line() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
+    assert!(agentpay(dir.path(), &["start", "events/executions/paid-call.json", "--wait"]).status.success());
+    let tx = format!("0x{}", "5a".repeat(32));
+    let answer = |value: Value| base64::engine::general_purpose::STANDARD.encode(value.to_string());
+    let pending = answer(serde_json::json!({"success": false, "transaction": tx, "network": "eip155:84532"}));
+    let settle = |flag: &str, value: &str| {
+        agentpay(dir.path(), &["settle", "demo-paid-1", "--agent", "demo-agent", flag, value])
+    };
+
+    let first = settle("--payment-response", &pending);
+    assert!(first.status.success(), "{first:?}");
+    assert!(stdout(&first).contains("is now SETTLEMENT_PENDING"), "{}", stdout(&first));
+    let again = settle("--payment-response", &pending);
+    assert!(stdout(&again).contains("recorded before, nothing changed"), "{}", stdout(&again));
+
+    let receipt = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::json!({"status": "success", "method": "evm", "reference": tx}).to_string());
+    let settled = settle("--payment-receipt", &receipt);
+    assert!(stdout(&settled).contains("is now SETTLED, transaction 0x5a5a"), "{}", stdout(&settled));
+    let ledger = stdout(&agentpay(dir.path(), &["ledger", "show", "demo-agent"]));
+    assert!(ledger.contains("SETTLED"), "{ledger}");
+
+    // A lie and a garbled answer: refused, named, exit 2 (as every command error).
+    let failed = answer(serde_json::json!({"success": false, "transaction": "", "errorReason": "insufficient_funds"}));
+    let lie = settle("--x-payment-response", &failed);
+    assert_eq!(lie.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&lie.stderr);
+    assert!(text.contains("refused (audited, nothing changed)") && text.contains("is SETTLED"), "{text}");
+    let garbled = settle("--payment-response", "not base64!");
+    assert_eq!(garbled.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&garbled.stderr).contains("paymentResponse"), "{garbled:?}");
+    let none = agentpay(dir.path(), &["settle", "demo-paid-1", "--agent", "demo-agent"]);
+    assert!(!none.status.success(), "one of the three answers is required");
+}

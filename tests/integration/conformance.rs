@@ -158,6 +158,7 @@ conformance!(
     every_policy_change_is_kept_with_who_when_and_why,
     the_spend_history_keeps_each_payment_by_day_payee_and_category,
     trip_counters_are_written_only_over_the_version_read,
+    settlement_reports_move_a_payment_forward_and_never_free_its_budget,
 );
 
 async fn claim_then_cached_result(backend: Backend) {
@@ -281,11 +282,37 @@ async fn reserve_is_idempotent_and_authorize_and_settle_happen_once(backend: Bac
 
     let reservation = f.store.reservation(AGENT, &first.reservation_id).await.unwrap().unwrap();
     assert_eq!(reservation.status, ReservationStatus::Authorized);
-    let settled = settle_event(&reservation);
-    assert_eq!(f.store.settle(&reservation.id, &settled).await.unwrap(), agentpay::store::Transition::Applied);
-    assert_eq!(f.store.settle(&reservation.id, &settled).await.unwrap(), agentpay::store::Transition::AlreadyApplied);
+    // The store's settlement write: once, conditioned on the status read.
+    let settlement = |tx: &str| agentpay::store::Settlement {
+        report: agentpay::settlement::SettlementReport {
+            outcome: agentpay::settlement::ReportedOutcome::Settled,
+            transaction: Some(tx.to_owned()),
+            network: None,
+            payer: None,
+            amount: None,
+            error_reason: None,
+        },
+        reported_by: "local:agent".into(),
+        reported_at: f.clock.now(),
+    };
+    let commit = |tx: &str| agentpay::store::SettlementCommit {
+        agent_id: AGENT.into(),
+        reservation_id: reservation.id.clone(),
+        from: ReservationStatus::Authorized,
+        to: ReservationStatus::Settled,
+        settlement: settlement(tx),
+        audit: settle_event(&reservation),
+    };
+    let tx = format!("0x{}", "cd".repeat(32));
+    use agentpay::store::Transition;
+    assert_eq!(f.store.record_settlement(&commit(&tx)).await.unwrap(), Transition::Applied);
+    assert_eq!(f.store.record_settlement(&commit(&tx)).await.unwrap(), Transition::AlreadyApplied);
+    let other = format!("0x{}", "ef".repeat(32));
+    assert_eq!(f.store.record_settlement(&commit(&other)).await.unwrap(), Transition::VersionConflict);
     let reservation = f.store.reservation(AGENT, &first.reservation_id).await.unwrap().unwrap();
     assert_eq!(reservation.status, ReservationStatus::Settled);
+    assert_eq!(reservation.settlement.unwrap().report.transaction, Some(tx));
+    assert!(reservation.payer.is_some(), "the signer, from the proof");
     // A settled payment still counts against the window.
     assert_eq!(f.store.agent_ledger(AGENT).await.unwrap().window.spent.get(), 10_000);
 }
@@ -317,6 +344,7 @@ fn settle_event(reservation: &agentpay::store::Reservation) -> agentpay::store::
         error: None,
         decided_by: None,
         reason: None,
+        settlement: None,
     }
 }
 
@@ -761,4 +789,83 @@ async fn trip_counters_are_written_only_over_the_version_read(backend: Backend) 
     assert_eq!(stored, flagged);
     assert_eq!((stored.version, stored.rejections.len(), stored.deviation_flags.len()), (2, 1, 1));
     assert_eq!(f.store.trip_counters("another-agent").await.unwrap().version, 0);
+}
+
+async fn settlement_reports_move_a_payment_forward_and_never_free_its_budget(backend: Backend) {
+    use agentpay::settlement::ReportInput;
+    use agentpay::settlements::{SettlementError, Settlements};
+    use base64::Engine;
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let settlements = Settlements::new(f.store.clone(), f.clock.clone());
+    let tx = format!("0x{}", "ab".repeat(32));
+    let report = |value: serde_json::Value| {
+        ReportInput::X402V2(base64::engine::general_purpose::STANDARD.encode(value.to_string()))
+    };
+    let input = execution_input("k-settle", AGENT, "10000");
+    let claim = f.claim(&input, "exec-settle").await.unwrap();
+    f.pay(&input, "exec-settle", &claim).await.unwrap();
+    let paid = f.store.reservation(AGENT, &claim.reservation_id).await.unwrap().unwrap();
+    let payer = paid.payer.clone().expect("the wallet that signed is recorded with the authorization");
+    let spent = || async { f.store.agent_ledger(AGENT).await.unwrap().window.spent.get() };
+    assert_eq!(spent().await, 10_000);
+
+    // Pending with a hash, twice: recorded once.
+    let pending = report(serde_json::json!({"success": false, "transaction": tx, "network": "eip155:84532"}));
+    let first = settlements.report(AGENT, "k-settle", &pending, "local:agent").await.unwrap();
+    assert_eq!((first.status.as_str(), first.already_recorded), ("SETTLEMENT_PENDING", false));
+    let again = settlements.report(AGENT, "k-settle", &pending, "local:agent").await.unwrap();
+    assert!(again.already_recorded, "a repeated report is a no-op that says so");
+
+    // Another payer, another amount: refused, audited, nothing changed.
+    let other_payer = report(
+        serde_json::json!({"success": true, "transaction": tx, "payer": "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"}),
+    );
+    let refused = settlements.report(AGENT, "k-settle", &other_payer, "local:agent").await.unwrap_err();
+    assert!(matches!(&refused, SettlementError::Mismatch { field, .. } if field == "payer"), "{refused}");
+    let other_amount = report(serde_json::json!({"success": true, "transaction": tx, "amount": "9999"}));
+    let refused = settlements.report(AGENT, "k-settle", &other_amount, "local:agent").await.unwrap_err();
+    assert_eq!(refused.name(), "SettlementMismatch");
+    assert!(refused.to_string().contains("amount is 9999 but payment \"k-settle\" authorized 10000"), "{refused}");
+
+    // Settled, by the wallet that signed: final, still counted.
+    let settled =
+        report(serde_json::json!({"success": true, "transaction": tx, "network": "eip155:84532", "payer": payer}));
+    let done = settlements.report(AGENT, "k-settle", &settled, "local:agent").await.unwrap();
+    assert_eq!(done.status.as_str(), "SETTLED");
+    assert_eq!(spent().await, 10_000, "settled money stays counted");
+    // A failure reported afterwards cannot undo it.
+    let failed = report(serde_json::json!({"success": false, "transaction": "", "errorReason": "insufficient_funds"}));
+    let lie = settlements.report(AGENT, "k-settle", &failed, "local:agent").await.unwrap_err();
+    assert_eq!(lie.name(), "SettlementContradicts");
+    let stored = f.store.reservation(AGENT, &claim.reservation_id).await.unwrap().unwrap();
+    assert_eq!(stored.status.as_str(), "SETTLED");
+    assert_eq!(stored.settlement.unwrap().report.transaction.as_deref(), Some(tx.as_str()));
+    let audit = f.store.audit_events(AGENT).await.unwrap();
+    let kinds: Vec<&str> = audit
+        .iter()
+        .map(|e| serde_json::to_value(e.kind).unwrap().as_str().unwrap().to_owned())
+        .map(|k| Box::leak(k.into_boxed_str()) as &str)
+        .collect();
+    for (kind, count) in [("AUTHORIZED", 1), ("SETTLEMENT_PENDING", 1), ("SETTLEMENT_REFUSED", 3), ("SETTLED", 1)] {
+        assert_eq!(kinds.iter().filter(|k| **k == kind).count(), count, "{kind} in {kinds:?}");
+    }
+
+    // A failure on an authorized payment: recorded, still counted (the authorization can
+    // still be settled by whoever holds it).
+    let input = execution_input("k-settle-failed", AGENT, "20000");
+    let claim = f.claim(&input, "exec-settle-failed").await.unwrap();
+    f.pay(&input, "exec-settle-failed", &claim).await.unwrap();
+    let recorded = settlements.report(AGENT, "k-settle-failed", &failed, "local:agent").await.unwrap();
+    assert_eq!(recorded.status.as_str(), "SETTLEMENT_FAILED");
+    assert_eq!(spent().await, 30_000);
+
+    // Nothing to settle: an unknown key, a released payment.
+    let unknown = settlements.report(AGENT, "k-never", &settled, "local:agent").await.unwrap_err();
+    assert_eq!(unknown.name(), "UnknownPayment");
+    let input = execution_input("k-settle-released", AGENT, "10000");
+    let claim = f.claim(&input, "exec-released").await.unwrap();
+    f.spend(&input, "exec-released", &claim).await.unwrap();
+    f.compensate(&input, "exec-released", &claim, "ProviderRejected").await.unwrap();
+    let released = settlements.report(AGENT, "k-settle-released", &settled, "local:agent").await.unwrap_err();
+    assert!(matches!(released, SettlementError::NotAuthorized { status: "RELEASED", .. }), "{released}");
 }

@@ -287,3 +287,28 @@ async fn a_policy_item_from_before_the_window_item_keeps_its_spend_counted() {
     let requests = log.requests();
     assert!(requests.iter().any(|r| r.writes.iter().any(|w| w.key["sk"]["S"] == "WINDOW")), "{requests:?}");
 }
+
+/// What one settlement report sends and writes (the figure): the key's record and the
+/// reservation read, the move and its audit event in one transaction.
+#[tokio::test]
+async fn a_settlement_report_costs_three_requests() {
+    use agentpay::settlement::ReportInput;
+    use agentpay::settlements::Settlements;
+    use base64::Engine;
+    let (store, log) = logged_store().await;
+    store.put_policy(AGENT, &policy("1.00", "5000.00", 100_000)).await.unwrap();
+    let steps = steps_over(store.clone(), StepSettings::default());
+    pay_once(&steps, &log, "dyn-settle").await;
+    let settlements = Settlements::new(store.clone(), steps.clock().clone());
+    let answer = serde_json::json!({"success": true, "transaction": format!("0x{}", "12".repeat(32)), "network": "eip155:84532"});
+    let input = ReportInput::X402V2(base64::engine::general_purpose::STANDARD.encode(answer.to_string()));
+    log.clear();
+    let recorded = settlements.report(AGENT, "dyn-settle", &input, "local:agent").await.unwrap();
+    assert_eq!(recorded.status.as_str(), "SETTLED");
+    let requests = log.requests();
+    let operations: Vec<&str> = requests.iter().map(|r| r.operation.as_str()).collect();
+    assert_eq!(operations, ["GetItem", "GetItem", "TransactWriteItems"]);
+    let cost = capacity(&dynamodb_client().await, &requests, &format!("AGENT#{AGENT}")).await;
+    eprintln!("a settlement report: {} requests, {cost:?}", requests.len());
+    assert_eq!(cost.hot_write_units, 0, "nothing on the agent's hot partition");
+}

@@ -210,6 +210,7 @@ pub fn decide(
         error: None,
         decided_by: Some(approver.to_owned()),
         reason: decision_reason.clone().or_else(|| Some(record.reason.clone())),
+        settlement: None,
     };
     let decided = ApprovalRecord {
         status,

@@ -19,7 +19,7 @@ use crate::request::PaymentRequest;
 use crate::store::{
     ApprovalDecisionCommit, ApprovalRecord, ApprovalRequestCommit, AuditEvent, AuthorizationCommit, ClaimFence,
     HoldCommit, IdempotencyRecord, PolicyAuditEvent, PolicyChange, PolicyEdited, ReleaseCommit, Reservation,
-    ReserveOutcome, SpendHistory, Store, Transition, TripCounters,
+    ReserveOutcome, SettlementCommit, SpendHistory, Store, Transition, TripCounters,
 };
 use crate::window::WindowWrite;
 
@@ -274,8 +274,11 @@ impl Store for FaultyStore {
     async fn hold(&self, commit: &HoldCommit) -> Result<Transition, PaymentError> {
         self.around("hold", self.inner.hold(commit)).await
     }
-    async fn settle(&self, id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
-        self.around("settle", self.inner.settle(id, audit)).await
+    async fn record_settlement(&self, commit: &SettlementCommit) -> Result<Transition, PaymentError> {
+        self.around("record_settlement", self.inner.record_settlement(commit)).await
+    }
+    async fn append_audit(&self, event: &AuditEvent) -> Result<(), PaymentError> {
+        self.around("append_audit", self.inner.append_audit(event)).await
     }
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError> {
         self.inner.audit_events(agent_id).await

@@ -25,6 +25,7 @@ pub mod provider;
 pub mod request;
 pub mod samples;
 pub mod settlement;
+pub mod settlements;
 pub mod steps;
 pub mod store;
 pub mod trips;

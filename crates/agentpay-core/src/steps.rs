@@ -324,7 +324,7 @@ impl Claim {
 
 /// Reservation id and client token of one claim lifetime and attempt. Records written before
 /// claim ids existed keep their (key, attempt) derivation, so their in-flight claims resume.
-fn claim_ids(key: &str, claim_id: &str, attempt: u32) -> (String, String) {
+pub(crate) fn claim_ids(key: &str, claim_id: &str, attempt: u32) -> (String, String) {
     let attempt = attempt.to_string();
     let parts: Vec<&str> = if claim_id.is_empty() { vec![key, &attempt] } else { vec![key, claim_id, &attempt] };
     (derived_id("res", &parts), derived_id("agentpay", &parts))
@@ -546,6 +546,10 @@ impl Steps {
                 approval: decision
                     .approval
                     .map(|reason| ApprovalNeed { reason, timeout_seconds: self.settings.approval_timeout.as_secs() }),
+                user_id: request.user_id.to_string(),
+                context: Some(request.context.clone()),
+                payer: None,
+                settlement: None,
                 created_at: now,
                 updated_at: now,
             };
@@ -846,6 +850,7 @@ impl Steps {
             error: None,
             decided_by: None,
             reason: None,
+            settlement: None,
         };
         let fence = input.claim.fence(request.idempotency_key.as_str(), &input.execution_id);
         let commit = AuthorizationCommit {
@@ -861,6 +866,7 @@ impl Steps {
                 day: day_number(now),
                 amount: payment.amount,
             },
+            payer: input.proof.payer.clone(),
         };
         // Concurrent payments to one payee add to the same history day: a transaction that
         // met another is tried again, here, before the state machine's retry.
@@ -1179,6 +1185,7 @@ impl Steps {
             error: None,
             decided_by: None,
             reason: None,
+            settlement: None,
         }
     }
 }

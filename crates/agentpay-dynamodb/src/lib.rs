@@ -184,8 +184,13 @@ const IDEMPOTENCY_OVERRIDES: &[(&str, Override)] = &[
     ("expiresAt", Override::Timestamp),
     ("leaseExpiresAt", Override::Timestamp),
 ];
-const RESERVATION_OVERRIDES: &[(&str, Override)] =
-    &[("status", Override::Text), ("paymentId", Override::Text), ("updatedAt", Override::Timestamp)];
+const RESERVATION_OVERRIDES: &[(&str, Override)] = &[
+    ("status", Override::Text),
+    ("paymentId", Override::Text),
+    ("payer", Override::Text),
+    ("settlement", Override::Json),
+    ("updatedAt", Override::Timestamp),
+];
 
 /// The agent's hot partition: its policy and its window.
 pub fn agent_pk(agent_id: &str) -> AttributeValue {
@@ -581,7 +586,8 @@ impl DynamoStore {
         id: &str,
         from: ReservationStatus,
         to: ReservationStatus,
-        payment_id: Option<&str>,
+        // The payment id and the payer, when the move records a proof.
+        payment_id: Option<(&str, Option<&str>)>,
         now: Timestamp,
     ) -> Result<TransactWriteItem, PaymentError> {
         let mut builder = Update::builder()
@@ -594,7 +600,11 @@ impl DynamoStore {
             .expression_attribute_values(":now", n(now.millis()))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         builder = match payment_id {
-            Some(payment_id) => builder
+            Some((payment_id, Some(payer))) => builder
+                .update_expression("SET #status = :to, updatedAt = :now, paymentId = :payment, payer = :payer")
+                .expression_attribute_values(":payment", s(payment_id))
+                .expression_attribute_values(":payer", s(payer)),
+            Some((payment_id, None)) => builder
                 .update_expression("SET #status = :to, updatedAt = :now, paymentId = :payment")
                 .expression_attribute_values(":payment", s(payment_id)),
             None => builder.update_expression("SET #status = :to, updatedAt = :now"),
@@ -1032,7 +1042,7 @@ impl Store for DynamoStore {
                 &commit.reservation_id,
                 ReservationStatus::Reserved,
                 ReservationStatus::Authorized,
-                Some(&commit.payment_id),
+                Some((&commit.payment_id, commit.payer.as_deref())),
                 commit.now,
             )?,
             self.fenced_idempotency_close(
@@ -1054,9 +1064,7 @@ impl Store for DynamoStore {
                         let current = decode_reservation(item)?;
                         let same_payment = current.payment_id.as_deref() == Some(commit.payment_id.as_str());
                         return Ok(match current.status {
-                            ReservationStatus::Authorized | ReservationStatus::Settled if same_payment => {
-                                Transition::AlreadyApplied
-                            }
+                            paid if paid.is_paid() && same_payment => Transition::AlreadyApplied,
                             other => Transition::Refused(format!("reservation is {}", other.as_str())),
                         });
                     }
@@ -1174,29 +1182,49 @@ impl Store for DynamoStore {
         }
     }
 
-    async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
-        let items = vec![
-            self.reservation_move(
-                &audit.agent_id,
-                reservation_id,
-                ReservationStatus::Authorized,
-                ReservationStatus::Settled,
-                None,
-                audit.at,
-            )?,
-            audit_put(&self.tables.ledger, audit)?,
-        ];
-        match self.transact("settle", items).await? {
+    async fn record_settlement(&self, commit: &SettlementCommit) -> Result<Transition, PaymentError> {
+        let update = Update::builder()
+            .table_name(&self.tables.ledger)
+            .set_key(Some(self.reservation_key(&commit.agent_id, &commit.reservation_id)))
+            .condition_expression("#status = :from")
+            .update_expression("SET #status = :to, settlement = :settlement, updatedAt = :now")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":from", s(commit.from.as_str()))
+            .expression_attribute_values(":to", s(commit.to.as_str()))
+            .expression_attribute_values(":settlement", json(&commit.settlement)?)
+            .expression_attribute_values(":now", n(commit.settlement.reported_at.millis()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(build_error)?;
+        let items =
+            vec![TransactWriteItem::builder().update(update).build(), audit_put(&self.tables.ledger, &commit.audit)?];
+        match self.transact("record settlement", items).await? {
             TxOutcome::Committed => Ok(Transition::Applied),
             TxOutcome::Cancelled(cancelled) => match reasons(&cancelled).first() {
-                Some(Reason::ConditionFailed(Some(item))) => Ok(match decode_reservation(item)?.status {
-                    ReservationStatus::Settled => Transition::AlreadyApplied,
-                    other => Transition::Refused(format!("reservation is {}", other.as_str())),
-                }),
+                Some(Reason::ConditionFailed(Some(item))) => {
+                    let current = decode_reservation(item)?;
+                    let same = current.status == commit.to
+                        && current.settlement.as_ref().map(|s| &s.report) == Some(&commit.settlement.report);
+                    Ok(if same { Transition::AlreadyApplied } else { Transition::VersionConflict })
+                }
                 Some(Reason::ConditionFailed(None)) => Ok(Transition::Refused("no such reservation".into())),
                 _ => Ok(Transition::VersionConflict),
             },
         }
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<(), PaymentError> {
+        let TransactWriteItem { put: Some(put), .. } = audit_put(&self.tables.ledger, event)? else {
+            return Err(PaymentError::LedgerInconsistent("an audit event is a put".into()));
+        };
+        self.client
+            .put_item()
+            .table_name(put.table_name)
+            .set_item(Some(put.item))
+            .send()
+            .await
+            .map_err(|e| classify("append audit event", e))?;
+        Ok(())
     }
 
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError> {

@@ -621,9 +621,7 @@ impl Store for SqliteStore {
             };
             match reservation.status {
                 ReservationStatus::Reserved => {}
-                ReservationStatus::Authorized | ReservationStatus::Settled
-                    if reservation.payment_id.as_deref() == Some(&commit.payment_id) =>
-                {
+                paid if paid.is_paid() && reservation.payment_id.as_deref() == Some(&commit.payment_id) => {
                     return Ok(Transition::AlreadyApplied);
                 }
                 other => {
@@ -636,6 +634,7 @@ impl Store for SqliteStore {
             };
             reservation.status = ReservationStatus::Authorized;
             reservation.payment_id = Some(commit.payment_id.clone());
+            reservation.payer = commit.payer.clone();
             reservation.updated_at = commit.now;
             put_reservation(tx, &reservation)?;
             record.status = IdempotencyStatus::Completed;
@@ -717,24 +716,28 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
-        self.write("settle", |tx| {
-            let Some(mut reservation) = get_reservation(tx, &audit.agent_id, reservation_id)? else {
+    async fn record_settlement(&self, commit: &SettlementCommit) -> Result<Transition, PaymentError> {
+        self.write("record settlement", |tx| {
+            let Some(mut reservation) = get_reservation(tx, &commit.agent_id, &commit.reservation_id)? else {
                 return Ok(Transition::Refused("no such reservation".into()));
             };
-            match reservation.status {
-                ReservationStatus::Authorized => {
-                    reservation.status = ReservationStatus::Settled;
-                    reservation.updated_at = audit.at;
-                    put_reservation(tx, &reservation)?;
-                    put_audit(tx, audit)?;
-                    Ok(Transition::Applied)
-                }
-                ReservationStatus::Settled => Ok(Transition::AlreadyApplied),
-                other => Ok(Transition::Refused(format!("reservation is {}", other.as_str()))),
+            if reservation.status != commit.from {
+                let same = reservation.status == commit.to
+                    && reservation.settlement.as_ref().map(|s| &s.report) == Some(&commit.settlement.report);
+                return Ok(if same { Transition::AlreadyApplied } else { Transition::VersionConflict });
             }
+            reservation.status = commit.to;
+            reservation.settlement = Some(commit.settlement.clone());
+            reservation.updated_at = commit.settlement.reported_at;
+            put_reservation(tx, &reservation)?;
+            put_audit(tx, &commit.audit)?;
+            Ok(Transition::Applied)
         })
         .await
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<(), PaymentError> {
+        self.write("append audit event", |tx| put_audit(tx, event)).await
     }
 
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError> {

@@ -142,9 +142,13 @@ impl Store for CountingStore {
         self.count("hold");
         self.inner.hold(commit).await
     }
-    async fn settle(&self, id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError> {
-        self.count("settle");
-        self.inner.settle(id, audit).await
+    async fn record_settlement(&self, commit: &SettlementCommit) -> Result<Transition, PaymentError> {
+        self.count("record_settlement");
+        self.inner.record_settlement(commit).await
+    }
+    async fn append_audit(&self, event: &AuditEvent) -> Result<(), PaymentError> {
+        self.count("append_audit");
+        self.inner.append_audit(event).await
     }
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError> {
         self.count("audit_events");

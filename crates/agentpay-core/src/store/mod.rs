@@ -135,6 +135,11 @@ pub enum ReservationStatus {
     Authorized,
     Settled,
     Released,
+    /// The merchant reported a settlement not yet final (a transaction, or `settlement_pending`).
+    SettlementPending,
+    /// The merchant reported a failed settlement. Still counted: the signed authorization can
+    /// be settled by whoever holds it until it expires.
+    SettlementFailed,
 }
 
 impl ReservationStatus {
@@ -144,8 +149,43 @@ impl ReservationStatus {
             ReservationStatus::Authorized => "AUTHORIZED",
             ReservationStatus::Settled => "SETTLED",
             ReservationStatus::Released => "RELEASED",
+            ReservationStatus::SettlementPending => "SETTLEMENT_PENDING",
+            ReservationStatus::SettlementFailed => "SETTLEMENT_FAILED",
         }
     }
+
+    /// A proof was recorded for it: it is never released by compensation.
+    pub fn is_paid(self) -> bool {
+        matches!(
+            self,
+            ReservationStatus::Authorized
+                | ReservationStatus::Settled
+                | ReservationStatus::SettlementPending
+                | ReservationStatus::SettlementFailed
+        )
+    }
+}
+
+/// What the ledger knows of a payment's settlement: the last report it accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settlement {
+    pub report: crate::settlement::SettlementReport,
+    /// Who reported it (the agent's IAM principal, an operator, `local:$USER`).
+    pub reported_by: String,
+    pub reported_at: Timestamp,
+}
+
+/// A settlement report's write: the reservation moves from what was read to `to`, with the
+/// report and its audit event, or nothing happens.
+#[derive(Debug, Clone)]
+pub struct SettlementCommit {
+    pub agent_id: String,
+    pub reservation_id: String,
+    pub from: ReservationStatus,
+    pub to: ReservationStatus,
+    pub settlement: Settlement,
+    pub audit: AuditEvent,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,6 +218,18 @@ pub struct Reservation {
     /// CheckSpend answers the same).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalNeed>,
+    /// For whom and why (the audit of what follows the payment, e.g. its settlement, says it
+    /// again without reading the request back).
+    #[serde(default)]
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<BusinessContext>,
+    /// The wallet that signed, from the proof (recorded with the authorization).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payer: Option<String>,
+    /// The last settlement report accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settlement: Option<Settlement>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -205,6 +257,12 @@ pub enum AuditKind {
     ApprovalGranted,
     /// A person rejected it (`decided_by`, `reason`); the payment is compensated.
     ApprovalRejected,
+    /// A settlement report said pending; still counted.
+    SettlementPending,
+    /// A settlement report said failed; still counted.
+    SettlementFailed,
+    /// A settlement report contradicted the payment or the ledger: refused, nothing changed.
+    SettlementRefused,
 }
 
 /// One line of the audit trail: who paid whom, why, under which limits.
@@ -246,6 +304,9 @@ pub struct AuditEvent {
     /// Why: an approval's trigger, a rejection's reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A settlement report this event is about (accepted or refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settlement: Option<Settlement>,
 }
 
 /// A change to an agent's policy.
@@ -399,6 +460,9 @@ pub struct AuthorizationCommit {
     /// What the payment adds to the agent's spend history (deviation detection), in the same
     /// write: a payment counts there once it is made, and only then.
     pub history: HistoryEntry,
+    /// The wallet that signed the proof, when the provider says (a settlement report's payer
+    /// is checked against it).
+    pub payer: Option<String>,
 }
 
 /// Compensate's single atomic write.
@@ -558,7 +622,12 @@ pub trait Store: Send + Sync {
     async fn hold(&self, commit: &HoldCommit) -> Result<Transition, PaymentError>;
 
     /// AUTHORIZED → SETTLED, on a settlement report.
-    async fn settle(&self, reservation_id: &str, audit: &AuditEvent) -> Result<Transition, PaymentError>;
+    /// A settlement report's transition (conditioned on the status read); `AlreadyApplied`
+    /// if the reservation already holds this very settlement, `VersionConflict` if it moved.
+    async fn record_settlement(&self, commit: &SettlementCommit) -> Result<Transition, PaymentError>;
+
+    /// One audit event on its own (a refused report); a retried write of it is a no-op.
+    async fn append_audit(&self, event: &AuditEvent) -> Result<(), PaymentError>;
 
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError>;
 
