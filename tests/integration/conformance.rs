@@ -300,7 +300,8 @@ async fn reserve_is_idempotent_and_authorize_and_settle_happen_once(backend: Bac
         reservation_id: reservation.id.clone(),
         from: ReservationStatus::Authorized,
         to: ReservationStatus::Settled,
-        settlement: settlement(tx),
+        settlement: Some(settlement(tx)),
+        refund: None,
         audit: settle_event(&reservation),
     };
     let tx = format!("0x{}", "cd".repeat(32));
@@ -313,6 +314,8 @@ async fn reserve_is_idempotent_and_authorize_and_settle_happen_once(backend: Bac
     assert_eq!(reservation.status, ReservationStatus::Settled);
     assert_eq!(reservation.settlement.unwrap().report.transaction, Some(tx));
     assert!(reservation.payer.is_some(), "the signer, from the proof");
+    let authorization = reservation.authorization.expect("the proof's EIP-3009 authorization");
+    assert!(authorization.nonce.len() == 66 && authorization.valid_before > reservation.created_at);
     // A settled payment still counts against the window.
     assert_eq!(f.store.agent_ledger(AGENT).await.unwrap().window.spent.get(), 10_000);
 }

@@ -60,8 +60,8 @@ pub struct SettlementRecorded {
 fn progress(status: crate::store::ReservationStatus) -> u8 {
     use crate::store::ReservationStatus::*;
     match status {
-        Reserved | Released => 0,
-        Authorized => 1,
+        Reserved | Released | Voided => 0,
+        Authorized | ExpiredUnconfirmed => 1,
         SettlementFailed => 2,
         SettlementPending => 3,
         Settled => 4,
@@ -158,7 +158,8 @@ impl Settlements {
                 from: reservation.status,
                 to,
                 audit: accepted_event(&reservation, &settlement, to),
-                settlement,
+                settlement: Some(settlement),
+                refund: None,
             };
             match self.store.record_settlement(&commit).await? {
                 crate::store::Transition::Applied => return Ok(recorded(to, false)),

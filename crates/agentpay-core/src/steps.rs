@@ -550,6 +550,7 @@ impl Steps {
                 context: Some(request.context.clone()),
                 payer: None,
                 settlement: None,
+                authorization: None,
                 created_at: now,
                 updated_at: now,
             };
@@ -867,6 +868,7 @@ impl Steps {
                 amount: payment.amount,
             },
             payer: input.proof.payer.clone(),
+            authorization: crate::provider::signed_authorization(&input.proof),
         };
         // Concurrent payments to one payee add to the same history day: a transaction that
         // met another is tried again, here, before the state machine's retry.

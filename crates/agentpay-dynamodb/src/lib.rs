@@ -189,6 +189,7 @@ const RESERVATION_OVERRIDES: &[(&str, Override)] = &[
     ("paymentId", Override::Text),
     ("payer", Override::Text),
     ("settlement", Override::Json),
+    ("authorization", Override::Json),
     ("updatedAt", Override::Timestamp),
 ];
 
@@ -586,8 +587,8 @@ impl DynamoStore {
         id: &str,
         from: ReservationStatus,
         to: ReservationStatus,
-        // The payment id and the payer, when the move records a proof.
-        payment_id: Option<(&str, Option<&str>)>,
+        // What a proof adds, when the move records one.
+        payment_id: Option<PaidFacts<'_>>,
         now: Timestamp,
     ) -> Result<TransactWriteItem, PaymentError> {
         let mut builder = Update::builder()
@@ -600,17 +601,32 @@ impl DynamoStore {
             .expression_attribute_values(":now", n(now.millis()))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         builder = match payment_id {
-            Some((payment_id, Some(payer))) => builder
-                .update_expression("SET #status = :to, updatedAt = :now, paymentId = :payment, payer = :payer")
-                .expression_attribute_values(":payment", s(payment_id))
-                .expression_attribute_values(":payer", s(payer)),
-            Some((payment_id, None)) => builder
-                .update_expression("SET #status = :to, updatedAt = :now, paymentId = :payment")
-                .expression_attribute_values(":payment", s(payment_id)),
+            Some(paid) => {
+                let mut set = vec!["#status = :to", "updatedAt = :now", "paymentId = :payment"];
+                builder = builder.expression_attribute_values(":payment", s(paid.payment_id));
+                if let Some(payer) = paid.payer {
+                    set.push("payer = :payer");
+                    builder = builder.expression_attribute_values(":payer", s(payer));
+                }
+                if let Some(authorization) = paid.authorization {
+                    set.push("#authorization = :authorization");
+                    builder = builder
+                        .expression_attribute_names("#authorization", "authorization")
+                        .expression_attribute_values(":authorization", json(authorization)?);
+                }
+                builder.update_expression(format!("SET {}", set.join(", ")))
+            }
             None => builder.update_expression("SET #status = :to, updatedAt = :now"),
         };
         Ok(TransactWriteItem::builder().update(builder.build().map_err(build_error)?).build())
     }
+}
+
+/// What RecordLedger's move writes besides the status.
+struct PaidFacts<'a> {
+    payment_id: &'a str,
+    payer: Option<&'a str>,
+    authorization: Option<&'a SignedAuthorization>,
 }
 
 fn decode_reservation(item: &Item) -> Result<Reservation, PaymentError> {
@@ -1042,7 +1058,11 @@ impl Store for DynamoStore {
                 &commit.reservation_id,
                 ReservationStatus::Reserved,
                 ReservationStatus::Authorized,
-                Some((&commit.payment_id, commit.payer.as_deref())),
+                Some(PaidFacts {
+                    payment_id: &commit.payment_id,
+                    payer: commit.payer.as_deref(),
+                    authorization: commit.authorization.as_ref(),
+                }),
                 commit.now,
             )?,
             self.fenced_idempotency_close(
@@ -1183,28 +1203,35 @@ impl Store for DynamoStore {
     }
 
     async fn record_settlement(&self, commit: &SettlementCommit) -> Result<Transition, PaymentError> {
-        let update = Update::builder()
+        let mut update = Update::builder()
             .table_name(&self.tables.ledger)
             .set_key(Some(self.reservation_key(&commit.agent_id, &commit.reservation_id)))
             .condition_expression("#status = :from")
-            .update_expression("SET #status = :to, settlement = :settlement, updatedAt = :now")
             .expression_attribute_names("#status", "status")
             .expression_attribute_values(":from", s(commit.from.as_str()))
             .expression_attribute_values(":to", s(commit.to.as_str()))
-            .expression_attribute_values(":settlement", json(&commit.settlement)?)
-            .expression_attribute_values(":now", n(commit.settlement.reported_at.millis()))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .build()
-            .map_err(build_error)?;
-        let items =
-            vec![TransactWriteItem::builder().update(update).build(), audit_put(&self.tables.ledger, &commit.audit)?];
+            .expression_attribute_values(":now", n(commit.audit.at.millis()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        update = match &commit.settlement {
+            Some(settlement) => update
+                .update_expression("SET #status = :to, settlement = :settlement, updatedAt = :now")
+                .expression_attribute_values(":settlement", json(settlement)?),
+            None => update.update_expression("SET #status = :to, updatedAt = :now"),
+        };
+        let mut items = vec![
+            TransactWriteItem::builder().update(update.build().map_err(build_error)?).build(),
+            audit_put(&self.tables.ledger, &commit.audit)?,
+        ];
+        if let Some(refund) = &commit.refund {
+            items.push(window_item::transact_item(&self.tables.ledger, window_key(&commit.agent_id), refund)?);
+        }
         match self.transact("record settlement", items).await? {
             TxOutcome::Committed => Ok(Transition::Applied),
             TxOutcome::Cancelled(cancelled) => match reasons(&cancelled).first() {
                 Some(Reason::ConditionFailed(Some(item))) => {
                     let current = decode_reservation(item)?;
                     let same = current.status == commit.to
-                        && current.settlement.as_ref().map(|s| &s.report) == Some(&commit.settlement.report);
+                        && (commit.settlement.is_none() || current.settlement == commit.settlement);
                     Ok(if same { Transition::AlreadyApplied } else { Transition::VersionConflict })
                 }
                 Some(Reason::ConditionFailed(None)) => Ok(Transition::Refused("no such reservation".into())),

@@ -635,6 +635,7 @@ impl Store for SqliteStore {
             reservation.status = ReservationStatus::Authorized;
             reservation.payment_id = Some(commit.payment_id.clone());
             reservation.payer = commit.payer.clone();
+            reservation.authorization = commit.authorization.clone();
             reservation.updated_at = commit.now;
             put_reservation(tx, &reservation)?;
             record.status = IdempotencyStatus::Completed;
@@ -723,12 +724,19 @@ impl Store for SqliteStore {
             };
             if reservation.status != commit.from {
                 let same = reservation.status == commit.to
-                    && reservation.settlement.as_ref().map(|s| &s.report) == Some(&commit.settlement.report);
+                    && (commit.settlement.is_none() || reservation.settlement == commit.settlement);
                 return Ok(if same { Transition::AlreadyApplied } else { Transition::VersionConflict });
             }
+            if let Some(refund) = &commit.refund
+                && write_window(tx, &commit.agent_id, refund)?.is_err()
+            {
+                return Ok(Transition::VersionConflict);
+            }
             reservation.status = commit.to;
-            reservation.settlement = Some(commit.settlement.clone());
-            reservation.updated_at = commit.settlement.reported_at;
+            if let Some(settlement) = &commit.settlement {
+                reservation.settlement = Some(settlement.clone());
+            }
+            reservation.updated_at = commit.audit.at;
             put_reservation(tx, &reservation)?;
             put_audit(tx, &commit.audit)?;
             Ok(Transition::Applied)

@@ -96,3 +96,31 @@ pub trait IssuedProofs: Send + Sync {
     /// Stores `entry` unless one exists for the token; returns the one that is stored.
     async fn record_issued(&self, client_token: &str, entry: &IssuedProof) -> Result<IssuedProof, PaymentError>;
 }
+
+/// The EIP-3009 authorization a proof's header carries (x402 `PAYMENT-SIGNATURE` /
+/// `X-PAYMENT`, or an MPP credential): its nonce and `validBefore`. `None` for a proof of
+/// another shape. The nonce is no secret once the payment is sent; the signature is not kept.
+pub fn signed_authorization(proof: &PaymentProof) -> Option<crate::store::SignedAuthorization> {
+    use base64::Engine;
+    let value = proof.header.value.trim();
+    let value = value.strip_prefix("Payment ").unwrap_or(value);
+    let engines = [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE,
+    ];
+    let bytes = engines.iter().find_map(|engine| engine.decode(value).ok())?;
+    let payload: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let authorization = &payload["payload"]["authorization"];
+    let nonce = authorization["nonce"].as_str()?;
+    let hex = nonce.strip_prefix("0x").filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    let valid_before = match &authorization["validBefore"] {
+        serde_json::Value::String(text) => text.parse::<i64>().ok(),
+        serde_json::Value::Number(n) => n.as_i64(),
+        _ => None,
+    }?;
+    Some(crate::store::SignedAuthorization {
+        nonce: format!("0x{}", hex.to_ascii_lowercase()),
+        valid_before: crate::clock::Timestamp::from_millis(valid_before.checked_mul(1000)?),
+    })
+}

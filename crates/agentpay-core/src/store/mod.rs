@@ -140,6 +140,12 @@ pub enum ReservationStatus {
     /// The merchant reported a failed settlement. Still counted: the signed authorization can
     /// be settled by whoever holds it until it expires.
     SettlementFailed,
+    /// Its authorization expired with no report and no chain to ask: still counted, listed
+    /// for reconciliation.
+    ExpiredUnconfirmed,
+    /// Its authorization expired unused, as the chain says: it can never move money, so its
+    /// budget came back.
+    Voided,
 }
 
 impl ReservationStatus {
@@ -151,6 +157,8 @@ impl ReservationStatus {
             ReservationStatus::Released => "RELEASED",
             ReservationStatus::SettlementPending => "SETTLEMENT_PENDING",
             ReservationStatus::SettlementFailed => "SETTLEMENT_FAILED",
+            ReservationStatus::ExpiredUnconfirmed => "EXPIRED_UNCONFIRMED",
+            ReservationStatus::Voided => "VOIDED",
         }
     }
 
@@ -162,8 +170,18 @@ impl ReservationStatus {
                 | ReservationStatus::Settled
                 | ReservationStatus::SettlementPending
                 | ReservationStatus::SettlementFailed
+                | ReservationStatus::ExpiredUnconfirmed
         )
     }
+}
+
+/// The signed transfer authorization behind a proof: its nonce and until when it can be used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignedAuthorization {
+    /// `0x` and 64 hex digits.
+    pub nonce: String,
+    pub valid_before: Timestamp,
 }
 
 /// What the ledger knows of a payment's settlement: the last report it accepted.
@@ -184,7 +202,10 @@ pub struct SettlementCommit {
     pub reservation_id: String,
     pub from: ReservationStatus,
     pub to: ReservationStatus,
-    pub settlement: Settlement,
+    /// The report recorded (None: the chain decided; the report on file stays).
+    pub settlement: Option<Settlement>,
+    /// VOIDED only: the payment's slots given back to the window.
+    pub refund: Option<crate::window::WindowWrite>,
     pub audit: AuditEvent,
 }
 
@@ -230,6 +251,10 @@ pub struct Reservation {
     /// The last settlement report accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settlement: Option<Settlement>,
+    /// The EIP-3009 authorization the proof carries (recorded with the authorization): after
+    /// `valid_before` the chain says for good whether it was used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<SignedAuthorization>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -463,6 +488,8 @@ pub struct AuthorizationCommit {
     /// The wallet that signed the proof, when the provider says (a settlement report's payer
     /// is checked against it).
     pub payer: Option<String>,
+    /// The authorization the proof carries, when it is an EIP-3009 one.
+    pub authorization: Option<SignedAuthorization>,
 }
 
 /// Compensate's single atomic write.
