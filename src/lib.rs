@@ -19,6 +19,7 @@ pub use agentpay_core::{
 };
 
 pub mod approvals;
+pub mod chain;
 pub mod client;
 pub mod config;
 pub mod local;

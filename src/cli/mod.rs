@@ -128,6 +128,18 @@ pub enum Command {
     /// the payment forward (SETTLED, SETTLEMENT_PENDING, SETTLEMENT_FAILED) and keeps it
     /// counted; a report that contradicts the payment is refused and audited.
     Settle(Box<SettleArgs>),
+    /// Follow payments past their proof: every expired authorization is checked on the chain
+    /// (AGENTPAY_RPC_URLS="eip155:84532=https://..."): used ones are SETTLED, unused ones VOIDED
+    /// and their budget released; with no endpoint, AUTHORIZED ones become EXPIRED_UNCONFIRMED
+    /// and stay counted. Then a summary per agent: counts and sums per state.
+    Reconcile {
+        /// One agent (default: every agent with a policy).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Say what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// A scripted tour on a fresh embedded store: every path of the workflow.
     Demo,
     /// Create the DynamoDB tables (for `--store dynamodb` against a local endpoint).
@@ -466,6 +478,11 @@ pub async fn run(mut cli: Cli) -> Result<i32, CliError> {
             Ok(0)
         }
         Command::Demo => crate::cli::demo::run(cli.json).await,
+        Command::Reconcile { agent, dry_run } => {
+            let ctx = cli.open(false).await?;
+            reconcile(&ctx, agent.as_deref(), *dry_run, cli.json).await?;
+            Ok(0)
+        }
         Command::Settle(args) => {
             let ctx = cli.open(false).await?;
             let reporter = crate::cli::approvals::operator(&cli).await?;
@@ -707,6 +724,75 @@ pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
         table.add_row(vec![agent.to_owned(), setting.to_owned(), value]);
     }
     table
+}
+
+async fn reconcile(ctx: &Context, agent: Option<&str>, dry_run: bool, json: bool) -> Result<(), CliError> {
+    let store = &ctx.app.store;
+    let chain = agentpay::chain::JsonRpcChain::from_env()?;
+    let settlements = agentpay::settlements::Settlements::new(store.clone(), Arc::new(SystemClock));
+    let agents = match agent {
+        Some(agent) => vec![agent.to_owned()],
+        None => store.agents().await?,
+    };
+    let mut report = Vec::new();
+    for agent in &agents {
+        let changes = settlements.check_expired(agent, &chain, dry_run).await?;
+        let mut states: std::collections::BTreeMap<&'static str, (u64, u128)> = Default::default();
+        for reservation in store.reservations(agent).await? {
+            let entry = states.entry(reservation.status.as_str()).or_default();
+            entry.0 += 1;
+            entry.1 += u128::from(reservation.amount.get());
+        }
+        report.push((agent.clone(), changes, states));
+    }
+    if json {
+        let agents: Vec<Value> = report
+            .iter()
+            .map(|(agent, changes, states)| {
+                let states: serde_json::Map<String, Value> = states
+                    .iter()
+                    .map(|(state, (count, sum))| {
+                        ((*state).to_owned(), json!({"count": count, "atomic": sum.to_string()}))
+                    })
+                    .collect();
+                json!({"agentId": agent, "changes": changes, "states": states})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"dryRun": dry_run, "chains": chain.networks(), "agents": agents}))?
+        );
+        return Ok(());
+    }
+    if chain.networks().is_empty() {
+        println!(
+            "no JSON-RPC endpoint configured ({}): nothing can be released, expired payments stay counted",
+            agentpay::chain::RPC_URLS_VAR
+        );
+    }
+    for (agent, changes, states) in &report {
+        let verb = if dry_run { "would change" } else { "changed" };
+        println!("agent {agent}: {} payment(s) {verb}", changes.len());
+        if !changes.is_empty() {
+            let mut table = new_table(&["key", "amount (atomic)", "from", "to", "why"]);
+            for change in changes {
+                table.add_row(vec![
+                    change.idempotency_key.clone(),
+                    change.amount.get().to_string(),
+                    change.before.as_str().to_owned(),
+                    change.after.as_str().to_owned(),
+                    change.evidence.clone(),
+                ]);
+            }
+            println!("{table}");
+        }
+        let mut table = new_table(&["state", "payments", "sum (atomic)"]);
+        for (state, (count, sum)) in states {
+            table.add_row(vec![(*state).to_owned(), count.to_string(), sum.to_string()]);
+        }
+        println!("{table}");
+    }
+    Ok(())
 }
 
 /// The automatic trips a policy sets, as one line.

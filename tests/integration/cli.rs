@@ -493,4 +493,22 @@ fn a_settlement_report_moves_a_payment_forward_from_the_command_line() {
     assert!(String::from_utf8_lossy(&garbled.stderr).contains("paymentResponse"), "{garbled:?}");
     let none = agentpay(dir.path(), &["settle", "demo-paid-1", "--agent", "demo-agent"]);
     assert!(!none.status.success(), "one of the three answers is required");
+
+    // Reconcile: the authorization has not expired yet; the summary counts it as settled.
+    let reconciled = agentpay(dir.path(), &["reconcile", "--dry-run"]);
+    assert!(reconciled.status.success(), "{reconciled:?}");
+    let text = stdout(&reconciled);
+    assert!(text.contains("no JSON-RPC endpoint configured") && text.contains("0 payment(s) would change"), "{text}");
+    assert!(text.contains("SETTLED") && text.contains("500000"), "{text}");
+    let summary: Value = serde_json::from_slice(&agentpay(dir.path(), &["--json", "reconcile"]).stdout).unwrap();
+    assert_eq!(summary["agents"][0]["states"]["SETTLED"]["count"], 1, "{summary}");
+    let misconfigured = Command::new(env!("CARGO_BIN_EXE_agentpay"))
+        .args(["--data-dir", dir.path().to_str().unwrap(), "reconcile"])
+        .env("AGENTPAY_RPC_URLS", "eip155:84532")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&misconfigured.stderr)
+            .contains("AGENTPAY_RPC_URLS: \"eip155:84532\" is not network=url")
+    );
 }

@@ -159,6 +159,7 @@ conformance!(
     the_spend_history_keeps_each_payment_by_day_payee_and_category,
     trip_counters_are_written_only_over_the_version_read,
     settlement_reports_move_a_payment_forward_and_never_free_its_budget,
+    only_the_chain_releases_an_expired_authorization,
 );
 
 async fn claim_then_cached_result(backend: Backend) {
@@ -871,4 +872,80 @@ async fn settlement_reports_move_a_payment_forward_and_never_free_its_budget(bac
     f.compensate(&input, "exec-released", &claim, "ProviderRejected").await.unwrap();
     let released = settlements.report(AGENT, "k-settle-released", &settled, "local:agent").await.unwrap_err();
     assert!(matches!(released, SettlementError::NotAuthorized { status: "RELEASED", .. }), "{released}");
+}
+
+async fn only_the_chain_releases_an_expired_authorization(backend: Backend) {
+    use agentpay::chain::JsonRpcChain;
+    use agentpay::settlement::ReportInput;
+    use agentpay::settlements::{NoChain, Settlements};
+    use agentpay::store::ReservationStatus::*;
+    use base64::Engine;
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;
+    let node = crate::chain_emulator::ChainEmulator::start().await;
+    let chain = JsonRpcChain::from_list(&format!("eip155:84532={}", node.url)).unwrap();
+    let settlements = Settlements::new(f.store.clone(), f.clock.clone());
+    let mut reservations = Vec::new();
+    for key in ["k-used", "k-unused", "k-silent"] {
+        let input = execution_input(key, AGENT, "10000");
+        let execution = format!("exec-{key}");
+        let claim = f.claim(&input, &execution).await.unwrap();
+        f.pay(&input, &execution, &claim).await.unwrap();
+        reservations.push(f.store.reservation(AGENT, &claim.reservation_id).await.unwrap().unwrap());
+    }
+    let used = &reservations[0];
+    node.mark_used(used.payer.as_deref().unwrap(), &used.authorization.as_ref().unwrap().nonce);
+    let status = |id: String| {
+        let store = f.store.clone();
+        async move { store.reservation(AGENT, &id).await.unwrap().unwrap().status }
+    };
+    let spent = || async { f.store.agent_ledger(AGENT).await.unwrap().window.spent.get() };
+
+    // Before validBefore nothing is asked.
+    assert!(settlements.check_expired(AGENT, &chain, false).await.unwrap().is_empty());
+    assert!(node.calls().is_empty());
+    f.clock.advance(Duration::from_secs(2 * 3600));
+
+    // A dry run says what would happen and changes nothing.
+    let planned = settlements.check_expired(AGENT, &chain, true).await.unwrap();
+    let mut after: Vec<_> = planned.iter().map(|c| (c.idempotency_key.as_str(), c.after)).collect();
+    after.sort_by_key(|(key, _)| *key);
+    assert_eq!(after, [("k-silent", Voided), ("k-unused", Voided), ("k-used", Settled)]);
+    assert_eq!(status(used.id.clone()).await, Authorized);
+    assert_eq!(spent().await, 30_000);
+
+    // No chain to ask: expired and unconfirmed, still counted.
+    let unasked = settlements.check_expired(AGENT, &NoChain, false).await.unwrap();
+    assert!(unasked.iter().all(|c| c.after == ExpiredUnconfirmed), "{unasked:?}");
+    assert_eq!(unasked.len(), 3);
+    assert!(unasked[0].evidence.contains("no JSON-RPC endpoint for eip155:84532"), "{unasked:?}");
+    assert_eq!(spent().await, 30_000, "nothing released without the chain's word");
+
+    // The agent reports failures, the used one among them: reports never release.
+    let failed = serde_json::json!({"success": false, "transaction": "", "errorReason": "insufficient_funds"});
+    let failed = ReportInput::X402V2(base64::engine::general_purpose::STANDARD.encode(failed.to_string()));
+    for key in ["k-used", "k-unused"] {
+        let recorded = settlements.report(AGENT, key, &failed, "local:agent").await.unwrap();
+        assert_eq!(recorded.status, SettlementFailed);
+    }
+    assert_eq!(spent().await, 30_000);
+
+    // The chain decides: used is settled whatever was reported; the unused are voided and
+    // their budget released.
+    let decided = settlements.check_expired(AGENT, &chain, false).await.unwrap();
+    assert_eq!(decided.len(), 3, "{decided:?}");
+    assert_eq!(status(used.id.clone()).await, Settled);
+    assert_eq!(status(reservations[1].id.clone()).await, Voided);
+    assert_eq!(status(reservations[2].id.clone()).await, Voided);
+    assert_eq!(spent().await, 10_000, "only the used authorization still counts");
+    let audit = f.store.audit_events(AGENT).await.unwrap();
+    assert_eq!(audit.iter().filter(|e| e.kind == AuditKind::Voided).count(), 2);
+    assert!(
+        audit.iter().any(|e| e.kind == AuditKind::Settled && e.reason.as_deref().is_some_and(|r| r.contains("used")))
+    );
+    // Final: a second sweep asks nothing more, and a voided payment takes no report.
+    let calls = node.calls().len();
+    assert!(settlements.check_expired(AGENT, &chain, false).await.unwrap().is_empty());
+    assert_eq!(node.calls().len(), calls);
+    let late = settlements.report(AGENT, "k-unused", &failed, "local:agent").await.unwrap_err();
+    assert_eq!(late.name(), "NotAuthorized");
 }

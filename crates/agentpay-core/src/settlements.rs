@@ -232,6 +232,182 @@ impl Settlements {
     }
 }
 
+/// What a chain says of an EIP-3009 authorization: `authorizationState(authorizer, nonce)`
+/// on the token contract, read-only.
+#[async_trait::async_trait]
+pub trait ChainReader: Send + Sync {
+    /// `None`: no endpoint is configured for `network`, so nothing can be concluded.
+    async fn authorization_used(
+        &self,
+        network: crate::payment::Network,
+        token: &str,
+        authorizer: &str,
+        nonce: &str,
+    ) -> Result<Option<bool>, crate::error::PaymentError>;
+}
+
+/// No chain configured: every question is answered "cannot tell".
+pub struct NoChain;
+
+#[async_trait::async_trait]
+impl ChainReader for NoChain {
+    async fn authorization_used(
+        &self,
+        _: crate::payment::Network,
+        _: &str,
+        _: &str,
+        _: &str,
+    ) -> Result<Option<bool>, crate::error::PaymentError> {
+        Ok(None)
+    }
+}
+
+/// What the expiry check did (or, in a dry run, would do) to one payment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpiryCheck {
+    pub idempotency_key: String,
+    pub reservation_id: String,
+    pub amount: crate::money::AtomicAmount,
+    pub before: crate::store::ReservationStatus,
+    pub after: crate::store::ReservationStatus,
+    /// Why, in a sentence.
+    pub evidence: String,
+}
+
+impl Settlements {
+    /// Every payment of `agent` whose authorization has expired (`validBefore` passed) and is
+    /// not final: the chain says whether it was used. Used: SETTLED, whatever was reported.
+    /// Unused: VOIDED, its budget released (it can never move money now). No chain to ask: an
+    /// AUTHORIZED one becomes EXPIRED_UNCONFIRMED, still counted; nothing is ever released
+    /// without the chain's word. `dry_run` writes nothing.
+    pub async fn check_expired(
+        &self,
+        agent: &str,
+        chain: &dyn ChainReader,
+        dry_run: bool,
+    ) -> Result<Vec<ExpiryCheck>, SettlementError> {
+        use crate::store::ReservationStatus::*;
+        let now = self.clock.now();
+        let mut checked = Vec::new();
+        for reservation in self.store.reservations(agent).await? {
+            if !matches!(reservation.status, Authorized | SettlementPending | SettlementFailed | ExpiredUnconfirmed) {
+                continue;
+            }
+            let (Some(authorization), Some(payer)) = (&reservation.authorization, &reservation.payer) else { continue };
+            if authorization.valid_before >= now {
+                continue;
+            }
+            let used =
+                chain.authorization_used(reservation.network, &reservation.asset, payer, &authorization.nonce).await?;
+            let (after, evidence) = match used {
+                Some(true) => (Settled, "the chain says the authorization was used: settled".to_owned()),
+                Some(false) => (
+                    Voided,
+                    format!(
+                        "the chain says the authorization was never used and it expired at {}: voided, budget released",
+                        authorization.valid_before
+                    ),
+                ),
+                None if reservation.status == Authorized => (
+                    ExpiredUnconfirmed,
+                    format!(
+                        "expired at {} with no settlement report, and no JSON-RPC endpoint for {} to ask: still counted",
+                        authorization.valid_before, reservation.network
+                    ),
+                ),
+                None => continue,
+            };
+            if !dry_run {
+                self.expire(&reservation, after, &evidence).await?;
+            }
+            checked.push(ExpiryCheck {
+                idempotency_key: reservation.idempotency_key.clone(),
+                reservation_id: reservation.id.clone(),
+                amount: reservation.amount,
+                before: reservation.status,
+                after,
+                evidence,
+            });
+        }
+        Ok(checked)
+    }
+
+    /// The chain's verdict written: the move, its audit event, and for VOIDED the refund of
+    /// the payment's window slots (decided on the window as read; a moved window is read again).
+    async fn expire(
+        &self,
+        reservation: &crate::store::Reservation,
+        to: crate::store::ReservationStatus,
+        evidence: &str,
+    ) -> Result<(), SettlementError> {
+        use crate::store::{AuditKind, ReservationStatus, Transition};
+        let kind = match to {
+            ReservationStatus::Voided => AuditKind::Voided,
+            ReservationStatus::ExpiredUnconfirmed => AuditKind::ExpiredUnconfirmed,
+            _ => AuditKind::Settled,
+        };
+        let settlement = crate::store::Settlement {
+            report: reservation.settlement.as_ref().map(|s| s.report.clone()).unwrap_or(SettlementReport {
+                outcome: ReportedOutcome::Settled,
+                transaction: None,
+                network: None,
+                payer: None,
+                amount: None,
+                error_reason: None,
+            }),
+            reported_by: "agentpay (chain check)".into(),
+            reported_at: self.clock.now(),
+        };
+        let audit = crate::store::AuditEvent {
+            kind,
+            reason: Some(evidence.to_owned()),
+            settlement: None,
+            ..event(reservation, &settlement, to.as_str())
+        };
+        for _ in 0..4 {
+            let refund = match to {
+                ReservationStatus::Voided => {
+                    let window = self.store.agent_ledger(&reservation.agent_id).await?.window;
+                    match window.refund_for(reservation.charged_at(), reservation.amount) {
+                        crate::window::WindowWrite::Refund { amount_at: None, count_at: None, .. } => None,
+                        refund => Some(refund),
+                    }
+                }
+                _ => None,
+            };
+            let commit = crate::store::SettlementCommit {
+                agent_id: reservation.agent_id.clone(),
+                reservation_id: reservation.id.clone(),
+                from: reservation.status,
+                to,
+                settlement: None,
+                refund,
+                audit: audit.clone(),
+            };
+            match self.store.record_settlement(&commit).await? {
+                Transition::Applied | Transition::AlreadyApplied => return Ok(()),
+                // The window moved (try again), or the payment did (a report came in between:
+                // the next check decides on it).
+                Transition::VersionConflict => {
+                    let now = self.store.reservation(&reservation.agent_id, &reservation.id).await?;
+                    if now.is_none_or(|r| r.status != reservation.status) {
+                        return Ok(());
+                    }
+                }
+                other => {
+                    return Err(crate::error::PaymentError::LedgerInconsistent(format!(
+                        "expiry of {}: {other:?}",
+                        reservation.id
+                    ))
+                    .into());
+                }
+            }
+        }
+        Err(crate::error::PaymentError::LedgerConflict { agent: reservation.agent_id.clone(), attempts: 4 }.into())
+    }
+}
+
 /// The audit event of an accepted report: deterministic per report, so a retry adds nothing.
 fn accepted_event(
     reservation: &crate::store::Reservation,

@@ -288,6 +288,10 @@ pub enum AuditKind {
     SettlementFailed,
     /// A settlement report contradicted the payment or the ledger: refused, nothing changed.
     SettlementRefused,
+    /// The authorization expired and no chain could be asked: still counted.
+    ExpiredUnconfirmed,
+    /// The chain says the expired authorization was never used: its budget came back.
+    Voided,
 }
 
 /// One line of the audit trail: who paid whom, why, under which limits.
