@@ -3,6 +3,7 @@
 mod approvals;
 mod aws;
 mod demo;
+mod export;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -315,7 +316,25 @@ pub enum ApprovalsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum LedgerCommand {
-    Show { agent: String },
+    Show {
+        agent: String,
+    },
+    /// One row per payment for accounting: its business context, states and timestamps
+    /// (stable columns, see the README).
+    Export {
+        agent: String,
+        /// Payments created since: a duration back from now (`30d`, `12h`) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: ExportFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    Csv,
+    Jsonl,
 }
 
 #[derive(Debug, clap::Args)]
@@ -466,6 +485,13 @@ impl Cli {
 pub async fn run(mut cli: Cli) -> Result<i32, CliError> {
     cli.command = cli.command.canonical();
     match &cli.command {
+        Command::Ledger(LedgerCommand::Export { agent, since, format }) => {
+            let ctx = cli.open(false).await?;
+            let since = since.as_deref().map(|text| parse_since(text, SystemClock.now())).transpose()?;
+            let rows = crate::cli::export::rows(&ctx.app.store, agent, since).await?;
+            crate::cli::export::write(&rows, *format, std::io::stdout().lock())?;
+            Ok(0)
+        }
         Command::Ledger(LedgerCommand::Show { agent }) => {
             let ctx = cli.open(false).await?;
             print_ledger(&ctx, agent).await?;
@@ -793,6 +819,28 @@ async fn reconcile(ctx: &Context, agent: Option<&str>, dry_run: bool, json: bool
         println!("{table}");
     }
     Ok(())
+}
+
+/// `30d`, `12h`, `90m` back from `now`, or an RFC 3339 time.
+fn parse_since(text: &str, now: Timestamp) -> Result<Timestamp, String> {
+    let expected =
+        || format!("--since: received {text:?}, expected a duration like 30d, 12h or 90m, or an RFC 3339 time");
+    if let Some(at) = Timestamp::parse_rfc3339(text) {
+        return Ok(at);
+    }
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).ok_or_else(expected)?);
+    let number: i64 = number.parse().map_err(|_| expected())?;
+    let minutes = match unit {
+        "d" => number.checked_mul(24 * 60),
+        "h" => number.checked_mul(60),
+        "m" => Some(number),
+        _ => None,
+    }
+    .ok_or_else(expected)?;
+    minutes
+        .checked_mul(60_000)
+        .map(|millis| Timestamp::from_millis(now.millis().saturating_sub(millis)))
+        .ok_or_else(expected)
 }
 
 /// The automatic trips a policy sets, as one line.

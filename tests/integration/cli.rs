@@ -494,6 +494,26 @@ fn a_settlement_report_moves_a_payment_forward_from_the_command_line() {
     let none = agentpay(dir.path(), &["settle", "demo-paid-1", "--agent", "demo-agent"]);
     assert!(!none.status.success(), "one of the three answers is required");
 
+    // The accounting export: one row per payment, its context, state and transaction.
+    let csv = stdout(&agentpay(dir.path(), &["ledger", "export", "demo-agent"]));
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 2, "{csv}");
+    assert!(lines[0].starts_with("idempotencyKey,reservationId,agentId,userId,status,amountAtomic,"), "{csv}");
+    assert!(
+        lines[1].starts_with("demo-paid-1,") && lines[1].contains(",SETTLED,500000,") && lines[1].contains(&tx),
+        "{csv}"
+    );
+    let jsonl =
+        stdout(&agentpay(dir.path(), &["ledger", "export", "demo-agent", "--format", "jsonl", "--since", "1d"]));
+    let row: Value = serde_json::from_str(jsonl.lines().next().unwrap()).unwrap();
+    assert_eq!((row["status"].as_str(), row["amountAtomic"].as_str()), (Some("SETTLED"), Some("500000")));
+    let later = agentpay(dir.path(), &["ledger", "export", "demo-agent", "--since", "2999-01-01T00:00:00Z"]);
+    assert_eq!(stdout(&later).lines().count(), 1, "only the header");
+    let bad = agentpay(dir.path(), &["ledger", "export", "demo-agent", "--since", "last week"]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--since: received \"last week\", expected a duration like 30d")
+    );
+
     // Reconcile: the authorization has not expired yet; the summary counts it as settled.
     let reconciled = agentpay(dir.path(), &["reconcile", "--dry-run"]);
     assert!(reconciled.status.success(), "{reconciled:?}");
