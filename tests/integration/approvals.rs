@@ -263,64 +263,9 @@ async fn the_agent_hears_that_its_payment_waits_for_a_person() {
     assert!(matches!(paid.answer(), agentpay::client::PaymentAnswer::Paid { .. }), "{:?}", paid.answer());
 }
 
-/// What the steps count, captured on this test's thread only (other tests run in parallel).
-#[derive(Default, Clone)]
-struct Captured(Arc<std::sync::Mutex<Vec<Recorded>>>);
-
-/// One value: the metric's name, its labels, the value.
-type Recorded = (String, Vec<(String, String)>, f64);
-
-struct Instrument(Captured, metrics::Key);
-
-impl metrics::CounterFn for Instrument {
-    fn increment(&self, value: u64) {
-        self.record_value(value as f64);
-    }
-    fn absolute(&self, value: u64) {
-        self.record_value(value as f64);
-    }
-}
-
-impl metrics::HistogramFn for Instrument {
-    fn record(&self, value: f64) {
-        self.record_value(value);
-    }
-}
-
-impl Instrument {
-    fn record_value(&self, value: f64) {
-        let labels = self.1.labels().map(|l| (l.key().to_owned(), l.value().to_owned())).collect();
-        self.0.0.lock().unwrap().push((self.1.name().to_owned(), labels, value));
-    }
-}
-
-impl metrics::Recorder for Captured {
-    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        metrics::Counter::from_arc(Arc::new(Instrument(self.clone(), key.clone())))
-    }
-    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::noop()
-    }
-    fn register_histogram(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
-        metrics::Histogram::from_arc(Arc::new(Instrument(self.clone(), key.clone())))
-    }
-}
-
-impl Captured {
-    /// The values recorded for `name` with `Decision` = `decision`.
-    fn decisions(&self, name: &str, decision: &str) -> Vec<f64> {
-        let seen = self.0.lock().unwrap();
-        let matches = |labels: &Vec<(String, String)>| labels.iter().any(|(k, v)| k == "Decision" && v == decision);
-        seen.iter().filter(|(n, labels, _)| n == name && matches(labels)).map(|(_, _, v)| *v).collect()
-    }
-}
-
 #[test]
 fn each_decision_is_counted_with_how_long_the_payment_waited() {
-    let captured = Captured::default();
+    let captured = crate::helpers::Captured::default();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     metrics::with_local_recorder(&captured, || {
         runtime.block_on(async {

@@ -170,6 +170,23 @@ async fn flags_an_hour_apart_do_not_trip() {
     assert_eq!(error(&f.pay("9000000").await).0, "KillSwitchTripped", "two within this hour");
 }
 
+#[test]
+fn a_trip_is_counted_for_the_alarm_that_tells_the_operators() {
+    let captured = crate::helpers::Captured::default();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    metrics::with_local_recorder(&captured, || {
+        runtime.block_on(async {
+            let f = Fixture::new(json!({"autoPause": {"spendPerHourUsd": "1.50"}})).await;
+            f.pay("1000000").await;
+            assert_eq!(error(&f.pay("1000000").await).0, "KillSwitchTripped");
+            // Paused: later payments are denied, not tripped again.
+            assert_eq!(error(&f.pay("1000000").await).0, "AgentPaused");
+        })
+    });
+    // Once in total and once for the agent (the alarm reads the total).
+    assert_eq!(captured.values("KillSwitchTrips"), [1.0, 1.0]);
+}
+
 #[tokio::test]
 async fn spend_velocity_pauses_the_agent_before_the_payment_that_would_pass_it() {
     let f = Fixture::new(json!({"autoPause": {"spendPerHourUsd": "2.50"}})).await;
