@@ -681,13 +681,17 @@ impl Steps {
 
     /// Counts a decision that reached the workflow, with how long the payment waited (from
     /// the approval record: decided minus requested; a time-out waited its whole time-out).
-    async fn approval_metrics(&self, approval_id: &str, decision: &'static str) -> Result<(), PaymentError> {
-        if let Some(record) = self.store.approval(approval_id).await? {
-            let ended = if decision == "TimedOut" { Some(record.expires_at) } else { record.decided_at };
-            let waited = ended.map_or(0, |at| at.millis().saturating_sub(record.requested_at.millis()) / 1000);
-            crate::metrics::approval_decided(decision, u64::try_from(waited).unwrap_or(0));
+    /// Best effort: a metric never fails the step that records money.
+    async fn approval_metrics(&self, approval_id: &str, decision: &'static str) {
+        match self.store.approval(approval_id).await {
+            Ok(Some(record)) => {
+                let ended = if decision == "TimedOut" { Some(record.expires_at) } else { record.decided_at };
+                let waited = ended.map_or(0, |at| at.millis().saturating_sub(record.requested_at.millis()) / 1000);
+                crate::metrics::approval_decided(decision, u64::try_from(waited).unwrap_or(0));
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(approval_id, error = %error, "approval decision not counted"),
         }
-        Ok(())
     }
 
     /// A retried CheckSpend meets the reservation its claim made. Released means the claim was
@@ -880,11 +884,14 @@ impl Steps {
             conflict_backoff(attempt).await;
             transition = self.store.authorize(&commit).await?;
         }
-        // A person approved this one: rejections before it are no longer "in a row" (counted
-        // again by a retry that finds the payment recorded, in case this try died here).
-        if input.reservation.approval.required && matches!(transition, Transition::Applied | Transition::AlreadyApplied)
+        // A person approved this one: rejections before it are no longer "in a row". Best
+        // effort: the payment is recorded, and a streak not forgotten can only pause the agent
+        // sooner, never let it spend more; a step failing here would fail a paid execution.
+        if input.reservation.approval.required
+            && matches!(transition, Transition::Applied | Transition::AlreadyApplied)
+            && let Err(error) = self.count_decision(&commit.audit.agent_id, TripEvent::ApprovalGranted).await
         {
-            self.count_decision(&commit.audit.agent_id, TripEvent::ApprovalGranted).await?;
+            tracing::warn!(agent = %commit.audit.agent_id, error = %error, "approved payment not counted for the rejection trip");
         }
         match transition {
             Transition::Applied => {
@@ -892,7 +899,7 @@ impl Steps {
                 if let Some(id) =
                     input.reservation.approval.id.as_deref().filter(|_| input.reservation.approval.required)
                 {
-                    self.approval_metrics(id, "Approved").await?;
+                    self.approval_metrics(id, "Approved").await;
                 }
                 Ok(outcome)
             }
@@ -1080,7 +1087,7 @@ impl Steps {
             if let (Some(decision), Some(reservation)) = (decision, &reservation)
                 && transition == Transition::Applied
             {
-                self.approval_metrics(&approval_id(&reservation.id, reservation.created_at), decision).await?;
+                self.approval_metrics(&approval_id(&reservation.id, reservation.created_at), decision).await;
             }
             if decision.is_some() && matches!(transition, Transition::Applied | Transition::AlreadyApplied) {
                 let event = TripEvent::ApprovalRejected { reservation_id: reservation_id.clone() };
