@@ -347,23 +347,10 @@ impl Settlements {
             ReservationStatus::ExpiredUnconfirmed => AuditKind::ExpiredUnconfirmed,
             _ => AuditKind::Settled,
         };
-        let settlement = crate::store::Settlement {
-            report: reservation.settlement.as_ref().map(|s| s.report.clone()).unwrap_or(SettlementReport {
-                outcome: ReportedOutcome::Settled,
-                transaction: None,
-                network: None,
-                payer: None,
-                amount: None,
-                error_reason: None,
-            }),
-            reported_by: "agentpay (chain check)".into(),
-            reported_at: self.clock.now(),
-        };
         let audit = crate::store::AuditEvent {
             kind,
             reason: Some(evidence.to_owned()),
-            settlement: None,
-            ..event(reservation, &settlement, to.as_str())
+            ..ledger_event(reservation, &["CHAIN", to.as_str()], "agentpay (chain check)", self.clock.now())
         };
         for _ in 0..4 {
             let refund = match to {
@@ -435,6 +422,7 @@ fn refused_event(
     }
 }
 
+/// The audit event of a report: its id derived from the report, so a retry adds nothing.
 fn event(
     reservation: &crate::store::Reservation,
     settlement: &crate::store::Settlement,
@@ -442,11 +430,32 @@ fn event(
 ) -> crate::store::AuditEvent {
     let fingerprint = crate::request::fingerprint(&serde_json::to_value(&settlement.report).unwrap_or_default());
     crate::store::AuditEvent {
-        event_id: crate::request::derived_id("evt", &[&reservation.id, "SETTLEMENT", verdict, &fingerprint]),
+        reason: settlement.report.error_reason.clone(),
+        settlement: Some(settlement.clone()),
+        ..ledger_event(
+            reservation,
+            &["SETTLEMENT", verdict, &fingerprint],
+            &settlement.reported_by,
+            settlement.reported_at,
+        )
+    }
+}
+
+/// An audit event about what followed a payment, said again from its reservation; `id_parts`
+/// make its id deterministic.
+fn ledger_event(
+    reservation: &crate::store::Reservation,
+    id_parts: &[&str],
+    by: &str,
+    at: crate::clock::Timestamp,
+) -> crate::store::AuditEvent {
+    let parts: Vec<&str> = std::iter::once(reservation.id.as_str()).chain(id_parts.iter().copied()).collect();
+    crate::store::AuditEvent {
+        event_id: crate::request::derived_id("evt", &parts),
         kind: crate::store::AuditKind::Settled,
         agent_id: reservation.agent_id.clone(),
         user_id: reservation.user_id.clone(),
-        at: settlement.reported_at,
+        at,
         idempotency_key: reservation.idempotency_key.clone(),
         execution_id: reservation.execution_id.clone(),
         reservation_id: Some(reservation.id.clone()),
@@ -465,9 +474,9 @@ fn event(
         limits: Some(reservation.snapshot.clone()),
         payment_id: reservation.payment_id.clone(),
         error: None,
-        decided_by: Some(settlement.reported_by.clone()),
-        reason: settlement.report.error_reason.clone(),
-        settlement: Some(settlement.clone()),
+        decided_by: Some(by.to_owned()),
+        reason: None,
+        settlement: None,
     }
 }
 
