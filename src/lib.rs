@@ -15,11 +15,12 @@
 
 pub use agentpay_core::{
     agentcore, approval, asl, clock, deviation, error, executions, faults, identity, metrics, money, mpp, payment,
-    policy, request, samples, settlement, settlements, steps, trips, window, workflow, x402,
+    policy, reconcile, request, samples, settlement, settlements, steps, trips, window, workflow, x402,
 };
 
 pub mod approvals;
-pub mod chain;
+/// The chain, read-only (`agentpay-chain`).
+pub use agentpay_chain as chain;
 pub mod client;
 pub mod config;
 pub mod local;

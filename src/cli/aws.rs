@@ -14,7 +14,7 @@ use agentpay::client::{
 };
 use agentpay::clock::{Clock, SystemClock};
 
-async fn client(cli: &Cli) -> Result<PaymentClient, CliError> {
+pub(crate) async fn client(cli: &Cli) -> Result<PaymentClient, CliError> {
     Ok(match cli.backend {
         BackendKind::Local => {
             let app = cli.open_app().await?;

@@ -506,7 +506,7 @@ pub async fn run(mut cli: Cli) -> Result<i32, CliError> {
         Command::Demo => crate::cli::demo::run(cli.json).await,
         Command::Reconcile { agent, dry_run } => {
             let ctx = cli.open(false).await?;
-            reconcile(&ctx, agent.as_deref(), *dry_run, cli.json).await?;
+            reconcile(&cli, &ctx, agent.as_deref(), *dry_run).await?;
             Ok(0)
         }
         Command::Settle(args) => {
@@ -752,73 +752,83 @@ pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
     table
 }
 
-async fn reconcile(ctx: &Context, agent: Option<&str>, dry_run: bool, json: bool) -> Result<(), CliError> {
+async fn reconcile(cli: &Cli, ctx: &Context, agent: Option<&str>, dry_run: bool) -> Result<(), CliError> {
     let store = &ctx.app.store;
     let chain = agentpay::chain::JsonRpcChain::from_env()?;
-    let settlements = agentpay::settlements::Settlements::new(store.clone(), Arc::new(SystemClock));
+    let client = match cli.backend {
+        BackendKind::Local => ctx.app.client(),
+        BackendKind::Aws => crate::cli::aws::client(cli).await?,
+    };
+    let executions = agentpay::client::reconcile::ClientExecutions::new(&client);
+    let ttl = cli.config().settings.idempotency_ttl;
+    let reconciler = agentpay::reconcile::Reconciler::new(store.clone(), Arc::new(SystemClock), ttl);
     let agents = match agent {
         Some(agent) => vec![agent.to_owned()],
         None => store.agents().await?,
     };
     let mut report = Vec::new();
     for agent in &agents {
-        let changes = settlements.check_expired(agent, &chain, dry_run).await?;
-        let mut states: std::collections::BTreeMap<&'static str, (u64, u128)> = Default::default();
-        for reservation in store.reservations(agent).await? {
-            let entry = states.entry(reservation.status.as_str()).or_default();
-            entry.0 += 1;
-            entry.1 += u128::from(reservation.amount.get());
-        }
-        report.push((agent.clone(), changes, states));
+        report.push(reconciler.agent(agent, &chain, &executions, dry_run).await?);
     }
-    if json {
-        let agents: Vec<Value> = report
-            .iter()
-            .map(|(agent, changes, states)| {
-                let states: serde_json::Map<String, Value> = states
-                    .iter()
-                    .map(|(state, (count, sum))| {
-                        ((*state).to_owned(), json!({"count": count, "atomic": sum.to_string()}))
-                    })
-                    .collect();
-                json!({"agentId": agent, "changes": changes, "states": states})
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"dryRun": dry_run, "chains": chain.networks(), "agents": agents}))?
-        );
+    if cli.json {
+        let document = json!({"dryRun": dry_run, "chains": chain.networks(), "agents": report});
+        println!("{}", serde_json::to_string_pretty(&document)?);
         return Ok(());
     }
     if chain.networks().is_empty() {
         println!(
-            "no JSON-RPC endpoint configured ({}): nothing can be released, expired payments stay counted",
+            "no JSON-RPC endpoint configured ({}): nothing can be voided, expired payments stay counted",
             agentpay::chain::RPC_URLS_VAR
         );
     }
-    for (agent, changes, states) in &report {
-        let verb = if dry_run { "would change" } else { "changed" };
-        println!("agent {agent}: {} payment(s) {verb}", changes.len());
-        if !changes.is_empty() {
-            let mut table = new_table(&["key", "amount (atomic)", "from", "to", "why"]);
-            for change in changes {
-                table.add_row(vec![
-                    change.idempotency_key.clone(),
-                    change.amount.get().to_string(),
-                    change.before.as_str().to_owned(),
-                    change.after.as_str().to_owned(),
-                    change.evidence.clone(),
-                ]);
-            }
-            println!("{table}");
-        }
-        let mut table = new_table(&["state", "payments", "sum (atomic)"]);
-        for (state, (count, sum)) in states {
-            table.add_row(vec![(*state).to_owned(), count.to_string(), sum.to_string()]);
+    for agent in &report {
+        print_reconciliation(agent, dry_run);
+    }
+    Ok(())
+}
+
+fn print_reconciliation(agent: &agentpay::reconcile::AgentReconciliation, dry_run: bool) {
+    let verb = if dry_run { "would change" } else { "changed" };
+    println!("agent {}: {} payment(s) {verb}", agent.agent_id, agent.changes.len());
+    if !agent.changes.is_empty() {
+        let mut table = new_table(&["key", "amount (atomic)", "from", "to", "why"]);
+        for change in &agent.changes {
+            table.add_row(vec![
+                change.idempotency_key.clone(),
+                change.amount.get().to_string(),
+                change.before.as_str().to_owned(),
+                change.after.as_str().to_owned(),
+                change.evidence.clone(),
+            ]);
         }
         println!("{table}");
     }
-    Ok(())
+    if !agent.asked_again.is_empty() {
+        println!("asked the provider again (same key, same client token):");
+        let mut table = new_table(&["key", "held by", "outcome"]);
+        for asked in &agent.asked_again {
+            table.add_row(vec![asked.idempotency_key.clone(), asked.execution_id.clone(), asked.outcome.clone()]);
+        }
+        println!("{table}");
+    }
+    if !agent.anomalies.is_empty() {
+        println!("anomalies (left as they are, for a person to look at):");
+        let mut table = new_table(&["anomaly", "key", "amount (atomic)", "detail"]);
+        for anomaly in &agent.anomalies {
+            table.add_row(vec![
+                anomaly.kind.as_str().to_owned(),
+                anomaly.idempotency_key.clone(),
+                anomaly.amount.get().to_string(),
+                anomaly.detail.clone(),
+            ]);
+        }
+        println!("{table}");
+    }
+    let mut table = new_table(&["state", "payments", "sum (atomic)"]);
+    for (state, total) in &agent.states {
+        table.add_row(vec![(*state).to_owned(), total.payments.to_string(), total.atomic.to_string()]);
+    }
+    println!("{table}");
 }
 
 /// `30d`, `12h`, `90m` back from `now`, or an RFC 3339 time.

@@ -26,23 +26,41 @@ pub enum StartAnswer {
     AlreadyExists { execution_arn: String },
 }
 
-pub struct EntryPointStarter {
+/// A function URL with IAM auth, called with SigV4-signed POSTs (service `lambda`) under the
+/// configured credentials: the entry point, and the settlement reports' URL.
+pub struct SignedUrl {
     url: http::Uri,
     region: String,
     credentials: SharedCredentialsProvider,
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
-impl std::fmt::Debug for EntryPointStarter {
+impl std::fmt::Debug for SignedUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EntryPointStarter").field("url", &self.url).field("region", &self.region).finish()
+        f.debug_struct("SignedUrl").field("url", &self.url).field("region", &self.region).finish()
     }
 }
 
-impl EntryPointStarter {
-    /// `url` is the stack output `StartPaymentUrl`; region and credentials come from `aws`.
-    pub fn new(url: &str, aws: &aws_config::SdkConfig) -> Result<Self, ClientError> {
-        let bad = |why: &str| ClientError::Invalid(format!("entry point URL {url:?}: {why}"));
+/// An answer of a function URL: its status and JSON body (`Null` when it was not JSON), with
+/// the raw text for messages.
+pub struct UrlAnswer {
+    pub status: u16,
+    pub body: Value,
+    pub text: String,
+}
+
+impl UrlAnswer {
+    /// The answer's `message`, or its text.
+    pub fn message(&self) -> String {
+        self.body["message"].as_str().map(str::to_owned).unwrap_or_else(|| self.text.clone())
+    }
+}
+
+impl SignedUrl {
+    /// `url` is a stack output (`StartPaymentUrl`, `ReportSettlementUrl`), `what` names it in
+    /// errors; region and credentials come from `aws`.
+    pub fn new(url: &str, aws: &aws_config::SdkConfig, what: &str) -> Result<Self, ClientError> {
+        let bad = |why: &str| ClientError::Invalid(format!("{what} URL {url:?}: {why}"));
         let url: http::Uri = url.parse().map_err(|_| bad("expected an https:// function URL"))?;
         if !matches!(url.scheme_str(), Some("https" | "http")) || url.host().is_none() {
             return Err(bad("expected an https:// function URL"));
@@ -59,35 +77,22 @@ impl EntryPointStarter {
         Ok(Self { url, region, credentials, http: Client::builder(TokioExecutor::new()).build(connector) })
     }
 
-    /// Posts `input` (without a `caller`: the entry point sets it) signed with the configured
-    /// credentials.
-    pub async fn start(&self, name: &str, input: &Value) -> Result<StartAnswer, ClientError> {
-        let mut input = input.clone();
-        if let Value::Object(fields) = &mut input {
-            fields.remove("caller");
-        }
-        let body = input.to_string();
-        let request = self.signed_request(name, body).await?;
-        let response = self.http.request(request).await.map_err(|e| ClientError::backend("entry point", e))?;
+    /// POSTs `body` (JSON) with `headers`, signed.
+    pub async fn post(&self, body: String, headers: &[(&str, &str)]) -> Result<UrlAnswer, ClientError> {
+        let request = self.signed_request(body, headers).await?;
+        let response = self.http.request(request).await.map_err(|e| ClientError::backend("function URL", e))?;
         let status = response.status().as_u16();
         let bytes =
-            response.into_body().collect().await.map_err(|e| ClientError::backend("entry point", e))?.to_bytes();
-        let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        let arn = || answer["executionArn"].as_str().map(str::to_owned);
-        match (status, arn()) {
-            (202, Some(execution_arn)) => Ok(StartAnswer::Started { execution_arn }),
-            (409, Some(execution_arn)) => Ok(StartAnswer::AlreadyExists { execution_arn }),
-            _ => Err(ClientError::Invalid(format!(
-                "the entry point answered {status}: {}",
-                answer["message"]
-                    .as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned())
-            ))),
-        }
+            response.into_body().collect().await.map_err(|e| ClientError::backend("function URL", e))?.to_bytes();
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(UrlAnswer { status, body, text: String::from_utf8_lossy(&bytes).into_owned() })
     }
 
-    async fn signed_request(&self, name: &str, body: String) -> Result<http::Request<Full<Bytes>>, ClientError> {
+    async fn signed_request(
+        &self,
+        body: String,
+        extra: &[(&str, &str)],
+    ) -> Result<http::Request<Full<Bytes>>, ClientError> {
         let credentials =
             self.credentials.provide_credentials().await.map_err(|e| ClientError::backend("credentials", e))?;
         let identity = credentials.into();
@@ -101,7 +106,8 @@ impl EntryPointStarter {
             .map_err(|e| ClientError::backend("SigV4", e))?
             .into();
         let host = self.url.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
-        let headers = [("content-type", "application/json"), ("host", host.as_str()), (EXECUTION_NAME_HEADER, name)];
+        let mut headers = vec![("content-type", "application/json"), ("host", host.as_str())];
+        headers.extend_from_slice(extra);
         let signable = SignableRequest::new(
             "POST",
             self.url.to_string(),
@@ -117,5 +123,35 @@ impl EntryPointStarter {
         let mut request = request.body(Full::new(Bytes::from(body))).map_err(|e| ClientError::backend("request", e))?;
         instructions.apply_to_request_http1x(&mut request);
         Ok(request)
+    }
+}
+
+#[derive(Debug)]
+pub struct EntryPointStarter {
+    url: SignedUrl,
+}
+
+impl EntryPointStarter {
+    /// `url` is the stack output `StartPaymentUrl`; region and credentials come from `aws`.
+    pub fn new(url: &str, aws: &aws_config::SdkConfig) -> Result<Self, ClientError> {
+        Ok(Self { url: SignedUrl::new(url, aws, "entry point")? })
+    }
+
+    /// Posts `input` (without a `caller`: the entry point sets it) signed with the configured
+    /// credentials.
+    pub async fn start(&self, name: &str, input: &Value) -> Result<StartAnswer, ClientError> {
+        let mut input = input.clone();
+        if let Value::Object(fields) = &mut input {
+            fields.remove("caller");
+        }
+        let answer = self.url.post(input.to_string(), &[(EXECUTION_NAME_HEADER, name)]).await?;
+        let arn = || answer.body["executionArn"].as_str().map(str::to_owned);
+        match (answer.status, arn()) {
+            (202, Some(execution_arn)) => Ok(StartAnswer::Started { execution_arn }),
+            (409, Some(execution_arn)) => Ok(StartAnswer::AlreadyExists { execution_arn }),
+            (status, _) => {
+                Err(ClientError::Invalid(format!("the entry point answered {status}: {}", answer.message())))
+            }
+        }
     }
 }

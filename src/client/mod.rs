@@ -5,6 +5,8 @@
 pub mod entry_point;
 pub mod local;
 pub mod naming;
+pub mod reconcile;
+pub mod settlement;
 pub mod sfn;
 
 use std::time::Duration;
@@ -37,6 +39,9 @@ pub enum ClientError {
     NotFound(String),
     #[error("execution {id} is not redrivable: {reason}")]
     NotRedrivable { id: String, reason: String },
+    /// The service refused the request; `error` is its stable name.
+    #[error("{error}: {message}")]
+    Refused { error: String, message: String },
     /// A refusal a person can act on (a bad entry point URL, the entry point's 4xx answer).
     #[error("{0}")]
     Invalid(String),

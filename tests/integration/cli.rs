@@ -521,7 +521,7 @@ fn a_settlement_report_moves_a_payment_forward_from_the_command_line() {
     assert!(text.contains("no JSON-RPC endpoint configured") && text.contains("0 payment(s) would change"), "{text}");
     assert!(text.contains("SETTLED") && text.contains("500000"), "{text}");
     let summary: Value = serde_json::from_slice(&agentpay(dir.path(), &["--json", "reconcile"]).stdout).unwrap();
-    assert_eq!(summary["agents"][0]["states"]["SETTLED"]["count"], 1, "{summary}");
+    assert_eq!(summary["agents"][0]["states"]["SETTLED"]["payments"], 1, "{summary}");
     let misconfigured = Command::new(env!("CARGO_BIN_EXE_agentpay"))
         .args(["--data-dir", dir.path().to_str().unwrap(), "reconcile"])
         .env("AGENTPAY_RPC_URLS", "eip155:84532")

@@ -12,6 +12,7 @@ use agentpay::client::sfn::SfnBackend;
 use agentpay::client::{ClientError, PaymentClient};
 use agentpay::samples::execution_input;
 use agentpay_lambda::entry_point::EntryPoint;
+use agentpay_lambda::settlement_url::SettlementUrl;
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
@@ -100,15 +101,37 @@ fn verified_caller(request: &Received, host: &str) -> Result<&'static str, Strin
     if expected == signature { Ok(arn) } else { Err("the request signature does not match".into()) }
 }
 
-/// A function URL with `AuthType: AWS_IAM` in front of `entry_point`.
-async fn function_url(entry_point: Arc<EntryPoint>) -> String {
+/// A function's handler, as Lambda calls it behind its URL.
+#[async_trait::async_trait]
+trait UrlFunction: Send + Sync + 'static {
+    async fn handle(&self, event: &Value) -> (u16, Value);
+}
+
+#[async_trait::async_trait]
+impl UrlFunction for EntryPoint {
+    async fn handle(&self, event: &Value) -> (u16, Value) {
+        let answer = EntryPoint::handle(self, event).await;
+        (answer.status, answer.body)
+    }
+}
+
+#[async_trait::async_trait]
+impl UrlFunction for SettlementUrl {
+    async fn handle(&self, event: &Value) -> (u16, Value) {
+        let answer = SettlementUrl::handle(self, event).await;
+        (answer.status, answer.body)
+    }
+}
+
+/// A function URL with `AuthType: AWS_IAM` in front of `function`.
+async fn function_url(function: Arc<dyn UrlFunction>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let host = listener.local_addr().unwrap().to_string();
     let url = format!("http://{host}/");
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            let (entry_point, host) = (entry_point.clone(), host.clone());
+            let (function, host) = (function.clone(), host.clone());
             tokio::spawn(async move {
                 let mut stream = BufReader::new(stream);
                 let Some(request) = read_request(&mut stream).await else { return };
@@ -125,8 +148,7 @@ async fn function_url(entry_point: Arc<EntryPoint>) -> String {
                             "body": request.body,
                             "isBase64Encoded": false,
                         });
-                        let answer = entry_point.handle(&event).await;
-                        (answer.status, answer.body)
+                        function.handle(&event).await
                     }
                 };
                 let body = body.to_string();
@@ -223,4 +245,59 @@ async fn the_handler_refuses_what_lambda_would_not_have_verified_or_a_body_with_
     let answer = entry_point.handle(&event("POST", Some(AGENT_ARN), bad)).await;
     assert_eq!((answer.status, answer.body["error"].as_str()), (400, Some("InvalidPaymentRequest")));
     assert!(answer.body["message"].as_str().unwrap().contains("resource"), "{}", answer.body);
+}
+
+/// A settlement report through the library client: signed, verified by the function URL, and
+/// recorded as the verified caller only if the agent's policy binds it.
+#[tokio::test]
+async fn a_signed_settlement_report_is_recorded_as_the_verified_caller() {
+    use agentpay::client::settlement::SettlementReporter;
+    use agentpay::settlement::{ReportInput, SettlementRequest};
+    use agentpay::settlements::Settlements;
+    use base64::Engine;
+
+    let app = crate::helpers::TestApp::new().await;
+    let store = app.app.store.clone();
+    let mut bound = crate::helpers::policy("1.00", "5.00", 100);
+    store.put_policy("research-agent", &bound).await.unwrap();
+    let paid = app.run(execution_input("settle-1", "research-agent", "10000")).await;
+    assert_eq!(paid.status, agentpay::executions::ExecutionStatus::Succeeded, "{:?}", paid.error);
+    let payer = store.reservations("research-agent").await.unwrap()[0].payer.clone().unwrap();
+    let settlements = Settlements::new(store.clone(), Arc::new(agentpay::clock::SystemClock));
+    let url = function_url(Arc::new(SettlementUrl::new(store.clone(), settlements, Vec::new()))).await;
+    let report = |payer: &str| {
+        let answer = json!({"success": true, "transaction": format!("0x{}", "ab".repeat(32)), "network": "eip155:84532", "payer": payer});
+        SettlementRequest {
+            agent_id: agentpay::request::AgentId::parse("agentId", "research-agent").unwrap(),
+            idempotency_key: agentpay::request::IdempotencyKey::parse("idempotencyKey", "settle-1").unwrap(),
+            report: ReportInput::X402V2(base64::engine::general_purpose::STANDARD.encode(answer.to_string())),
+        }
+    };
+    let reporter = SettlementReporter::url(&url, &agent_config(AGENT_KEY.1).await).unwrap();
+
+    // Not bound yet: refused, nothing recorded.
+    let refused = reporter.report_settlement(&report(&payer)).await.unwrap_err();
+    assert!(matches!(&refused, ClientError::Refused { error, .. } if error == "CallerNotBound"), "{refused}");
+    bound.principals = vec!["arn:aws:iam::123456789012:role/research-agent".into()];
+    store.put_policy("research-agent", &bound).await.unwrap();
+
+    // Signed with another secret: the URL refuses it before the function runs.
+    let forged = SettlementReporter::url(&url, &agent_config("not-the-secret").await).unwrap();
+    assert!(forged.report_settlement(&report(&payer)).await.is_err());
+
+    // Another payer: refused by name and audited; the payment is unchanged.
+    let other = format!("0x{}", "11".repeat(20));
+    let mismatch = reporter.report_settlement(&report(&other)).await.unwrap_err();
+    assert!(matches!(&mismatch, ClientError::Refused { error, .. } if error == "SettlementMismatch"), "{mismatch}");
+
+    let recorded = reporter.report_settlement(&report(&payer)).await.unwrap();
+    assert_eq!((recorded.status.as_str(), recorded.already_recorded), ("SETTLED", false));
+    let again = reporter.report_settlement(&report(&payer)).await.unwrap();
+    assert!(again.already_recorded, "a repeated report is a no-op that says so");
+    let reservation = store.reservations("research-agent").await.unwrap().remove(0);
+    assert_eq!(reservation.settlement.unwrap().reported_by, AGENT_ARN, "recorded as the verified caller");
+
+    // The same request through the local reporter (the embedded store).
+    let local = SettlementReporter::local(store.clone(), "local:test");
+    assert!(local.report_settlement(&report(&payer)).await.unwrap().already_recorded);
 }

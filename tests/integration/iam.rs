@@ -134,6 +134,11 @@ impl Run {
 
 /// (action, table logical id) pairs each step function's statements allow.
 fn allowed_by_template() -> BTreeMap<StepName, BTreeSet<(String, String)>> {
+    StepName::ALL.iter().map(|step| (*step, allowed_for(step.function_name()))).collect()
+}
+
+/// (action, table logical id) pairs the statements of the function built from `binary` allow.
+fn allowed_for(binary: &str) -> BTreeSet<(String, String)> {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/template.yaml")).unwrap();
     let template: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
     let arn_of = |resource: &serde_yaml_ng::Value| match resource {
@@ -142,37 +147,33 @@ fn allowed_by_template() -> BTreeMap<StepName, BTreeSet<(String, String)>> {
         }
         other => format!("{other:?}"),
     };
-    let mut allowed = BTreeMap::new();
-    for step in StepName::ALL {
-        let function = template["Resources"]
-            .as_mapping()
-            .unwrap()
-            .values()
-            .find(|r| r["Metadata"]["BuildProperties"]["Binary"].as_str() == Some(step.function_name()))
-            .unwrap_or_else(|| panic!("no function for {step:?}"));
-        let mut pairs = BTreeSet::new();
-        for policy in function["Properties"]["Policies"].as_sequence().into_iter().flatten() {
-            for statement in policy["Statement"].as_sequence().into_iter().flatten() {
-                let actions: Vec<String> = match &statement["Action"] {
-                    serde_yaml_ng::Value::Sequence(list) => {
-                        list.iter().filter_map(|a| a.as_str()).map(str::to_owned).collect()
-                    }
-                    other => other.as_str().map(str::to_owned).into_iter().collect(),
-                };
-                let resources: Vec<String> = match &statement["Resource"] {
-                    serde_yaml_ng::Value::Sequence(list) => list.iter().map(arn_of).collect(),
-                    single => vec![arn_of(single)],
-                };
-                for action in actions.iter().filter(|a| a.starts_with("dynamodb:")) {
-                    for resource in &resources {
-                        pairs.insert((action.clone(), resource.clone()));
-                    }
+    let function = template["Resources"]
+        .as_mapping()
+        .unwrap()
+        .values()
+        .find(|r| r["Metadata"]["BuildProperties"]["Binary"].as_str() == Some(binary))
+        .unwrap_or_else(|| panic!("no function for {binary}"));
+    let mut pairs = BTreeSet::new();
+    for policy in function["Properties"]["Policies"].as_sequence().into_iter().flatten() {
+        for statement in policy["Statement"].as_sequence().into_iter().flatten() {
+            let actions: Vec<String> = match &statement["Action"] {
+                serde_yaml_ng::Value::Sequence(list) => {
+                    list.iter().filter_map(|a| a.as_str()).map(str::to_owned).collect()
+                }
+                other => other.as_str().map(str::to_owned).into_iter().collect(),
+            };
+            let resources: Vec<String> = match &statement["Resource"] {
+                serde_yaml_ng::Value::Sequence(list) => list.iter().map(arn_of).collect(),
+                single => vec![arn_of(single)],
+            };
+            for action in actions.iter().filter(|a| a.starts_with("dynamodb:")) {
+                for resource in &resources {
+                    pairs.insert((action.clone(), resource.clone()));
                 }
             }
         }
-        allowed.insert(step, pairs);
     }
-    allowed
+    pairs
 }
 
 #[tokio::test]
@@ -388,4 +389,128 @@ async fn the_approvers_role_may_send_exactly_what_deciding_sends() {
         }
     }
     assert_eq!(used, allowed, "what deciding sends vs what the ApproversRole allows");
+}
+
+/// The settlement function (a refused caller, a report by an operator) and the reconciliation
+/// sweep (a release, a chain verdict that voids, the listing of agents) on the logged store:
+/// each function's statements allow exactly what it sends.
+#[tokio::test]
+async fn the_settlement_and_reconcile_functions_may_send_exactly_what_they_send() {
+    use agentpay::reconcile::{ExecutionFate, ExecutionLookup, Reconciler};
+    use agentpay::settlements::{ChainReader, Settlements};
+    use agentpay_lambda::reconcile::{ReconcileFunction, ReconcileRequest};
+    use agentpay_lambda::settlement_url::SettlementUrl;
+    use base64::Engine;
+
+    /// Every execution ended before ProcessPayment (the release path); Step Functions'
+    /// rights are the template test's business.
+    struct Ended;
+    #[async_trait::async_trait]
+    impl ExecutionLookup for Ended {
+        async fn fate(&self, _: &str) -> Result<ExecutionFate, agentpay::error::PaymentError> {
+            Ok(ExecutionFate::Ended { status: "FAILED".into(), entered_process_payment: false })
+        }
+        async fn ask_again(&self, _: &str) -> Result<String, agentpay::error::PaymentError> {
+            unreachable!("nothing is unknown here")
+        }
+    }
+    /// The chain says no authorization was used (the void path, which refunds the window).
+    struct Unused;
+    #[async_trait::async_trait]
+    impl ChainReader for Unused {
+        async fn authorization_used(
+            &self,
+            _: agentpay::payment::Network,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<bool>, agentpay::error::PaymentError> {
+            Ok(Some(false))
+        }
+    }
+
+    let mut run = Run::start().await;
+    let clock = run.clock.clone();
+    let mut payers = Vec::new();
+    for key in ["iam-settled", "iam-expired"] {
+        let (request, claim) = run.claim(key, "10000", key).await;
+        let reservation = run.spend(&request, &claim, key).await.unwrap();
+        let reservation: agentpay::steps::ReservationSummary = serde_json::from_value(reservation).unwrap();
+        let input = ProcessPaymentInput {
+            request: request.clone(),
+            execution_id: key.into(),
+            claim: claim.clone(),
+            reservation: reservation.clone(),
+            retry_count: 0,
+        };
+        let proof = run.steps.process_payment(input).await.unwrap();
+        let record = RecordLedgerInput { request, execution_id: key.into(), claim, reservation, proof };
+        run.steps.record_ledger(record).await.unwrap();
+        payers.push(run.steps.store().reservations(AGENT).await.unwrap()[0].payer.clone().unwrap());
+    }
+    let (request, claim) = run.claim("iam-died", "10000", "exec-died").await;
+    run.spend(&request, &claim, "exec-died").await.unwrap();
+    run.log.clear();
+
+    let store = run.steps.store().clone();
+    let operator = "arn:aws:iam::123456789012:role/operator";
+    let settlements = Settlements::new(store.clone(), clock.clone());
+    let url = SettlementUrl::new(store.clone(), settlements, vec![operator.to_owned()]);
+    let answer = serde_json::json!({"success": true, "transaction": format!("0x{}", "12".repeat(32)), "network": "eip155:84532", "payer": payers[0]});
+    let body = serde_json::json!({
+        "agentId": AGENT,
+        "idempotencyKey": "iam-settled",
+        "paymentResponse": base64::engine::general_purpose::STANDARD.encode(answer.to_string()),
+    });
+    let event = |caller: &str| {
+        serde_json::json!({
+            "requestContext": {"http": {"method": "POST"}, "authorizer": {"iam": {"userArn": caller}}},
+            "body": body.to_string(),
+        })
+    };
+    let stranger = url.handle(&event("arn:aws:sts::123456789012:assumed-role/stranger/s")).await;
+    assert_eq!(stranger.status, 403, "{:?}", stranger.body);
+    let reported = url.handle(&event("arn:aws:sts::123456789012:assumed-role/operator/s")).await;
+    assert_eq!(reported.status, 200, "{:?}", reported.body);
+    // A report days later, when the key's record is gone: found among the agent's payments.
+    clock.advance(Duration::from_secs(25 * 3600));
+    let failed = serde_json::json!({"success": false, "errorReason": "insufficient_funds", "network": "eip155:84532"});
+    let late = serde_json::json!({
+        "agentId": AGENT,
+        "idempotencyKey": "iam-expired",
+        "paymentResponse": base64::engine::general_purpose::STANDARD.encode(failed.to_string()),
+    });
+    let mut late_event = event("arn:aws:sts::123456789012:assumed-role/operator/s");
+    late_event["body"] = serde_json::json!(late.to_string());
+    let reported = url.handle(&late_event).await;
+    assert_eq!(reported.body["status"], "SETTLEMENT_FAILED", "{:?}", reported.body);
+    let used = logged(&run.log, &run.tables);
+    assert_eq!(used, allowed_for("report-settlement"), "the report function's rights");
+
+    clock.advance(Duration::from_secs(2 * 24 * 3600));
+    let function = ReconcileFunction {
+        store: store.clone(),
+        reconciler: Reconciler::new(store.clone(), clock.clone(), Duration::from_secs(24 * 3600)),
+        chain: Box::new(Unused),
+        executions: Box::new(Ended),
+    };
+    let swept = function.sweep(&ReconcileRequest::default()).await.unwrap();
+    let changes = swept["agents"][0]["changes"].as_array().unwrap();
+    let moves: BTreeSet<(&str, &str)> =
+        changes.iter().map(|c| (c["before"].as_str().unwrap(), c["after"].as_str().unwrap())).collect();
+    assert_eq!(moves, BTreeSet::from([("SETTLEMENT_FAILED", "VOIDED"), ("RESERVED", "RELEASED")]), "{swept}");
+    let used = logged(&run.log, &run.tables);
+    assert_eq!(used, allowed_for("reconcile"), "the reconcile function's rights");
+}
+
+/// What `log` holds as (action, table's logical id), cleared.
+fn logged(log: &RequestLog, tables: &BTreeMap<String, String>) -> BTreeSet<(String, String)> {
+    let mut used = BTreeSet::new();
+    for request in log.requests() {
+        for item in request.writes.iter().chain(&request.reads) {
+            used.insert((format!("dynamodb:{}", item.action), tables[&item.table].clone()));
+        }
+    }
+    log.clear();
+    used
 }

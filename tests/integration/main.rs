@@ -21,6 +21,7 @@ mod layout;
 mod local_invoke;
 mod never_pay_twice;
 mod properties;
+mod reconcile;
 mod secrets;
 mod simulator;
 mod stores;

@@ -523,7 +523,11 @@ async fn recover(world: &World) -> Vec<String> {
     for key in keys {
         let record = world.app.store.idempotency(&key, world.now()).await.unwrap();
         if let Some(record) = record.filter(|r| r.status == IdempotencyStatus::InProgress) {
-            violations.push(format!("(d) key {key} is still IN_PROGRESS after recovery: {}", record.holder()));
+            let input = world.sim.inputs.lock().unwrap()[&key].clone();
+            let agent = input["agentId"].as_str().unwrap_or_default().to_owned();
+            let audit = world.app.store.audit_events(&agent).await.unwrap();
+            let trace = trace_key(world, &audit, &agent, &key).await;
+            violations.push(format!("(d) key {key} is still IN_PROGRESS after recovery: {}\n{trace}", record.holder()));
         }
     }
     for record in world.all_executions().await {
@@ -554,8 +558,12 @@ async fn issued_tokens(world: &World) -> BTreeMap<String, (String, String, Strin
 /// What happened to a reservation's key, for a violation's message: its audit events and the
 /// executions of its key, state by state.
 async fn trace(world: &World, audit: &[agentpay::store::AuditEvent], r: &agentpay::store::Reservation) -> String {
+    trace_key(world, audit, &r.agent_id, &r.idempotency_key).await
+}
+
+async fn trace_key(world: &World, audit: &[agentpay::store::AuditEvent], agent: &str, key: &str) -> String {
     let mut lines = Vec::new();
-    for e in audit.iter().filter(|e| e.idempotency_key == r.idempotency_key) {
+    for e in audit.iter().filter(|e| e.idempotency_key == key) {
         lines.push(format!(
             "  audit {:?} at {} by {} error {:?}",
             e.kind,
@@ -564,9 +572,9 @@ async fn trace(world: &World, audit: &[agentpay::store::AuditEvent], r: &agentpa
             e.error.as_ref().map(|x| x.error.as_str())
         ));
     }
-    let filter = ExecutionFilter { agent_id: Some(r.agent_id.clone()), ..Default::default() };
+    let filter = ExecutionFilter { agent_id: Some(agent.to_owned()), ..Default::default() };
     for record in world.app.executions.list_executions(&filter).await.unwrap() {
-        if record.idempotency_key.as_deref() != Some(r.idempotency_key.as_str()) {
+        if record.idempotency_key.as_deref() != Some(key) {
             continue;
         }
         lines

@@ -76,9 +76,12 @@ fn every_substitution_and_every_function_matches() {
     crates.sort();
     assert_eq!(functions_sorted, crates, "every function has a crate and every crate a function");
     let steps: Vec<&str> = StepName::ALL.iter().map(|s| s.function_name()).collect();
-    let step_functions: Vec<&str> = functions.iter().map(String::as_str).filter(|f| *f != "start-payment").collect();
+    let not_steps = ["start-payment", "report-settlement", "reconcile"];
+    let step_functions: Vec<&str> = functions.iter().map(String::as_str).filter(|f| !not_steps.contains(f)).collect();
     assert_eq!(step_functions, steps);
-    assert!(functions.iter().any(|f| f == "start-payment"), "the agents' entry point is deployed");
+    for function in not_steps {
+        assert!(functions.iter().any(|f| f == function), "{function} is deployed");
+    }
 }
 
 /// Agents reach the workflow only through the IAM-authenticated URL, and that function can do
@@ -98,7 +101,7 @@ fn the_entry_point_is_an_iam_authenticated_url_that_can_only_start_payments() {
     assert_eq!(start, &["states:StartExecution"]);
     let starters: Vec<&String> =
         actions.iter().filter(|(_, a)| a.iter().any(|a| a == "states:StartExecution")).map(|(n, _)| n).collect();
-    assert_eq!(starters, ["StartPaymentFunction"], "no step function starts executions");
+    assert_eq!(starters, ["StartPaymentFunction", "ReconcileFunction"], "no step function starts executions");
     let permission = &template["Resources"]["StartPaymentUrlPermission"]["Properties"];
     assert_eq!(permission["Action"].as_str(), Some("lambda:InvokeFunctionUrl"));
     assert_eq!(permission["FunctionUrlAuthType"].as_str(), Some("AWS_IAM"));
@@ -246,6 +249,7 @@ fn the_alarms_watch_what_the_code_emits_and_notify_the_operators() {
         names::KILL_SWITCH_TRIPS,
         names::APPROVALS_DECIDED,
         names::APPROVAL_WAIT_SECONDS,
+        names::RECONCILE_ANOMALIES,
     ];
     let mut alarmed = Vec::new();
     for (name, resource) in resources {
@@ -256,6 +260,7 @@ fn the_alarms_watch_what_the_code_emits_and_notify_the_operators() {
         let metric = properties["MetricName"].as_str().unwrap();
         match properties["Namespace"].as_str().unwrap() {
             "AWS/States" => assert_eq!(metric, "ExecutionsFailed"),
+            "AWS/Lambda" => assert_eq!((metric, name.as_str()), ("Errors", Some("ReconcileErrorsAlarm"))),
             namespace => {
                 assert_eq!(namespace, NAMESPACE);
                 assert!(emitted.contains(&metric), "{name:?} alarms on {metric}, which nothing emits");
@@ -279,6 +284,8 @@ fn the_alarms_watch_what_the_code_emits_and_notify_the_operators() {
     assert!(has(names::APPROVALS_REQUESTED, None), "an approval backlog");
     assert!(has(names::KILL_SWITCH_TRIPS, None), "an agent paused by an automatic trip");
     assert!(has(names::DEVIATIONS_FLAGGED, None), "deviation flags");
+    assert!(has(names::RECONCILE_ANOMALIES, None), "payments reconciliation cannot explain");
+    assert!(has("Errors", None), "a reconciliation that fails");
     let unknown = &template["Resources"]["OutcomeUnknownAlarm"]["Properties"];
     assert_eq!(
         (unknown["Threshold"].as_u64(), unknown["ComparisonOperator"].as_str()),
@@ -393,4 +400,47 @@ fn only_the_approvers_role_may_answer_waiting_payments() {
     let key_policy =
         serde_yaml_ng::to_string(&template["Resources"]["OperatorsTopicKey"]["Properties"]["KeyPolicy"]).unwrap();
     assert!(key_policy.contains("cloudwatch.amazonaws.com"), "{key_policy}");
+}
+
+/// Settlement reports come through their own IAM-authenticated URL, and that function can
+/// touch the ledger and the keys only; the reconciliation runs on a schedule and may read
+/// this machine's executions and start it again, nothing wider.
+#[test]
+fn settlement_reports_and_reconciliation_are_deployed_with_narrow_rights() {
+    let template = template();
+    let report = &template["Resources"]["ReportSettlementFunction"]["Properties"];
+    assert_eq!(report["FunctionUrlConfig"]["AuthType"].as_str(), Some("AWS_IAM"));
+    let permission = &template["Resources"]["ReportSettlementUrlPermission"]["Properties"];
+    assert_eq!(permission["FunctionUrlAuthType"].as_str(), Some("AWS_IAM"));
+    assert!(template["Outputs"]["ReportSettlementUrl"].is_mapping());
+    let Value::Tagged(operators) = &report["Environment"]["Variables"]["AGENTPAY_OPERATOR_PRINCIPALS"] else {
+        panic!("the operators are a !Ref")
+    };
+    assert_eq!(operators.value.as_str(), Some("OperatorPrincipalArns"));
+    let actions = function_actions(&template);
+    let of = |name: &str| actions.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    assert!(
+        of("ReportSettlementFunction").iter().all(|a| a.starts_with("dynamodb:")),
+        "{:?}",
+        of("ReportSettlementFunction")
+    );
+
+    let reconcile = &template["Resources"]["ReconcileFunction"]["Properties"];
+    let schedule = &reconcile["Events"]["Sweep"];
+    assert_eq!(schedule["Type"].as_str(), Some("ScheduleV2"));
+    let Value::Tagged(expression) = &schedule["Properties"]["ScheduleExpression"] else { panic!("a !Ref") };
+    assert_eq!(expression.value.as_str(), Some("ReconcileSchedule"));
+    assert_eq!(template["Parameters"]["ReconcileSchedule"]["Default"].as_str(), Some("rate(1 hour)"));
+    assert_eq!(template["Parameters"]["ChainRpcUrls"]["NoEcho"].as_bool(), Some(true), "RPC URLs may carry keys");
+    let states: Vec<String> = of("ReconcileFunction").into_iter().filter(|a| a.starts_with("states:")).collect();
+    assert_eq!(states, ["states:DescribeExecution", "states:GetExecutionHistory", "states:StartExecution"]);
+    for statement in reconcile["Policies"][0]["Statement"].as_sequence().unwrap() {
+        let resource = format!("{:?}", statement["Resource"]);
+        if statement["Sid"].as_str() == Some("ReadPaymentExecutions") {
+            assert!(resource.contains(":execution:agentpay-${Stage}-payment:*"), "{resource}");
+        }
+        if statement["Sid"].as_str() == Some("AskAgain") {
+            assert!(resource.contains("PaymentStateMachine"), "{resource}");
+        }
+    }
 }

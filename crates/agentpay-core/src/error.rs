@@ -414,6 +414,7 @@ error_names!(
     LedgerInconsistent,
     ApprovalRejected,
     ApprovalTimedOut,
+    ExecutionEnded,
 );
 
 impl ErrorName {
@@ -447,6 +448,9 @@ impl ErrorName {
             | LedgerInconsistent => false,
             // A person said no, or did not answer in time.
             ApprovalRejected | ApprovalTimedOut => true,
+            // Reconciliation released a reservation whose execution ended before paying: a
+            // fault, so the key may be started again.
+            ExecutionEnded => false,
         }
     }
 
@@ -486,7 +490,9 @@ impl ErrorName {
             | LedgerInconsistent
             // Raised while waiting for a person, before ProcessPayment.
             | ApprovalRejected
-            | ApprovalTimedOut => false,
+            | ApprovalTimedOut
+            // Written by reconciliation, never out of ProcessPayment.
+            | ExecutionEnded => false,
         }
     }
 }

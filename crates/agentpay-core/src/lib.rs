@@ -22,6 +22,7 @@ pub mod mpp;
 pub mod payment;
 pub mod policy;
 pub mod provider;
+pub mod reconcile;
 pub mod request;
 pub mod samples;
 pub mod settlement;

@@ -24,6 +24,8 @@ pub mod names {
     pub const KILL_SWITCH_TRIPS: &str = "KillSwitchTrips";
     pub const APPROVALS_DECIDED: &str = "ApprovalsDecided";
     pub const APPROVAL_WAIT_SECONDS: &str = "ApprovalWaitSeconds";
+    pub const RECONCILE_CHANGES: &str = "ReconcileChanges";
+    pub const RECONCILE_ANOMALIES: &str = "ReconcileAnomalies";
 }
 
 /// A payment authorized: counted, and its amount (atomic units) added, per agent and in total.
@@ -90,4 +92,13 @@ pub fn approval_decided(decision: &'static str, waited_seconds: u64) {
     metrics::counter!(names::APPROVALS_DECIDED, "Decision" => decision).increment(1);
     let waited = f64::from(u32::try_from(waited_seconds).unwrap_or(u32::MAX));
     metrics::histogram!(names::APPROVAL_WAIT_SECONDS, "Decision" => decision).record(waited);
+}
+
+/// One agent reconciled: the payments it moved, and what it could not explain (the anomalies
+/// alarm tells the operators' topic).
+pub fn reconciled(agent: &str, changes: usize, anomalies: usize) {
+    let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    metrics::counter!(names::RECONCILE_CHANGES).increment(count(changes));
+    metrics::counter!(names::RECONCILE_ANOMALIES).increment(count(anomalies));
+    metrics::counter!(names::RECONCILE_ANOMALIES, "Agent" => agent.to_owned()).increment(count(anomalies));
 }

@@ -35,6 +35,104 @@ pub enum ReportInput {
     MppReceipt(String),
 }
 
+/// A settlement report as an agent sends it (the report function's body, the client's
+/// request): the payment it is about and exactly one of the merchant's answers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettlementRequest {
+    pub agent_id: crate::request::AgentId,
+    pub idempotency_key: crate::request::IdempotencyKey,
+    #[serde(flatten)]
+    pub report: ReportInput,
+}
+
+impl serde::Serialize for ReportInput {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(1))?;
+        let (field, value) = self.field();
+        map.serialize_entry(field, value)?;
+        map.end()
+    }
+}
+
+impl ReportInput {
+    /// The request field carrying it, and its text.
+    pub fn field(&self) -> (&'static str, &str) {
+        match self {
+            ReportInput::X402V2(value) => ("paymentResponse", value),
+            ReportInput::X402V1(value) => ("xPaymentResponse", value),
+            ReportInput::MppReceipt(value) => ("paymentReceipt", value),
+        }
+    }
+}
+
+/// The fields a settlement request may carry.
+const REQUEST_FIELDS: [&str; 5] =
+    ["agentId", "idempotencyKey", "paymentResponse", "xPaymentResponse", "paymentReceipt"];
+
+impl SettlementRequest {
+    /// Every problem found, each naming its field and what was expected.
+    pub fn parse(body: &Value) -> Result<Self, InvalidPaymentRequest> {
+        let Value::Object(fields) = body else {
+            return Err(InvalidPaymentRequest::field(
+                "body",
+                describe(body),
+                "a JSON object: {agentId, idempotencyKey, paymentResponse | xPaymentResponse | paymentReceipt}",
+            ));
+        };
+        let mut problems = Vec::new();
+        for name in fields.keys().filter(|name| !REQUEST_FIELDS.contains(&name.as_str())) {
+            problems.push(FieldProblem::new(name, "a field", format!("only {}", REQUEST_FIELDS.join(", "))));
+        }
+        let text = |name: &str| fields.get(name).map(|v| v.as_str().ok_or_else(|| describe(v)));
+        let mut id = |name: &str| match text(name) {
+            None => {
+                problems.push(FieldProblem::new(name, "nothing", "a string"));
+                None
+            }
+            Some(Err(received)) => {
+                problems.push(FieldProblem::new(name, received, "a string"));
+                None
+            }
+            Some(Ok(value)) => Some(value.to_owned()),
+        };
+        let (agent, key) = (id("agentId"), id("idempotencyKey"));
+        let agent =
+            agent.and_then(|a| crate::request::AgentId::parse("agentId", &a).map_err(|p| problems.push(p)).ok());
+        let key = key.and_then(|k| {
+            crate::request::IdempotencyKey::parse("idempotencyKey", &k).map_err(|p| problems.push(p)).ok()
+        });
+        let answers: Vec<ReportInput> = [
+            ("paymentResponse", ReportInput::X402V2 as fn(String) -> ReportInput),
+            ("xPaymentResponse", ReportInput::X402V1),
+            ("paymentReceipt", ReportInput::MppReceipt),
+        ]
+        .into_iter()
+        .filter_map(|(name, make)| match text(name)? {
+            Ok(value) => Some(make(value.to_owned())),
+            Err(received) => {
+                problems.push(FieldProblem::new(name, received, "a string"));
+                None
+            }
+        })
+        .collect();
+        if answers.len() != 1 && problems.is_empty() {
+            problems.push(FieldProblem::new(
+                "paymentResponse",
+                format!("{} of paymentResponse, xPaymentResponse, paymentReceipt", answers.len()),
+                "exactly one: the merchant's PAYMENT-RESPONSE (x402 v2), X-PAYMENT-RESPONSE (v1) or Payment-Receipt (MPP)",
+            ));
+        }
+        match (agent, key, answers.into_iter().next()) {
+            (Some(agent_id), Some(idempotency_key), Some(report)) if problems.is_empty() => {
+                Ok(Self { agent_id, idempotency_key, report })
+            }
+            _ => Err(InvalidPaymentRequest { problems }),
+        }
+    }
+}
+
 /// What the report says happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -368,5 +466,30 @@ mod tests {
         assert_eq!(mismatch(&other_amount, &paid), Some(("amount".into(), "9999".into(), "10000".into())));
         let other_network = report(json!({"success": true, "transaction": TX, "network": "eip155:8453"}));
         assert_eq!(mismatch(&other_network, &paid).unwrap().0, "network");
+    }
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_settlement_request_carries_exactly_one_answer_and_names_every_problem() {
+        let body = json!({"agentId": "a-1", "idempotencyKey": "k-1", "xPaymentResponse": "e30="});
+        let request = SettlementRequest::parse(&body).unwrap();
+        assert_eq!(request.report, ReportInput::X402V1("e30=".into()));
+        assert_eq!(serde_json::to_value(&request).unwrap(), body, "it serialises back to what was sent");
+
+        let none = SettlementRequest::parse(&json!({"agentId": "a-1", "idempotencyKey": "k-1"})).unwrap_err();
+        assert!(none.to_string().contains("exactly one"), "{none}");
+        let two = json!({"agentId": "a-1", "idempotencyKey": "k-1", "paymentResponse": "x", "paymentReceipt": "y"});
+        assert!(SettlementRequest::parse(&two).unwrap_err().to_string().contains("2 of paymentResponse"));
+        let bad = json!({"agentId": "a 1", "idempotencyKey": 7, "paymentResponse": "x", "extra": true});
+        let text = SettlementRequest::parse(&bad).unwrap_err().to_string();
+        for field in ["agentId", "idempotencyKey", "extra"] {
+            assert!(text.contains(field), "{field} in {text}");
+        }
+        assert!(SettlementRequest::parse(&json!([1])).unwrap_err().to_string().contains("a JSON object"));
     }
 }

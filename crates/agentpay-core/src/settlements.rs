@@ -45,7 +45,7 @@ impl SettlementError {
 }
 
 /// A report recorded (or found recorded already).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SettlementRecorded {
     pub idempotency_key: String,
@@ -443,7 +443,7 @@ fn event(
 
 /// An audit event about what followed a payment, said again from its reservation; `id_parts`
 /// make its id deterministic.
-fn ledger_event(
+pub(crate) fn ledger_event(
     reservation: &crate::store::Reservation,
     id_parts: &[&str],
     by: &str,

@@ -18,7 +18,7 @@ use crate::sizing::{item_bytes, json_item_bytes, read_units, write_units};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TouchedItem {
     /// The IAM action that touches it (`dynamodb:` left out): `PutItem`, `UpdateItem`,
-    /// `ConditionCheckItem`, `DeleteItem`, `GetItem`, `BatchGetItem`, `Query`.
+    /// `ConditionCheckItem`, `DeleteItem`, `GetItem`, `BatchGetItem`, `Query`, `Scan`.
     pub action: String,
     pub table: String,
     pub key: Value,
@@ -124,7 +124,7 @@ fn parse(operation: &str, body: &Value) -> (Vec<TouchedItem>, Vec<TouchedItem>, 
         "PutItem" => (vec![put(&body["TableName"], &body["Item"])], vec![], false),
         "UpdateItem" | "DeleteItem" => (vec![touched(operation, &body["TableName"], &body["Key"])], vec![], false),
         "GetItem" => (vec![], vec![touched(operation, &body["TableName"], &body["Key"])], false),
-        "Query" => (vec![], vec![touched(operation, &body["TableName"], &Value::Null)], false),
+        "Query" | "Scan" => (vec![], vec![touched(operation, &body["TableName"], &Value::Null)], false),
         "BatchGetItem" => {
             let reads = body["RequestItems"]
                 .as_object()

@@ -111,6 +111,14 @@ impl LambdaConfig {
         Steps::new(store, Arc::new(PrepareOnly(self.provider_kind())), Arc::new(SystemClock), self.settings.clone())
     }
 
+    /// The store alone (the report and reconcile functions), and the AWS configuration it was
+    /// built from, loaded here once.
+    pub async fn build_store(&self) -> (aws_config::SdkConfig, Arc<DynamoStore>) {
+        let aws = crate::load_aws().await;
+        let store = Arc::new(DynamoStore::from_sdk_config(&aws, self.tables.clone()));
+        (aws, store)
+    }
+
     /// The steps of process-payment: the store and the configured provider, built once.
     pub async fn build_paying_steps(&self) -> Result<Steps, ConfigError> {
         let aws = crate::load_aws().await;

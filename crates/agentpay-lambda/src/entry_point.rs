@@ -28,11 +28,11 @@ pub struct UrlAnswer {
 }
 
 impl UrlAnswer {
-    fn new(status: u16, body: Value) -> Self {
+    pub(crate) fn new(status: u16, body: Value) -> Self {
         Self { status, body }
     }
 
-    fn refused(status: u16, error: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn refused(status: u16, error: &str, message: impl Into<String>) -> Self {
         Self::new(status, json!({"error": error, "message": message.into()}))
     }
 
@@ -58,24 +58,10 @@ impl EntryPoint {
 
     /// One function URL request (payload format 2.0).
     pub async fn handle(&self, event: &Value) -> UrlAnswer {
-        let method = event.pointer("/requestContext/http/method").and_then(Value::as_str).unwrap_or_default();
-        if method != "POST" {
-            return UrlAnswer::refused(
-                405,
-                "MethodNotAllowed",
-                format!("received {method:?}, expected POST with the execution input as the body"),
-            );
-        }
-        let Some(caller) = event.pointer("/requestContext/authorizer/iam/userArn").and_then(Value::as_str) else {
-            return UrlAnswer::refused(
-                403,
-                "NoVerifiedCaller",
-                "the request carries no IAM caller: the function URL must use AuthType AWS_IAM and the request must be SigV4-signed",
-            );
+        let caller = match verified_post(event, "the execution input") {
+            Ok(caller) => caller,
+            Err(answer) => return answer,
         };
-        if let Err(expected) = check_caller_arn(caller) {
-            return UrlAnswer::refused(403, "NoVerifiedCaller", format!("caller {caller:?}: expected {expected}"));
-        }
         let input = match body(event) {
             Ok(input) => input,
             Err(answer) => return answer,
@@ -134,6 +120,28 @@ impl EntryPoint {
     }
 }
 
+/// The verified caller of a POST through a function URL with IAM auth (Lambda checked the
+/// SigV4 signature and hands over its ARN), or the refusal: 405 for another method, 403 when
+/// no IAM caller came with it. `body` says what the POST carries.
+pub(crate) fn verified_post<'a>(event: &'a Value, body: &str) -> Result<&'a str, UrlAnswer> {
+    let method = event.pointer("/requestContext/http/method").and_then(Value::as_str).unwrap_or_default();
+    if method != "POST" {
+        let expected = format!("received {method:?}, expected POST with {body} as the body");
+        return Err(UrlAnswer::refused(405, "MethodNotAllowed", expected));
+    }
+    let Some(caller) = event.pointer("/requestContext/authorizer/iam/userArn").and_then(Value::as_str) else {
+        return Err(UrlAnswer::refused(
+            403,
+            "NoVerifiedCaller",
+            "the request carries no IAM caller: the function URL must use AuthType AWS_IAM and the request must be SigV4-signed",
+        ));
+    };
+    check_caller_arn(caller).map_err(|expected| {
+        UrlAnswer::refused(403, "NoVerifiedCaller", format!("caller {caller:?}: expected {expected}"))
+    })?;
+    Ok(caller)
+}
+
 /// The header naming the execution when it is not the key's own (the client's fresh replay).
 /// A name decides nothing about money: the idempotency record still holds the key.
 pub const EXECUTION_NAME_HEADER: &str = "agentpay-execution-name";
@@ -155,7 +163,7 @@ fn requested_name(event: &Value) -> Result<Option<String>, UrlAnswer> {
 }
 
 /// The body as a JSON object, without a `caller` of its own.
-fn body(event: &Value) -> Result<serde_json::Map<String, Value>, UrlAnswer> {
+pub(crate) fn body(event: &Value) -> Result<serde_json::Map<String, Value>, UrlAnswer> {
     let raw = event.get("body").and_then(Value::as_str).unwrap_or_default();
     let text = if event.get("isBase64Encoded").and_then(Value::as_bool).unwrap_or(false) {
         if raw.len() > MAX_BODY_LEN / 3 * 4 + 4 {

@@ -21,6 +21,8 @@ pub async fn load_aws() -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http).load().await
 }
 pub mod entry_point;
+pub mod reconcile;
+pub mod settlement_url;
 
 /// A step's error on its way out of the function: its stable name becomes the `errorType`.
 #[derive(Debug)]

@@ -1,0 +1,150 @@
+//! The scheduled reconciliation on AWS: Step Functions answers what became of an execution
+//! (DescribeExecution, and GetExecutionHistory for whether it entered ProcessPayment), and an
+//! unknown outcome is asked again by starting the payment afresh with the execution's own
+//! input (same key, same client token). The function does not wait for that run: the next
+//! sweep reads its result from the ledger.
+
+use std::sync::Arc;
+
+use agentpay_core::error::PaymentError;
+use agentpay_core::reconcile::{AgentReconciliation, ExecutionFate, ExecutionLookup, Reconciler};
+use agentpay_core::settlements::ChainReader;
+use agentpay_core::store::Store;
+use agentpay_core::workflow::execution_name;
+use aws_sdk_sfn::error::ProvideErrorMetadata;
+use aws_sdk_sfn::types::ExecutionStatus;
+use serde_json::{Value, json};
+
+/// The state where a proof is asked for.
+const PROCESS_PAYMENT_STATE: &str = "ProcessPayment";
+
+/// Fresh runs of one execution reconciliation may start (`<name>-reconcile-N`): a held key is
+/// resolved by the first that reaches the provider, so a few suffice.
+const MAX_FRESH_RUNS: u32 = 100;
+
+/// Agents one invocation reconciles: the sweep is bounded by Lambda's 15 minutes; more agents
+/// are reconciled by invoking it with `agentId`.
+pub const MAX_AGENTS_PER_SWEEP: usize = 1000;
+
+pub struct SfnExecutions {
+    sfn: aws_sdk_sfn::Client,
+}
+
+impl SfnExecutions {
+    pub fn new(sfn: aws_sdk_sfn::Client) -> Self {
+        Self { sfn }
+    }
+}
+
+fn unavailable<E: std::error::Error + Send + Sync + 'static>(operation: &'static str, error: E) -> PaymentError {
+    PaymentError::StoreUnavailable { operation, source: Box::new(error) }
+}
+
+#[async_trait::async_trait]
+impl ExecutionLookup for SfnExecutions {
+    async fn fate(&self, execution_id: &str) -> Result<ExecutionFate, PaymentError> {
+        let described = match self.sfn.describe_execution().execution_arn(execution_id).send().await {
+            Ok(described) => described,
+            Err(error) if error.code() == Some("ExecutionDoesNotExist") => return Ok(ExecutionFate::Missing),
+            Err(error) => return Err(unavailable("DescribeExecution", error)),
+        };
+        let status = described.status().clone();
+        if matches!(status, ExecutionStatus::Running | ExecutionStatus::PendingRedrive) {
+            return Ok(ExecutionFate::Running);
+        }
+        let mut pages = self.sfn.get_execution_history().execution_arn(execution_id).into_paginator().items().send();
+        let mut entered = false;
+        while let Some(event) = pages.next().await {
+            let event = event.map_err(|e| unavailable("GetExecutionHistory", e))?;
+            entered |= event.state_entered_event_details().is_some_and(|d| d.name() == PROCESS_PAYMENT_STATE);
+        }
+        Ok(ExecutionFate::Ended { status: status.as_str().to_owned(), entered_process_payment: entered })
+    }
+
+    async fn ask_again(&self, execution_id: &str) -> Result<String, PaymentError> {
+        let described = self
+            .sfn
+            .describe_execution()
+            .execution_arn(execution_id)
+            .send()
+            .await
+            .map_err(|e| unavailable("DescribeExecution", e))?;
+        let machine = described.state_machine_arn();
+        let Some(input) = described.input() else {
+            return Ok(format!("execution {execution_id} has no input to run again (Step Functions withheld it)"));
+        };
+        for n in 1..=MAX_FRESH_RUNS {
+            let name = execution_name(described.name().unwrap_or_default(), Some(&format!("reconcile-{n}")));
+            match self.sfn.start_execution().state_machine_arn(machine).name(&name).input(input).send().await {
+                Ok(started) => return Ok(format!("started {} (its result is in the ledger)", started.execution_arn())),
+                Err(error) if error.code() == Some("ExecutionAlreadyExists") => continue,
+                Err(error) => return Err(unavailable("StartExecution", error)),
+            }
+        }
+        Ok(format!("{MAX_FRESH_RUNS} reconciliation runs of {execution_id} exist already: ask a person"))
+    }
+}
+
+/// What one invocation was asked: every agent (the schedule), or one; dry run or not.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReconcileRequest {
+    #[serde(default)]
+    pub agent_id: Option<agentpay_core::request::AgentId>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+impl ReconcileRequest {
+    /// A scheduled event (EventBridge's envelope) sweeps every agent; a direct invocation may
+    /// name one agent or ask for a dry run.
+    pub fn from_event(event: &Value) -> Result<Self, String> {
+        if event.get("detail-type").is_some() || event.is_null() {
+            return Ok(Self::default());
+        }
+        serde_json::from_value(event.clone())
+            .map_err(|e| format!("{e}: expected {{\"agentId\"?: an agent id, \"dryRun\"?: true or false}}"))
+    }
+}
+
+pub struct ReconcileFunction {
+    pub store: Arc<dyn Store>,
+    pub reconciler: Reconciler,
+    pub chain: Box<dyn ChainReader>,
+    pub executions: Box<dyn ExecutionLookup>,
+}
+
+impl ReconcileFunction {
+    /// One sweep: per agent, what changed, what was asked again and what looks wrong, counted
+    /// in the logs and metrics (never a proof) and returned whole.
+    pub async fn sweep(&self, request: &ReconcileRequest) -> Result<Value, PaymentError> {
+        let agents = match &request.agent_id {
+            Some(agent) => vec![agent.to_string()],
+            None => self.store.agents().await?.into_iter().take(MAX_AGENTS_PER_SWEEP).collect(),
+        };
+        let mut reports: Vec<AgentReconciliation> = Vec::new();
+        for agent in &agents {
+            let report = self
+                .reconciler
+                .agent(agent, self.chain.as_ref(), self.executions.as_ref(), request.dry_run)
+                .await
+                .map_err(|e| match e {
+                    agentpay_core::settlements::SettlementError::Store(error) => error,
+                    other => PaymentError::LedgerInconsistent(other.to_string()),
+                })?;
+            tracing::info!(
+                agent = agent.as_str(),
+                changed = report.changes.len(),
+                asked_again = report.asked_again.len(),
+                anomalies = report.anomalies.len(),
+                dry_run = request.dry_run,
+                "reconciled"
+            );
+            if !request.dry_run {
+                agentpay_core::metrics::reconciled(agent, report.changes.len(), report.anomalies.len());
+            }
+            reports.push(report);
+        }
+        Ok(json!({"dryRun": request.dry_run, "agents": reports}))
+    }
+}

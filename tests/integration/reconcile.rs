@@ -1,0 +1,241 @@
+//! Reconciliation of what executions left behind, through the real local runner and client on
+//! both stores: a reservation no proof can exist for is released, an unknown outcome is asked
+//! again with the same client token, and what cannot be explained is listed and left alone.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use agentpay::asl::runner::{TaskFailure, TaskHandler};
+use agentpay::asl::{LocalRunner, PAYMENT_DEFINITION, RecordingSleeper};
+use agentpay::client::PaymentClient;
+use agentpay::client::local::LocalBackend;
+use agentpay::client::reconcile::ClientExecutions;
+use agentpay::clock::{Clock, ManualClock, Timestamp};
+use agentpay::config::Config;
+use agentpay::executions::{ExecutionRecord, ExecutionStatus};
+use agentpay::faults::ProviderFault;
+use agentpay::local::LocalApp;
+use agentpay::reconcile::{AgentReconciliation, AnomalyKind, Reconciler};
+use agentpay::samples::execution_input;
+use agentpay::settlements::NoChain;
+use agentpay::steps::{StepName, Steps};
+use agentpay::store::{AuditKind, IdempotencyStatus, ReservationStatus};
+use serde_json::Value;
+
+use crate::helpers::policy;
+use crate::stores::{dynamodb_client, fresh_tables};
+
+const AGENT: &str = "rec-agent";
+
+/// Kills executions the way a broken deployment would: while `broken` holds, Compensate fails
+/// before it runs, every time, and while `check_spend_dies` holds CheckSpend fails after it
+/// reserved.
+struct BrokenCompensation {
+    steps: Steps,
+    broken: AtomicBool,
+    check_spend_dies: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl TaskHandler for BrokenCompensation {
+    async fn invoke(&self, step: StepName, input: Value) -> Result<Value, TaskFailure> {
+        let broken = self.broken.load(Ordering::SeqCst);
+        if broken && step == StepName::Compensate {
+            return Err(TaskFailure { error: "Lambda.Unknown".into(), cause: "compensate is broken".into() });
+        }
+        let result = self.steps.invoke(step, input).await;
+        if broken && self.check_spend_dies.load(Ordering::SeqCst) && step == StepName::CheckSpend {
+            return Err(TaskFailure { error: "Lambda.Unknown".into(), cause: "died after reserving".into() });
+        }
+        result.map_err(TaskFailure::from)
+    }
+}
+
+struct Harness {
+    app: LocalApp,
+    handler: Arc<BrokenCompensation>,
+    runner: Arc<LocalRunner>,
+    client: PaymentClient,
+    clock: Arc<ManualClock>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn new(dynamo: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_763_700_000_000)));
+        let config = if dynamo {
+            Config::local_dynamo(dir.path(), fresh_tables(&dynamodb_client().await).await)
+        } else {
+            Config::local(dir.path())
+        };
+        let sleeper = Arc::new(RecordingSleeper::default());
+        let app = LocalApp::open(&config, dir.path(), clock.clone(), sleeper.clone()).await.unwrap();
+        app.store.put_policy(AGENT, &policy("1.00", "5.00", 100)).await.unwrap();
+        let handler = Arc::new(BrokenCompensation {
+            steps: app.steps.clone(),
+            broken: AtomicBool::new(false),
+            check_spend_dies: AtomicBool::new(true),
+        });
+        let runner = Arc::new(
+            LocalRunner::new(PAYMENT_DEFINITION, handler.clone(), clock.clone(), app.executions.clone(), sleeper)
+                .unwrap(),
+        );
+        let client = PaymentClient::new(Box::new(LocalBackend::new(runner.clone(), app.executions.clone())));
+        Self { app, handler, runner, client, clock, _dir: dir }
+    }
+
+    async fn run(&self, name: &str, key: &str, amount: &str) -> ExecutionRecord {
+        self.runner.start(name, execution_input(key, AGENT, amount)).await.unwrap()
+    }
+
+    async fn reconcile(&self, dry_run: bool) -> AgentReconciliation {
+        self.reconcile_with(&self.client, dry_run).await
+    }
+
+    async fn reconcile_with(&self, client: &PaymentClient, dry_run: bool) -> AgentReconciliation {
+        let reconciler = Reconciler::new(self.app.store.clone(), self.clock.clone(), Duration::from_secs(24 * 3600));
+        reconciler.agent(AGENT, &NoChain, &ClientExecutions::new(client), dry_run).await.unwrap()
+    }
+
+    async fn status(&self) -> ReservationStatus {
+        let reservations = self.app.store.reservations(AGENT).await.unwrap();
+        assert_eq!(reservations.len(), 1, "{reservations:?}");
+        reservations[0].status
+    }
+
+    async fn window_total(&self) -> u64 {
+        self.app.store.agent_ledger(AGENT).await.unwrap().window.rolled(self.clock.now()).spent.get()
+    }
+}
+
+async fn an_execution_that_died_before_paying_is_released(dynamo: bool) {
+    let h = Harness::new(dynamo).await;
+    h.handler.broken.store(true, Ordering::SeqCst);
+    let died = h.run("rec-died", "rec-died", "250000").await;
+    assert_eq!(died.status, ExecutionStatus::Failed, "{:?}", died.error);
+    assert_eq!(h.status().await, ReservationStatus::Reserved, "nothing compensated it");
+    assert_eq!(h.window_total().await, 250_000);
+
+    // A dry run says what it would do and does nothing.
+    let dry = h.reconcile(true).await;
+    assert_eq!(dry.changes.len(), 1, "{dry:?}");
+    assert_eq!(dry.changes[0].after, ReservationStatus::Released);
+    assert!(dry.changes[0].evidence.contains("before ProcessPayment"), "{}", dry.changes[0].evidence);
+    assert_eq!((h.status().await, h.window_total().await), (ReservationStatus::Reserved, 250_000));
+
+    let done = h.reconcile(false).await;
+    assert_eq!(done.changes, dry.changes, "the run does what the dry run said");
+    assert!(done.anomalies.is_empty(), "{:?}", done.anomalies);
+    assert_eq!(h.status().await, ReservationStatus::Released);
+    assert_eq!(h.window_total().await, 0, "its budget came back");
+    assert_eq!(done.states["RELEASED"].payments, 1);
+    let record = h.app.store.idempotency("rec-died", h.clock.now()).await.unwrap().unwrap();
+    assert_eq!(record.status, IdempotencyStatus::Failed);
+    assert_eq!(record.error.as_ref().unwrap().error, "ExecutionEnded");
+    let audit = h.app.store.audit_events(AGENT).await.unwrap();
+    let released = audit.iter().find(|e| e.kind == AuditKind::Released).expect("a release is audited");
+    assert_eq!(released.decided_by.as_deref(), Some(agentpay::reconcile::RECONCILER));
+
+    // Nothing twice: a second sweep finds nothing to do; the key can be paid again.
+    assert!(h.reconcile(false).await.changes.is_empty());
+    assert_eq!(h.window_total().await, 0);
+    h.handler.broken.store(false, Ordering::SeqCst);
+    let again = h.run("rec-died-again", "rec-died", "250000").await;
+    assert_eq!(again.status, ExecutionStatus::Succeeded, "{:?}", again.error);
+    assert_eq!(h.window_total().await, 250_000);
+}
+
+#[tokio::test]
+async fn an_execution_that_died_before_paying_is_released_on_sqlite() {
+    an_execution_that_died_before_paying_is_released(false).await;
+}
+
+#[tokio::test]
+async fn an_execution_that_died_before_paying_is_released_on_dynamodb() {
+    an_execution_that_died_before_paying_is_released(true).await;
+}
+
+async fn an_unknown_outcome_is_asked_again_with_the_same_client_token(dynamo: bool) {
+    let h = Harness::new(dynamo).await;
+    // The proof is issued, the answer lost on the first call and its three retries.
+    h.app.provider.fail_next(ProviderFault::OutcomeUnknownAfterProof, 4);
+    let held = h.run("rec-held", "rec-held", "300000").await;
+    assert_eq!(held.error.as_ref().unwrap().error, "PaymentOutcomeUnknown");
+
+    let dry = h.reconcile(true).await;
+    assert!(dry.changes.is_empty() && dry.asked_again.is_empty(), "{dry:?}");
+    assert_eq!(dry.anomalies.len(), 1);
+    assert_eq!(dry.anomalies[0].kind, AnomalyKind::OutcomeUnknown, "a dry run lists it and asks nobody");
+    assert_eq!(h.app.provider.delegated_calls(), 4);
+
+    let done = h.reconcile(false).await;
+    assert_eq!(done.asked_again.len(), 1, "{done:?}");
+    assert!(done.asked_again[0].outcome.contains("SUCCEEDED"), "{}", done.asked_again[0].outcome);
+    assert!(done.anomalies.is_empty(), "{:?}", done.anomalies);
+    assert_eq!(h.app.provider.delegated_calls(), 5, "asked once more, with the same token");
+    assert_eq!(h.status().await, ReservationStatus::Authorized, "the proof it had issued is recorded");
+    assert_eq!(h.window_total().await, 300_000, "counted once");
+    assert_eq!(done.states["AUTHORIZED"].payments, 1);
+}
+
+#[tokio::test]
+async fn an_unknown_outcome_is_asked_again_with_the_same_client_token_on_sqlite() {
+    an_unknown_outcome_is_asked_again_with_the_same_client_token(false).await;
+}
+
+#[tokio::test]
+async fn an_unknown_outcome_is_asked_again_with_the_same_client_token_on_dynamodb() {
+    an_unknown_outcome_is_asked_again_with_the_same_client_token(true).await;
+}
+
+#[tokio::test]
+async fn an_execution_that_died_in_process_payment_waits_for_its_lease_then_is_asked_again() {
+    let h = Harness::new(false).await;
+    // The provider answers, then the execution dies on its way back, and nothing compensates.
+    h.handler.broken.store(true, Ordering::SeqCst);
+    h.handler.check_spend_dies.store(false, Ordering::SeqCst);
+    h.app.provider.fail_next(ProviderFault::OutcomeUnknownAfterProof, 100);
+    let died = h.run("rec-pp", "rec-pp", "100000").await;
+    assert_eq!(died.status, ExecutionStatus::Failed);
+    assert_eq!(h.status().await, ReservationStatus::Reserved);
+
+    // Its lease still runs: a new execution would wait, so the sweep lists it and waits too.
+    let early = h.reconcile(false).await;
+    assert!(early.changes.is_empty() && early.asked_again.is_empty(), "{early:?}");
+    assert_eq!(early.anomalies.len(), 1);
+    assert_eq!(early.anomalies[0].kind, AnomalyKind::OutcomeUnknown);
+    assert!(early.anomalies[0].detail.contains("lease ends"), "{}", early.anomalies[0].detail);
+    assert_eq!(h.status().await, ReservationStatus::Reserved, "a proof may exist: never released");
+
+    h.clock.advance(Duration::from_secs(21 * 60));
+    h.handler.broken.store(false, Ordering::SeqCst);
+    h.app.provider.fail_next(ProviderFault::OutcomeUnknownAfterProof, 0);
+    let late = h.reconcile(false).await;
+    assert_eq!(late.asked_again.len(), 1, "{late:?}");
+    assert_eq!(h.status().await, ReservationStatus::Authorized);
+    assert_eq!(h.window_total().await, 100_000);
+}
+
+#[tokio::test]
+async fn a_reservation_whose_execution_is_gone_is_listed_and_left_counted() {
+    let h = Harness::new(false).await;
+    h.handler.broken.store(true, Ordering::SeqCst);
+    h.run("rec-gone", "rec-gone", "50000").await;
+    // Another execution store: the executions are gone (Step Functions keeps them 90 days).
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = LocalApp::open(
+        &Config::local(elsewhere.path()),
+        elsewhere.path(),
+        h.clock.clone(),
+        Arc::new(RecordingSleeper::default()),
+    )
+    .await
+    .unwrap();
+    let report = h.reconcile_with(&other.client(), false).await;
+    assert!(report.changes.is_empty(), "{report:?}");
+    assert_eq!(report.anomalies.len(), 1);
+    assert_eq!(report.anomalies[0].kind, AnomalyKind::ReservationWithoutExecution);
+    assert_eq!((h.status().await, h.window_total().await), (ReservationStatus::Reserved, 50_000));
+}
