@@ -38,6 +38,8 @@ const FUNCTION_EVENTS: &[&str] = &[
     "record-ledger.json",
     "compensate.json",
     "request-approval.json",
+    "report-settlement.json",
+    "reconcile.json",
 ];
 
 #[test]

@@ -128,6 +128,8 @@ async fn every_function_event_invokes_locally_through_cargo_lambda() {
         ("AWS_REGION", "us-east-1".to_owned()),
         ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
         ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
+        // The report event's caller (events/functions/report-settlement.json) is an operator.
+        ("AGENTPAY_OPERATOR_PRINCIPALS", "arn:aws:iam::123456789012:role/agentpay-operator".to_owned()),
     ];
     let watch = Watch::start(&env);
 
@@ -162,6 +164,17 @@ async fn every_function_event_invokes_locally_through_cargo_lambda() {
     assert_eq!(outcome["status"], "AUTHORIZED");
     assert_eq!(store.reservations("demo-agent").await.unwrap()[0].status.as_str(), "AUTHORIZED");
     assert_eq!(store.audit_events("demo-agent").await.unwrap().len(), 1);
+
+    // The merchant's answer reported by an operator through the URL function, then a dry-run
+    // reconciliation of the agent.
+    let answer = watch.invoke_ok("report-settlement");
+    assert_eq!(answer["statusCode"], 200, "{answer}");
+    let recorded: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
+    assert_eq!(recorded["status"], "SETTLED", "{recorded}");
+    assert_eq!(store.reservations("demo-agent").await.unwrap()[0].status.as_str(), "SETTLED");
+    let swept = watch.invoke_ok("reconcile");
+    assert_eq!((swept["dryRun"].as_bool(), swept["agents"][0]["agentId"].as_str()), (Some(true), Some("demo-agent")));
+    assert_eq!(swept["agents"][0]["states"]["SETTLED"]["payments"], 1, "{swept}");
 
     // A payment above the agent's approval threshold: the callback task's function records it.
     let store = recreate(&client, &tables).await;

@@ -197,6 +197,52 @@ async fn a_key_reused_after_its_record_expired_is_a_new_payment_with_new_ids() {
     assert_eq!(h.window_total().await, 200_000, "yesterday's payment left the window, today's counts");
 }
 
+/// Found by the fault simulator (seed 10999263599068743618): an execution whose key it paid
+/// ran CheckIdempotency again after the record had expired (a late invocation of the step).
+/// Its new record took the same derived claim id, so the new lifetime met the old AUTHORIZED
+/// reservation: every step "succeeded" on it and the key stayed IN_PROGRESS for good.
+#[tokio::test]
+async fn the_same_execution_claiming_after_its_record_expired_starts_a_new_lifetime() {
+    let h = Harness::new().await;
+    let steps = &h.app.steps;
+    let input = execution_input("npt-late", AGENT, "100000");
+    let execution = "arn:local:execution:late".to_owned();
+    let pay = || async {
+        let claim = steps
+            .check_idempotency(CheckIdempotencyInput { request: input.clone(), execution_id: execution.clone() })
+            .await
+            .unwrap();
+        let spend = CheckSpendInput { request: input.clone(), execution_id: execution.clone(), claim: claim.clone() };
+        let reservation = steps.check_spend(spend).await.unwrap();
+        let order = ProcessPaymentInput {
+            request: input.clone(),
+            execution_id: execution.clone(),
+            claim: claim.clone(),
+            reservation: reservation.clone(),
+            retry_count: 0,
+        };
+        let proof = steps.process_payment(order).await.unwrap();
+        let record = RecordLedgerInput {
+            request: input.clone(),
+            execution_id: execution.clone(),
+            claim: claim.clone(),
+            reservation,
+            proof,
+        };
+        steps.record_ledger(record).await.unwrap();
+        claim
+    };
+    let first = pay().await;
+    h.clock.advance(Duration::from_secs(25 * 3600));
+    let second = pay().await;
+    assert_ne!(second.claim_id, first.claim_id, "a new record lifetime has a new claim");
+    let record = h.key("npt-late").await;
+    assert_eq!(record.status, IdempotencyStatus::Completed, "the key is not left IN_PROGRESS: {record:?}");
+    let reservations = h.reservations().await;
+    assert_eq!(reservations.len(), 2);
+    assert!(reservations.iter().all(|r| r.status == ReservationStatus::Authorized));
+}
+
 fn caught(error: &str) -> CaughtError {
     CaughtError { error: error.into(), cause: format!("{{\"errorType\":\"{error}\",\"errorMessage\":\"{error}\"}}") }
 }

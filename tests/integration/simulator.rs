@@ -563,6 +563,30 @@ async fn trace(world: &World, audit: &[agentpay::store::AuditEvent], r: &agentpa
 
 async fn trace_key(world: &World, audit: &[agentpay::store::AuditEvent], agent: &str, key: &str) -> String {
     let mut lines = Vec::new();
+    if let Some(record) = world.app.store.idempotency(key, world.now()).await.unwrap() {
+        lines.push(format!(
+            "  key {:?} claim {} attempt {} by {} lease {} expires {} created {} updated {}",
+            record.status,
+            record.claim_id,
+            record.attempt,
+            record.execution_id,
+            record.lease_expires_at.millis(),
+            record.expires_at.millis(),
+            record.created_at.millis(),
+            record.updated_at.millis()
+        ));
+    }
+    for r in world.app.store.reservations(agent).await.unwrap().iter().filter(|r| r.idempotency_key == key) {
+        lines.push(format!(
+            "  reservation {} {:?} claim {} attempt {} by {} created {}",
+            r.id,
+            r.status,
+            r.claim_id,
+            r.attempt,
+            r.execution_id,
+            r.created_at.millis()
+        ));
+    }
     for e in audit.iter().filter(|e| e.idempotency_key == key) {
         lines.push(format!(
             "  audit {:?} at {} by {} error {:?}",
