@@ -160,6 +160,7 @@ conformance!(
     trip_counters_are_written_only_over_the_version_read,
     settlement_reports_move_a_payment_forward_and_never_free_its_budget,
     only_the_chain_releases_an_expired_authorization,
+    a_key_held_again_for_a_paid_claim_completes_with_its_payment,
 );
 
 async fn claim_then_cached_result(backend: Backend) {
@@ -948,4 +949,26 @@ async fn only_the_chain_releases_an_expired_authorization(backend: Backend) {
     assert_eq!(node.calls().len(), calls);
     let late = settlements.report(AGENT, "k-unused", &failed, "local:agent").await.unwrap_err();
     assert_eq!(late.name(), "NotAuthorized");
+}
+
+/// The same execution claiming its key again after its completed record expired holds a new
+/// record with the same claim (the id derives from key and execution): its RecordLedger meets
+/// the AUTHORIZED reservation and completes the key with that payment, never leaving it
+/// IN_PROGRESS.
+async fn a_key_held_again_for_a_paid_claim_completes_with_its_payment(backend: Backend) {
+    let f = Fixture::with_policy(backend, "1.00", "5.00", 100).await;
+    let input = execution_input("conf-late", AGENT, "10000");
+    let claim = f.claim(&input, "exec-late").await.unwrap();
+    let paid = f.pay(&input, "exec-late", &claim).await.unwrap();
+    f.clock.advance(Duration::from_secs(25 * 3600));
+    let again = f.claim(&input, "exec-late").await.unwrap();
+    assert_eq!((again.outcome, &again.claim_id), (ClaimOutcome::Claimed, &claim.claim_id));
+    let held = f.store.idempotency("conf-late", f.clock.now()).await.unwrap().unwrap();
+    assert_eq!(held.status, IdempotencyStatus::InProgress);
+    let repaid = f.pay(&input, "exec-late", &again).await.unwrap();
+    assert_eq!(repaid["paymentId"], paid["paymentId"], "the payment made, not a new one");
+    let record = f.store.idempotency("conf-late", f.clock.now()).await.unwrap().unwrap();
+    assert_eq!(record.status, IdempotencyStatus::Completed, "{record:?}");
+    assert_eq!(record.result.unwrap()["paymentId"], paid["paymentId"]);
+    assert_eq!(f.store.reservations(AGENT).await.unwrap().len(), 1);
 }

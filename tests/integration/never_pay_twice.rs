@@ -199,10 +199,11 @@ async fn a_key_reused_after_its_record_expired_is_a_new_payment_with_new_ids() {
 
 /// Found by the fault simulator (seed 10999263599068743618): an execution whose key it paid
 /// ran CheckIdempotency again after the record had expired (a late invocation of the step).
-/// Its new record took the same derived claim id, so the new lifetime met the old AUTHORIZED
-/// reservation: every step "succeeded" on it and the key stayed IN_PROGRESS for good.
+/// Its new record has the same derived claim, so it meets its own AUTHORIZED reservation:
+/// every step answered with the payment made, but RecordLedger left the key IN_PROGRESS for
+/// good. Now the key completes with that payment; nothing is paid or counted twice.
 #[tokio::test]
-async fn the_same_execution_claiming_after_its_record_expired_starts_a_new_lifetime() {
+async fn the_same_execution_claiming_after_its_record_expired_completes_with_its_payment() {
     let h = Harness::new().await;
     let steps = &h.app.steps;
     let input = execution_input("npt-late", AGENT, "100000");
@@ -222,25 +223,20 @@ async fn the_same_execution_claiming_after_its_record_expired_starts_a_new_lifet
             retry_count: 0,
         };
         let proof = steps.process_payment(order).await.unwrap();
-        let record = RecordLedgerInput {
-            request: input.clone(),
-            execution_id: execution.clone(),
-            claim: claim.clone(),
-            reservation,
-            proof,
-        };
-        steps.record_ledger(record).await.unwrap();
-        claim
+        let record =
+            RecordLedgerInput { request: input.clone(), execution_id: execution.clone(), claim, reservation, proof };
+        steps.record_ledger(record).await.unwrap().payment_id
     };
     let first = pay().await;
     h.clock.advance(Duration::from_secs(25 * 3600));
     let second = pay().await;
-    assert_ne!(second.claim_id, first.claim_id, "a new record lifetime has a new claim");
+    assert_eq!(second, first, "the payment that execution made, not a new one");
     let record = h.key("npt-late").await;
     assert_eq!(record.status, IdempotencyStatus::Completed, "the key is not left IN_PROGRESS: {record:?}");
     let reservations = h.reservations().await;
-    assert_eq!(reservations.len(), 2);
-    assert!(reservations.iter().all(|r| r.status == ReservationStatus::Authorized));
+    assert_eq!(reservations.len(), 1);
+    assert_eq!(reservations[0].status, ReservationStatus::Authorized);
+    assert_eq!(h.window_total().await, 0, "yesterday's payment left the window; nothing new was counted");
 }
 
 fn caught(error: &str) -> CaughtError {

@@ -239,3 +239,70 @@ async fn a_reservation_whose_execution_is_gone_is_listed_and_left_counted() {
     assert_eq!(report.anomalies[0].kind, AnomalyKind::ReservationWithoutExecution);
     assert_eq!((h.status().await, h.window_total().await), (ReservationStatus::Reserved, 50_000));
 }
+
+#[tokio::test]
+async fn what_the_ledger_cannot_explain_is_listed_and_left_as_it_is() {
+    use agentpay::settlement::{ReportedOutcome, SettlementReport};
+    use agentpay::steps::{CheckIdempotencyInput, CheckSpendInput};
+    use agentpay::store::{AuditKind, Settlement, SettlementCommit};
+
+    let h = Harness::new(false).await;
+    // Settled for another amount than authorized (a scheme whose reports the check lets
+    // through, or a record written by an older version).
+    let paid = h.run("rec-paid", "rec-paid", "40000").await;
+    assert_eq!(paid.status, ExecutionStatus::Succeeded);
+    let reservation = h.app.store.reservations(AGENT).await.unwrap().remove(0);
+    let report = SettlementReport {
+        outcome: ReportedOutcome::Settled,
+        transaction: Some(format!("0x{}", "cd".repeat(32))),
+        network: None,
+        payer: None,
+        amount: Some(agentpay::money::AtomicAmount::new(39_000).unwrap()),
+        error_reason: None,
+    };
+    let mut audit = h.app.store.audit_events(AGENT).await.unwrap().remove(0);
+    audit.event_id = "evt-settled-other-amount".into();
+    audit.kind = AuditKind::Settled;
+    let commit = SettlementCommit {
+        agent_id: AGENT.into(),
+        reservation_id: reservation.id.clone(),
+        from: ReservationStatus::Authorized,
+        to: ReservationStatus::Settled,
+        settlement: Some(Settlement { report, reported_by: "test".into(), reported_at: h.clock.now() }),
+        refund: None,
+        audit,
+    };
+    h.app.store.record_settlement(&commit).await.unwrap();
+
+    // A key that says paid over a reservation still RESERVED (one table restored from a backup
+    // older than the other).
+    let input = execution_input("rec-restored", AGENT, "20000");
+    let execution = "arn:local:execution:restored".to_owned();
+    let steps = &h.app.steps;
+    let claim = steps
+        .check_idempotency(CheckIdempotencyInput { request: input.clone(), execution_id: execution.clone() })
+        .await
+        .unwrap();
+    steps.check_spend(CheckSpendInput { request: input, execution_id: execution, claim }).await.unwrap();
+    let held = h.app.store.idempotency("rec-restored", h.clock.now()).await.unwrap().unwrap();
+    let completed = agentpay::store::IdempotencyRecord {
+        status: IdempotencyStatus::Completed,
+        result: Some(serde_json::json!({"paymentId": "pay-from-a-restore"})),
+        ..held.clone()
+    };
+    assert!(h.app.store.replace_idempotency(&held, &completed).await.unwrap().is_none());
+
+    let report = h.reconcile(false).await;
+    let mut kinds: Vec<(AnomalyKind, &str)> =
+        report.anomalies.iter().map(|a| (a.kind, a.idempotency_key.as_str())).collect();
+    kinds.sort_by_key(|(_, key)| key.to_string());
+    assert_eq!(
+        kinds,
+        [(AnomalyKind::SettledAmountDiffers, "rec-paid"), (AnomalyKind::ProofWithoutLedgerEntry, "rec-restored")],
+        "{report:?}"
+    );
+    assert!(report.changes.is_empty(), "nothing is changed for an anomaly: {:?}", report.changes);
+    let statuses: Vec<ReservationStatus> =
+        h.app.store.reservations(AGENT).await.unwrap().iter().map(|r| r.status).collect();
+    assert!(statuses.contains(&ReservationStatus::Reserved) && statuses.contains(&ReservationStatus::Settled));
+}

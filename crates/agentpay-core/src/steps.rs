@@ -397,13 +397,14 @@ impl Steps {
             key: key.to_owned(),
             fingerprint: request.fingerprint().to_owned(),
             status: IdempotencyStatus::InProgress,
-            // New per record lifetime, so a new lifetime never meets an old one's reservation
-            // or client token: from the execution and the moment it creates the record (the
-            // same execution may create two: a late invocation of this step after its own
-            // completed record expired, as the fault simulator found). Derived, not random, so
-            // a seeded simulation gives the same ids; a retry after this insert landed finds
-            // the record and keeps its id.
-            claim_id: derived_id("claim", &[key, &input.execution_id, &now.millis().to_string()]),
+            // New per record lifetime: a record is created by a new execution, and Step
+            // Functions never reuses an execution id within the 90 days a name stays taken
+            // (longer than any record lives). Derived, not random, so a retried
+            // CheckIdempotency and a seeded simulation give the same id, and the sample events
+            // of the steps can be invoked one after another. The same execution creating a
+            // second record (a late step after its own completed record expired) meets its
+            // earlier payment: RecordLedger completes the key with it (see `Store::authorize`).
+            claim_id: derived_id("claim", &[key, &input.execution_id]),
             attempt: 1,
             execution_id: input.execution_id.clone(),
             lease_expires_at: now.plus(self.settings.lease),

@@ -1083,10 +1083,16 @@ impl Store for DynamoStore {
                     Some(Reason::ConditionFailed(Some(item))) => {
                         let current = decode_reservation(item)?;
                         let same_payment = current.payment_id.as_deref() == Some(commit.payment_id.as_str());
-                        return Ok(match current.status {
-                            paid if paid.is_paid() && same_payment => Transition::AlreadyApplied,
-                            other => Transition::Refused(format!("reservation is {}", other.as_str())),
-                        });
+                        if !(current.status.is_paid() && same_payment) {
+                            return Ok(Transition::Refused(format!("reservation is {}", current.status.as_str())));
+                        }
+                        // Recorded before. A key still held for this very claim (a later record
+                        // of the same execution, whose claim id is the same) is completed with
+                        // it: never left IN_PROGRESS over a paid reservation.
+                        if matches!(reasons.get(1), Some(Reason::Passed)) {
+                            self.complete_held_key(commit).await?;
+                        }
+                        return Ok(Transition::AlreadyApplied);
                     }
                     Some(Reason::ConditionFailed(None)) => {
                         return Ok(Transition::Refused("no such reservation".into()));
@@ -1528,5 +1534,22 @@ mod tests {
         assert_eq!(classified.name(), "StoreRejected");
         assert!(!classified.is_retryable());
         assert!(classified.chain_message().contains("ResourceNotFoundException"), "{}", classified.chain_message());
+    }
+}
+
+impl DynamoStore {
+    /// Completes the key `commit` is fenced on, if it is still held for it (one conditional
+    /// write; a key moved on since is left as it is).
+    async fn complete_held_key(&self, commit: &AuthorizationCommit) -> Result<(), PaymentError> {
+        let close = self.fenced_idempotency_close(
+            &commit.fence,
+            IdempotencyStatus::Completed,
+            ("result", json(&commit.result)?),
+            commit.now,
+            commit.expires_at,
+        )?;
+        match self.transact("complete key", vec![close]).await? {
+            TxOutcome::Committed | TxOutcome::Cancelled(_) => Ok(()),
+        }
     }
 }

@@ -622,6 +622,16 @@ impl Store for SqliteStore {
             match reservation.status {
                 ReservationStatus::Reserved => {}
                 paid if paid.is_paid() && reservation.payment_id.as_deref() == Some(&commit.payment_id) => {
+                    // Recorded before. A key still held for this very claim (a later record of
+                    // the same execution, whose claim id is the same) is completed with it:
+                    // never left IN_PROGRESS over a paid reservation.
+                    if let Ok(mut record) = held_record(tx, &commit.fence)? {
+                        record.status = IdempotencyStatus::Completed;
+                        record.result = Some(commit.result.clone());
+                        record.updated_at = commit.now;
+                        record.expires_at = commit.expires_at;
+                        put_idempotency(tx, &record)?;
+                    }
                     return Ok(Transition::AlreadyApplied);
                 }
                 other => {
