@@ -1475,6 +1475,23 @@ pub async fn create_table(client: &Client, name: &str, schema: schema::TableSche
     Ok(())
 }
 
+impl DynamoStore {
+    /// Completes the key `commit` is fenced on, if it is still held for it (one conditional
+    /// write; a key moved on since is left as it is).
+    async fn complete_held_key(&self, commit: &AuthorizationCommit) -> Result<(), PaymentError> {
+        let close = self.fenced_idempotency_close(
+            &commit.fence,
+            IdempotencyStatus::Completed,
+            ("result", json(&commit.result)?),
+            commit.now,
+            commit.expires_at,
+        )?;
+        match self.transact("complete key", vec![close]).await? {
+            TxOutcome::Committed | TxOutcome::Cancelled(_) => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use aws_sdk_dynamodb::operation::get_item::GetItemError;
@@ -1534,22 +1551,5 @@ mod tests {
         assert_eq!(classified.name(), "StoreRejected");
         assert!(!classified.is_retryable());
         assert!(classified.chain_message().contains("ResourceNotFoundException"), "{}", classified.chain_message());
-    }
-}
-
-impl DynamoStore {
-    /// Completes the key `commit` is fenced on, if it is still held for it (one conditional
-    /// write; a key moved on since is left as it is).
-    async fn complete_held_key(&self, commit: &AuthorizationCommit) -> Result<(), PaymentError> {
-        let close = self.fenced_idempotency_close(
-            &commit.fence,
-            IdempotencyStatus::Completed,
-            ("result", json(&commit.result)?),
-            commit.now,
-            commit.expires_at,
-        )?;
-        match self.transact("complete key", vec![close]).await? {
-            TxOutcome::Committed | TxOutcome::Cancelled(_) => Ok(()),
-        }
     }
 }
