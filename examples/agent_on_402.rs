@@ -67,6 +67,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         PaymentAnswer::Denied { error, cause } | PaymentAnswer::Failed { error, cause } => {
             println!("not paid: {error}: {cause}");
         }
+        PaymentAnswer::Shadow { decision, .. } => {
+            println!("shadow mode, nothing paid: the policy {}", decision.describe())
+        }
         PaymentAnswer::Running => println!("still running: poll `agentpay status {}`", started.execution.name),
         PaymentAnswer::AwaitingApproval { approval_id } => {
             println!("waits for a person: `agentpay approve {approval_id}` (or reject), then poll `agentpay status`")

@@ -15,7 +15,7 @@
 
 pub use agentpay_core::{
     agentcore, approval, asl, clock, deviation, error, executions, faults, identity, metrics, money, mpp, payment,
-    policy, reconcile, request, samples, settlement, settlements, steps, trips, window, workflow, x402,
+    policy, reconcile, request, samples, settlement, settlements, shadow, steps, trips, window, workflow, x402,
 };
 
 pub mod approvals;

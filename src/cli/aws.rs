@@ -131,7 +131,7 @@ pub async fn run(cli: &Cli) -> Result<i32, CliError> {
 /// 0 paid, 1 failed or denied, 2 still running.
 fn answer_code(answer: &PaymentAnswer) -> i32 {
     match answer {
-        PaymentAnswer::Paid { .. } => 0,
+        PaymentAnswer::Paid { .. } | PaymentAnswer::Shadow { .. } => 0,
         PaymentAnswer::Denied { .. } | PaymentAnswer::Failed { .. } => 1,
         PaymentAnswer::Running | PaymentAnswer::AwaitingApproval { .. } => 2,
     }
@@ -165,6 +165,13 @@ pub fn execution_text(execution: &Execution) -> String {
                     execution.name
                 ));
             }
+        }
+        PaymentAnswer::Shadow { decision, from_cache } => {
+            let cached = if from_cache { " (from the idempotency cache)" } else { "" };
+            text.push_str(&format!(
+                "\n  shadow  {}{cached}\n  next    nothing was paid: the agent is in shadow mode (`agentpay policy mode AGENT enforce` to pay)",
+                decision.describe()
+            ));
         }
         PaymentAnswer::Running => text.push_str("\n  next    poll `agentpay status` (still running)"),
         PaymentAnswer::AwaitingApproval { approval_id } => text.push_str(&format!(

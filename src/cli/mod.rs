@@ -387,6 +387,15 @@ pub enum PolicyCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Shadow mode (every payment decided and recorded, none paid) or enforce (payments made):
+    /// an audited policy edit, like any other.
+    Mode {
+        agent: String,
+        mode: ModeArg,
+        /// Why (kept in the agent's policy history with who and when).
+        #[arg(long)]
+        reason: Option<String>,
+    },
     #[command(group(clap::ArgGroup::new("which").required(true).args(["agent", "all"])))]
     Resume {
         agent: Option<String>,
@@ -397,6 +406,21 @@ pub enum PolicyCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    Enforce,
+    Shadow,
+}
+
+impl From<ModeArg> for agentpay::policy::PolicyMode {
+    fn from(mode: ModeArg) -> Self {
+        match mode {
+            ModeArg::Enforce => agentpay::policy::PolicyMode::Enforce,
+            ModeArg::Shadow => agentpay::policy::PolicyMode::Shadow,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -410,6 +434,9 @@ pub struct PolicySetArgs {
     pub file: Option<PathBuf>,
     #[arg(long, required_unless_present = "file")]
     pub per_transaction_usd: Option<UsdAmount>,
+    /// `shadow`: decide and record every payment, pay none (default `enforce`).
+    #[arg(long, value_enum, default_value = "enforce")]
+    pub mode: ModeArg,
     #[arg(long, required_unless_present = "file")]
     pub daily_usd: Option<UsdAmount>,
     #[arg(long, required_unless_present = "file")]
@@ -613,6 +640,7 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand, operator: &str) 
                 }
                 None => SpendPolicy {
                     paused: false,
+                    mode: args.mode.into(),
                     per_transaction_limit_usd: args.per_transaction_usd.ok_or("--per-transaction-usd is required")?,
                     daily_limit_usd: args.daily_usd.ok_or("--daily-usd is required")?,
                     max_transactions_per_hour: args.max_per_hour.ok_or("--max-per-hour is required")?,
@@ -646,6 +674,22 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand, operator: &str) 
         }
         PolicyCommand::Show { agent } => {
             let policy = store.agent_ledger(agent).await?.policy.ok_or(format!("agent {agent:?} has no policy"))?;
+            (agent.clone(), policy)
+        }
+        PolicyCommand::Mode { agent, mode, reason } => {
+            let read = store.agent_ledger(agent).await?;
+            let stored =
+                read.policy.ok_or(format!("agent {agent:?} has no policy: set one with `agentpay policy set`"))?;
+            let policy = SpendPolicy { mode: (*mode).into(), ..stored };
+            let edit = change(PolicyEdit::Replace(Box::new(policy)), operator, reason.as_ref(), Some(read.version));
+            if let PolicyEdited::VersionMoved { current } = store.change_policy(agent, &edit).await? {
+                return Err(format!(
+                    "agent {agent:?}'s policy changed meanwhile (version {} read, {current} now): run the command again",
+                    read.version
+                )
+                .into());
+            }
+            let policy = store.policy(agent).await?.ok_or(format!("agent {agent:?} lost its policy"))?;
             (agent.clone(), policy)
         }
         PolicyCommand::Pause { agent, all, reason } => {
@@ -719,6 +763,13 @@ pub fn policy_table(agent: &str, policy: &SpendPolicy) -> Table {
     };
     for (setting, value) in [
         ("paused (kill switch)", policy.paused.to_string()),
+        (
+            "mode",
+            match policy.mode {
+                agentpay::policy::PolicyMode::Enforce => "enforce (pays)".to_owned(),
+                agentpay::policy::PolicyMode::Shadow => "shadow (decides and records, pays nothing)".to_owned(),
+            },
+        ),
         ("per-transaction limit", format!("{} USD", policy.per_transaction_limit_usd)),
         ("rolling 24 h limit", format!("{} USD", policy.daily_limit_usd)),
         ("transactions per hour", policy.max_transactions_per_hour.to_string()),

@@ -119,6 +119,17 @@ impl Execution {
         match self.status.as_str() {
             "SUCCEEDED" => {
                 let output = self.output.clone().unwrap_or_default();
+                if output["outcome"] == crate::shadow::SHADOW {
+                    return match serde_json::from_value::<crate::shadow::ShadowOutcome>(output) {
+                        Ok(shadow) => {
+                            PaymentAnswer::Shadow { decision: shadow.decision, from_cache: shadow.from_cache }
+                        }
+                        Err(e) => PaymentAnswer::Failed {
+                            error: "MalformedOutput".into(),
+                            cause: format!("the execution succeeded in shadow mode with an unreadable decision: {e}"),
+                        },
+                    };
+                }
                 match serde_json::from_value::<PaymentHeader>(output["header"].clone()) {
                     Ok(header) => PaymentAnswer::Paid {
                         header,
@@ -168,6 +179,12 @@ pub enum PaymentAnswer {
     Failed {
         error: String,
         cause: String,
+    },
+    /// Shadow mode: decided, nothing paid (no header to send; the merchant is not paid).
+    #[serde(rename_all = "camelCase")]
+    Shadow {
+        decision: crate::shadow::ShadowDecision,
+        from_cache: bool,
     },
     /// Not finished (yet): poll `status`.
     Running,

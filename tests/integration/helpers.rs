@@ -19,6 +19,7 @@ pub struct TestApp {
 pub fn policy(per_transaction: &str, daily: &str, per_hour: u32) -> SpendPolicy {
     SpendPolicy {
         paused: false,
+        mode: Default::default(),
         per_transaction_limit_usd: per_transaction.parse().unwrap(),
         daily_limit_usd: daily.parse().unwrap(),
         max_transactions_per_hour: per_hour,

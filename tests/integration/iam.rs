@@ -300,6 +300,21 @@ async fn every_function_may_send_exactly_what_its_step_sends_to_dynamodb() {
     let (request, claim) = run.claim("iam-fast", "200000", "exec-fast").await;
     assert_eq!(run.spend(&request, &claim, "exec-fast").await.unwrap_err(), "KillSwitchTripped");
 
+    // Shadow mode: CheckSpend records the decision, charges the shadow window, teaches the
+    // history and completes the key, in one transaction; a retry reads the record back.
+    let store = run.steps.store().clone();
+    let mut shadow = store.policy(AGENT).await.unwrap().unwrap();
+    shadow.mode = agentpay::policy::PolicyMode::Shadow;
+    shadow.paused = false;
+    store.put_policy(AGENT, &shadow).await.unwrap();
+    store.set_paused(AGENT, false).await.unwrap();
+    clock.advance(Duration::from_secs(3 * 3600));
+    run.log.clear();
+    let (request, claim) = run.claim("iam-shadow", "10000", "exec-shadow").await;
+    let decided = run.spend(&request, &claim, "exec-shadow").await.unwrap();
+    assert_eq!(decided["shadow"]["decision"]["verdict"], "WOULD_PAY", "{decided}");
+    run.spend(&request, &claim, "exec-shadow").await.unwrap();
+
     let allowed = allowed_by_template();
     let mut problems = Vec::new();
     for (step, used) in &run.used {

@@ -23,6 +23,7 @@ mod never_pay_twice;
 mod properties;
 mod reconcile;
 mod secrets;
+mod shadow;
 mod simulator;
 mod stores;
 mod template;

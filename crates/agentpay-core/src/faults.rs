@@ -277,6 +277,12 @@ impl Store for FaultyStore {
     async fn record_settlement(&self, commit: &SettlementCommit) -> Result<Transition, PaymentError> {
         self.around("record_settlement", self.inner.record_settlement(commit)).await
     }
+    async fn shadow_window(&self, agent_id: &str) -> Result<crate::window::SpendWindow, PaymentError> {
+        self.around("shadow_window", self.inner.shadow_window(agent_id)).await
+    }
+    async fn record_shadow(&self, commit: &crate::store::ShadowCommit) -> Result<ReserveOutcome, PaymentError> {
+        self.around("record_shadow", self.inner.record_shadow(commit)).await
+    }
     async fn append_audit(&self, event: &AuditEvent) -> Result<(), PaymentError> {
         self.around("append_audit", self.inner.append_audit(event)).await
     }

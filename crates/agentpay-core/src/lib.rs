@@ -27,6 +27,7 @@ pub mod request;
 pub mod samples;
 pub mod settlement;
 pub mod settlements;
+pub mod shadow;
 pub mod steps;
 pub mod store;
 pub mod trips;

@@ -26,6 +26,7 @@ pub mod names {
     pub const APPROVAL_WAIT_SECONDS: &str = "ApprovalWaitSeconds";
     pub const RECONCILE_CHANGES: &str = "ReconcileChanges";
     pub const RECONCILE_ANOMALIES: &str = "ReconcileAnomalies";
+    pub const SHADOW_DECISIONS: &str = "ShadowDecisions";
 }
 
 /// A payment authorized: counted, and its amount (atomic units) added, per agent and in total.
@@ -101,4 +102,10 @@ pub fn reconciled(agent: &str, changes: usize, anomalies: usize) {
     metrics::counter!(names::RECONCILE_CHANGES).increment(count(changes));
     metrics::counter!(names::RECONCILE_ANOMALIES).increment(count(anomalies));
     metrics::counter!(names::RECONCILE_ANOMALIES, "Agent" => agent.to_owned()).increment(count(anomalies));
+}
+
+/// A payment decided in shadow mode (`Verdict`: WOULD_PAY, WOULD_NEED_APPROVAL, WOULD_DENY):
+/// how a policy would have treated the agent before it may spend.
+pub fn shadow_decided(verdict: &'static str) {
+    metrics::counter!(names::SHADOW_DECISIONS, "Verdict" => verdict).increment(1);
 }

@@ -12,6 +12,28 @@ use crate::money::{AtomicAmount, UsdAmount};
 use crate::payment::{Allowlist, Network, PaymentRequirement};
 use crate::window::{ChargedAt, SpendWindow, WindowWrite};
 
+/// Whether an agent's payments are made, or only decided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+impl PolicyMode {
+    pub fn is_enforce(&self) -> bool {
+        *self == PolicyMode::Enforce
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyMode::Enforce => "enforce",
+            PolicyMode::Shadow => "shadow",
+        }
+    }
+}
+
 /// Limits are configured in USD and converted exactly to the asset's atomic units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -19,6 +41,10 @@ pub struct SpendPolicy {
     /// Kill switch: a paused agent is denied every payment.
     #[serde(default)]
     pub paused: bool,
+    /// `enforce` (the default) pays; `shadow` decides every payment and pays none (see
+    /// `crate::shadow`).
+    #[serde(default, skip_serializing_if = "PolicyMode::is_enforce")]
+    pub mode: PolicyMode,
     pub per_transaction_limit_usd: UsdAmount,
     /// Rolling 24 hours: settled + authorized + reserved.
     pub daily_limit_usd: UsdAmount,
@@ -301,6 +327,7 @@ mod tests {
     fn policy() -> SpendPolicy {
         SpendPolicy {
             paused: false,
+            mode: Default::default(),
             per_transaction_limit_usd: "1.00".parse().unwrap(),
             daily_limit_usd: "2.50".parse().unwrap(),
             max_transactions_per_hour: 3,

@@ -60,7 +60,7 @@ pub struct SettlementRecorded {
 fn progress(status: crate::store::ReservationStatus) -> u8 {
     use crate::store::ReservationStatus::*;
     match status {
-        Reserved | Released | Voided => 0,
+        Reserved | Released | Voided | Shadow => 0,
         Authorized | ExpiredUnconfirmed => 1,
         SettlementFailed => 2,
         SettlementPending => 3,

@@ -246,6 +246,13 @@ fn window_key(agent_id: &str) -> Item {
     Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s(window_item::WINDOW_SK))])
 }
 
+/// The agent's shadow window: the same item shape as its window, beside it.
+const SHADOW_WINDOW_SK: &str = "SHADOW_WINDOW";
+
+fn shadow_window_key(agent_id: &str) -> Item {
+    Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s(SHADOW_WINDOW_SK))])
+}
+
 fn audit_sk(event: &AuditEvent) -> AttributeValue {
     s(format!("AUDIT#{:013}#{}", event.at.millis(), event.event_id))
 }
@@ -1030,6 +1037,61 @@ impl Store for DynamoStore {
                 // The window's conditions failed (it comes back as stored), or another
                 // transaction held one of the items at that moment (read again).
                 let stored = match reasons.first() {
+                    Some(Reason::ConditionFailed(Some(item))) => Some(Box::new(window_item::decode(agent_id, item)?)),
+                    _ => None,
+                };
+                Ok(ReserveOutcome::WindowMoved(stored))
+            }
+        }
+    }
+
+    async fn shadow_window(&self, agent_id: &str) -> Result<SpendWindow, PaymentError> {
+        let item = self.get("read shadow window", &self.tables.ledger, shadow_window_key(agent_id)).await?;
+        item.map_or_else(|| Ok(SpendWindow::default()), |item| window_item::decode(agent_id, &item))
+    }
+
+    async fn record_shadow(&self, commit: &ShadowCommit) -> Result<ReserveOutcome, PaymentError> {
+        let record = &commit.record;
+        let agent_id = &record.agent_id;
+        let reservation_put = Put::builder()
+            .table_name(&self.tables.ledger)
+            .set_item(Some(self.reservation_key(agent_id, &record.id)))
+            .item("status", s(record.status.as_str()))
+            .item("updatedAt", n(record.updated_at.millis()))
+            .item("record", json(record)?)
+            .condition_expression("attribute_not_exists(pk)")
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(build_error)?;
+        // Fixed positions (0: the record, 1: the key, 3: the window) name what failed.
+        let mut items = vec![
+            TransactWriteItem::builder().put(reservation_put).build(),
+            self.fenced_idempotency_close(
+                &commit.fence,
+                IdempotencyStatus::Completed,
+                ("result", json(&commit.result)?),
+                commit.now,
+                commit.expires_at,
+            )?,
+            audit_put(&self.tables.ledger, &commit.audit)?,
+        ];
+        if let Some(write) = &commit.window {
+            items.push(window_item::transact_item(&self.tables.ledger, shadow_window_key(agent_id), write)?);
+        }
+        if let Some(history) = &commit.history {
+            items.extend(self.history_adds(agent_id, history)?);
+        }
+        match self.transact("record shadow decision", items).await? {
+            TxOutcome::Committed => Ok(ReserveOutcome::Reserved),
+            TxOutcome::Cancelled(cancelled) => {
+                let reasons = reasons(&cancelled);
+                if let Some(Reason::ConditionFailed(Some(item))) = reasons.first() {
+                    return Ok(ReserveOutcome::AlreadyExists(Box::new(decode_reservation(item)?)));
+                }
+                if let Some(Reason::ConditionFailed(item)) = reasons.get(1) {
+                    return Ok(ReserveOutcome::Fenced(holder_of(*item)?));
+                }
+                let stored = match reasons.get(3) {
                     Some(Reason::ConditionFailed(Some(item))) => Some(Box::new(window_item::decode(agent_id, item)?)),
                     _ => None,
                 };

@@ -178,9 +178,12 @@ pub fn transact_item(table: &str, key: Item, write: &WindowWrite) -> Result<Tran
         WindowWrite::Replace { expected_seq, window } => {
             let stored = SpendWindow { seq: expected_seq + 1, ..(**window).clone() };
             let pk = key.get("pk").cloned().unwrap_or_else(|| s(""));
+            // The item at `key` (the window, or the shadow window beside it).
+            let mut whole = item(pk, &stored);
+            whole.extend(key.get("sk").map(|sk| ("sk".to_owned(), sk.clone())));
             let put = Put::builder()
                 .table_name(table)
-                .set_item(Some(item(pk, &stored)))
+                .set_item(Some(whole))
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
             let put = match expected_seq {
                 0 => put.condition_expression("attribute_not_exists(pk)"),

@@ -46,6 +46,8 @@ CREATE INDEX IF NOT EXISTS approvals_by_time ON approvals (requested_at);
 CREATE TABLE IF NOT EXISTS spend_history (
     agent_id TEXT NOT NULL, scope TEXT NOT NULL, day INTEGER NOT NULL, total INTEGER NOT NULL,
     payments INTEGER NOT NULL, PRIMARY KEY (agent_id, scope, day));
+CREATE TABLE IF NOT EXISTS shadow_windows (
+    agent_id TEXT PRIMARY KEY, window TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS trip_counters (
     agent_id TEXT PRIMARY KEY, version INTEGER NOT NULL, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS issued_proofs (
@@ -340,6 +342,13 @@ fn write_window(tx: &Connection, agent_id: &str, write: &WindowWrite) -> SqlResu
     Ok(Ok(()))
 }
 
+fn get_shadow_window(tx: &Connection, agent_id: &str) -> SqlResult<SpendWindow> {
+    tx.prepare_cached("SELECT window FROM shadow_windows WHERE agent_id = ?1")?
+        .query_row([agent_id], |row| row.get::<_, String>(0))
+        .optional()?
+        .map_or_else(|| Ok(SpendWindow::default()), |text| from_json(&text))
+}
+
 fn get_reservation(tx: &Connection, agent_id: &str, id: &str) -> SqlResult<Option<Reservation>> {
     tx.prepare_cached("SELECT record FROM reservations WHERE agent_id = ?1 AND id = ?2")?
         .query_row([agent_id, id], |row| row.get::<_, String>(0))
@@ -602,6 +611,46 @@ impl Store for SqliteStore {
 
     async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
         self.read("read reservation", |c| get_reservation(c, agent_id, id)).await
+    }
+
+    async fn shadow_window(&self, agent_id: &str) -> Result<SpendWindow, PaymentError> {
+        self.read("read shadow window", |c| get_shadow_window(c, agent_id)).await
+    }
+
+    async fn record_shadow(&self, commit: &ShadowCommit) -> Result<ReserveOutcome, PaymentError> {
+        self.write("record shadow decision", |tx| {
+            let agent_id = &commit.record.agent_id;
+            if let Some(existing) = get_reservation(tx, agent_id, &commit.record.id)? {
+                return Ok(ReserveOutcome::AlreadyExists(Box::new(existing)));
+            }
+            let mut record = match held_record(tx, &commit.fence)? {
+                Ok(record) => record,
+                Err(holder) => return Ok(ReserveOutcome::Fenced(holder)),
+            };
+            if let Some(write) = &commit.window {
+                let stored = get_shadow_window(tx, agent_id)?;
+                let Some(next) = stored.apply(write) else {
+                    return Ok(ReserveOutcome::WindowMoved(Some(Box::new(stored))));
+                };
+                tx.prepare_cached(
+                    "INSERT INTO shadow_windows (agent_id, window) VALUES (?1, ?2)
+                     ON CONFLICT (agent_id) DO UPDATE SET window = excluded.window",
+                )?
+                .execute(params![agent_id, to_json(&next)?])?;
+            }
+            put_reservation(tx, &commit.record)?;
+            record.status = IdempotencyStatus::Completed;
+            record.result = Some(commit.result.clone());
+            record.updated_at = commit.now;
+            record.expires_at = commit.expires_at;
+            put_idempotency(tx, &record)?;
+            put_audit(tx, &commit.audit)?;
+            if let Some(history) = &commit.history {
+                add_history(tx, agent_id, history)?;
+            }
+            Ok(ReserveOutcome::Reserved)
+        })
+        .await
     }
 
     async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError> {

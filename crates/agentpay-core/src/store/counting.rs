@@ -146,6 +146,14 @@ impl Store for CountingStore {
         self.count("record_settlement");
         self.inner.record_settlement(commit).await
     }
+    async fn shadow_window(&self, agent_id: &str) -> Result<crate::window::SpendWindow, PaymentError> {
+        self.count("shadow_window");
+        self.inner.shadow_window(agent_id).await
+    }
+    async fn record_shadow(&self, commit: &crate::store::ShadowCommit) -> Result<ReserveOutcome, PaymentError> {
+        self.count("record_shadow");
+        self.inner.record_shadow(commit).await
+    }
     async fn append_audit(&self, event: &AuditEvent) -> Result<(), PaymentError> {
         self.count("append_audit");
         self.inner.append_audit(event).await

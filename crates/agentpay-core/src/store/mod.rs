@@ -146,6 +146,8 @@ pub enum ReservationStatus {
     /// Its authorization expired unused, as the chain says: it can never move money, so its
     /// budget came back.
     Voided,
+    /// Decided in shadow mode, never paid: counted in the shadow window only.
+    Shadow,
 }
 
 impl ReservationStatus {
@@ -159,6 +161,7 @@ impl ReservationStatus {
             ReservationStatus::SettlementFailed => "SETTLEMENT_FAILED",
             ReservationStatus::ExpiredUnconfirmed => "EXPIRED_UNCONFIRMED",
             ReservationStatus::Voided => "VOIDED",
+            ReservationStatus::Shadow => "SHADOW",
         }
     }
 
@@ -255,6 +258,9 @@ pub struct Reservation {
     /// `valid_before` the chain says for good whether it was used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<SignedAuthorization>,
+    /// SHADOW only: what the policy would have done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::shadow::ShadowDecision>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -292,6 +298,8 @@ pub enum AuditKind {
     ExpiredUnconfirmed,
     /// The chain says the expired authorization was never used: its budget came back.
     Voided,
+    /// Shadow mode: what the policy would have done (`reason`; a would-be denial's `error`).
+    Shadow,
 }
 
 /// One line of the audit trail: who paid whom, why, under which limits.
@@ -513,6 +521,23 @@ pub struct ReleaseCommit {
     pub expires_at: Timestamp,
 }
 
+/// CheckSpend's single atomic write for an agent in shadow mode: the decision recorded as a
+/// SHADOW reservation, the shadow window charged when the payment would have been reserved,
+/// the spend history taught it, the key completed with the shadow outcome, and the audit event.
+#[derive(Debug, Clone)]
+pub struct ShadowCommit {
+    pub fence: ClaimFence,
+    /// `None` for a would-be denial: nothing counts.
+    pub window: Option<WindowWrite>,
+    pub record: Reservation,
+    /// The key's result: the shadow outcome.
+    pub result: Value,
+    pub audit: AuditEvent,
+    pub history: Option<HistoryEntry>,
+    pub now: Timestamp,
+    pub expires_at: Timestamp,
+}
+
 /// The write after an unknown outcome: the reservation stays, the claim stays IN_PROGRESS
 /// with its client token, its lease ends now (so a replay of the key adopts it at once and
 /// asks the provider again), and the audit trail says so.
@@ -651,6 +676,14 @@ pub trait Store: Send + Sync {
 
     /// Atomically, while the fence holds: end the claim's lease and audit the unknown outcome.
     async fn hold(&self, commit: &HoldCommit) -> Result<Transition, PaymentError>;
+
+    /// The agent's shadow window (empty if none was written): what its shadow decisions count.
+    async fn shadow_window(&self, agent_id: &str) -> Result<crate::window::SpendWindow, PaymentError>;
+
+    /// A shadow decision's write, all or nothing: `Reserved` once written; `AlreadyExists` if
+    /// this reservation id was recorded before (a retried step); `WindowMoved` if the shadow
+    /// window's conditions failed (decide again); `Fenced` if the key is no longer held.
+    async fn record_shadow(&self, commit: &ShadowCommit) -> Result<ReserveOutcome, PaymentError>;
 
     /// AUTHORIZED → SETTLED, on a settlement report.
     /// A settlement report's transition (conditioned on the status read); `AlreadyApplied`

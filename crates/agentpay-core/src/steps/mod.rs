@@ -30,6 +30,8 @@ use crate::store::{
 };
 use crate::trips::{AutoPausePolicy, TRIPPED_BY, TripEvent, velocity_trip};
 use crate::window::WindowWrite;
+
+mod shadow;
 pub use crate::workflow::StepName;
 
 #[derive(Debug, Clone)]
@@ -130,6 +132,10 @@ pub struct ReservationSummary {
     /// Whether the payment waits for a person first (the state machine's Choice reads it).
     #[serde(default)]
     pub approval: ApprovalGate,
+    /// Shadow mode: the decision, recorded; the execution ends with it (the state machine's
+    /// Choice reads it), and nothing is paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::shadow::ShadowOutcome>,
 }
 
 /// The amount as paid, with enough to read it.
@@ -493,6 +499,9 @@ impl Steps {
         let reservation_id = &input.claim.reservation_id;
         let fence = input.claim.fence(request.idempotency_key.as_str(), &input.execution_id);
         let mut ledger = self.store.agent_ledger(agent).await?;
+        if ledger.policy.as_ref().is_some_and(|p| p.mode == crate::policy::PolicyMode::Shadow) {
+            return self.shadow_spend(&input, &request, payment, ledger).await;
+        }
         // Read once: the history moves only with authorizations, and a payment decided on a
         // history a moment old is still decided on the agent's habits.
         let deviation = self.deviation(agent, &ledger, payment, request.context.category.as_deref()).await?;
@@ -554,6 +563,7 @@ impl Steps {
                 payer: None,
                 settlement: None,
                 authorization: None,
+                shadow: None,
                 created_at: now,
                 updated_at: now,
             };
@@ -1299,6 +1309,7 @@ fn summary(reservation: &Reservation, request: &PaymentRequest) -> ReservationSu
         remaining_24h: reservation.snapshot.remaining_24h(),
         snapshot: reservation.snapshot.clone(),
         approval,
+        shadow: None,
     }
 }
 
