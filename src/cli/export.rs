@@ -33,6 +33,9 @@ pub struct ExportRow {
     pub valid_before: String,
     pub created_at: String,
     pub updated_at: String,
+    /// SHADOW rows: what the policy would have done (WOULD_PAY, WOULD_NEED_APPROVAL,
+    /// WOULD_DENY); empty for payments made.
+    pub shadow_verdict: String,
 }
 
 impl From<&Reservation> for ExportRow {
@@ -65,6 +68,7 @@ impl From<&Reservation> for ExportRow {
             valid_before: r.authorization.as_ref().map(|a| a.valid_before.to_rfc3339()).unwrap_or_default(),
             created_at: r.created_at.to_rfc3339(),
             updated_at: r.updated_at.to_rfc3339(),
+            shadow_verdict: r.shadow.as_ref().map(|d| d.verdict.as_str().to_owned()).unwrap_or_default(),
         }
     }
 }
@@ -104,7 +108,7 @@ pub fn write(rows: &[ExportRow], format: ExportFormat, out: impl Write) -> Resul
 }
 
 /// The CSV header, in the order of [`ExportRow`]'s fields (a test checks they agree).
-pub const COLUMNS: [&str; 20] = [
+pub const COLUMNS: [&str; 21] = [
     "idempotencyKey",
     "reservationId",
     "agentId",
@@ -125,6 +129,7 @@ pub const COLUMNS: [&str; 20] = [
     "validBefore",
     "createdAt",
     "updatedAt",
+    "shadowVerdict",
 ];
 
 #[cfg(test)]
@@ -154,6 +159,7 @@ mod tests {
             valid_before: String::new(),
             created_at: String::new(),
             updated_at: String::new(),
+            shadow_verdict: String::new(),
         };
         let keys: Vec<String> = serde_json::to_value(&row).unwrap().as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys, COLUMNS);

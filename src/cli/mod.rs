@@ -1097,13 +1097,26 @@ async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
         table.add_row(vec![
             r.created_at.to_rfc3339(),
             r.id.clone(),
-            r.status.as_str().to_owned(),
+            match &r.shadow {
+                Some(decision) => format!("SHADOW: {}", decision.verdict.as_str()),
+                None => r.status.as_str().to_owned(),
+            },
             format!("{} USDC", r.amount.display_with_decimals(6)),
             r.pay_to.clone(),
             r.idempotency_key.clone(),
         ]);
     }
     println!("reservations\n{table}");
+    if ledger.policy.as_ref().is_some_and(|p| p.mode == agentpay::policy::PolicyMode::Shadow)
+        || reservations.iter().any(|r| r.shadow.is_some())
+    {
+        let shadow = store.shadow_window(agent).await?.rolled(now);
+        println!(
+            "shadow window (decisions only, never paid): {} USDC in the last 24 h; {} payments in the last hour",
+            shadow.spent.display_with_decimals(6),
+            shadow.count
+        );
+    }
     let mut table = new_table(&["at", "event", "amount", "key", "why / error"]);
     for e in &audit {
         table.add_row(vec![
@@ -1111,7 +1124,11 @@ async fn print_ledger(ctx: &Context, agent: &str) -> Result<(), CliError> {
             format!("{:?}", e.kind).to_uppercase(),
             e.amount.map(|a| format!("{} USDC", a.display_with_decimals(6))).unwrap_or_default(),
             e.idempotency_key.clone(),
-            e.error.as_ref().map_or_else(|| e.context.decision.clone(), |err| err.error.clone()),
+            match (&e.kind, &e.error) {
+                (agentpay::store::AuditKind::Shadow, _) => e.reason.clone().unwrap_or_default(),
+                (_, Some(err)) => err.error.clone(),
+                (_, None) => e.context.decision.clone(),
+            },
         ]);
     }
     println!("audit trail\n{table}");

@@ -532,3 +532,44 @@ fn a_settlement_report_moves_a_payment_forward_from_the_command_line() {
             .contains("AGENTPAY_RPC_URLS: \"eip155:84532\" is not network=url")
     );
 }
+
+/// From shadow to enforce on the command line: the mode is an audited edit, a shadow start
+/// answers the decision and pays nothing, the ledger, the export and the policy history show
+/// it as such; back to enforce, the same request pays.
+#[test]
+fn an_agent_goes_from_shadow_to_enforce_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = agentpay(dir.path(), &["policy", "set", "demo-agent", "--file", "events/policy-demo-agent.json"]);
+    assert!(set.status.success(), "{set:?}");
+    let mode = agentpay(dir.path(), &["policy", "mode", "demo-agent", "shadow", "--reason", "prove the policy first"]);
+    assert!(mode.status.success(), "{mode:?}");
+    assert!(stdout(&mode).contains("shadow (decides and records, pays nothing)"), "{}", stdout(&mode));
+
+    let start = agentpay(dir.path(), &["start", "events/executions/paid-call.json", "--wait"]);
+    assert!(start.status.success(), "{start:?}");
+    let text = stdout(&start);
+    assert!(text.contains("shadow  WOULD_PAY") && text.contains("nothing was paid"), "{text}");
+    let ledger = stdout(&agentpay(dir.path(), &["ledger", "show", "demo-agent"]));
+    assert!(ledger.contains("SHADOW: WOULD_PAY") && ledger.contains("shadow window"), "{ledger}");
+    assert!(
+        ledger.contains("spent in the last 24 h (reserved + authorized + settled, whole hours): 0.00 USDC"),
+        "{ledger}"
+    );
+    assert!(ledger.contains("prove the policy first"), "the mode change is in the policy history: {ledger}");
+    let export = stdout(&agentpay(dir.path(), &["ledger", "export", "demo-agent", "--format", "jsonl"]));
+    let row: serde_json::Value = serde_json::from_str(export.lines().next().unwrap()).unwrap();
+    assert_eq!((row["status"].as_str(), row["shadowVerdict"].as_str()), (Some("SHADOW"), Some("WOULD_PAY")));
+
+    let enforce = agentpay(dir.path(), &["policy", "mode", "demo-agent", "enforce", "--reason", "proven"]);
+    assert!(enforce.status.success(), "{enforce:?}");
+    let mut input: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("events/executions/paid-call.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    input["idempotencyKey"] = "after-shadow-1".into();
+    let file = dir.path().join("after-shadow.json");
+    std::fs::write(&file, input.to_string()).unwrap();
+    let paid = agentpay(dir.path(), &["start", file.to_str().unwrap(), "--wait"]);
+    assert!(paid.status.success() && stdout(&paid).contains("next    retry the request with header"), "{paid:?}");
+}
