@@ -14,8 +14,9 @@
 //! | `provider::dev_wallet` | `agentpay-dev-wallet` | the local dev wallet |
 
 pub use agentpay_core::{
-    agentcore, approval, asl, clock, deviation, error, executions, faults, identity, metrics, money, mpp, payment,
-    policy, reconcile, request, samples, settlement, settlements, shadow, steps, trips, window, workflow, x402,
+    agentcore, approval, asl, backtest, clock, deviation, error, executions, faults, identity, metrics, money, mpp,
+    payment, policy, reconcile, request, samples, settlement, settlements, shadow, steps, trips, window, workflow,
+    x402,
 };
 
 pub mod approvals;

@@ -387,6 +387,18 @@ pub enum PolicyCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Replay the agent's recorded requests (paid, denied, waiting, shadow) in time order
+    /// against a draft policy, with the workflow's own decision code over a simulated window:
+    /// what would it have denied, sent to a person, flagged, let through? Changes nothing.
+    Backtest {
+        agent: String,
+        /// The draft policy (JSON, as `policy set --file` takes it).
+        #[arg(long)]
+        file: PathBuf,
+        /// How far back: 30d, 12h, 90m, or an RFC 3339 time (default: 30d).
+        #[arg(long, default_value = "30d")]
+        since: String,
+    },
     /// Shadow mode (every payment decided and recorded, none paid) or enforce (payments made):
     /// an audited policy edit, like any other.
     Mode {
@@ -676,6 +688,17 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand, operator: &str) 
             let policy = store.agent_ledger(agent).await?.policy.ok_or(format!("agent {agent:?} has no policy"))?;
             (agent.clone(), policy)
         }
+        PolicyCommand::Backtest { agent, file, since } => {
+            let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let draft = serde_json::from_str::<SpendPolicy>(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            let since = parse_since(since, SystemClock.now())?;
+            let (requests, not_replayable) =
+                agentpay::backtest::recorded_requests(store.as_ref(), agent, since).await?;
+            let mut report = agentpay::backtest::backtest(agent, &draft, &requests)?;
+            report.not_replayable = not_replayable;
+            print_backtest(&report, ctx.json)?;
+            return Ok(());
+        }
         PolicyCommand::Mode { agent, mode, reason } => {
             let read = store.agent_ledger(agent).await?;
             let stored =
@@ -706,6 +729,74 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand, operator: &str) 
     } else {
         println!("{}", policy_table(&agent, &policy));
     }
+    Ok(())
+}
+
+fn print_backtest(report: &agentpay::backtest::BacktestReport, json: bool) -> Result<(), CliError> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    let usdc = |atomic: u128| {
+        u64::try_from(atomic)
+            .ok()
+            .and_then(agentpay::money::AtomicAmount::new)
+            .map_or_else(|| format!("{atomic} atomic"), |a| format!("{} USDC", a.display_with_decimals(6)))
+    };
+    let (recorded, draft) = (&report.recorded, &report.draft);
+    println!(
+        "agent {}: {} requests replayed ({} shadow decisions among them); {} denials recorded before a payment was chosen cannot be replayed",
+        report.agent_id, recorded.requests, report.shadow_requests, report.not_replayable
+    );
+    let mut table = new_table(&["", "allowed", "of which to a person", "denied", "allowed amount"]);
+    for (side, tally) in [("recorded", recorded), ("draft", draft)] {
+        table.add_row(vec![
+            side.to_owned(),
+            tally.allowed.to_string(),
+            tally.approvals.to_string(),
+            tally.denied.to_string(),
+            usdc(tally.allowed_atomic),
+        ]);
+    }
+    println!("{table}");
+    println!(
+        "the draft would have blocked {} payments ({}), let through {} that were denied ({}), sent {} more to a person, and flagged {} deviations",
+        report.newly_denied.requests,
+        usdc(report.newly_denied.allowed_atomic),
+        report.newly_allowed.requests,
+        usdc(report.newly_allowed.allowed_atomic),
+        report.newly_sent_to_approval,
+        report.deviations_flagged
+    );
+    if !report.changes.is_empty() {
+        let mut table = new_table(&["at", "key", "amount", "recorded", "draft"]);
+        for change in &report.changes {
+            let request = &change.request;
+            let recorded = match &request.recorded_error {
+                Some(error) => format!("{} ({error})", request.recorded.as_str()),
+                None => request.recorded.as_str().to_owned(),
+            };
+            table.add_row(vec![
+                request.at.to_rfc3339(),
+                request.idempotency_key.clone(),
+                usdc(u128::from(request.amount.get())),
+                recorded,
+                change.draft.describe(),
+            ]);
+        }
+        println!("changes\n{table}");
+    }
+    let mut table = new_table(&["day", "requests", "allowed then", "allowed by the draft"]);
+    for (day, (then, draft)) in &report.days {
+        let date = Timestamp::from_millis(i64::from(*day) * 86_400_000).to_rfc3339();
+        table.add_row(vec![
+            date[..10].to_owned(),
+            then.requests.to_string(),
+            usdc(then.allowed_atomic),
+            usdc(draft.allowed_atomic),
+        ]);
+    }
+    println!("per day (UTC)\n{table}");
     Ok(())
 }
 

@@ -5,6 +5,7 @@ mod agentcore;
 mod agentcore_emulator;
 mod approvals;
 mod asl_file;
+mod backtest;
 mod chain_emulator;
 mod cli;
 mod client;

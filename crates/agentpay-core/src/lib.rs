@@ -10,6 +10,7 @@
 pub mod agentcore;
 pub mod approval;
 pub mod asl;
+pub mod backtest;
 pub mod clock;
 pub mod deviation;
 pub mod error;

@@ -1213,7 +1213,7 @@ impl Steps {
 }
 
 /// The decision with a deviation applied: denied, or sent to a person with the figures.
-fn with_deviation(
+pub(crate) fn with_deviation(
     mut decision: SpendDecision,
     deviation: Option<&Deviation>,
     agent: &str,
@@ -1234,7 +1234,7 @@ fn with_deviation(
 
 /// The decision, unless the payment would take the last hour's spend past the policy's
 /// velocity trip (then the agent is paused, and this payment with it).
-fn within_velocity(
+pub(crate) fn within_velocity(
     decision: SpendDecision,
     ledger: &crate::policy::AgentLedger,
     agent: &str,

@@ -1,0 +1,129 @@
+//! Policy backtest over histories made by the real workflow on a virtual clock: the policy in
+//! force replayed over its own history changes nothing (enforced and shadow alike), and a
+//! stricter draft reports exactly the payments it would have denied.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentpay::asl::RecordingSleeper;
+use agentpay::backtest::{BacktestReport, backtest, recorded_requests};
+use agentpay::clock::{ManualClock, Timestamp};
+use agentpay::config::Config;
+use agentpay::executions::ExecutionStatus;
+use agentpay::local::LocalApp;
+use agentpay::policy::{PolicyMode, SpendPolicy};
+use agentpay::samples::execution_input;
+use agentpay::shadow::ShadowVerdict;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::helpers::policy;
+
+struct History {
+    app: LocalApp,
+    clock: Arc<ManualClock>,
+    _dir: tempfile::TempDir,
+}
+
+impl History {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_790_000_000_000)));
+        let app = LocalApp::open(
+            &Config::local(dir.path()),
+            dir.path(),
+            clock.clone(),
+            Arc::new(RecordingSleeper::default()),
+        )
+        .await
+        .unwrap();
+        Self { app, clock, _dir: dir }
+    }
+
+    /// `count` seeded random requests of `agent` under `rules`, minutes apart; payments that
+    /// wait for a person are left waiting. The amounts, in order.
+    async fn make(&self, agent: &str, rules: &SpendPolicy, seed: u64, count: u32) -> Vec<u64> {
+        self.app.store.put_policy(agent, rules).await.unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut amounts = Vec::new();
+        for n in 0..count {
+            let amount: u64 = match rng.random_range(0..10) {
+                0 => rng.random_range(800_001..=1_200_000),
+                1 => rng.random_range(300_000..=800_000),
+                _ => rng.random_range(10_000..=200_000),
+            };
+            let record =
+                self.app.run(execution_input(&format!("{agent}-{n}"), agent, &amount.to_string())).await.unwrap();
+            let denied = record.error.as_ref().is_some_and(|e| agentpay::error::is_denial_name(&e.error));
+            assert!(record.status != ExecutionStatus::Failed || denied, "only denials fail: {:?}", record.error);
+            amounts.push(amount);
+            self.clock.advance(Duration::from_secs(rng.random_range(30..1800)));
+        }
+        amounts
+    }
+
+    async fn backtest(&self, agent: &str, draft: &SpendPolicy) -> BacktestReport {
+        let (requests, not_replayable) =
+            recorded_requests(self.app.store.as_ref(), agent, Timestamp::from_millis(0)).await.unwrap();
+        assert_eq!(not_replayable, 0);
+        backtest(agent, draft, &requests).unwrap()
+    }
+}
+
+fn rules() -> SpendPolicy {
+    let mut rules = policy("1.00", "8.00", 8);
+    rules.approval_threshold_usd = Some("0.80".parse().unwrap());
+    rules.deviation =
+        Some(serde_json::from_value(json!({"multiplier": "2.5", "lookbackDays": 2, "minPayments": 3})).unwrap());
+    rules
+}
+
+#[tokio::test]
+async fn the_policy_in_force_replayed_over_its_own_history_changes_nothing() {
+    let seed: u64 = rand::random();
+    let h = History::new().await;
+    let enforcing = rules();
+    let mut shadowing = rules();
+    shadowing.mode = PolicyMode::Shadow;
+    h.make("bt-enforced", &enforcing, seed, 120).await;
+    h.make("bt-shadowed", &shadowing, seed, 120).await;
+    for (agent, draft) in [("bt-enforced", &enforcing), ("bt-shadowed", &shadowing)] {
+        let report = h.backtest(agent, draft).await;
+        assert_eq!(report.recorded.requests, 120, "{agent}: every request is replayed (seed {seed})");
+        assert!(
+            report.changes.is_empty(),
+            "{agent} (seed {seed}): {:#?}",
+            &report.changes[..report.changes.len().min(3)]
+        );
+        assert_eq!(report.recorded, report.draft, "{agent}");
+        assert!(
+            report.draft.denied > 0 && report.draft.approvals > 0 && report.draft.allowed > report.draft.approvals,
+            "{agent}: the history covers every verdict (seed {seed}): {:?}",
+            report.draft
+        );
+    }
+    let shadow = h.backtest("bt-shadowed", &shadowing).await;
+    assert_eq!(shadow.shadow_requests, 120);
+}
+
+#[tokio::test]
+async fn a_stricter_draft_reports_exactly_the_payments_it_would_have_denied() {
+    let seed: u64 = rand::random();
+    let h = History::new().await;
+    // Limits that never bind but the one the draft tightens.
+    let loose = policy("2.00", "1000.00", 1000);
+    let amounts = h.make("bt-loose", &loose, seed, 80).await;
+    let mut draft = loose.clone();
+    draft.per_transaction_limit_usd = "0.50".parse().unwrap();
+    let report = h.backtest("bt-loose", &draft).await;
+    let over: Vec<u64> = amounts.iter().copied().filter(|a| *a > 500_000).collect();
+    let blocked: Vec<u64> = report.changes.iter().map(|c| c.request.amount.get()).collect();
+    assert_eq!(blocked, over, "exactly the payments above the new cap (seed {seed})");
+    assert!(report.changes.iter().all(|c| c.request.recorded == ShadowVerdict::WouldPay
+        && c.draft.verdict == ShadowVerdict::WouldDeny
+        && c.draft.error.as_deref() == Some("SpendLimitExceeded")));
+    assert_eq!(report.newly_denied.requests, over.len() as u64);
+    assert_eq!(report.newly_denied.allowed_atomic, over.iter().map(|a| u128::from(*a)).sum::<u128>());
+    assert_eq!(report.newly_allowed.requests, 0);
+    assert!(!over.is_empty(), "the seed's history has payments above 0.50 (seed {seed})");
+}
