@@ -118,8 +118,25 @@ async fn measure(label: &str, store: Arc<dyn Store>, proofs: Arc<dyn IssuedProof
         "    first sweep (every authorization expired, dead executions' reservations): {changed} changed in {:.2} s",
         first.as_secs_f64()
     );
-    let (second, unchanged) = sweep(store, clock).await;
+    let (second, unchanged) = sweep(store.clone(), clock).await;
     println!("    second sweep (nothing left to change): {unchanged} changed in {:.2} s", second.as_secs_f64());
+    // The backtest's read of the same history: every agent's requests, then the replay.
+    let draft: SpendPolicy = serde_json::from_value(serde_json::json!({
+        "perTransactionLimitUsd": "0.0005", "dailyLimitUsd": "1000000", "maxTransactionsPerHour": 1_000_000,
+        "allowedNetworks": ["eip155:84532"]
+    }))
+    .unwrap();
+    let started = Instant::now();
+    let mut replayed = 0;
+    for i in 0..AGENTS {
+        let since = Timestamp::from_millis(0);
+        let (requests, _) = agentpay::backtest::recorded_requests(store.as_ref(), &agent(i), since).await.unwrap();
+        replayed += agentpay::backtest::backtest(&agent(i), &draft, &requests).unwrap().recorded.requests;
+    }
+    println!(
+        "    backtest of a draft over the {replayed} recorded requests (read and replay): {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -560,6 +560,27 @@ fn an_agent_goes_from_shadow_to_enforce_from_the_command_line() {
     let row: serde_json::Value = serde_json::from_str(export.lines().next().unwrap()).unwrap();
     assert_eq!((row["status"].as_str(), row["shadowVerdict"].as_str()), (Some("SHADOW"), Some("WOULD_PAY")));
 
+    // A stricter draft, backtested over the shadow history: it would have blocked that payment.
+    let mut draft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("events/policy-demo-agent.json")).unwrap(),
+    )
+    .unwrap();
+    draft["perTransactionLimitUsd"] = "0.10".into();
+    let draft_file = dir.path().join("draft.json");
+    std::fs::write(&draft_file, draft.to_string()).unwrap();
+    let backtest = agentpay(dir.path(), &["policy", "backtest", "demo-agent", "--file", draft_file.to_str().unwrap()]);
+    assert!(backtest.status.success(), "{backtest:?}");
+    let text = stdout(&backtest);
+    assert!(text.contains("1 requests replayed (1 shadow decisions among them)"), "{text}");
+    assert!(text.contains("the draft would have blocked 1 payments (0.50 USDC)"), "{text}");
+    assert!(text.contains("WOULD_DENY (SpendLimitExceeded)"), "{text}");
+    let json: serde_json::Value = serde_json::from_slice(
+        &agentpay(dir.path(), &["--json", "policy", "backtest", "demo-agent", "--file", draft_file.to_str().unwrap()])
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(json["newlyDenied"]["requests"], 1, "{json}");
+
     let enforce = agentpay(dir.path(), &["policy", "mode", "demo-agent", "enforce", "--reason", "proven"]);
     assert!(enforce.status.success(), "{enforce:?}");
     let mut input: serde_json::Value = serde_json::from_str(
