@@ -1012,18 +1012,7 @@ impl Store for DynamoStore {
     ) -> Result<ReserveOutcome, PaymentError> {
         let agent_id = &reservation.agent_id;
         let window_write = window_item::transact_item(&self.tables.ledger, window_key(agent_id), write)?;
-        let reservation_put = Put::builder()
-            .table_name(&self.tables.ledger)
-            .set_item(Some(self.reservation_key(agent_id, &reservation.id)))
-            .item("status", s(reservation.status.as_str()))
-            .item("updatedAt", n(reservation.updated_at.millis()))
-            .item("record", json(reservation)?)
-            .condition_expression("attribute_not_exists(pk)")
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .build()
-            .map_err(build_error)?;
-        let items =
-            vec![window_write, TransactWriteItem::builder().put(reservation_put).build(), self.fence_check(fence)?];
+        let items = vec![window_write, self.new_reservation(reservation)?, self.fence_check(fence)?];
         match self.transact("reserve", items).await? {
             TxOutcome::Committed => Ok(ReserveOutcome::Reserved),
             TxOutcome::Cancelled(cancelled) => {
@@ -1053,19 +1042,9 @@ impl Store for DynamoStore {
     async fn record_shadow(&self, commit: &ShadowCommit) -> Result<ReserveOutcome, PaymentError> {
         let record = &commit.record;
         let agent_id = &record.agent_id;
-        let reservation_put = Put::builder()
-            .table_name(&self.tables.ledger)
-            .set_item(Some(self.reservation_key(agent_id, &record.id)))
-            .item("status", s(record.status.as_str()))
-            .item("updatedAt", n(record.updated_at.millis()))
-            .item("record", json(record)?)
-            .condition_expression("attribute_not_exists(pk)")
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .build()
-            .map_err(build_error)?;
         // Fixed positions (0: the record, 1: the key, 3: the window) name what failed.
         let mut items = vec![
-            TransactWriteItem::builder().put(reservation_put).build(),
+            self.new_reservation(record)?,
             self.fenced_idempotency_close(
                 &commit.fence,
                 IdempotencyStatus::Completed,
@@ -1538,6 +1517,21 @@ pub async fn create_table(client: &Client, name: &str, schema: schema::TableSche
 }
 
 impl DynamoStore {
+    /// A reservation written only if none has its id (a retried step gets the stored one back).
+    fn new_reservation(&self, reservation: &Reservation) -> Result<TransactWriteItem, PaymentError> {
+        let put = Put::builder()
+            .table_name(&self.tables.ledger)
+            .set_item(Some(self.reservation_key(&reservation.agent_id, &reservation.id)))
+            .item("status", s(reservation.status.as_str()))
+            .item("updatedAt", n(reservation.updated_at.millis()))
+            .item("record", json(reservation)?)
+            .condition_expression("attribute_not_exists(pk)")
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(build_error)?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
     /// Completes the key `commit` is fenced on, if it is still held for it (one conditional
     /// write; a key moved on since is left as it is).
     async fn complete_held_key(&self, commit: &AuthorizationCommit) -> Result<(), PaymentError> {

@@ -342,6 +342,21 @@ fn write_window(tx: &Connection, agent_id: &str, write: &WindowWrite) -> SqlResu
     Ok(Ok(()))
 }
 
+/// The key's record COMPLETED with `result`, kept until `expires_at`.
+fn complete_key(
+    tx: &Connection,
+    mut record: IdempotencyRecord,
+    result: &serde_json::Value,
+    now: Timestamp,
+    expires_at: Timestamp,
+) -> SqlResult<()> {
+    record.status = IdempotencyStatus::Completed;
+    record.result = Some(result.clone());
+    record.updated_at = now;
+    record.expires_at = expires_at;
+    put_idempotency(tx, &record)
+}
+
 fn get_shadow_window(tx: &Connection, agent_id: &str) -> SqlResult<SpendWindow> {
     tx.prepare_cached("SELECT window FROM shadow_windows WHERE agent_id = ?1")?
         .query_row([agent_id], |row| row.get::<_, String>(0))
@@ -623,7 +638,7 @@ impl Store for SqliteStore {
             if let Some(existing) = get_reservation(tx, agent_id, &commit.record.id)? {
                 return Ok(ReserveOutcome::AlreadyExists(Box::new(existing)));
             }
-            let mut record = match held_record(tx, &commit.fence)? {
+            let record = match held_record(tx, &commit.fence)? {
                 Ok(record) => record,
                 Err(holder) => return Ok(ReserveOutcome::Fenced(holder)),
             };
@@ -639,11 +654,7 @@ impl Store for SqliteStore {
                 .execute(params![agent_id, to_json(&next)?])?;
             }
             put_reservation(tx, &commit.record)?;
-            record.status = IdempotencyStatus::Completed;
-            record.result = Some(commit.result.clone());
-            record.updated_at = commit.now;
-            record.expires_at = commit.expires_at;
-            put_idempotency(tx, &record)?;
+            complete_key(tx, record, &commit.result, commit.now, commit.expires_at)?;
             put_audit(tx, &commit.audit)?;
             if let Some(history) = &commit.history {
                 add_history(tx, agent_id, history)?;
@@ -674,12 +685,8 @@ impl Store for SqliteStore {
                     // Recorded before. A key still held for this very claim (a later record of
                     // the same execution, whose claim id is the same) is completed with it:
                     // never left IN_PROGRESS over a paid reservation.
-                    if let Ok(mut record) = held_record(tx, &commit.fence)? {
-                        record.status = IdempotencyStatus::Completed;
-                        record.result = Some(commit.result.clone());
-                        record.updated_at = commit.now;
-                        record.expires_at = commit.expires_at;
-                        put_idempotency(tx, &record)?;
+                    if let Ok(record) = held_record(tx, &commit.fence)? {
+                        complete_key(tx, record, &commit.result, commit.now, commit.expires_at)?;
                     }
                     return Ok(Transition::AlreadyApplied);
                 }
@@ -687,7 +694,7 @@ impl Store for SqliteStore {
                     return Ok(Transition::Refused(format!("reservation is {}", other.as_str())));
                 }
             }
-            let mut record = match held_record(tx, &commit.fence)? {
+            let record = match held_record(tx, &commit.fence)? {
                 Ok(record) => record,
                 Err(holder) => return Ok(Transition::Fenced(holder)),
             };
@@ -697,11 +704,7 @@ impl Store for SqliteStore {
             reservation.authorization = commit.authorization.clone();
             reservation.updated_at = commit.now;
             put_reservation(tx, &reservation)?;
-            record.status = IdempotencyStatus::Completed;
-            record.result = Some(commit.result.clone());
-            record.updated_at = commit.now;
-            record.expires_at = commit.expires_at;
-            put_idempotency(tx, &record)?;
+            complete_key(tx, record, &commit.result, commit.now, commit.expires_at)?;
             put_audit(tx, &commit.audit)?;
             add_history(tx, &commit.audit.agent_id, &commit.history)?;
             Ok(Transition::Applied)
