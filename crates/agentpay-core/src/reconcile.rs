@@ -162,9 +162,11 @@ impl Reconciler {
         dry_run: bool,
     ) -> Result<AgentReconciliation, SettlementError> {
         let settlements = Settlements::new(self.store.clone(), self.clock.clone());
-        let mut changes = settlements.check_expired(agent, chain, dry_run).await?;
+        // Read once: what the sweep decides on, and the totals when it changes nothing.
+        let reservations = self.store.reservations(agent).await?;
+        let mut changes = settlements.check_expired_among(&reservations, chain, dry_run).await?;
         let (mut asked_again, mut anomalies) = (Vec::new(), Vec::new());
-        for reservation in self.store.reservations(agent).await? {
+        for reservation in &reservations {
             if let Some(anomaly) = settled_amount_differs(&reservation) {
                 anomalies.push(anomaly);
             }
@@ -213,18 +215,9 @@ impl Reconciler {
                 }
             }
         }
-        let states = self.states(agent).await?;
+        let moved = !dry_run && !(changes.is_empty() && asked_again.is_empty());
+        let states = if moved { totals(&self.store.reservations(agent).await?) } else { totals(&reservations) };
         Ok(AgentReconciliation { agent_id: agent.to_owned(), changes, asked_again, anomalies, states })
-    }
-
-    async fn states(&self, agent: &str) -> Result<BTreeMap<&'static str, StateTotal>, PaymentError> {
-        let mut states: BTreeMap<&'static str, StateTotal> = BTreeMap::new();
-        for reservation in self.store.reservations(agent).await? {
-            let total = states.entry(reservation.status.as_str()).or_default();
-            total.payments += 1;
-            total.atomic += u128::from(reservation.amount.get());
-        }
-        Ok(states)
     }
 
     /// Decides on a RESERVED payment from its key's record and its execution's fate.
@@ -361,6 +354,17 @@ impl Reconciler {
         }
         Err(PaymentError::LedgerConflict { agent: reservation.agent_id.clone(), attempts: 4 })
     }
+}
+
+/// Count and sum per state.
+fn totals(reservations: &[Reservation]) -> BTreeMap<&'static str, StateTotal> {
+    let mut states: BTreeMap<&'static str, StateTotal> = BTreeMap::new();
+    for reservation in reservations {
+        let total = states.entry(reservation.status.as_str()).or_default();
+        total.payments += 1;
+        total.atomic += u128::from(reservation.amount.get());
+    }
+    states
 }
 
 /// Who reconciliation's writes name in the audit trail.

@@ -287,10 +287,21 @@ impl Settlements {
         chain: &dyn ChainReader,
         dry_run: bool,
     ) -> Result<Vec<ExpiryCheck>, SettlementError> {
+        let reservations = self.store.reservations(agent).await?;
+        self.check_expired_among(&reservations, chain, dry_run).await
+    }
+
+    /// [`Self::check_expired`] over the agent's reservations as already read.
+    pub async fn check_expired_among(
+        &self,
+        reservations: &[crate::store::Reservation],
+        chain: &dyn ChainReader,
+        dry_run: bool,
+    ) -> Result<Vec<ExpiryCheck>, SettlementError> {
         use crate::store::ReservationStatus::*;
         let now = self.clock.now();
         let mut checked = Vec::new();
-        for reservation in self.store.reservations(agent).await? {
+        for reservation in reservations {
             if !matches!(reservation.status, Authorized | SettlementPending | SettlementFailed | ExpiredUnconfirmed) {
                 continue;
             }
@@ -319,7 +330,7 @@ impl Settlements {
                 None => continue,
             };
             if !dry_run {
-                self.expire(&reservation, after, &evidence).await?;
+                self.expire(reservation, after, &evidence).await?;
             }
             checked.push(ExpiryCheck {
                 idempotency_key: reservation.idempotency_key.clone(),
