@@ -167,7 +167,7 @@ impl Reconciler {
         let mut changes = settlements.check_expired_among(&reservations, chain, dry_run).await?;
         let (mut asked_again, mut anomalies) = (Vec::new(), Vec::new());
         for reservation in &reservations {
-            if let Some(anomaly) = settled_amount_differs(&reservation) {
+            if let Some(anomaly) = settled_amount_differs(reservation) {
                 anomalies.push(anomaly);
             }
             if reservation.status != ReservationStatus::Reserved {
@@ -180,12 +180,12 @@ impl Reconciler {
                 amount: reservation.amount,
                 detail,
             };
-            match self.verdict(&reservation, executions).await? {
+            match self.verdict(reservation, executions).await? {
                 Verdict::InUse => {}
                 Verdict::Anomaly(kind, detail) => anomalies.push(anomaly(kind, detail)),
                 Verdict::Release { fence, evidence } => {
                     if !dry_run {
-                        self.release(&reservation, &fence, &evidence).await?;
+                        self.release(reservation, &fence, &evidence).await?;
                     }
                     changes.push(ExpiryCheck {
                         idempotency_key: reservation.idempotency_key.clone(),
@@ -215,7 +215,7 @@ impl Reconciler {
                 }
             }
         }
-        let moved = !dry_run && !(changes.is_empty() && asked_again.is_empty());
+        let moved = !dry_run && (!changes.is_empty() || !asked_again.is_empty());
         let states = if moved { totals(&self.store.reservations(agent).await?) } else { totals(&reservations) };
         Ok(AgentReconciliation { agent_id: agent.to_owned(), changes, asked_again, anomalies, states })
     }
