@@ -549,6 +549,9 @@ fn an_agent_goes_from_shadow_to_enforce_from_the_command_line() {
     assert!(start.status.success(), "{start:?}");
     let text = stdout(&start);
     assert!(text.contains("shadow  WOULD_PAY") && text.contains("nothing was paid"), "{text}");
+    let history = stdout(&agentpay(dir.path(), &["history", "demo-paid-1"]));
+    assert!(history.contains("PaymentShadowed") && history.contains(r#"{"outcome":"SHADOW""#), "{history}");
+    assert!(!history.contains("ProcessPayment"), "the provider's step is never entered: {history}");
     let ledger = stdout(&agentpay(dir.path(), &["ledger", "show", "demo-agent"]));
     assert!(ledger.contains("SHADOW: WOULD_PAY") && ledger.contains("shadow window"), "{ledger}");
     assert!(
