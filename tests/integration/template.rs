@@ -318,6 +318,9 @@ fn the_dashboard_is_valid_json_over_the_emitted_metrics() {
         "ApprovalWaitSeconds",
         "DeviationsFlagged",
         "KillSwitchTrips",
+        "ReconcileChanges",
+        "ReconcileAnomalies",
+        "ShadowDecisions",
     ] {
         assert!(text.contains(metric), "the dashboard shows {metric}");
     }
