@@ -1045,13 +1045,7 @@ impl Store for DynamoStore {
         // Fixed positions (0: the record, 1: the key, 3: the window) name what failed.
         let mut items = vec![
             self.new_reservation(record)?,
-            self.fenced_idempotency_close(
-                &commit.fence,
-                IdempotencyStatus::Completed,
-                ("result", json(&commit.result)?),
-                commit.now,
-                commit.expires_at,
-            )?,
+            self.key_completion(&commit.fence, &commit.result, commit.now, commit.expires_at)?,
             audit_put(&self.tables.ledger, &commit.audit)?,
         ];
         if let Some(write) = &commit.window {
@@ -1106,13 +1100,7 @@ impl Store for DynamoStore {
                 }),
                 commit.now,
             )?,
-            self.fenced_idempotency_close(
-                &commit.fence,
-                IdempotencyStatus::Completed,
-                ("result", json(&commit.result)?),
-                commit.now,
-                commit.expires_at,
-            )?,
+            self.key_completion(&commit.fence, &commit.result, commit.now, commit.expires_at)?,
             audit_put(&self.tables.ledger, &commit.audit)?,
         ];
         let items = items.into_iter().chain(self.history_adds(agent_id, &commit.history)?).collect();
@@ -1532,16 +1520,21 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().put(put).build())
     }
 
+    /// The key COMPLETED with `result`, kept until `expires_at`, fenced on its claim.
+    fn key_completion(
+        &self,
+        fence: &ClaimFence,
+        result: &serde_json::Value,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<TransactWriteItem, PaymentError> {
+        self.fenced_idempotency_close(fence, IdempotencyStatus::Completed, ("result", json(result)?), now, expires_at)
+    }
+
     /// Completes the key `commit` is fenced on, if it is still held for it (one conditional
     /// write; a key moved on since is left as it is).
     async fn complete_held_key(&self, commit: &AuthorizationCommit) -> Result<(), PaymentError> {
-        let close = self.fenced_idempotency_close(
-            &commit.fence,
-            IdempotencyStatus::Completed,
-            ("result", json(&commit.result)?),
-            commit.now,
-            commit.expires_at,
-        )?;
+        let close = self.key_completion(&commit.fence, &commit.result, commit.now, commit.expires_at)?;
         match self.transact("complete key", vec![close]).await? {
             TxOutcome::Committed | TxOutcome::Cancelled(_) => Ok(()),
         }
