@@ -422,6 +422,8 @@ async fn simulate(seed: u64, top_level: u64, dynamo: bool) -> Report {
 }
 
 async fn simulate_machine(seed: u64, top_level: u64, dynamo: bool, definition: &str) -> Report {
+    // Shown with a failing test's output, whatever fails (a panic included).
+    println!("simulation seed {seed} (reproduce with AGENTPAY_SIM_SEED={seed})");
     let world = World::new(seed, dynamo, definition).await;
     let sim = world.sim.clone();
     sim.enabled.store(true, Ordering::Relaxed);
@@ -477,7 +479,9 @@ async fn simulate_machine(seed: u64, top_level: u64, dynamo: bool, definition: &
 async fn resume_dead(world: &World) {
     let filter = ExecutionFilter { status: Some(ExecutionStatus::Running), ..ExecutionFilter::default() };
     for record in world.app.executions.list_executions(&filter).await.unwrap() {
-        world.runner.resume(&record.execution_id).await.unwrap();
+        if let Err(e) = world.runner.resume(&record.execution_id).await {
+            panic!("resuming {}: {e}", record.execution_id);
+        }
     }
 }
 

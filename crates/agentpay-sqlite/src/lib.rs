@@ -6,7 +6,7 @@
 //! still guard against a decision made on a stale read.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -66,17 +66,19 @@ CREATE TABLE IF NOT EXISTS execution_history (
 const SCHEMA_VERSION: i64 = 3;
 
 pub struct SqliteStore {
-    writer: tokio::sync::Mutex<Writer>,
-    /// A second connection for reads (file stores): WAL lets it read while a batch is open and
-    /// shows it only committed writes. An in-memory store has one connection for both.
-    reader: Option<Mutex<Connection>>,
-}
-
-/// The write connection and the batch open on it, if any.
-struct Writer {
-    connection: Connection,
-    batch: Option<Arc<Batch>>,
-    stats: CommitStats,
+    /// Writes go to one thread that owns the write connection (see `writer`).
+    requests: Option<tokio::sync::mpsc::Sender<Request>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    stats: Arc<Mutex<CommitStats>>,
+    /// Why a deferred write failed, once one has: nobody waited for it, so the store stops
+    /// taking writes rather than go on past a hole (see `write_deferred`).
+    lost: Arc<Mutex<Option<String>>>,
+    /// Deferred writes sent and not yet committed: a read of what they write waits for them.
+    deferred: Arc<std::sync::atomic::AtomicU64>,
+    /// File stores read on the caller's thread from a small pool of connections: WAL lets them
+    /// read while a batch is open and shows them only committed writes. An in-memory store has
+    /// one connection, the writer's, and reads go to its thread too.
+    readers: Option<ReaderPool>,
 }
 
 /// Writes and commits since the store was opened: writes per commit is the group commit's gain.
@@ -84,22 +86,48 @@ struct Writer {
 pub struct CommitStats {
     pub writes: u64,
     pub commits: u64,
-    /// Time the write lock was held running writes, and committing.
+    /// Time the writer spent running writes, and committing.
     pub write_time: Duration,
     pub commit_time: Duration,
 }
 
-/// One group commit: the writes of concurrent callers in one transaction and one fsync.
-#[derive(Default)]
-struct Batch {
-    /// Set by whoever commits it, before the lock is released.
-    committed: OnceLock<Result<(), String>>,
-}
-
-/// Writes one batch holds at most: bounds how long one commit keeps callers waiting.
-const MAX_BATCH: usize = 64;
+/// Writes one batch holds at most: bounds how long one commit keeps its members waiting.
+const MAX_BATCH: usize = 256;
+/// Requests queued for the writer at most; a caller beyond waits for room (back-pressure).
+const MAX_QUEUED: usize = 1024;
+/// Idle read connections kept; more are opened under load and closed when given back.
+const MAX_IDLE_READERS: usize = 4;
+/// Prepared statements kept per connection: more than the store's distinct statements, so none
+/// is compiled again (rusqlite keeps 16 by default; a payment uses about 30).
+const STATEMENT_CACHE: usize = 64;
 
 type SqlResult<T> = Result<T, rusqlite::Error>;
+
+/// Work for the writer thread.
+enum Request {
+    /// A write: run in its own savepoint of the open batch; `Settle` answers the caller once
+    /// the batch is committed (or rolled back).
+    /// Given no connection when its batch could not be opened: it answers without running.
+    Write(WriteJob),
+    /// A read on the writer's connection (in-memory stores only).
+    Read(Box<dyn FnOnce(&Connection) + Send>),
+}
+
+/// A write that ran: whether to keep it, and how to answer its caller once the batch ends.
+struct Written {
+    keep: bool,
+    settle: Settle,
+}
+
+/// A write's answer to its caller: its value (or error, or panic; none if it was not run), and
+/// the batch's commit.
+type WriteAnswer<T> = (Option<std::thread::Result<SqlResult<T>>>, Result<(), Arc<str>>);
+
+/// A write for the writer thread (given no connection when its batch could not be opened).
+type WriteJob = Box<dyn FnOnce(Option<&Connection>) -> Written + Send>;
+
+/// How a write's caller is answered once its batch is committed or rolled back.
+type Settle = Box<dyn FnOnce(Result<(), Arc<str>>) + Send>;
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, PaymentError> {
@@ -107,18 +135,32 @@ impl SqliteStore {
             std::fs::create_dir_all(parent).map_err(|e| PaymentError::store("create store directory", e))?;
         }
         let writer = Self::init(Connection::open(path).map_err(|e| PaymentError::store("open store", e))?)?;
-        let reader = Connection::open(path).map_err(|e| PaymentError::store("open store", e))?;
-        reader.busy_timeout(Duration::from_secs(10)).map_err(|e| PaymentError::store("configure store", e))?;
-        Ok(Self { writer: tokio::sync::Mutex::new(writer), reader: Some(Mutex::new(reader)) })
+        let readers = ReaderPool { path: path.to_owned(), idle: Mutex::new(Vec::new()) };
+        readers.give_back(readers.take()?);
+        Self::start(writer, Some(readers))
     }
 
     pub fn in_memory() -> Result<Self, PaymentError> {
         let writer = Self::init(Connection::open_in_memory().map_err(|e| PaymentError::store("open store", e))?)?;
-        Ok(Self { writer: tokio::sync::Mutex::new(writer), reader: None })
+        Self::start(writer, None)
     }
 
-    fn init(connection: Connection) -> Result<Writer, PaymentError> {
+    fn start(connection: Connection, readers: Option<ReaderPool>) -> Result<Self, PaymentError> {
+        let (requests, queue) = tokio::sync::mpsc::channel(MAX_QUEUED);
+        let stats = Arc::new(Mutex::new(CommitStats::default()));
+        let writer = std::thread::Builder::new()
+            .name("agentpay-sqlite-writer".into())
+            .spawn({
+                let stats = stats.clone();
+                move || write_loop(connection, queue, &stats)
+            })
+            .map_err(|e| PaymentError::store("start the store's writer", e))?;
+        Ok(Self { requests: Some(requests), writer: Some(writer), stats, lost: Arc::default(), deferred: Arc::default(), readers })
+    }
+
+    fn init(connection: Connection) -> Result<Connection, PaymentError> {
         connection.busy_timeout(Duration::from_secs(10)).map_err(|e| PaymentError::store("configure store", e))?;
+        connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let (version, tables): (i64, i64) = connection
             .query_row(
                 "SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_master WHERE type = 'table')",
@@ -139,128 +181,279 @@ impl SqliteStore {
         connection
             .pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(|e| PaymentError::store("write schema version", e))?;
-        Ok(Writer { connection, batch: None, stats: CommitStats::default() })
+        Ok(connection)
     }
 
     /// Runs `work` as one atomic write, durable (committed with a full fsync) before it
-    /// returns. Group commit: concurrent writes share one transaction and one fsync. Each runs
-    /// in its own savepoint, so one that fails (or panics) is rolled back alone; the batch is
-    /// committed by the first member to come back for its result after every write queued
-    /// behind it has joined (the lock is first come, first served); if the commit fails, every
-    /// member fails.
-    async fn write<T>(
+    /// returns. Group commit: the writer thread runs each write in its own savepoint of an
+    /// open transaction — one that fails (or panics) is rolled back alone — and commits when
+    /// no more writes are waiting (or the batch is full), so the writes that arrived while the
+    /// previous batch was being synced share one commit and one fsync. If the commit fails,
+    /// every member fails. A caller that stops waiting does not undo its write: it is committed
+    /// with its batch.
+    async fn write<T: Send + 'static>(
         &self,
         operation: &'static str,
-        work: impl FnOnce(&Connection) -> SqlResult<T>,
+        work: impl FnOnce(&Connection) -> SqlResult<T> + Send + 'static,
     ) -> Result<T, PaymentError> {
-        let failed = |e: rusqlite::Error| PaymentError::store(operation, e);
-        let (value, batch) = {
-            let mut writer = self.writer.lock().await;
-            let batch = match &writer.batch {
-                Some(batch) if Arc::strong_count(batch) <= MAX_BATCH => batch.clone(),
-                _ => {
-                    if let Some(full) = writer.batch.take() {
-                        writer.commit(&full);
-                    }
-                    writer
-                        .connection
-                        .prepare_cached("BEGIN IMMEDIATE")
-                        .and_then(|mut s| s.execute([]))
-                        .map_err(failed)?;
-                    let batch = Arc::new(Batch::default());
-                    writer.batch = Some(batch.clone());
-                    batch
-                }
+        let (answer, answered) = tokio::sync::oneshot::channel::<WriteAnswer<T>>();
+        let request = Request::Write(Box::new(move |connection: Option<&Connection>| {
+            let outcome = connection.map(|c| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(c))));
+            Written {
+                keep: matches!(outcome, Some(Ok(Ok(_)))),
+                settle: Box::new(move |committed| {
+                    // The caller may have stopped waiting: nobody to tell.
+                    let _ = answer.send((outcome, committed));
+                }),
+            }
+        }));
+        self.refuse_after_loss(operation)?;
+        self.send(operation, request).await?;
+        let (outcome, committed) = answered.await.map_err(|_| writer_gone(operation))?;
+        // A deferred write before this one failed (its answer came first): report it here.
+        self.refuse_after_loss(operation)?;
+        match outcome {
+            Some(Ok(Ok(value))) => committed.map(|()| value).map_err(|why| {
+                PaymentError::store(operation, format!("commit failed (the write is not recorded): {why}"))
+            }),
+            Some(Ok(Err(error))) => Err(PaymentError::store(operation, error)),
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Err(PaymentError::store(
+                operation,
+                format!("not run: {}", committed.err().unwrap_or_else(|| "no transaction".into())),
+            )),
+        }
+    }
+
+    /// As `write`, without waiting for the commit: the write is in the queue when this returns,
+    /// and commits with its batch, before any write sent after it is acknowledged (one writer,
+    /// batches in order). If it fails, the store refuses every later write ("lost") — a
+    /// process restart resumes from what is durable, as after a crash.
+    async fn write_deferred(
+        &self,
+        operation: &'static str,
+        work: impl FnOnce(&Connection) -> SqlResult<()> + Send + 'static,
+    ) -> Result<(), PaymentError> {
+        self.refuse_after_loss(operation)?;
+        let lost = self.lost.clone();
+        let deferred = self.deferred.clone();
+        let request = Request::Write(Box::new(move |connection: Option<&Connection>| {
+            let outcome = connection.map(|c| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(c))));
+            let failure = match outcome {
+                Some(Ok(Ok(()))) => None,
+                Some(Ok(Err(error))) => Some(error.to_string()),
+                Some(Err(_)) => Some("it panicked".to_owned()),
+                None => Some("it was not run".to_owned()),
             };
-            writer.stats.writes += 1;
-            let began = std::time::Instant::now();
-            let connection = &writer.connection;
-            connection.prepare_cached("SAVEPOINT member").and_then(|mut s| s.execute([])).map_err(failed)?;
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(connection)));
-            let undo = !matches!(outcome, Ok(Ok(_)));
-            if undo {
-                connection.prepare_cached("ROLLBACK TO member").and_then(|mut s| s.execute([])).map_err(failed)?;
+            Written {
+                keep: failure.is_none(),
+                settle: Box::new(move |committed| {
+                    deferred.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    let failure = failure.or_else(|| committed.err().map(|why| format!("commit failed: {why}")));
+                    if let Some(why) = failure {
+                        let mut lost = lost.lock().unwrap_or_else(|p| p.into_inner());
+                        lost.get_or_insert(format!("{operation}: {why}"));
+                    }
+                }),
             }
-            connection.prepare_cached("RELEASE member").and_then(|mut s| s.execute([])).map_err(failed)?;
-            writer.stats.write_time += began.elapsed();
-            match outcome {
-                Ok(Ok(value)) => (value, batch),
-                Ok(Err(error)) => return Err(failed(error)),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        };
-        let mut guard = CommitOnDrop { store: self, batch: Some(batch.clone()) };
-        {
-            let mut writer = self.writer.lock().await;
-            if writer.batch.as_ref().is_some_and(|open| Arc::ptr_eq(open, &batch)) {
-                writer.batch = None;
-                writer.commit(&batch);
-            }
+        }));
+        self.deferred.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let sent = self.send(operation, request).await;
+        if sent.is_err() {
+            self.deferred.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
-        guard.batch = None;
-        match batch.committed.get() {
-            Some(Ok(())) => Ok(value),
-            Some(Err(why)) => Err(PaymentError::store(operation, format!("commit failed: {why}"))),
-            None => Err(PaymentError::store(operation, "the write's batch was never committed")),
+        sent
+    }
+
+    /// Waits until every deferred write sent so far is committed (a no-op write queued behind
+    /// them is answered only after their batch commits). Reads of what deferred writes write
+    /// call it first: a resumed execution must read the history its dead runner recorded.
+    async fn settle_deferred(&self, operation: &'static str) -> Result<(), PaymentError> {
+        if self.deferred.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return Ok(());
         }
+        self.write(operation, |_| Ok(())).await
+    }
+
+    fn refuse_after_loss(&self, operation: &'static str) -> Result<(), PaymentError> {
+        match &*self.lost.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(why) => Err(PaymentError::store(
+                operation,
+                format!(
+                    "an earlier deferred write was lost ({why}); this store takes no more writes: restart to resume from what is durable"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    async fn send(&self, operation: &'static str, request: Request) -> Result<(), PaymentError> {
+        let requests = self.requests.as_ref().ok_or_else(|| writer_gone(operation))?;
+        requests.send(request).await.map_err(|_| writer_gone(operation))
     }
 
     /// Writes and commits so far (benches report writes per commit).
     pub async fn commit_stats(&self) -> CommitStats {
-        self.writer.lock().await.stats
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn read<T>(
+    async fn read<T: Send + 'static>(
         &self,
         operation: &'static str,
-        work: impl FnOnce(&Connection) -> SqlResult<T>,
+        work: impl FnOnce(&Connection) -> SqlResult<T> + Send + 'static,
     ) -> Result<T, PaymentError> {
-        match &self.reader {
-            // A panic while holding the lock leaves SQLite consistent.
-            Some(reader) => work(&reader.lock().unwrap_or_else(|p| p.into_inner())),
-            // In memory there is one connection (and no durability to keep reads behind).
-            None => work(&self.writer.lock().await.connection),
+        match &self.readers {
+            Some(readers) => {
+                let connection = readers.take()?;
+                let value = work(&connection);
+                readers.give_back(connection);
+                value.map_err(|e| PaymentError::store(operation, e))
+            }
+            None => {
+                let (answer, answered) = tokio::sync::oneshot::channel();
+                let request = Request::Read(Box::new(move |connection| {
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(connection)));
+                    let _ = answer.send(outcome);
+                }));
+                self.send(operation, request).await?;
+                match answered.await.map_err(|_| writer_gone(operation))? {
+                    Ok(value) => value.map_err(|e| PaymentError::store(operation, e)),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
         }
-        .map_err(|e| PaymentError::store(operation, e))
     }
 }
 
-impl Writer {
-    /// Commits `batch` (the open one) and records the outcome for its members.
-    fn commit(&mut self, batch: &Batch) {
-        let began = std::time::Instant::now();
-        self.stats.commits += 1;
-        let outcome = self
-            .connection
-            .prepare_cached("COMMIT")
-            .and_then(|mut s| s.execute([]))
-            .map(drop)
-            .map_err(|e| e.to_string());
-        if outcome.is_err() {
-            let _ = self.connection.execute_batch("ROLLBACK");
-        }
-        let _ = batch.committed.set(outcome);
-        self.stats.commit_time += began.elapsed();
-    }
-}
-
-/// A writer whose future is dropped between its write and its commit: if the lock is free,
-/// commit the batch now rather than leave it open. If it is taken, the holder is a writer (on a
-/// file store only writers take it) that joins the open batch and commits it.
-struct CommitOnDrop<'a> {
-    store: &'a SqliteStore,
-    batch: Option<Arc<Batch>>,
-}
-
-impl Drop for CommitOnDrop<'_> {
+impl Drop for SqliteStore {
+    /// Closes the queue and waits for the writer to finish what was sent: every write a caller
+    /// sent is committed (or failed) before the store is gone.
     fn drop(&mut self) {
-        let Some(batch) = self.batch.take() else { return };
-        // Busy: whoever holds the lock joins or commits this batch.
-        if let Ok(mut writer) = self.store.writer.try_lock()
-            && writer.batch.as_ref().is_some_and(|open| Arc::ptr_eq(open, &batch))
+        drop(self.requests.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn writer_gone(operation: &'static str) -> PaymentError {
+    PaymentError::store(operation, "the store's writer thread has stopped")
+}
+
+/// The writer thread: takes the first waiting request, opens a batch, adds every request
+/// already queued behind it (up to `MAX_BATCH`), commits, answers the members, and again.
+/// Requests that arrive during a commit's fsync form the next batch.
+fn write_loop(connection: Connection, mut queue: tokio::sync::mpsc::Receiver<Request>, stats: &Mutex<CommitStats>) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut settles = Vec::new();
+        let mut batch = Batch::open(&connection);
+        let mut next = Some(first);
+        while let Some(request) = next.take() {
+            match request {
+                Request::Read(read) => read(&connection),
+                Request::Write(write) => settles.push(batch.run(&connection, write)),
+            }
+            if settles.len() < MAX_BATCH {
+                next = queue.try_recv().ok();
+            }
+        }
+        let committed = batch.close(&connection);
         {
-            writer.batch = None;
-            writer.commit(&batch);
+            let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+            stats.writes += settles.len() as u64;
+            stats.commits += u64::from(!settles.is_empty());
+            stats.write_time += batch.write_time;
+            stats.commit_time += batch.commit_time;
+        }
+        for settle in settles {
+            settle(committed.clone());
+        }
+    }
+}
+
+/// One group commit: the writes of concurrent callers in one transaction and one fsync.
+struct Batch {
+    /// Why the batch could not be opened (its writes are not run) or cannot be committed.
+    failed: Option<Arc<str>>,
+    write_time: Duration,
+    commit_time: Duration,
+}
+
+impl Batch {
+    fn open(connection: &Connection) -> Self {
+        Batch {
+            failed: execute(connection, "BEGIN IMMEDIATE").err(),
+            write_time: Duration::ZERO,
+            commit_time: Duration::ZERO,
+        }
+    }
+
+    /// Runs one write in its own savepoint; gives back how to answer its caller.
+    fn run(&mut self, connection: &Connection, write: WriteJob) -> Settle {
+        if self.failed.is_some() {
+            // Never run outside the batch's transaction: the caller hears why.
+            return write(None).settle;
+        }
+        let began = std::time::Instant::now();
+        let settle = match execute(connection, "SAVEPOINT member") {
+            Ok(()) => {
+                let written = write(Some(connection));
+                let undone = if written.keep { Ok(()) } else { execute(connection, "ROLLBACK TO member") };
+                if let Err(why) = undone.and_then(|()| execute(connection, "RELEASE member")) {
+                    // A savepoint that cannot be closed leaves the batch untrustworthy.
+                    self.failed = Some(why);
+                }
+                written.settle
+            }
+            Err(why) => {
+                self.failed = Some(why);
+                write(None).settle
+            }
+        };
+        self.write_time += began.elapsed();
+        settle
+    }
+
+    /// Commits the batch, or rolls it back if it cannot be trusted.
+    fn close(&mut self, connection: &Connection) -> Result<(), Arc<str>> {
+        let began = std::time::Instant::now();
+        let outcome = match self.failed.clone() {
+            Some(why) => Err(why),
+            None => execute(connection, "COMMIT"),
+        };
+        if outcome.is_err() && !connection.is_autocommit() {
+            let _ = connection.execute_batch("ROLLBACK");
+        }
+        self.commit_time += began.elapsed();
+        outcome
+    }
+}
+
+fn execute(connection: &Connection, sql: &str) -> Result<(), Arc<str>> {
+    connection.prepare_cached(sql).and_then(|mut s| s.execute([])).map(drop).map_err(|e| Arc::from(e.to_string()))
+}
+
+/// Read connections for a file store, opened on demand and reused.
+struct ReaderPool {
+    path: std::path::PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReaderPool {
+    fn take(&self) -> Result<Connection, PaymentError> {
+        if let Some(connection) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(connection);
+        }
+        let connection = Connection::open(&self.path).map_err(|e| PaymentError::store("open store", e))?;
+        connection.busy_timeout(Duration::from_secs(10)).map_err(|e| PaymentError::store("configure store", e))?;
+        connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(connection)
+    }
+
+    fn give_back(&self, connection: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(connection);
         }
     }
 }
@@ -422,13 +615,23 @@ fn held_record(tx: &Connection, fence: &ClaimFence) -> SqlResult<Result<Idempote
     })
 }
 
-fn update_execution_row(tx: &Connection, record: &ExecutionRecord, text: &str) -> SqlResult<()> {
-    tx.prepare_cached("UPDATE executions SET status = ?2, record = ?3 WHERE execution_id = ?1")?.execute(params![
-        record.execution_id,
-        record.status.as_str(),
-        text
-    ])?;
-    Ok(())
+/// An execution's row, encoded.
+struct ExecutionRow {
+    execution_id: String,
+    status: &'static str,
+    text: String,
+}
+
+impl ExecutionRow {
+    fn of(record: &ExecutionRecord) -> SqlResult<Self> {
+        Ok(Self { execution_id: record.execution_id.clone(), status: record.status.as_str(), text: to_json(record)? })
+    }
+
+    fn update(&self, tx: &Connection) -> SqlResult<()> {
+        tx.prepare_cached("UPDATE executions SET status = ?2, record = ?3 WHERE execution_id = ?1")?
+            .execute(params![self.execution_id, self.status, self.text])?;
+        Ok(())
+    }
 }
 
 fn encode_history(events: &[HistoryEvent]) -> SqlResult<Vec<(u32, String)>> {
@@ -447,7 +650,9 @@ fn insert_history(tx: &Connection, execution_id: &str, events: &[(u32, String)])
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError> {
-        self.write("claim idempotency key", |tx| {
+        let record = record.clone();
+        self.write("claim idempotency key", move |tx| {
+            let record = &record;
             if let Some(existing) = get_idempotency(tx, &record.key)?
                 && !existing.is_expired(record.created_at)
             {
@@ -464,7 +669,11 @@ impl Store for SqliteStore {
         expected: &IdempotencyRecord,
         record: &IdempotencyRecord,
     ) -> Result<Option<Option<IdempotencyRecord>>, PaymentError> {
-        self.write("reclaim idempotency key", |tx| {
+        let expected = expected.clone();
+        let record = record.clone();
+        self.write("reclaim idempotency key", move |tx| {
+            let expected = &expected;
+            let record = &record;
             let current = get_idempotency(tx, &expected.key)?;
             let matches = current.as_ref().is_some_and(|c| {
                 c.status == expected.status && c.execution_id == expected.execution_id && c.attempt == expected.attempt
@@ -479,12 +688,14 @@ impl Store for SqliteStore {
     }
 
     async fn idempotency(&self, key: &str, now: Timestamp) -> Result<Option<IdempotencyRecord>, PaymentError> {
-        let record = self.read("read idempotency key", |c| get_idempotency(c, key)).await?;
+        let key = key.to_owned();
+        let record = self.read("read idempotency key", move |c| get_idempotency(c, &key)).await?;
         Ok(record.filter(|r| !r.is_expired(now)))
     }
 
     async fn agent_ledger(&self, agent_id: &str) -> Result<AgentLedger, PaymentError> {
-        self.read("read agent ledger", |c| get_ledger(c, agent_id)).await
+        let agent_id = agent_id.to_owned();
+        self.read("read agent ledger", move |c| get_ledger(c, &agent_id)).await
     }
 
     async fn agent_and_key(
@@ -493,13 +704,20 @@ impl Store for SqliteStore {
         key: &str,
         now: Timestamp,
     ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError> {
-        let (ledger, record) =
-            self.read("read agent and key", |c| Ok((get_ledger(c, agent_id)?, get_idempotency(c, key)?))).await?;
+        let agent_id = agent_id.to_owned();
+        let key = key.to_owned();
+        let (ledger, record) = self
+            .read("read agent and key", move |c| Ok((get_ledger(c, &agent_id)?, get_idempotency(c, &key)?)))
+            .await?;
         Ok((ledger, record.filter(|r| !r.is_expired(now))))
     }
 
     async fn change_policy(&self, agent_id: &str, change: &PolicyChange) -> Result<PolicyEdited, PaymentError> {
-        self.write("set policy", |tx| {
+        let agent_id = agent_id.to_owned();
+        let change = change.clone();
+        self.write("set policy", move |tx| {
+            let agent_id = agent_id.as_str();
+            let change = &change;
             let ledger = get_ledger(tx, agent_id)?;
             if let Some(expected) = change.expected_version
                 && expected != ledger.version
@@ -526,7 +744,9 @@ impl Store for SqliteStore {
     }
 
     async fn policy_history(&self, agent_id: &str) -> Result<Vec<PolicyAuditEvent>, PaymentError> {
-        self.read("read policy history", |c| {
+        let agent_id = agent_id.to_owned();
+        self.read("read policy history", move |c| {
+            let agent_id = agent_id.as_str();
             let mut statement =
                 c.prepare_cached("SELECT record FROM policy_history WHERE agent_id = ?1 ORDER BY version")?;
             let rows = statement.query_map([agent_id], |row| row.get::<_, String>(0))?;
@@ -542,8 +762,10 @@ impl Store for SqliteStore {
         first_day: u32,
         last_day: u32,
     ) -> Result<SpendHistory, PaymentError> {
+        let (owner, named) = (agent_id.to_owned(), scope.to_owned());
         let rows = self
-            .read("read spend history", |c| {
+            .read("read spend history", move |c| {
+                let (agent_id, scope) = (owner.as_str(), named.as_str());
                 let mut statement = c.prepare_cached(
                     "SELECT total, payments FROM spend_history WHERE agent_id = ?1 AND scope = ?2 AND day BETWEEN ?3 AND ?4",
                 )?;
@@ -558,10 +780,11 @@ impl Store for SqliteStore {
     }
 
     async fn trip_counters(&self, agent_id: &str) -> Result<TripCounters, PaymentError> {
+        let owner = agent_id.to_owned();
         let record = self
-            .read("read trip counters", |c| {
+            .read("read trip counters", move |c| {
                 c.prepare_cached("SELECT record FROM trip_counters WHERE agent_id = ?1")?
-                    .query_row([agent_id], |row| row.get::<_, String>(0))
+                    .query_row([owner], |row| row.get::<_, String>(0))
                     .optional()
             })
             .await?;
@@ -572,21 +795,24 @@ impl Store for SqliteStore {
     }
 
     async fn put_trip_counters(&self, agent_id: &str, counters: &TripCounters) -> Result<bool, PaymentError> {
+        let agent_id = agent_id.to_owned();
+        let version = counters.version as i64;
         let record = serde_json::to_string(counters).map_err(|e| PaymentError::store("write trip counters", e))?;
-        self.write("write trip counters", |tx| {
+        self.write("write trip counters", move |tx| {
+            let agent_id = agent_id.as_str();
             let stored: i64 = tx
                 .prepare_cached("SELECT version FROM trip_counters WHERE agent_id = ?1")?
                 .query_row([agent_id], |row| row.get(0))
                 .optional()?
                 .unwrap_or(0);
-            if stored != counters.version as i64 - 1 {
+            if stored != version - 1 {
                 return Ok(false);
             }
             tx.prepare_cached(
                 "INSERT INTO trip_counters (agent_id, version, record) VALUES (?1, ?2, ?3)
                  ON CONFLICT (agent_id) DO UPDATE SET version = excluded.version, record = excluded.record",
             )?
-            .execute(params![agent_id, counters.version as i64, record])?;
+            .execute(params![agent_id, version, record])?;
             Ok(true)
         })
         .await
@@ -608,7 +834,13 @@ impl Store for SqliteStore {
         reservation: &Reservation,
         fence: &ClaimFence,
     ) -> Result<ReserveOutcome, PaymentError> {
-        self.write("reserve", |tx| {
+        let write = write.clone();
+        let reservation = reservation.clone();
+        let fence = fence.clone();
+        self.write("reserve", move |tx| {
+            let write = &write;
+            let reservation = &reservation;
+            let fence = &fence;
             if let Some(existing) = get_reservation(tx, &reservation.agent_id, &reservation.id)? {
                 return Ok(ReserveOutcome::AlreadyExists(Box::new(existing)));
             }
@@ -625,15 +857,20 @@ impl Store for SqliteStore {
     }
 
     async fn reservation(&self, agent_id: &str, id: &str) -> Result<Option<Reservation>, PaymentError> {
-        self.read("read reservation", |c| get_reservation(c, agent_id, id)).await
+        let agent_id = agent_id.to_owned();
+        let id = id.to_owned();
+        self.read("read reservation", move |c| get_reservation(c, &agent_id, &id)).await
     }
 
     async fn shadow_window(&self, agent_id: &str) -> Result<SpendWindow, PaymentError> {
-        self.read("read shadow window", |c| get_shadow_window(c, agent_id)).await
+        let agent_id = agent_id.to_owned();
+        self.read("read shadow window", move |c| get_shadow_window(c, &agent_id)).await
     }
 
     async fn record_shadow(&self, commit: &ShadowCommit) -> Result<ReserveOutcome, PaymentError> {
-        self.write("record shadow decision", |tx| {
+        let commit = commit.clone();
+        self.write("record shadow decision", move |tx| {
+            let commit = &commit;
             let agent_id = &commit.record.agent_id;
             if let Some(existing) = get_reservation(tx, agent_id, &commit.record.id)? {
                 return Ok(ReserveOutcome::AlreadyExists(Box::new(existing)));
@@ -665,7 +902,9 @@ impl Store for SqliteStore {
     }
 
     async fn reservations(&self, agent_id: &str) -> Result<Vec<Reservation>, PaymentError> {
-        self.read("list reservations", |c| {
+        let agent_id = agent_id.to_owned();
+        self.read("list reservations", move |c| {
+            let agent_id = agent_id.as_str();
             let mut statement =
                 c.prepare_cached("SELECT record FROM reservations WHERE agent_id = ?1 ORDER BY created_at, id")?;
             let rows = statement.query_map([agent_id], |row| row.get::<_, String>(0))?;
@@ -675,7 +914,9 @@ impl Store for SqliteStore {
     }
 
     async fn authorize(&self, commit: &AuthorizationCommit) -> Result<Transition, PaymentError> {
-        self.write("record ledger", |tx| {
+        let commit = commit.clone();
+        self.write("record ledger", move |tx| {
+            let commit = &commit;
             let Some(mut reservation) = get_reservation(tx, &commit.audit.agent_id, &commit.reservation_id)? else {
                 return Ok(Transition::Refused("no such reservation".into()));
             };
@@ -713,7 +954,9 @@ impl Store for SqliteStore {
     }
 
     async fn release(&self, commit: &ReleaseCommit) -> Result<Transition, PaymentError> {
-        self.write("compensate", |tx| {
+        let commit = commit.clone();
+        self.write("compensate", move |tx| {
+            let commit = &commit;
             let mut record = match held_record(tx, &commit.fence)? {
                 Ok(record) => record,
                 Err(holder) => {
@@ -765,7 +1008,9 @@ impl Store for SqliteStore {
     }
 
     async fn hold(&self, commit: &HoldCommit) -> Result<Transition, PaymentError> {
-        self.write("hold unknown outcome", |tx| {
+        let commit = commit.clone();
+        self.write("hold unknown outcome", move |tx| {
+            let commit = &commit;
             let mut record = match held_record(tx, &commit.fence)? {
                 Ok(record) => record,
                 Err(holder) => return Ok(Transition::Fenced(holder)),
@@ -780,7 +1025,9 @@ impl Store for SqliteStore {
     }
 
     async fn record_settlement(&self, commit: &SettlementCommit) -> Result<Transition, PaymentError> {
-        self.write("record settlement", |tx| {
+        let commit = commit.clone();
+        self.write("record settlement", move |tx| {
+            let commit = &commit;
             let Some(mut reservation) = get_reservation(tx, &commit.agent_id, &commit.reservation_id)? else {
                 return Ok(Transition::Refused("no such reservation".into()));
             };
@@ -807,11 +1054,14 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, event: &AuditEvent) -> Result<(), PaymentError> {
-        self.write("append audit event", |tx| put_audit(tx, event)).await
+        let event = event.clone();
+        self.write("append audit event", move |tx| put_audit(tx, &event)).await
     }
 
     async fn audit_events(&self, agent_id: &str) -> Result<Vec<AuditEvent>, PaymentError> {
-        self.read("list audit events", |c| {
+        let agent_id = agent_id.to_owned();
+        self.read("list audit events", move |c| {
+            let agent_id = agent_id.as_str();
             let mut statement =
                 c.prepare_cached("SELECT record FROM audit_events WHERE agent_id = ?1 ORDER BY at, event_id")?;
             let rows = statement.query_map([agent_id], |row| row.get::<_, String>(0))?;
@@ -821,7 +1071,9 @@ impl Store for SqliteStore {
     }
 
     async fn request_approval(&self, commit: &ApprovalRequestCommit) -> Result<Transition, PaymentError> {
-        self.write("request approval", |tx| {
+        let commit = commit.clone();
+        self.write("request approval", move |tx| {
+            let commit = &commit;
             let mut record = match held_record(tx, &commit.fence)? {
                 Ok(record) => record,
                 Err(holder) => return Ok(Transition::Fenced(holder)),
@@ -840,11 +1092,12 @@ impl Store for SqliteStore {
     }
 
     async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, PaymentError> {
-        self.read("read approval", |c| get_approval(c, id)).await
+        let id = id.to_owned();
+        self.read("read approval", move |c| get_approval(c, &id)).await
     }
 
     async fn approvals(&self, since: Timestamp, until: Timestamp) -> Result<Vec<ApprovalRecord>, PaymentError> {
-        self.read("list approvals", |c| {
+        self.read("list approvals", move |c| {
             let mut statement = c.prepare_cached(
                 "SELECT record FROM approvals WHERE requested_at >= ?1 AND requested_at <= ?2
                  ORDER BY requested_at DESC, id LIMIT ?3",
@@ -858,7 +1111,9 @@ impl Store for SqliteStore {
     }
 
     async fn decide_approval(&self, commit: &ApprovalDecisionCommit) -> Result<Transition, PaymentError> {
-        self.write("decide approval", |tx| {
+        let commit = commit.clone();
+        self.write("decide approval", move |tx| {
+            let commit = &commit;
             let Some(stored) = get_approval(tx, commit.id())? else {
                 return Ok(Transition::Refused("no such approval".into()));
             };
@@ -878,7 +1133,9 @@ impl Store for SqliteStore {
 #[async_trait]
 impl IssuedProofs for SqliteStore {
     async fn issued(&self, client_token: &str) -> Result<Option<IssuedProof>, PaymentError> {
-        self.read("read issued proof", |c| {
+        let client_token = client_token.to_owned();
+        self.read("read issued proof", move |c| {
+            let client_token = client_token.as_str();
             c.prepare_cached("SELECT record FROM issued_proofs WHERE client_token = ?1")?
                 .query_row([client_token], |row| row.get::<_, String>(0))
                 .optional()?
@@ -889,7 +1146,11 @@ impl IssuedProofs for SqliteStore {
     }
 
     async fn record_issued(&self, client_token: &str, proof: &IssuedProof) -> Result<IssuedProof, PaymentError> {
-        self.write("record issued proof", |tx| {
+        let client_token = client_token.to_owned();
+        let proof = proof.clone();
+        self.write("record issued proof", move |tx| {
+            let client_token = client_token.as_str();
+            let proof = &proof;
             tx.prepare_cached(
                 "INSERT INTO issued_proofs (client_token, record) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
             )?
@@ -906,7 +1167,9 @@ impl IssuedProofs for SqliteStore {
 #[async_trait]
 impl ExecutionStore for SqliteStore {
     async fn create_execution(&self, record: &ExecutionRecord) -> Result<bool, PaymentError> {
-        self.write("create execution", |tx| {
+        let record = record.clone();
+        self.write("create execution", move |tx| {
+            let record = &record;
             let inserted = tx
                 .prepare_cached(
                     "INSERT INTO executions (execution_id, name, status, agent_id, started_at, record)
@@ -926,23 +1189,25 @@ impl ExecutionStore for SqliteStore {
     }
 
     async fn update_execution(&self, record: &ExecutionRecord) -> Result<(), PaymentError> {
-        // Encoded before the write lock is taken: the lock is held only for SQLite's work.
-        let text = to_json(record).map_err(|e| PaymentError::store("update execution", e))?;
-        self.write("update execution", |tx| update_execution_row(tx, record, &text)).await
+        // Encoded on the caller's thread: the writer thread does only SQLite's work.
+        let row = ExecutionRow::of(record).map_err(|e| PaymentError::store("update execution", e))?;
+        self.write("update execution", move |tx| row.update(tx)).await
     }
 
     async fn finish_execution(&self, record: &ExecutionRecord, events: &[HistoryEvent]) -> Result<(), PaymentError> {
-        let text = to_json(record).map_err(|e| PaymentError::store("finish execution", e))?;
+        let row = ExecutionRow::of(record).map_err(|e| PaymentError::store("finish execution", e))?;
         let events = encode_history(events).map_err(|e| PaymentError::store("finish execution", e))?;
-        self.write("finish execution", |tx| {
-            insert_history(tx, &record.execution_id, &events)?;
-            update_execution_row(tx, record, &text)
+        self.write("finish execution", move |tx| {
+            insert_history(tx, &row.execution_id, &events)?;
+            row.update(tx)
         })
         .await
     }
 
     async fn execution(&self, id_or_name: &str) -> Result<Option<ExecutionRecord>, PaymentError> {
-        self.read("read execution", |c| {
+        let id_or_name = id_or_name.to_owned();
+        self.read("read execution", move |c| {
+            let id_or_name = id_or_name.as_str();
             c.prepare_cached("SELECT record FROM executions WHERE execution_id = ?1 OR name = ?1")?
                 .query_row([id_or_name], |row| row.get::<_, String>(0))
                 .optional()?
@@ -953,7 +1218,9 @@ impl ExecutionStore for SqliteStore {
     }
 
     async fn list_executions(&self, filter: &ExecutionFilter) -> Result<Vec<ExecutionRecord>, PaymentError> {
-        self.read("list executions", |c| {
+        let filter = filter.clone();
+        self.read("list executions", move |c| {
+            let filter = &filter;
             let mut statement = c.prepare_cached(
                 "SELECT record FROM executions
                  WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR agent_id = ?2) AND (?3 IS NULL OR started_at >= ?3)
@@ -973,12 +1240,22 @@ impl ExecutionStore for SqliteStore {
     }
 
     async fn append_history(&self, execution_id: &str, events: &[HistoryEvent]) -> Result<(), PaymentError> {
+        let execution_id = execution_id.to_owned();
         let events = encode_history(events).map_err(|e| PaymentError::store("append history", e))?;
-        self.write("append history", |tx| insert_history(tx, execution_id, &events)).await
+        self.write("append history", move |tx| insert_history(tx, &execution_id, &events)).await
+    }
+
+    async fn append_history_deferred(&self, execution_id: &str, events: &[HistoryEvent]) -> Result<(), PaymentError> {
+        let execution_id = execution_id.to_owned();
+        let events = encode_history(events).map_err(|e| PaymentError::store("append history", e))?;
+        self.write_deferred("append history", move |tx| insert_history(tx, &execution_id, &events)).await
     }
 
     async fn history(&self, execution_id: &str) -> Result<Vec<HistoryEvent>, PaymentError> {
-        self.read("read history", |c| {
+        self.settle_deferred("read history").await?;
+        let execution_id = execution_id.to_owned();
+        self.read("read history", move |c| {
+            let execution_id = execution_id.as_str();
             let mut statement =
                 c.prepare_cached("SELECT record FROM execution_history WHERE execution_id = ?1 ORDER BY seq")?;
             let rows = statement.query_map([execution_id], |row| row.get::<_, String>(0))?;
@@ -1047,7 +1324,7 @@ mod tests {
                 let store = store.clone();
                 tokio::spawn(async move {
                     store
-                        .write("test", |tx| {
+                        .write("test", move |tx| {
                             insert(tx, id)?;
                             match id % 10 {
                                 // Its row was written, then the write failed: none of it stays.
@@ -1086,26 +1363,95 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
         let store = Arc::new(SqliteStore::open(&path).unwrap());
-        let held = store.writer.lock().await;
-        // Boxed, so that dropping it drops the future (and its place in the lock's queue).
+        // Boxed, so that dropping it drops the future (and the caller's wait).
         let mut write = Box::pin(store.write("test", |tx| insert(tx, 1)));
-        assert!(futures_poll_once(write.as_mut()).await.is_none(), "queued behind the held lock");
-        // Another writer queues behind it.
-        let other = tokio::spawn({
-            let store = store.clone();
-            async move { store.write("test", |tx| insert(tx, 2)).await }
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        drop(held);
-        // The first write runs; its caller may stop waiting before its batch commits.
         let finished = futures_poll_once(write.as_mut()).await;
         drop(write);
-        other.await.unwrap().unwrap();
-        if let Some(result) = finished {
-            result.unwrap();
-        }
+        assert!(finished.is_none(), "sent, not yet committed");
+        store.write("test", |tx| insert(tx, 2)).await.unwrap();
         assert_eq!(committed_rows(&path), ["token-1", "token-2"], "both committed, the abandoned one included");
-        assert!(store.writer.lock().await.batch.is_none(), "no batch left open");
+    }
+
+    /// Dropping the store waits for what was sent: nothing a caller sent is left uncommitted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_store_commits_every_write_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        for id in 0..50 {
+            let mut write = Box::pin(store.write("test", move |tx| insert(tx, id)));
+            assert!(futures_poll_once(write.as_mut()).await.is_none());
+        }
+        drop(store);
+        assert_eq!(committed_rows(&path).len(), 50);
+    }
+
+    /// A deferred write is durable before any write sent after it is acknowledged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_writes_are_committed_before_a_later_write_is_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        for id in 0..20 {
+            store.write_deferred("test", move |tx| insert(tx, id)).await.unwrap();
+        }
+        store.write("test", |tx| insert(tx, 99)).await.unwrap();
+        assert_eq!(committed_rows(&path).len(), 21, "the 20 deferred writes and the waited one");
+    }
+
+    /// History appended without waiting is read back at once, whole: a resumed execution reads
+    /// what its dead runner recorded (the simulator found a resume that missed it and wrote
+    /// its own events over the same sequence numbers).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_history_is_read_back_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
+        for round in 0..20u32 {
+            let event = HistoryEvent {
+                seq: round,
+                at: Timestamp::from_millis(0),
+                kind: agentpay_core::executions::HistoryKind::TaskRetryScheduled,
+                state: Some("S".into()),
+                details: serde_json::json!({"round": round}),
+            };
+            store.append_history_deferred("execution-1", &[event]).await.unwrap();
+            let read = store.history("execution-1").await.unwrap();
+            assert_eq!(read.len(), round as usize + 1, "round {round}: the deferred append is read back");
+        }
+    }
+
+    /// A deferred write that fails leaves a hole nobody was told of: the store takes no more
+    /// writes, whether sent before the failure was known or after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_deferred_write_stops_the_store_taking_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store.write_deferred("test", |tx| insert(tx, 1)).await.unwrap();
+        store.write_deferred("append history", |_| Err(rusqlite::Error::InvalidQuery)).await.unwrap();
+        let next = store.write("test", |tx| insert(tx, 2)).await.unwrap_err();
+        assert!(
+            next.chain_message().contains("an earlier deferred write was lost (append history"),
+            "{}",
+            next.chain_message()
+        );
+        let later = store.write_deferred("test", |tx| insert(tx, 3)).await.unwrap_err();
+        assert!(later.chain_message().contains("takes no more writes"), "{}", later.chain_message());
+        // Row 2 may be committed (it was in a batch that committed); 3 never was sent.
+        let rows = committed_rows(&path);
+        assert!(rows.contains(&"token-1".to_owned()) && !rows.contains(&"token-3".to_owned()), "{rows:?}");
+    }
+
+    /// An in-memory store reads on the writer's thread: a read sees every write answered before it.
+    #[tokio::test]
+    async fn an_in_memory_store_reads_its_writes() {
+        let store = SqliteStore::in_memory().unwrap();
+        store.write("test", |tx| insert(tx, 7)).await.unwrap();
+        let count: i64 = store
+            .read("test", |c| c.query_row("SELECT count(*) FROM issued_proofs", [], |row| row.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(count, 1);
     }
 
     /// Polls `future` once, returning its output if it was ready.

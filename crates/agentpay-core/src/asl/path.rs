@@ -110,6 +110,33 @@ impl JsonPath {
         }
         place(root, &self.segments, value, &self.text)
     }
+
+    /// Whether `output` is what `set(input, result)` gives, without building it: the check
+    /// runs on every recorded task exit, and a copy of the input there was most of the local
+    /// runner's recording cost.
+    pub fn holds_set(&self, output: &Value, input: &Value, result: &Value) -> bool {
+        fn holds(output: &Value, target: Option<&Value>, segments: &[Segment], result: &Value) -> bool {
+            let Some((first, rest)) = segments.split_first() else {
+                return output == result;
+            };
+            let (Segment::Field(name), Value::Object(out)) = (first, output) else {
+                return false;
+            };
+            let target = match target {
+                Some(Value::Object(map)) => Some(map),
+                Some(Value::Null) | None => None,
+                Some(_) => return false,
+            };
+            let Some(child) = out.get(name) else {
+                return false;
+            };
+            let expected_len = target.map_or(1, |map| map.len() + usize::from(!map.contains_key(name)));
+            out.len() == expected_len
+                && holds(child, target.and_then(|map| map.get(name)), rest, result)
+                && target.is_none_or(|map| map.iter().all(|(key, value)| key == name || out.get(key) == Some(value)))
+        }
+        !self.context && holds(output, Some(input), &self.segments, result)
+    }
 }
 
 #[cfg(test)]
@@ -117,6 +144,40 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// `holds_set` agrees with building the value with `set`, on the cases that matter.
+    #[test]
+    fn holds_set_agrees_with_set() {
+        let inputs = [
+            json!({"a": 1, "b": {"c": 2}}),
+            json!({"a": 1}),
+            json!({}),
+            json!(null),
+            json!({"b": 5}),
+            json!({"b": {"c": 2, "d": [1, 2]}}),
+        ];
+        let results = [json!({"x": 1}), json!(7), json!(null), json!({"c": 2})];
+        let others = [json!({"a": 1, "b": {"c": 2, "extra": 0}}), json!({"a": 2, "b": {"x": 1}}), json!([1]), json!(3)];
+        for path in ["$", "$.b", "$.b.c", "$.new", "$.b.d"] {
+            let path = JsonPath::parse(path).unwrap();
+            for input in &inputs {
+                for result in &results {
+                    let Ok(built) = path.set(input.clone(), result.clone()) else {
+                        assert!(!path.holds_set(&json!({}), input, result));
+                        continue;
+                    };
+                    assert!(path.holds_set(&built, input, result), "{path:?} {input} {result}");
+                    for other in &others {
+                        assert_eq!(
+                            path.holds_set(other, input, result),
+                            *other == built,
+                            "{path:?} {input} {result} {other}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn reads_fields_indexes_and_quoted_names() {

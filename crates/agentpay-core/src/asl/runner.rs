@@ -283,27 +283,48 @@ impl Recorder {
     }
 
     fn push(&mut self, at: Timestamp, kind: HistoryKind, state: Option<&str>, details: Value) {
-        self.push_derivable(at, kind, state, details, None);
-    }
-
-    /// As `push`, for a task state's exit whose output may be its input with the task's
-    /// result at `result_path`.
-    fn push_derivable(
-        &mut self,
-        at: Timestamp,
-        kind: HistoryKind,
-        state: Option<&str>,
-        details: Value,
-        result_path: Option<&JsonPath>,
-    ) {
         let event = HistoryEvent { seq: self.next_seq, at, kind, state: state.map(str::to_owned), details };
-        self.pending.push(self.context.compact(event, result_path));
+        self.pending.push(self.context.compact(event, None));
         self.next_seq += 1;
     }
 
+    /// A state entered with `input` (compared with what the event before handed on, not copied
+    /// when it is the same).
+    fn entered(&mut self, at: Timestamp, state: &str, input: &Value) {
+        let details = self.context.entered(input);
+        self.record(at, HistoryKind::StateEntered, Some(state), details);
+    }
+
+    /// A state exited with `output`. `result_path` is its `ResultPath` when it is a task state
+    /// with no `ResultSelector` or `OutputPath` (its output may be its input with the result there).
+    fn exited(
+        &mut self,
+        at: Timestamp,
+        state: &str,
+        output: &Value,
+        next: Option<&str>,
+        result_path: Option<&JsonPath>,
+    ) {
+        let details = self.context.exited(output, next, result_path);
+        self.record(at, HistoryKind::StateExited, Some(state), details);
+    }
+
+    fn succeeded(&mut self, at: Timestamp, output: &Value) {
+        let details = self.context.succeeded(output);
+        self.record(at, HistoryKind::ExecutionSucceeded, None, details);
+    }
+
+    /// Appends an event already in its stored form.
+    fn record(&mut self, at: Timestamp, kind: HistoryKind, state: Option<&str>, details: Value) {
+        self.pending.push(HistoryEvent { seq: self.next_seq, at, kind, state: state.map(str::to_owned), details });
+        self.next_seq += 1;
+    }
+
+    /// Hands the pending events to the store, not waiting for them to be durable: every path
+    /// ends in a waited write (`finish` or `update_execution`) before the runner answers.
     async fn flush(&mut self, store: &dyn ExecutionStore) -> Result<(), PaymentError> {
         if !self.pending.is_empty() {
-            store.append_history(&self.execution_id, &self.pending).await?;
+            store.append_history_deferred(&self.execution_id, &self.pending).await?;
             self.pending.clear();
         }
         Ok(())
@@ -689,6 +710,18 @@ impl LocalRunner {
             Entry::Resumed => (None, true),
             Entry::Answered(answer) => (Some(answer), false),
         };
+        // The context object ($$), built once: its execution part (with the execution's whole
+        // input) is the same for every state; only `State` (and a task's `Task`) change.
+        let mut context = json!({
+            "Execution": {
+                "Id": record.execution_id,
+                "Name": record.name,
+                "Input": record.input,
+                "StartTime": record.started_at,
+                "RedriveCount": record.redrive_count,
+            },
+            "StateMachine": {"Id": format!("arn:aws:states:{LOCAL_REGION_ACCOUNT}:stateMachine:{STATE_MACHINE_NAME}"), "Name": STATE_MACHINE_NAME},
+        });
         loop {
             let state = self
                 .machine
@@ -698,19 +731,12 @@ impl LocalRunner {
             let entered = clock.now();
             // A waiting task's answer continues the state it entered before.
             if answer.is_none() {
-                recorder.push(entered, HistoryKind::StateEntered, Some(&state_name), json!({"input": data}));
+                recorder.entered(entered, &state_name, &data);
             }
-            let context = json!({
-                "Execution": {
-                    "Id": record.execution_id,
-                    "Name": record.name,
-                    "Input": record.input,
-                    "StartTime": record.started_at,
-                    "RedriveCount": record.redrive_count,
-                },
-                "StateMachine": {"Id": format!("arn:aws:states:{LOCAL_REGION_ACCOUNT}:stateMachine:{STATE_MACHINE_NAME}"), "Name": STATE_MACHINE_NAME},
-                "State": {"Name": state_name, "EnteredTime": entered, "RetryCount": 0},
-            });
+            if let Some(fields) = context.as_object_mut() {
+                fields.remove("Task");
+                fields.insert("State".into(), json!({"Name": state_name, "EnteredTime": entered, "RetryCount": 0}));
+            }
             // A resumed execution's first task may have run before the runner died, unrecorded
             // (history is flushed after each task): it runs again as a retry would, so a step
             // that must know whether an earlier call may have happened (ProcessPayment) knows.
@@ -718,7 +744,7 @@ impl LocalRunner {
             if may_have_run {
                 resumed = false;
             }
-            let result = self.run_state(state, &data, context, recorder, answer.take(), may_have_run).await;
+            let result = self.run_state(state, &data, &mut context, recorder, answer.take(), may_have_run).await;
             let now = clock.now();
             match result {
                 StateResult::Wait { token, deadline, retry_count } => {
@@ -740,13 +766,7 @@ impl LocalRunner {
                         StateKind::Task(task) => task.result_path.as_ref(),
                         _ => None,
                     };
-                    recorder.push_derivable(
-                        now,
-                        HistoryKind::StateExited,
-                        Some(&state_name),
-                        json!({"output": output, "next": next}),
-                        result_path,
-                    );
+                    recorder.exited(now, &state_name, &output, Some(&next), result_path);
                     // After a task, so a resumed execution does not run it again; a choice or
                     // a pass is run again at no cost if the runner dies before the next flush.
                     if matches!(state.kind, StateKind::Task(_)) {
@@ -756,8 +776,8 @@ impl LocalRunner {
                     data = output;
                 }
                 StateResult::Succeed(output) => {
-                    recorder.push(now, HistoryKind::StateExited, Some(&state_name), json!({"output": output}));
-                    recorder.push(now, HistoryKind::ExecutionSucceeded, None, json!({"output": output}));
+                    recorder.exited(now, &state_name, &output, None, None);
+                    recorder.succeeded(now, &output);
                     record.status = ExecutionStatus::Succeeded;
                     record.output = Some(output);
                     record.stopped_at = Some(now);
@@ -806,7 +826,7 @@ impl LocalRunner {
         &self,
         state: &State,
         raw: &Value,
-        context: Value,
+        context: &mut Value,
         recorder: &mut Recorder,
         answer: Option<Answer>,
         may_have_run: bool,
@@ -823,7 +843,7 @@ impl LocalRunner {
             StateKind::Pass { parameters, result, result_path } => {
                 let value = match (result, parameters) {
                     (Some(result), _) => Ok(result.clone()),
-                    (None, Some(template)) => render(template, &effective, &context),
+                    (None, Some(template)) => render(template, &effective, context),
                     (None, None) => Ok(effective),
                 };
                 match value.and_then(|v| combine(result_path, raw, v)).and_then(|v| output(&v)) {
@@ -870,7 +890,7 @@ impl LocalRunner {
         task: &TaskState,
         raw: &Value,
         effective: &Value,
-        mut context: Value,
+        context: &mut Value,
         recorder: &mut Recorder,
         mut answer: Option<Answer>,
         may_have_run: bool,
@@ -890,7 +910,7 @@ impl LocalRunner {
                         context["Task"] = json!({"Token": token});
                     }
                     let parameters = match &task.parameters {
-                        Some(template) => match render(template, effective, &context) {
+                        Some(template) => match render(template, effective, context) {
                             Ok(value) => value,
                             Err(cause) => return runtime_error(cause),
                         },
@@ -940,7 +960,7 @@ impl LocalRunner {
                         json!({"output": result}),
                     );
                     let selected = match &task.result_selector {
-                        Some(template) => render(template, &result, &context),
+                        Some(template) => render(template, &result, context),
                         None => Ok(result),
                     };
                     return match selected
