@@ -155,7 +155,14 @@ impl SqliteStore {
                 move || write_loop(connection, queue, &stats)
             })
             .map_err(|e| PaymentError::store("start the store's writer", e))?;
-        Ok(Self { requests: Some(requests), writer: Some(writer), stats, lost: Arc::default(), deferred: Arc::default(), readers })
+        Ok(Self {
+            requests: Some(requests),
+            writer: Some(writer),
+            stats,
+            lost: Arc::default(),
+            deferred: Arc::default(),
+            readers,
+        })
     }
 
     fn init(connection: Connection) -> Result<Connection, PaymentError> {
