@@ -1,4 +1,9 @@
-//! The embedded store: one SQLite file (rusqlite, bundled), every write one transaction.
+//! The embedded store: one SQLite file (rusqlite, bundled), every write atomic (a savepoint
+//! of a group commit) and durable before it is answered.
+//!
+//! One thread owns the write connection (`write_loop`): callers send it writes and wait for
+//! their batch's commit, so async workers never block on SQLite's fsync. Reads run on the
+//! caller's thread from a pool of read connections, which see only committed writes.
 //!
 //! Records are kept as JSON next to the columns conditions need, so the conditions read
 //! like the DynamoDB ones. `BEGIN IMMEDIATE` takes the write lock up front, so concurrent
