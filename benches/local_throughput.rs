@@ -56,7 +56,7 @@ async fn main() {
     println!("local end-to-end payments (SQLite file store, WAL + full fsync, dev wallet, ASL interpreted, one agent)");
     for concurrency in concurrencies {
         counting.reset();
-        let commits_before = sqlite.commit_stats().await;
+        let commits_before = sqlite.commit_stats();
         let bytes_before = store_bytes(&file);
         let started = Instant::now();
         let workers: Vec<_> = (0..concurrency)
@@ -93,7 +93,7 @@ async fn main() {
             latencies[latencies.len() - 1].as_secs_f64() * 1000.0,
             counting.total() as f64 / payments as f64,
         );
-        let stats = sqlite.commit_stats().await;
+        let stats = sqlite.commit_stats();
         let (writes, commits) = (stats.writes - commits_before.writes, stats.commits - commits_before.commits);
         println!(
             "       writer thread {:.3} ms per payment running writes, {:.3} ms committing",

@@ -209,16 +209,10 @@ impl SqliteStore {
         work: impl FnOnce(&Connection) -> SqlResult<T> + Send + 'static,
     ) -> Result<T, PaymentError> {
         let (answer, answered) = tokio::sync::oneshot::channel::<WriteAnswer<T>>();
-        let request = Request::Write(Box::new(move |connection: Option<&Connection>| {
-            let outcome = connection.map(|c| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(c))));
-            Written {
-                keep: matches!(outcome, Some(Ok(Ok(_)))),
-                settle: Box::new(move |committed| {
-                    // The caller may have stopped waiting: nobody to tell.
-                    let _ = answer.send((outcome, committed));
-                }),
-            }
-        }));
+        let request = write_request(work, move |settled| {
+            // The caller may have stopped waiting: nobody to tell.
+            let _ = answer.send(settled);
+        });
         self.refuse_after_loss(operation)?;
         self.send(operation, request).await?;
         let (outcome, committed) = answered.await.map_err(|_| writer_gone(operation))?;
@@ -249,26 +243,18 @@ impl SqliteStore {
         self.refuse_after_loss(operation)?;
         let lost = self.lost.clone();
         let deferred = self.deferred.clone();
-        let request = Request::Write(Box::new(move |connection: Option<&Connection>| {
-            let outcome = connection.map(|c| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(c))));
-            let failure = match outcome {
-                Some(Ok(Ok(()))) => None,
-                Some(Ok(Err(error))) => Some(error.to_string()),
-                Some(Err(_)) => Some("it panicked".to_owned()),
-                None => Some("it was not run".to_owned()),
+        let request = write_request(work, move |(outcome, committed)| {
+            deferred.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            let failure = match (outcome, committed) {
+                (Some(Ok(Ok(()))), Ok(())) => return,
+                (Some(Ok(Ok(()))), Err(why)) => format!("commit failed: {why}"),
+                (Some(Ok(Err(error))), _) => error.to_string(),
+                (Some(Err(_)), _) => "it panicked".to_owned(),
+                (None, _) => "it was not run".to_owned(),
             };
-            Written {
-                keep: failure.is_none(),
-                settle: Box::new(move |committed| {
-                    deferred.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                    let failure = failure.or_else(|| committed.err().map(|why| format!("commit failed: {why}")));
-                    if let Some(why) = failure {
-                        let mut lost = lost.lock().unwrap_or_else(|p| p.into_inner());
-                        lost.get_or_insert(format!("{operation}: {why}"));
-                    }
-                }),
-            }
-        }));
+            let mut lost = lost.lock().unwrap_or_else(|p| p.into_inner());
+            lost.get_or_insert(format!("{operation}: {failure}"));
+        });
         self.deferred.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let sent = self.send(operation, request).await;
         if sent.is_err() {
@@ -305,7 +291,7 @@ impl SqliteStore {
     }
 
     /// Writes and commits so far (benches report writes per commit).
-    pub async fn commit_stats(&self) -> CommitStats {
+    pub fn commit_stats(&self) -> CommitStats {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -346,6 +332,21 @@ impl Drop for SqliteStore {
             let _ = writer.join();
         }
     }
+}
+
+/// A write for the writer thread: runs `work` (catching a panic), keeps it if it succeeded, and
+/// hands `settled` its outcome with the batch's commit.
+fn write_request<T: Send + 'static>(
+    work: impl FnOnce(&Connection) -> SqlResult<T> + Send + 'static,
+    settled: impl FnOnce(WriteAnswer<T>) + Send + 'static,
+) -> Request {
+    Request::Write(Box::new(move |connection: Option<&Connection>| {
+        let outcome = connection.map(|c| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(c))));
+        Written {
+            keep: matches!(outcome, Some(Ok(Ok(_)))),
+            settle: Box::new(move |committed| settled((outcome, committed))),
+        }
+    }))
 }
 
 fn writer_gone(operation: &'static str) -> PaymentError {
@@ -1317,6 +1318,14 @@ mod tests {
         Ok(())
     }
 
+    /// A store on a new file (the directory lives as long as the first value).
+    fn file_store() -> (tempfile::TempDir, std::path::PathBuf, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        (dir, path, store)
+    }
+
     fn committed_rows(path: &Path) -> Vec<String> {
         let fresh = Connection::open(path).unwrap();
         let mut statement = fresh.prepare("SELECT client_token FROM issued_proofs ORDER BY client_token").unwrap();
@@ -1328,9 +1337,8 @@ mod tests {
     /// connection to read.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn group_commit_keeps_each_write_atomic_and_durable() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store = Arc::new(SqliteStore::open(&path).unwrap());
+        let (_dir, path, store) = file_store();
+        let store = Arc::new(store);
         let tasks: Vec<_> = (0..200u32)
             .map(|id| {
                 let store = store.clone();
@@ -1365,16 +1373,15 @@ mod tests {
         let rows = committed_rows(&path);
         assert_eq!(rows.len(), 160, "exactly the acknowledged writes are committed");
         assert!(rows.iter().all(|t| !t.ends_with('3') && !t.ends_with('7')), "{rows:?}");
-        let stats = store.commit_stats().await;
+        let stats = store.commit_stats();
         assert_eq!(stats.writes, 200);
         assert!(stats.commits < stats.writes, "concurrent writes shared commits: {stats:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_whose_caller_stops_waiting_is_still_committed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store = Arc::new(SqliteStore::open(&path).unwrap());
+        let (_dir, path, store) = file_store();
+        let store = Arc::new(store);
         // Boxed, so that dropping it drops the future (and the caller's wait).
         let mut write = Box::pin(store.write("test", |tx| insert(tx, 1)));
         let finished = futures_poll_once(write.as_mut()).await;
@@ -1387,9 +1394,7 @@ mod tests {
     /// Dropping the store waits for what was sent: nothing a caller sent is left uncommitted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropping_the_store_commits_every_write_sent() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = file_store();
         for id in 0..50 {
             let mut write = Box::pin(store.write("test", move |tx| insert(tx, id)));
             assert!(futures_poll_once(write.as_mut()).await.is_none());
@@ -1401,9 +1406,7 @@ mod tests {
     /// A deferred write is durable before any write sent after it is acknowledged.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn deferred_writes_are_committed_before_a_later_write_is_answered() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = file_store();
         for id in 0..20 {
             store.write_deferred("test", move |tx| insert(tx, id)).await.unwrap();
         }
@@ -1416,8 +1419,7 @@ mod tests {
     /// its own events over the same sequence numbers).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn deferred_history_is_read_back_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
+        let (_dir, _, store) = file_store();
         for round in 0..20u32 {
             let event = HistoryEvent {
                 seq: round,
@@ -1436,9 +1438,7 @@ mod tests {
     /// writes, whether sent before the failure was known or after.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_deferred_write_stops_the_store_taking_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = file_store();
         store.write_deferred("test", |tx| insert(tx, 1)).await.unwrap();
         store.write_deferred("append history", |_| Err(rusqlite::Error::InvalidQuery)).await.unwrap();
         let next = store.write("test", |tx| insert(tx, 2)).await.unwrap_err();
