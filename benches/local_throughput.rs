@@ -1,11 +1,12 @@
 //! Local end-to-end figures: `cargo bench --bench local_throughput [-- PAYMENTS [CONCURRENCY]]`.
 //!
 //! Runs demo-style payments (x402 v2 challenge, policy check, dev-wallet signature, ledger
-//! commit, history) through the deployed ASL file on a file-backed SQLite store (WAL, full
-//! fsync), from CONCURRENCY workers at once (default 1, 4, 8, 16 and 32), all for one agent, on
-//! a two-thread runtime, and reports throughput, p50/p99 latency, store round trips per payment,
+//! commit, history) through the deployed ASL file on a file-backed SQLite store (WAL, every
+//! commit synced), from CONCURRENCY workers at once (default 1, 4, 8, 16 and 32), all for one
+//! agent, on a two-thread runtime, with the CLI's allocator, and reports throughput, p50/p99 latency, store round trips per payment,
 //! SQLite writes and commits per payment and where the store's writer thread spent its time.
 //! Built with the bench profile (opt-level 3), as an embedder's release build.
+//! `AGENTPAY_BENCH_DIR=DIR` keeps the store in DIR, to look at what a payment wrote.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +22,10 @@ use agentpay::steps::{StepSettings, Steps};
 use agentpay::store::Store;
 use agentpay::store::counting::CountingStore;
 
+/// As the CLI runs it (src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let numbers: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -29,9 +34,10 @@ async fn main() {
         Some(concurrency) => vec![*concurrency],
         None => vec![1, 4, 8, 16, 32],
     };
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config::local(dir.path());
-    let sqlite = Arc::new(agentpay::store::sqlite::SqliteStore::open(&dir.path().join("agentpay.db")).unwrap());
+    let temporary = tempfile::tempdir().unwrap();
+    let dir = std::env::var_os("AGENTPAY_BENCH_DIR").map_or_else(|| temporary.path().to_owned(), Into::into);
+    let config = Config::local(&dir);
+    let sqlite = Arc::new(agentpay::store::sqlite::SqliteStore::open(&dir.join("agentpay.db")).unwrap());
     let clock = Arc::new(SystemClock);
     let wallet = Arc::new(config.dev_wallet(sqlite.clone(), clock.clone()).await.unwrap());
     let counting = Arc::new(CountingStore::new(sqlite.clone()));
@@ -52,8 +58,10 @@ async fn main() {
     .unwrap();
     sqlite.put_policy("bench-agent", &policy).await.unwrap();
     let runner = Arc::new(runner);
-    let file = dir.path().join("agentpay.db");
-    println!("local end-to-end payments (SQLite file store, WAL + full fsync, dev wallet, ASL interpreted, one agent)");
+    let file = dir.join("agentpay.db");
+    println!(
+        "local end-to-end payments (SQLite file store, WAL, every commit synced, dev wallet, ASL interpreted, one agent)"
+    );
     for concurrency in concurrencies {
         counting.reset();
         let commits_before = sqlite.commit_stats();

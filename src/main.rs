@@ -4,6 +4,10 @@ use clap::Parser;
 
 mod cli;
 
+/// The local runner is allocation-heavy (JSON values per state): see `mimalloc` in Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     // Logs go to stderr and stay quiet unless RUST_LOG asks; stdout is the command's output.

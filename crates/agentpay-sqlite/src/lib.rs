@@ -196,7 +196,7 @@ impl SqliteStore {
         Ok(connection)
     }
 
-    /// Runs `work` as one atomic write, durable (committed with a full fsync) before it
+    /// Runs `work` as one atomic write, durable (committed and synced to disk) before it
     /// returns. Group commit: the writer thread runs each write in its own savepoint of an
     /// open transaction — one that fails (or panics) is rolled back alone — and commits when
     /// no more writes are waiting (or the batch is full), so the writes that arrived while the
