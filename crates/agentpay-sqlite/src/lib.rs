@@ -62,13 +62,31 @@ CREATE TABLE IF NOT EXISTS executions (
     started_at INTEGER NOT NULL, record TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS executions_by_start ON executions (started_at);
 CREATE TABLE IF NOT EXISTS execution_history (
-    execution_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL, PRIMARY KEY (execution_id, seq));
+    execution_id TEXT NOT NULL, seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, events TEXT NOT NULL,
+    PRIMARY KEY (execution_id, seq));
+"#;
+
+/// Version 3's history (one row per event) into version 4's (one row per append, its events
+/// as a JSON array), in one transaction with the version change: all or nothing.
+const MIGRATE_3_TO_4: &str = r#"
+BEGIN IMMEDIATE;
+ALTER TABLE execution_history RENAME TO execution_history_v3;
+CREATE TABLE execution_history (
+    execution_id TEXT NOT NULL, seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, events TEXT NOT NULL,
+    PRIMARY KEY (execution_id, seq));
+INSERT INTO execution_history (execution_id, seq, last_seq, events)
+    SELECT execution_id, seq, seq, '[' || record || ']' FROM execution_history_v3;
+DROP TABLE execution_history_v3;
+PRAGMA user_version = 4;
+COMMIT;
 "#;
 
 /// Bumped when a table's shape changes; an older file is refused with a message, never
 /// half-migrated. 2: reservations keyed by (agent, id), as in DynamoDB. 3: the window as hour
-/// and minute rings (`agentpay_core::window`), not minute buckets.
-const SCHEMA_VERSION: i64 = 3;
+/// and minute rings (`agentpay_core::window`), not minute buckets. 4: execution history as one
+/// row per append (the events a runner flushes together), not one per event — a payment's 24
+/// events were 24 rows and 24 index entries; now ~5 (`MIGRATE_3_TO_4` converts a version 3 file).
+const SCHEMA_VERSION: i64 = 4;
 
 pub struct SqliteStore {
     /// Writes go to one thread that owns the write connection (see `writer`).
@@ -180,7 +198,12 @@ impl SqliteStore {
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .map_err(|e| PaymentError::store("read schema version", e))?;
-        if tables > 0 && version != SCHEMA_VERSION {
+        if tables > 0 && version == 3 {
+            connection.execute_batch(MIGRATE_3_TO_4).map_err(|e| {
+                let _ = connection.execute_batch("ROLLBACK");
+                PaymentError::store("migrate the store's history to schema version 4", e)
+            })?;
+        } else if tables > 0 && version != SCHEMA_VERSION {
             return Err(PaymentError::StoreRejected {
                 operation: "open store",
                 source: format!(
@@ -651,12 +674,29 @@ fn encode_history(events: &[HistoryEvent]) -> SqlResult<Vec<(u32, String)>> {
     events.iter().map(|event| Ok((event.seq, to_json(event)?))).collect()
 }
 
+/// Appends `events` (in sequence order) as one row. An event numbered at or below one already
+/// stored is refused: two runners writing one history (a resume that did not see its dead
+/// runner's last events) must fail loudly, as the primary key on each event used to make them.
 fn insert_history(tx: &Connection, execution_id: &str, events: &[(u32, String)]) -> SqlResult<()> {
-    let mut statement =
-        tx.prepare_cached("INSERT INTO execution_history (execution_id, seq, record) VALUES (?1, ?2, ?3)")?;
-    for (seq, text) in events {
-        statement.execute(params![execution_id, seq, text])?;
+    let (Some((first, _)), Some((last, _))) = (events.first(), events.last()) else {
+        return Ok(());
+    };
+    // Rows never overlap, so the one that starts last ends last: one seek down the primary key.
+    let stored: Option<u32> = tx
+        .prepare_cached("SELECT last_seq FROM execution_history WHERE execution_id = ?1 ORDER BY seq DESC LIMIT 1")?
+        .query_row(params![execution_id], |row| row.get(0))
+        .optional()?;
+    if let Some(stored) = stored.filter(|stored| stored >= first) {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+            Some(format!(
+                "history of {execution_id}: events from {first} are already recorded (up to {stored}); a history is only appended to"
+            )),
+        ));
     }
+    let array = format!("[{}]", events.iter().map(|(_, text)| text.as_str()).collect::<Vec<_>>().join(","));
+    tx.prepare_cached("INSERT INTO execution_history (execution_id, seq, last_seq, events) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![execution_id, first, last, array])?;
     Ok(())
 }
 
@@ -1270,9 +1310,13 @@ impl ExecutionStore for SqliteStore {
         self.read("read history", move |c| {
             let execution_id = execution_id.as_str();
             let mut statement =
-                c.prepare_cached("SELECT record FROM execution_history WHERE execution_id = ?1 ORDER BY seq")?;
+                c.prepare_cached("SELECT events FROM execution_history WHERE execution_id = ?1 ORDER BY seq")?;
             let rows = statement.query_map([execution_id], |row| row.get::<_, String>(0))?;
-            rows.map(|row| from_json(&row?)).collect()
+            let mut events = Vec::new();
+            for row in rows {
+                events.extend(from_json::<Vec<HistoryEvent>>(&row?)?);
+            }
+            Ok(events)
         })
         .await
         // Stored compacted by the runner (`asl::history`): as recorded.
@@ -1432,6 +1476,87 @@ mod tests {
             let read = store.history("execution-1").await.unwrap();
             assert_eq!(read.len(), round as usize + 1, "round {round}: the deferred append is read back");
         }
+    }
+
+    fn event(seq: u32) -> HistoryEvent {
+        HistoryEvent {
+            seq,
+            at: Timestamp::from_millis(0),
+            kind: agentpay_core::executions::HistoryKind::TaskRetryScheduled,
+            state: Some("S".into()),
+            details: serde_json::json!({"n": seq}),
+        }
+    }
+
+    fn seqs(events: &[HistoryEvent]) -> Vec<u32> {
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    /// Each append is one row; events come back in order, and an append that overlaps what is
+    /// stored (as a second runner's would) is refused and writes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn history_is_appended_in_rows_and_never_overwritten() {
+        let (_dir, path, store) = file_store();
+        store.append_history("execution-1", &[event(0), event(1), event(2)]).await.unwrap();
+        store.append_history("execution-1", &[event(3)]).await.unwrap();
+        store.append_history("execution-2", &[event(0)]).await.unwrap();
+        let overlap = store.append_history("execution-1", &[event(3), event(4)]).await.unwrap_err();
+        assert!(
+            overlap.chain_message().contains("events from 3 are already recorded (up to 3)"),
+            "{}",
+            overlap.chain_message()
+        );
+        // Inside a stored row, where no row starts: only the sequence check sees it.
+        let inside = store.append_history("execution-1", &[event(1)]).await.unwrap_err();
+        assert!(
+            inside.chain_message().contains("events from 1 are already recorded (up to 3)"),
+            "{}",
+            inside.chain_message()
+        );
+        store.append_history("execution-1", &[]).await.unwrap();
+        store.append_history("execution-1", &[event(4), event(5)]).await.unwrap();
+        assert_eq!(seqs(&store.history("execution-1").await.unwrap()), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(seqs(&store.history("execution-2").await.unwrap()), [0]);
+        let rows: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM execution_history WHERE execution_id = 'execution-1'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 3, "one row per append");
+    }
+
+    /// A version 3 file (one row per event) opens as version 4 with the same history, and
+    /// appends go on after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_3_store_is_migrated_with_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agentpay.db");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(SCHEMA).unwrap();
+            old.execute_batch(
+                "DROP TABLE execution_history;
+                 CREATE TABLE execution_history (execution_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL,
+                     PRIMARY KEY (execution_id, seq));
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+            for seq in 0..2 {
+                old.execute(
+                    "INSERT INTO execution_history (execution_id, seq, record) VALUES ('execution-1', ?1, ?2)",
+                    params![seq, serde_json::to_string(&event(seq)).unwrap()],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.history("execution-1").await.unwrap(), [event(0), event(1)]);
+        store.append_history("execution-1", &[event(2)]).await.unwrap();
+        assert_eq!(seqs(&store.history("execution-1").await.unwrap()), [0, 1, 2]);
+        let overlap = store.append_history("execution-1", &[event(1)]).await.unwrap_err();
+        assert!(overlap.chain_message().contains("already recorded"), "{}", overlap.chain_message());
+        drop(store);
+        let version: i64 = Connection::open(&path).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     /// A deferred write that fails leaves a hole nobody was told of: the store takes no more
