@@ -67,9 +67,8 @@ CREATE TABLE IF NOT EXISTS execution_history (
 "#;
 
 /// Version 3's history (one row per event) into version 4's (one row per append, its events
-/// as a JSON array), in one transaction with the version change: all or nothing.
+/// as a JSON array), with the version change; `migrate_3_to_4` runs it in one transaction.
 const MIGRATE_3_TO_4: &str = r#"
-BEGIN IMMEDIATE;
 ALTER TABLE execution_history RENAME TO execution_history_v3;
 CREATE TABLE execution_history (
     execution_id TEXT NOT NULL, seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, events TEXT NOT NULL,
@@ -78,11 +77,10 @@ INSERT INTO execution_history (execution_id, seq, last_seq, events)
     SELECT execution_id, seq, seq, '[' || record || ']' FROM execution_history_v3;
 DROP TABLE execution_history_v3;
 PRAGMA user_version = 4;
-COMMIT;
 "#;
 
-/// Bumped when a table's shape changes; an older file is refused with a message, never
-/// half-migrated. 2: reservations keyed by (agent, id), as in DynamoDB. 3: the window as hour
+/// Bumped when a table's shape changes; an older file is refused with a message (a version 3
+/// file is converted, in one transaction), never half-migrated. 2: reservations keyed by (agent, id), as in DynamoDB. 3: the window as hour
 /// and minute rings (`agentpay_core::window`), not minute buckets. 4: execution history as one
 /// row per append (the events a runner flushes together), not one per event — a payment's 24
 /// events were 24 rows and 24 index entries; now ~5 (`MIGRATE_3_TO_4` converts a version 3 file).
@@ -199,10 +197,8 @@ impl SqliteStore {
             )
             .map_err(|e| PaymentError::store("read schema version", e))?;
         if tables > 0 && version == 3 {
-            connection.execute_batch(MIGRATE_3_TO_4).map_err(|e| {
-                let _ = connection.execute_batch("ROLLBACK");
-                PaymentError::store("migrate the store's history to schema version 4", e)
-            })?;
+            migrate_3_to_4(&connection)
+                .map_err(|e| PaymentError::store("migrate the store's history to schema version 4", e))?;
         } else if tables > 0 && version != SCHEMA_VERSION {
             return Err(PaymentError::StoreRejected {
                 operation: "open store",
@@ -668,6 +664,20 @@ impl ExecutionRow {
             .execute(params![self.execution_id, self.status, self.text])?;
         Ok(())
     }
+}
+
+/// Converts a version 3 file under the write lock, checking the version again inside it: a
+/// second process that opened the same file at the same time finds it converted already.
+fn migrate_3_to_4(connection: &Connection) -> SqlResult<()> {
+    connection.execute_batch("BEGIN IMMEDIATE")?;
+    let converted = connection
+        .query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))
+        .and_then(|version| if version == 3 { connection.execute_batch(MIGRATE_3_TO_4) } else { Ok(()) })
+        .and_then(|()| connection.execute_batch("COMMIT"));
+    if converted.is_err() {
+        let _ = connection.execute_batch("ROLLBACK");
+    }
+    converted
 }
 
 fn encode_history(events: &[HistoryEvent]) -> SqlResult<Vec<(u32, String)>> {
@@ -1555,8 +1565,14 @@ mod tests {
         let overlap = store.append_history("execution-1", &[event(1)]).await.unwrap_err();
         assert!(overlap.chain_message().contains("already recorded"), "{}", overlap.chain_message());
         drop(store);
-        let version: i64 = Connection::open(&path).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        // A second process that read version 3 before the first converted it finds it done.
+        let late = Connection::open(&path).unwrap();
+        migrate_3_to_4(&late).unwrap();
+        let version: i64 = late.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        drop(late);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(seqs(&store.history("execution-1").await.unwrap()), [0, 1, 2]);
     }
 
     /// A deferred write that fails leaves a hole nobody was told of: the store takes no more
