@@ -3,8 +3,9 @@
 //! Runs demo-style payments (x402 v2 challenge, policy check, dev-wallet signature, ledger
 //! commit, history) through the deployed ASL file on a file-backed SQLite store (WAL, every
 //! commit synced), from CONCURRENCY workers at once (default 1, 4, 8, 16 and 32), all for one
-//! agent, on a two-thread runtime, with the CLI's allocator, and reports throughput, p50/p99 latency, store round trips per payment,
-//! SQLite writes and commits per payment and where the store's writer thread spent its time.
+//! agent, on a two-thread runtime, with the CLI's allocator, and reports throughput, p50/p99
+//! latency, store round trips per payment, SQLite writes and commits per payment and where the
+//! store's writer thread spent its time.
 //! Built with the bench profile (opt-level 3), as an embedder's release build.
 //! `AGENTPAY_BENCH_DIR=DIR` keeps the store in DIR, to look at what a payment wrote.
 

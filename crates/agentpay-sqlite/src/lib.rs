@@ -61,18 +61,16 @@ CREATE TABLE IF NOT EXISTS executions (
     execution_id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, status TEXT NOT NULL, agent_id TEXT,
     started_at INTEGER NOT NULL, record TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS executions_by_start ON executions (started_at);
-CREATE TABLE IF NOT EXISTS execution_history (
-    execution_id TEXT NOT NULL, seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, events TEXT NOT NULL,
-    PRIMARY KEY (execution_id, seq));
 "#;
 
-/// Version 3's history (one row per event) into version 4's (one row per append, its events
-/// as a JSON array), with the version change; `migrate_3_to_4` runs it in one transaction.
-const MIGRATE_3_TO_4: &str = r#"
-ALTER TABLE execution_history RENAME TO execution_history_v3;
-CREATE TABLE execution_history (
+/// An execution's history: one row per append, its events as a JSON array (`insert_history`).
+const HISTORY_TABLE: &str = "CREATE TABLE IF NOT EXISTS execution_history (
     execution_id TEXT NOT NULL, seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, events TEXT NOT NULL,
-    PRIMARY KEY (execution_id, seq));
+    PRIMARY KEY (execution_id, seq));";
+
+/// Version 3's history (one row per event) into version 4's, after `HISTORY_TABLE` was created
+/// beside it; `migrate_3_to_4` runs both in one transaction with the version change.
+const MIGRATE_3_TO_4: &str = r#"
 INSERT INTO execution_history (execution_id, seq, last_seq, events)
     SELECT execution_id, seq, seq, '[' || record || ']' FROM execution_history_v3;
 DROP TABLE execution_history_v3;
@@ -80,10 +78,11 @@ PRAGMA user_version = 4;
 "#;
 
 /// Bumped when a table's shape changes; an older file is refused with a message (a version 3
-/// file is converted, in one transaction), never half-migrated. 2: reservations keyed by (agent, id), as in DynamoDB. 3: the window as hour
-/// and minute rings (`agentpay_core::window`), not minute buckets. 4: execution history as one
-/// row per append (the events a runner flushes together), not one per event — a payment's 24
-/// events were 24 rows and 24 index entries; now ~5 (`MIGRATE_3_TO_4` converts a version 3 file).
+/// file is converted, in one transaction), never half-migrated. 2: reservations keyed by
+/// (agent, id), as in DynamoDB. 3: the window as hour and minute rings
+/// (`agentpay_core::window`), not minute buckets. 4: execution history as one row per append
+/// (the events a runner flushes together), not one per event — a payment's 24 events were 24
+/// rows and 24 index entries, now ~5.
 const SCHEMA_VERSION: i64 = 4;
 
 pub struct SqliteStore {
@@ -208,7 +207,10 @@ impl SqliteStore {
                 .into(),
             });
         }
-        connection.execute_batch(SCHEMA).map_err(|e| PaymentError::store("create schema", e))?;
+        connection
+            .execute_batch(SCHEMA)
+            .and_then(|()| connection.execute_batch(HISTORY_TABLE))
+            .map_err(|e| PaymentError::store("create schema", e))?;
         connection
             .pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(|e| PaymentError::store("write schema version", e))?;
@@ -672,7 +674,13 @@ fn migrate_3_to_4(connection: &Connection) -> SqlResult<()> {
     connection.execute_batch("BEGIN IMMEDIATE")?;
     let converted = connection
         .query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))
-        .and_then(|version| if version == 3 { connection.execute_batch(MIGRATE_3_TO_4) } else { Ok(()) })
+        .and_then(|version| match version {
+            3 => connection
+                .execute_batch("ALTER TABLE execution_history RENAME TO execution_history_v3")
+                .and_then(|()| connection.execute_batch(HISTORY_TABLE))
+                .and_then(|()| connection.execute_batch(MIGRATE_3_TO_4)),
+            _ => Ok(()),
+        })
         .and_then(|()| connection.execute_batch("COMMIT"));
     if converted.is_err() {
         let _ = connection.execute_batch("ROLLBACK");
@@ -680,15 +688,26 @@ fn migrate_3_to_4(connection: &Connection) -> SqlResult<()> {
     converted
 }
 
-fn encode_history(events: &[HistoryEvent]) -> SqlResult<Vec<(u32, String)>> {
-    events.iter().map(|event| Ok((event.seq, to_json(event)?))).collect()
+/// Events to append, encoded on the caller's thread: their first and last numbers and the
+/// JSON array stored as one row (none for no events).
+struct EncodedHistory {
+    first: u32,
+    last: u32,
+    events: String,
+}
+
+fn encode_history(events: &[HistoryEvent]) -> SqlResult<Option<EncodedHistory>> {
+    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        return Ok(None);
+    };
+    Ok(Some(EncodedHistory { first: first.seq, last: last.seq, events: to_json(&events)? }))
 }
 
 /// Appends `events` (in sequence order) as one row. An event numbered at or below one already
 /// stored is refused: two runners writing one history (a resume that did not see its dead
 /// runner's last events) must fail loudly, as the primary key on each event used to make them.
-fn insert_history(tx: &Connection, execution_id: &str, events: &[(u32, String)]) -> SqlResult<()> {
-    let (Some((first, _)), Some((last, _))) = (events.first(), events.last()) else {
+fn insert_history(tx: &Connection, execution_id: &str, events: &Option<EncodedHistory>) -> SqlResult<()> {
+    let Some(EncodedHistory { first, last, events }) = events else {
         return Ok(());
     };
     // Rows never overlap, so the one that starts last ends last: one seek down the primary key.
@@ -704,9 +723,8 @@ fn insert_history(tx: &Connection, execution_id: &str, events: &[(u32, String)])
             )),
         ));
     }
-    let array = format!("[{}]", events.iter().map(|(_, text)| text.as_str()).collect::<Vec<_>>().join(","));
     tx.prepare_cached("INSERT INTO execution_history (execution_id, seq, last_seq, events) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![execution_id, first, last, array])?;
+        .execute(params![execution_id, first, last, events])?;
     Ok(())
 }
 
@@ -1544,8 +1562,7 @@ mod tests {
             let old = Connection::open(&path).unwrap();
             old.execute_batch(SCHEMA).unwrap();
             old.execute_batch(
-                "DROP TABLE execution_history;
-                 CREATE TABLE execution_history (execution_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL,
+                "CREATE TABLE execution_history (execution_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL,
                      PRIMARY KEY (execution_id, seq));
                  PRAGMA user_version = 3;",
             )
