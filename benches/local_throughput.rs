@@ -66,6 +66,7 @@ async fn main() {
     for concurrency in concurrencies {
         counting.reset();
         let commits_before = sqlite.commit_stats();
+        let io_before = ProcessIo::now();
         let bytes_before = store_bytes(&file);
         let started = Instant::now();
         let workers: Vec<_> = (0..concurrency)
@@ -104,10 +105,11 @@ async fn main() {
         );
         let stats = sqlite.commit_stats();
         let (writes, commits) = (stats.writes - commits_before.writes, stats.commits - commits_before.commits);
+        let per_payment = |time: std::time::Duration| time.as_secs_f64() * 1000.0 / payments as f64;
         println!(
             "       writer thread {:.3} ms per payment running writes, {:.3} ms committing",
-            (stats.write_time - commits_before.write_time).as_secs_f64() * 1000.0 / payments as f64,
-            (stats.commit_time - commits_before.commit_time).as_secs_f64() * 1000.0 / payments as f64,
+            per_payment(stats.write_time - commits_before.write_time),
+            per_payment(stats.commit_time - commits_before.commit_time),
         );
         println!(
             "       SQLite: {:.1} writes and {:.2} commits (fsyncs) per payment, {:.1} writes per commit; the file grew {:.1} KB per payment",
@@ -116,6 +118,50 @@ async fn main() {
             writes as f64 / commits.max(1) as f64,
             (store_bytes(&file) - bytes_before) as f64 / 1024.0 / payments as f64,
         );
+        if let (Some(before), Some(after)) = (io_before, ProcessIo::now()) {
+            let per_payment = |a: u64, b: u64| (a - b) as f64 / payments as f64;
+            println!(
+                "       process I/O per payment: {:.1} read and {:.1} write syscalls, {:.1} KB read and {:.1} KB written through them, {:.1} KB sent to disk; {:.2} ms CPU",
+                per_payment(after.syscr, before.syscr),
+                per_payment(after.syscw, before.syscw),
+                per_payment(after.rchar, before.rchar) / 1024.0,
+                per_payment(after.wchar, before.wchar) / 1024.0,
+                per_payment(after.write_bytes, before.write_bytes) / 1024.0,
+                per_payment(after.cpu_ticks, before.cpu_ticks) * 1000.0 / 100.0,
+            );
+        }
+    }
+}
+
+/// The process's I/O and CPU so far, from /proc (Linux): work counts that do not depend on how
+/// fast the machine is at the moment, unlike the timings.
+struct ProcessIo {
+    syscr: u64,
+    syscw: u64,
+    rchar: u64,
+    wchar: u64,
+    write_bytes: u64,
+    /// User and system time, in clock ticks (100 a second on Linux).
+    cpu_ticks: u64,
+}
+
+impl ProcessIo {
+    fn now() -> Option<Self> {
+        let io = std::fs::read_to_string("/proc/self/io").ok()?;
+        let field =
+            |name: &str| io.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(": ")?.trim().parse().ok());
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command's closing parenthesis; utime and stime are the 14th and 15th.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks = |index: usize| fields.get(index - 3)?.parse::<u64>().ok();
+        Some(Self {
+            syscr: field("syscr")?,
+            syscw: field("syscw")?,
+            rchar: field("rchar")?,
+            wchar: field("wchar")?,
+            write_bytes: field("write_bytes")?,
+            cpu_ticks: ticks(14)? + ticks(15)?,
+        })
     }
 }
 
