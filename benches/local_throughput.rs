@@ -119,15 +119,15 @@ async fn main() {
             (store_bytes(&file) - bytes_before) as f64 / 1024.0 / payments as f64,
         );
         if let (Some(before), Some(after)) = (io_before, ProcessIo::now()) {
-            let per_payment = |a: u64, b: u64| (a - b) as f64 / payments as f64;
+            let count_per_payment = |a: u64, b: u64| (a - b) as f64 / payments as f64;
             println!(
                 "       process I/O per payment: {:.1} read and {:.1} write syscalls, {:.1} KB read and {:.1} KB written through them, {:.1} KB sent to disk; {:.2} ms CPU",
-                per_payment(after.syscr, before.syscr),
-                per_payment(after.syscw, before.syscw),
-                per_payment(after.rchar, before.rchar) / 1024.0,
-                per_payment(after.wchar, before.wchar) / 1024.0,
-                per_payment(after.write_bytes, before.write_bytes) / 1024.0,
-                per_payment(after.cpu_ticks, before.cpu_ticks) * 1000.0 / 100.0,
+                count_per_payment(after.syscr, before.syscr),
+                count_per_payment(after.syscw, before.syscw),
+                count_per_payment(after.rchar, before.rchar) / 1024.0,
+                count_per_payment(after.wchar, before.wchar) / 1024.0,
+                count_per_payment(after.write_bytes, before.write_bytes) / 1024.0,
+                count_per_payment(after.cpu_ticks, before.cpu_ticks) * 1000.0 / 100.0,
             );
         }
     }

@@ -470,9 +470,9 @@ fn configure(connection: &Connection) -> Result<(), PaymentError> {
     // The query planner's stability guarantee: a statement keeps the plan it was prepared with.
     // Without it, the bundled SQLite (built with STAT4) prepares again, on every run, each
     // statement that filters on an index's first columns and orders by the next one (an
-    // execution's last history row, an agent's audit events): the writer spent about as long
-    // preparing the history check as running it. Plans here are index lookups that no bound
-    // value changes.
+    // execution's last history row, an agent's audit events): most of the writer's time in the
+    // history check went to preparing it. Plans here are index lookups that no bound value
+    // changes.
     connection.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(configure)?;
     Ok(())
 }
