@@ -301,6 +301,120 @@ async fn a_happy_path_payment_takes_six_store_round_trips() {
     );
 }
 
+/// What the local store may answer before its commit (the workflow's writes between its
+/// waited points) never leaves the process undurable: seen through another connection to the
+/// same file, which shows only committed data, the claim and the reservation are there when
+/// the provider is asked to pay, and the execution's end, its proof and its ledger entry are
+/// there when the runner hands the result back. 16 payments at once, so writes share batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_leaves_the_process_before_it_is_durable() {
+    use std::sync::Arc;
+
+    use agentpay::asl::{LocalRunner, PAYMENT_DEFINITION, RecordingSleeper};
+    use agentpay::clock::SystemClock;
+    use agentpay::error::PaymentError;
+    use agentpay::executions::ExecutionStore;
+    use agentpay::faults::{FaultHook, FaultPoint, FaultyProvider};
+    use agentpay::provider::{IssuedProofs, PaymentOrder};
+    use agentpay::steps::{StepSettings, Steps};
+    use agentpay::store::sqlite::SqliteStore;
+
+    /// Before the dev wallet is asked to pay: what an outside reader sees.
+    struct Outside(Arc<SqliteStore>);
+
+    #[async_trait::async_trait]
+    impl FaultHook for Outside {
+        async fn at(&self, point: FaultPoint, order: Option<&PaymentOrder>) -> Result<(), PaymentError> {
+            let (FaultPoint::Before("process_payment"), Some(order)) = (point, order) else { return Ok(()) };
+            let key = order.request.idempotency_key.as_str();
+            let claim = self.0.idempotency(key, agentpay::clock::Timestamp::from_millis(0)).await.unwrap();
+            assert_eq!(claim.map(|c| c.status), Some(IdempotencyStatus::InProgress), "{key}: claim not durable");
+            let reservations = self.0.reservations(AGENT).await.unwrap();
+            let reserved = reservations.iter().find(|r| r.client_token == order.client_token).map(|r| r.status);
+            assert_eq!(reserved, Some(ReservationStatus::Reserved), "{key}: reservation not durable");
+            Ok(())
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agentpay.db");
+    let config = agentpay::config::Config::local(dir.path());
+    let sqlite = Arc::new(SqliteStore::open(&file).unwrap());
+    sqlite.put_policy(AGENT, &policy("1.00", "1000.00", 10_000)).await.unwrap();
+    let outside = Arc::new(SqliteStore::open(&file).unwrap());
+    let wallet = Arc::new(config.dev_wallet(sqlite.clone(), Arc::new(SystemClock)).await.unwrap());
+    let provider = Arc::new(FaultyProvider::new(wallet, ProviderFault::Unavailable, 0));
+    provider.set_hook(Some(Arc::new(Outside(outside.clone()))));
+    let steps = Steps::new(sqlite.clone(), provider, Arc::new(SystemClock), StepSettings::default());
+    let runner = Arc::new(
+        LocalRunner::new(
+            PAYMENT_DEFINITION,
+            Arc::new(steps.clone()),
+            steps.clock().clone(),
+            sqlite.clone(),
+            Arc::new(RecordingSleeper::default()),
+        )
+        .unwrap(),
+    );
+    let workers: Vec<_> = (0..16)
+        .map(|worker| {
+            let (runner, outside) = (runner.clone(), outside.clone());
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    let key = format!("durable-{worker}-{i}");
+                    let record = runner.start(&key, execution_input(&key, AGENT, "1000")).await.unwrap();
+                    assert_eq!(record.status, ExecutionStatus::Succeeded, "{record:?}");
+                    let seen = outside.execution(&key).await.unwrap().map(|r| r.status);
+                    assert_eq!(seen, Some(ExecutionStatus::Succeeded), "{key}: the end is not durable");
+                    let claim = outside.idempotency(&key, agentpay::clock::Timestamp::from_millis(0)).await.unwrap();
+                    assert_eq!(claim.map(|c| c.status), Some(IdempotencyStatus::Completed), "{key}");
+                    let reservation =
+                        outside.reservations(AGENT).await.unwrap().into_iter().find(|r| r.idempotency_key == key);
+                    let reservation = reservation.expect("reservation durable");
+                    assert_eq!(reservation.status, ReservationStatus::Authorized, "{key}");
+                    assert!(
+                        outside.issued(&reservation.client_token).await.unwrap().is_some(),
+                        "{key}: proof not durable"
+                    );
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let stats = sqlite.commit_stats();
+    assert!(stats.writes > stats.commits, "writes shared commits: {stats:?}");
+}
+
+/// A step invoked on its own (a Lambda handler, a local invocation) hands its output out of
+/// the process: the claim it answers with is committed by then, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_invoked_on_its_own_answers_only_with_durable_writes() {
+    use std::sync::Arc;
+
+    use agentpay::clock::{SystemClock, Timestamp};
+    use agentpay::steps::{StepName, StepSettings, Steps};
+    use agentpay::store::sqlite::SqliteStore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agentpay.db");
+    let config = agentpay::config::Config::local(dir.path());
+    let sqlite = Arc::new(SqliteStore::open(&file).unwrap());
+    sqlite.put_policy(AGENT, &policy("1.00", "1000.00", 10_000)).await.unwrap();
+    let outside = SqliteStore::open(&file).unwrap();
+    let wallet = Arc::new(config.dev_wallet(sqlite.clone(), Arc::new(SystemClock)).await.unwrap());
+    let steps = Steps::new(sqlite.clone(), wallet, Arc::new(SystemClock), StepSettings::default());
+    for i in 0..20 {
+        let key = format!("alone-{i}");
+        let input = json!({"request": execution_input(&key, AGENT, "1000"), "executionId": format!("execution-{i}")});
+        let output = steps.invoke(StepName::CheckIdempotency, input).await.unwrap();
+        assert_eq!(output["outcome"], "CLAIMED", "{output}");
+        let claim = outside.idempotency(&key, Timestamp::from_millis(0)).await.unwrap();
+        assert_eq!(claim.map(|c| c.status), Some(IdempotencyStatus::InProgress), "{key}: answered before durable");
+    }
+}
+
 #[tokio::test]
 async fn malformed_challenges_leave_no_record_no_reservation_and_no_signature() {
     use agentpay::samples::v2_payment_required;

@@ -189,6 +189,9 @@ struct InjectedOutage;
 
 #[async_trait]
 impl Store for FaultyStore {
+    async fn durable(&self) -> Result<(), PaymentError> {
+        self.inner.durable().await
+    }
     async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError> {
         self.around("insert_idempotency", self.inner.insert_idempotency(record)).await
     }

@@ -702,6 +702,10 @@ fn legacy_window(agent_id: &str, buckets: &[LegacyBucket], version: u64) -> Resu
 
 #[async_trait]
 impl Store for DynamoStore {
+    /// DynamoDB acknowledges a write only once it is durable.
+    async fn durable(&self) -> Result<(), PaymentError> {
+        Ok(())
+    }
     async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError> {
         let result = self
             .client

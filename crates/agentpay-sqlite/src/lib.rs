@@ -10,6 +10,7 @@
 //! processes on the same file serialise instead of failing half-way; the version checks
 //! still guard against a decision made on a stale read.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -90,11 +91,15 @@ pub struct SqliteStore {
     requests: Option<tokio::sync::mpsc::Sender<Request>>,
     writer: Option<std::thread::JoinHandle<()>>,
     stats: Arc<Mutex<CommitStats>>,
-    /// Why a deferred write failed, once one has: nobody waited for it, so the store stops
-    /// taking writes rather than go on past a hole (see `write_deferred`).
+    /// Why a write nobody waited to see committed (deferred, or answered early) was lost, once
+    /// one has: the store stops taking writes rather than go on past a hole (`unsettled`).
     lost: Arc<Mutex<Option<String>>>,
-    /// Deferred writes sent and not yet committed: a read of what they write waits for them.
-    deferred: Arc<std::sync::atomic::AtomicU64>,
+    /// Deferred and early-answered writes sent and not yet committed: a read of what deferred
+    /// writes write waits for them; `durable` waits for all of them.
+    unsettled: Arc<std::sync::atomic::AtomicU64>,
+    /// The keys (`pending_key`) that early-answered writes not yet committed wrote, and how
+    /// many such writes each has: a read of one waits for their commit first (`read_key`).
+    pending: Arc<Mutex<HashMap<String, u32>>>,
     /// File stores read on the caller's thread from a small pool of connections: WAL lets them
     /// read while a batch is open and shows them only committed writes. An in-memory store has
     /// one connection, the writer's, and reads go to its thread too.
@@ -143,6 +148,10 @@ struct Written {
 /// the batch's commit.
 type WriteAnswer<T> = (Option<std::thread::Result<SqlResult<T>>>, Result<(), Arc<str>>);
 
+/// An early-answered write's answer (`write_early`): its value, error or panic, or why it was
+/// not run.
+type EarlyAnswer<T> = Result<std::thread::Result<SqlResult<T>>, Arc<str>>;
+
 /// A write for the writer thread (given no connection when its batch could not be opened).
 type WriteJob = Box<dyn FnOnce(Option<&Connection>) -> Written + Send>;
 
@@ -180,7 +189,8 @@ impl SqliteStore {
             writer: Some(writer),
             stats,
             lost: Arc::default(),
-            deferred: Arc::default(),
+            unsettled: Arc::default(),
+            pending: Arc::default(),
             readers,
         })
     }
@@ -236,7 +246,7 @@ impl SqliteStore {
         self.refuse_after_loss(operation)?;
         self.send(operation, request).await?;
         let (outcome, committed) = answered.await.map_err(|_| writer_gone(operation))?;
-        // A deferred write before this one failed (its answer came first): report it here.
+        // An earlier unsettled write failed (its failure was recorded first): report it here.
         self.refuse_after_loss(operation)?;
         match outcome {
             Some(Ok(Ok(value))) => committed.map(|()| value).map_err(|why| {
@@ -251,6 +261,68 @@ impl SqliteStore {
         }
     }
 
+    /// As `write`, answered as soon as the write has run in its batch, before the batch
+    /// commits: the caller goes on while the batch collects the writes of other callers.
+    /// Durability is then owed to whoever sees the outcome outside this process (the output
+    /// commit rule of external synchrony): the write is durable before any write sent after it
+    /// is acknowledged (one writer, batches in order), and before `durable` returns. So a
+    /// caller may take an early answer only when a waited write or `durable` stands between
+    /// it and anything that leaves the process (a provider call, an execution's result, a
+    /// step's output); the writes that qualify are listed in the README's storage section.
+    /// `keys` (`pending_key`) name what the write writes: until it commits, a read of one of
+    /// them waits for the commit (`read_key`), so the store reads its own writes while its pool
+    /// shows only committed data. If the commit fails, the store refuses every later write
+    /// ("lost"), so that next waited write fails and nothing built on this one leaves.
+    async fn write_early<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        keys: Vec<String>,
+        work: impl FnOnce(&Connection) -> SqlResult<T> + Send + 'static,
+    ) -> Result<T, PaymentError> {
+        self.refuse_after_loss(operation)?;
+        let (answer, answered) = tokio::sync::oneshot::channel::<EarlyAnswer<T>>();
+        let counted = self.unsettled(operation);
+        let pending = self.pending.clone();
+        adjust_pending(&pending, &keys, true);
+        let unsettled = move |failure| {
+            // After the commit (or its failure, which stops the store): reads may use the pool.
+            adjust_pending(&pending, &keys, false);
+            counted(failure);
+        };
+        let request = Request::Write(Box::new(move |connection: Option<&Connection>| {
+            let Some(connection) = connection else {
+                // Not run (its batch could not be opened): the caller hears why at its end.
+                return Written {
+                    keep: false,
+                    settle: Box::new(move |committed| {
+                        unsettled(None);
+                        let _ = answer.send(Err(committed.err().unwrap_or_else(|| "no transaction".into())));
+                    }),
+                };
+            };
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(connection)));
+            let keep = matches!(outcome, Ok(Ok(_)));
+            // The caller may have stopped waiting: the write still commits with its batch.
+            let _ = answer.send(Ok(outcome));
+            Written {
+                keep,
+                settle: Box::new(move |committed| {
+                    unsettled(committed.err().filter(|_| keep).map(|why| format!("commit failed: {why}")));
+                }),
+            }
+        }));
+        self.send_unsettled(operation, request).await?;
+        let outcome = answered.await.map_err(|_| writer_gone(operation))?;
+        // An earlier unsettled write failed (its failure was recorded first): report it here.
+        self.refuse_after_loss(operation)?;
+        match outcome {
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(error))) => Err(PaymentError::store(operation, error)),
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(why) => Err(PaymentError::store(operation, format!("not run: {why}"))),
+        }
+    }
+
     /// As `write`, without waiting for the commit: the write is in the queue when this returns,
     /// and commits with its batch, before any write sent after it is acknowledged (one writer,
     /// batches in order). If it fails, the store refuses every later write ("lost") — a
@@ -261,33 +333,61 @@ impl SqliteStore {
         work: impl FnOnce(&Connection) -> SqlResult<()> + Send + 'static,
     ) -> Result<(), PaymentError> {
         self.refuse_after_loss(operation)?;
-        let lost = self.lost.clone();
-        let deferred = self.deferred.clone();
+        let unsettled = self.unsettled(operation);
         let request = write_request(work, move |(outcome, committed)| {
-            deferred.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            let failure = match (outcome, committed) {
-                (Some(Ok(Ok(()))), Ok(())) => return,
-                (Some(Ok(Ok(()))), Err(why)) => format!("commit failed: {why}"),
-                (Some(Ok(Err(error))), _) => error.to_string(),
-                (Some(Err(_)), _) => "it panicked".to_owned(),
-                (None, _) => "it was not run".to_owned(),
-            };
-            let mut lost = lost.lock().unwrap_or_else(|p| p.into_inner());
-            lost.get_or_insert(format!("{operation}: {failure}"));
+            unsettled(match (outcome, committed) {
+                (Some(Ok(Ok(()))), Ok(())) => None,
+                (Some(Ok(Ok(()))), Err(why)) => Some(format!("commit failed: {why}")),
+                (Some(Ok(Err(error))), _) => Some(error.to_string()),
+                (Some(Err(_)), _) => Some("it panicked".to_owned()),
+                (None, _) => Some("it was not run".to_owned()),
+            });
         });
-        self.deferred.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.send_unsettled(operation, request).await
+    }
+
+    /// Counts a write nobody waits to see committed until its batch ends; the returned
+    /// function is called then, with why the write was lost if it was.
+    fn unsettled(&self, operation: &'static str) -> impl FnOnce(Option<String>) + Send + 'static {
+        let lost = self.lost.clone();
+        let unsettled = self.unsettled.clone();
+        unsettled.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        move |failure| {
+            unsettled.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            if let Some(failure) = failure {
+                let mut lost = lost.lock().unwrap_or_else(|p| p.into_inner());
+                lost.get_or_insert(format!("{operation}: {failure}"));
+            }
+        }
+    }
+
+    /// Sends a request made with `unsettled`; one the writer never got is not counted.
+    async fn send_unsettled(&self, operation: &'static str, request: Request) -> Result<(), PaymentError> {
         let sent = self.send(operation, request).await;
         if sent.is_err() {
-            self.deferred.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            self.unsettled.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
         sent
     }
 
-    /// Waits until every deferred write sent so far is committed (a no-op write queued behind
-    /// them is answered only after their batch commits). Reads of what deferred writes write
-    /// call it first: a resumed execution must read the history its dead runner recorded.
-    async fn settle_deferred(&self, operation: &'static str) -> Result<(), PaymentError> {
-        if self.deferred.load(std::sync::atomic::Ordering::Acquire) == 0 {
+    /// As `read`, after the commit of any early-answered write of `key` (a `pending_key`).
+    async fn read_key<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        key: &str,
+        work: impl FnOnce(&Connection) -> SqlResult<T> + Send + 'static,
+    ) -> Result<T, PaymentError> {
+        let waiting = self.pending.lock().unwrap_or_else(|p| p.into_inner()).contains_key(key);
+        if waiting {
+            self.settle(operation).await?;
+        }
+        self.read(operation, work).await
+    }
+
+    /// Waits until every deferred or early-answered write sent so far is committed (a no-op
+    /// write queued behind them is answered only after their batch commits).
+    async fn settle(&self, operation: &'static str) -> Result<(), PaymentError> {
+        if self.unsettled.load(std::sync::atomic::Ordering::Acquire) == 0 {
             return Ok(());
         }
         self.write(operation, |_| Ok(())).await
@@ -298,7 +398,7 @@ impl SqliteStore {
             Some(why) => Err(PaymentError::store(
                 operation,
                 format!(
-                    "an earlier deferred write was lost ({why}); this store takes no more writes: restart to resume from what is durable"
+                    "an earlier write was lost after its caller went on ({why}); this store takes no more writes: restart to resume from what is durable"
                 ),
             )),
             None => Ok(()),
@@ -367,6 +467,27 @@ fn write_request<T: Send + 'static>(
             settle: Box::new(move |committed| settled((outcome, committed))),
         }
     }))
+}
+
+/// The name under which an early-answered write marks what it wrote (`write_early`), for the
+/// reads that look it up by that name: `kind` is `idempotency`, `execution` or `issued`.
+fn pending_key(kind: &str, name: &str) -> String {
+    format!("{kind}:{name}")
+}
+
+/// Counts `keys` in (`add`) or out of the pending map; a key at zero leaves it.
+fn adjust_pending(pending: &Mutex<HashMap<String, u32>>, keys: &[String], add: bool) {
+    let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+    for key in keys {
+        if add {
+            *pending.entry(key.clone()).or_default() += 1;
+        } else if let Some(count) = pending.get_mut(key) {
+            *count -= 1;
+            if *count == 0 {
+                pending.remove(key);
+            }
+        }
+    }
 }
 
 fn writer_gone(operation: &'static str) -> PaymentError {
@@ -745,9 +866,12 @@ fn insert_history(tx: &Connection, execution_id: &str, events: &Option<EncodedHi
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn durable(&self) -> Result<(), PaymentError> {
+        self.settle("make acknowledged writes durable").await
+    }
     async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError> {
         let record = record.clone();
-        self.write("claim idempotency key", move |tx| {
+        self.write_early("claim idempotency key", vec![pending_key("idempotency", &record.key)], move |tx| {
             let record = &record;
             if let Some(existing) = get_idempotency(tx, &record.key)?
                 && !existing.is_expired(record.created_at)
@@ -785,7 +909,8 @@ impl Store for SqliteStore {
 
     async fn idempotency(&self, key: &str, now: Timestamp) -> Result<Option<IdempotencyRecord>, PaymentError> {
         let key = key.to_owned();
-        let record = self.read("read idempotency key", move |c| get_idempotency(c, &key)).await?;
+        let pending = pending_key("idempotency", &key);
+        let record = self.read_key("read idempotency key", &pending, move |c| get_idempotency(c, &key)).await?;
         Ok(record.filter(|r| !r.is_expired(now)))
     }
 
@@ -802,8 +927,11 @@ impl Store for SqliteStore {
     ) -> Result<(AgentLedger, Option<IdempotencyRecord>), PaymentError> {
         let agent_id = agent_id.to_owned();
         let key = key.to_owned();
+        let pending = pending_key("idempotency", &key);
         let (ledger, record) = self
-            .read("read agent and key", move |c| Ok((get_ledger(c, &agent_id)?, get_idempotency(c, &key)?)))
+            .read_key("read agent and key", &pending, move |c| {
+                Ok((get_ledger(c, &agent_id)?, get_idempotency(c, &key)?))
+            })
             .await?;
         Ok((ledger, record.filter(|r| !r.is_expired(now))))
     }
@@ -1230,7 +1358,8 @@ impl Store for SqliteStore {
 impl IssuedProofs for SqliteStore {
     async fn issued(&self, client_token: &str) -> Result<Option<IssuedProof>, PaymentError> {
         let client_token = client_token.to_owned();
-        self.read("read issued proof", move |c| {
+        let pending = pending_key("issued", &client_token);
+        self.read_key("read issued proof", &pending, move |c| {
             let client_token = client_token.as_str();
             c.prepare_cached("SELECT record FROM issued_proofs WHERE client_token = ?1")?
                 .query_row([client_token], |row| row.get::<_, String>(0))
@@ -1244,7 +1373,8 @@ impl IssuedProofs for SqliteStore {
     async fn record_issued(&self, client_token: &str, proof: &IssuedProof) -> Result<IssuedProof, PaymentError> {
         let client_token = client_token.to_owned();
         let proof = proof.clone();
-        self.write("record issued proof", move |tx| {
+        let keys = vec![pending_key("issued", &client_token)];
+        self.write_early("record issued proof", keys, move |tx| {
             let client_token = client_token.as_str();
             let proof = &proof;
             tx.prepare_cached(
@@ -1264,7 +1394,8 @@ impl IssuedProofs for SqliteStore {
 impl ExecutionStore for SqliteStore {
     async fn create_execution(&self, record: &ExecutionRecord) -> Result<bool, PaymentError> {
         let record = record.clone();
-        self.write("create execution", move |tx| {
+        let keys = vec![pending_key("execution", &record.execution_id), pending_key("execution", &record.name)];
+        self.write_early("create execution", keys, move |tx| {
             let record = &record;
             let inserted = tx
                 .prepare_cached(
@@ -1302,7 +1433,8 @@ impl ExecutionStore for SqliteStore {
 
     async fn execution(&self, id_or_name: &str) -> Result<Option<ExecutionRecord>, PaymentError> {
         let id_or_name = id_or_name.to_owned();
-        self.read("read execution", move |c| {
+        let pending = pending_key("execution", &id_or_name);
+        self.read_key("read execution", &pending, move |c| {
             let id_or_name = id_or_name.as_str();
             c.prepare_cached("SELECT record FROM executions WHERE execution_id = ?1 OR name = ?1")?
                 .query_row([id_or_name], |row| row.get::<_, String>(0))
@@ -1315,6 +1447,8 @@ impl ExecutionStore for SqliteStore {
 
     async fn list_executions(&self, filter: &ExecutionFilter) -> Result<Vec<ExecutionRecord>, PaymentError> {
         let filter = filter.clone();
+        // A listing may show any execution: those whose start is not committed yet are first.
+        self.settle("list executions").await?;
         self.read("list executions", move |c| {
             let filter = &filter;
             let mut statement = c.prepare_cached(
@@ -1348,7 +1482,7 @@ impl ExecutionStore for SqliteStore {
     }
 
     async fn history(&self, execution_id: &str) -> Result<Vec<HistoryEvent>, PaymentError> {
-        self.settle_deferred("read history").await?;
+        self.settle("read history").await?;
         let execution_id = execution_id.to_owned();
         self.read("read history", move |c| {
             let execution_id = execution_id.as_str();
@@ -1519,6 +1653,61 @@ mod tests {
         assert_eq!(committed_rows(&path).len(), 21, "the 20 deferred writes and the waited one");
     }
 
+    /// An early-answered write gives its value back before its commit, and is durable before
+    /// any later waited write (or `durable`) is answered.
+    #[tokio::test]
+    async fn early_answered_writes_are_committed_before_a_later_write_is_answered() {
+        let (_dir, path, store) = file_store();
+        for id in 0..20 {
+            let answered = store.write_early("test", vec![], move |tx| insert(tx, id).map(|()| id)).await.unwrap();
+            assert_eq!(answered, id);
+        }
+        store.write("test", |tx| insert(tx, 99)).await.unwrap();
+        assert_eq!(committed_rows(&path).len(), 21, "the 20 early writes and the waited one");
+        store.write_early("test", vec![], |tx| insert(tx, 100)).await.unwrap();
+        store.durable().await.unwrap();
+        assert_eq!(committed_rows(&path).len(), 22, "durable waits for the early write");
+    }
+
+    /// A read of what an early-answered write wrote sees it: the read waits for its commit
+    /// (the pool shows only committed data).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_store_reads_its_early_answered_writes() {
+        let (_dir, _path, store) = file_store();
+        for id in 0..30 {
+            let token = format!("token-{id}");
+            let key = pending_key("issued", &token);
+            store.write_early("test", vec![key.clone()], move |tx| insert(tx, id)).await.unwrap();
+            let seen = store
+                .read_key("test", &key, move |c| {
+                    c.query_row("SELECT count(*) FROM issued_proofs WHERE client_token = ?1", [token], |row| {
+                        row.get::<_, i64>(0)
+                    })
+                })
+                .await
+                .unwrap();
+            assert_eq!(seen, 1, "write {id} read back");
+        }
+        assert!(store.pending.lock().unwrap().is_empty(), "every key left the map at its commit");
+    }
+
+    /// An early write that fails is answered with its error and undone alone: nothing was
+    /// built on it, so the store goes on taking writes.
+    #[tokio::test]
+    async fn a_failed_early_write_is_answered_with_its_error_and_undone() {
+        let (_dir, path, store) = file_store();
+        let failed = store
+            .write_early("test", vec![], |tx| {
+                insert(tx, 1)?;
+                Err::<(), _>(rusqlite::Error::InvalidQuery)
+            })
+            .await
+            .unwrap_err();
+        assert!(failed.chain_message().contains("test"), "{failed:?}");
+        store.write("test", |tx| insert(tx, 2)).await.unwrap();
+        assert_eq!(committed_rows(&path), vec!["token-2".to_owned()]);
+    }
+
     /// History appended without waiting is read back at once, whole: a resumed execution reads
     /// what its dead runner recorded (the simulator found a resume that missed it and wrote
     /// its own events over the same sequence numbers).
@@ -1634,7 +1823,7 @@ mod tests {
         store.write_deferred("append history", |_| Err(rusqlite::Error::InvalidQuery)).await.unwrap();
         let next = store.write("test", |tx| insert(tx, 2)).await.unwrap_err();
         assert!(
-            next.chain_message().contains("an earlier deferred write was lost (append history"),
+            next.chain_message().contains("an earlier write was lost after its caller went on (append history"),
             "{}",
             next.chain_message()
         );

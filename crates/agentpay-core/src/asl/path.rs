@@ -71,6 +71,11 @@ impl JsonPath {
         self.context
     }
 
+    /// `$`: the whole input (the default InputPath and OutputPath).
+    pub fn is_root(&self) -> bool {
+        !self.context && self.segments.is_empty()
+    }
+
     pub fn as_str(&self) -> &str {
         &self.text
     }

@@ -1,6 +1,7 @@
 //! Runs the deployed state machine file locally, dispatching each Task to the in-process
 //! step code, and keeps every execution's history in the embedded store.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -376,6 +377,23 @@ fn select(path: &Option<JsonPath>, input: &Value, what: &str) -> Result<Value, S
             .get(input)
             .cloned()
             .ok_or_else(|| format!("{what} {:?} could not be found in the input", path.as_str())),
+    }
+}
+
+/// InputPath: the state's effective input, borrowed when the path is `$` (most states), so a
+/// payment's data is not copied at every state.
+fn select_input<'a>(path: &Option<JsonPath>, input: &'a Value) -> Result<Cow<'a, Value>, String> {
+    match path {
+        Some(path) if path.is_root() => Ok(Cow::Borrowed(input)),
+        _ => select(path, input, "InputPath").map(Cow::Owned),
+    }
+}
+
+/// OutputPath on a value the state owns: moved, not copied, when the path is `$`.
+fn select_output(path: &Option<JsonPath>, value: Value) -> Result<Value, String> {
+    match path {
+        Some(path) if path.is_root() => Ok(value),
+        _ => select(path, &value, "OutputPath"),
     }
 }
 
@@ -831,11 +849,11 @@ impl LocalRunner {
         answer: Option<Answer>,
         may_have_run: bool,
     ) -> StateResult {
-        let effective = match select(&state.input_path, raw, "InputPath") {
+        let effective = match select_input(&state.input_path, raw) {
             Ok(value) => value,
             Err(cause) => return runtime_error(cause),
         };
-        let output = |value: &Value| select(&state.output_path, value, "OutputPath");
+        let output = |value: Value| select_output(&state.output_path, value);
         match &state.kind {
             StateKind::Task(task) => {
                 self.run_task(state, task, raw, &effective, context, recorder, answer, may_have_run).await
@@ -844,9 +862,9 @@ impl LocalRunner {
                 let value = match (result, parameters) {
                     (Some(result), _) => Ok(result.clone()),
                     (None, Some(template)) => render(template, &effective, context),
-                    (None, None) => Ok(effective),
+                    (None, None) => Ok(effective.into_owned()),
                 };
-                match value.and_then(|v| combine(result_path, raw, v)).and_then(|v| output(&v)) {
+                match value.and_then(|v| combine(result_path, raw, v)).and_then(output) {
                     Ok(out) => Self::after(state, out),
                     Err(cause) => runtime_error(cause),
                 }
@@ -857,7 +875,7 @@ impl LocalRunner {
                     .find(|c| c.condition.evaluate(&effective))
                     .map(|c| c.next.clone())
                     .or(default.clone());
-                match (next, output(&effective)) {
+                match (next, output(effective.into_owned())) {
                     (Some(next), Ok(out)) => StateResult::Next(next, out),
                     (None, _) => StateResult::Fail {
                         error: "States.NoChoiceMatched".into(),
@@ -866,7 +884,7 @@ impl LocalRunner {
                     (_, Err(cause)) => runtime_error(cause),
                 }
             }
-            StateKind::Succeed => match output(&effective) {
+            StateKind::Succeed => match output(effective.into_owned()) {
                 Ok(out) => StateResult::Succeed(out),
                 Err(cause) => runtime_error(cause),
             },
@@ -965,7 +983,7 @@ impl LocalRunner {
                     };
                     return match selected
                         .and_then(|v| combine(&task.result_path, raw, v))
-                        .and_then(|v| select(&state.output_path, &v, "OutputPath"))
+                        .and_then(|v| select_output(&state.output_path, v))
                     {
                         Ok(out) => Self::after(state, out),
                         Err(cause) => runtime_error(cause),

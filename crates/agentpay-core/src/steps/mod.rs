@@ -360,8 +360,17 @@ impl Steps {
         &self.clock
     }
 
-    /// Runs one step on its JSON input: what a Lambda handler and a local Task do.
+    /// Runs one step on its JSON input, as a Lambda handler (or a local invocation of one)
+    /// does: its output leaves the process, so every write the step made is durable first.
     pub async fn invoke(&self, step: StepName, input: Value) -> Result<Value, PaymentError> {
+        let output = self.run(step, input).await;
+        self.store.durable().await?;
+        output
+    }
+
+    /// Runs one step for the in-process runner, which keeps the output in the process until
+    /// the execution's end is committed (a waited write), so it does not wait here.
+    async fn run(&self, step: StepName, input: Value) -> Result<Value, PaymentError> {
         match step {
             StepName::CheckIdempotency => to_output(&self.check_idempotency(parse_input(step, input)?).await?),
             StepName::CheckSpend => to_output(&self.check_spend(parse_input(step, input)?).await?),
@@ -1329,7 +1338,7 @@ fn payment_summary(reservation: &Reservation, request: &PaymentRequest) -> Payme
 #[async_trait::async_trait]
 impl TaskHandler for Steps {
     async fn invoke(&self, step: StepName, input: Value) -> Result<Value, TaskFailure> {
-        Steps::invoke(self, step, input).await.map_err(|failure| {
+        self.run(step, input).await.map_err(|failure| {
             tracing::warn!(step = step.function_name(), error = failure.name(), message = %failure.chain_message(), "task failed");
             TaskFailure::from(failure)
         })

@@ -41,6 +41,11 @@ impl CountingStore {
 
 #[async_trait]
 impl Store for CountingStore {
+    /// Passed on, not counted: not a round trip of the step's own (at most a wait for a commit
+    /// already under way).
+    async fn durable(&self) -> Result<(), PaymentError> {
+        self.inner.durable().await
+    }
     async fn insert_idempotency(&self, record: &IdempotencyRecord) -> Result<Option<IdempotencyRecord>, PaymentError> {
         self.count("insert_idempotency");
         self.inner.insert_idempotency(record).await

@@ -709,4 +709,11 @@ pub trait Store: Send + Sync {
     /// Atomically: PENDING and not past `expires_at` → the decision, with its audit event.
     /// `AlreadyApplied` for the same decision by the same person; `Refused` names what is stored.
     async fn decide_approval(&self, commit: &ApprovalDecisionCommit) -> Result<Transition, PaymentError>;
+
+    /// Returns once every write this store has acknowledged is durable. A store may answer
+    /// a workflow write before its commit is durable (the local SQLite store does, to group
+    /// concurrent payments' commits); whoever is about to let a step's outcome leave the
+    /// process calls this first (`Steps::invoke`). Required, not defaulted: a store or wrapper
+    /// must say what it does.
+    async fn durable(&self) -> Result<(), PaymentError>;
 }
