@@ -55,11 +55,11 @@ impl LocalApp {
         let executions = Arc::new(SqliteStore::open(&executions_path).map_err(ConfigError::Store)?);
         // One file, one store: a second instance would be a second writer on the file, whose
         // BEGIN IMMEDIATE waits (blocking its thread) while the first holds a group commit open.
-        let opened = match &config.store {
+        let (opened, shared) = match &config.store {
             StoreConfig::Sqlite(path) if *path == executions_path => {
-                OpenedStore { store: executions.clone(), proofs: executions.clone() }
+                (OpenedStore { store: executions.clone(), proofs: executions.clone() }, true)
             }
-            _ => config.open_store().await?,
+            _ => (config.open_store().await?, false),
         };
         let built = match provider {
             Some(provider) => BuiltProvider { provider, wallet_address: None },
@@ -76,16 +76,15 @@ impl LocalApp {
             config.settings.clone(),
         );
         let outbox = Arc::new(Outbox(data_dir.join(OUTBOX_FILE)));
-        let runner = Arc::new(
-            LocalRunner::new(
-                PAYMENT_DEFINITION,
-                Arc::new(steps.clone()),
-                steps.clock().clone(),
-                executions.clone(),
-                sleeper,
-            )?
-            .with_notifier(outbox),
-        );
+        let runner = LocalRunner::new(
+            PAYMENT_DEFINITION,
+            Arc::new(steps.clone()),
+            steps.clock().clone(),
+            executions.clone(),
+            sleeper,
+        )?
+        .with_notifier(outbox);
+        let runner = Arc::new(if shared { runner } else { runner.with_steps_writing_to_another_store() });
         Ok(Self { store, executions, provider, ledger, wallet_address, steps, runner })
     }
 

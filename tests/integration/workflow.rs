@@ -387,6 +387,66 @@ async fn nothing_leaves_the_process_before_it_is_durable() {
     assert!(stats.writes > stats.commits, "writes shared commits: {stats:?}");
 }
 
+/// With the ledger in another store than the executions (the local runner over DynamoDB), the
+/// execution's creation is committed before its key is claimed: a durable claim never names
+/// an execution a crash could lose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_ledger_elsewhere_an_execution_is_durable_before_its_claim() {
+    use std::sync::Arc;
+
+    use agentpay::asl::{LocalRunner, PAYMENT_DEFINITION, RecordingSleeper};
+    use agentpay::clock::SystemClock;
+    use agentpay::error::PaymentError;
+    use agentpay::executions::ExecutionStore;
+    use agentpay::faults::{FaultHook, FaultPoint, FaultyStore};
+    use agentpay::provider::PaymentOrder;
+    use agentpay::steps::{StepSettings, Steps};
+    use agentpay::store::sqlite::SqliteStore;
+
+    /// Before each claim: the executions an outside reader of the executions' file sees.
+    struct Outside(Arc<SqliteStore>, Arc<std::sync::Mutex<u32>>);
+
+    #[async_trait::async_trait]
+    impl FaultHook for Outside {
+        async fn at(&self, point: FaultPoint, _: Option<&PaymentOrder>) -> Result<(), PaymentError> {
+            if point == FaultPoint::Before("insert_idempotency") {
+                let claimed = *self.1.lock().unwrap();
+                let seen = self.0.execution(&format!("elsewhere-{claimed}")).await.unwrap();
+                assert!(seen.is_some(), "elsewhere-{claimed}: claimed before its execution was durable");
+            }
+            Ok(())
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let executions_file = dir.path().join("executions.db");
+    let executions = Arc::new(SqliteStore::open(&executions_file).unwrap());
+    let ledger = Arc::new(SqliteStore::open(&dir.path().join("ledger.db")).unwrap());
+    ledger.put_policy(AGENT, &policy("1.00", "1000.00", 10_000)).await.unwrap();
+    let config = agentpay::config::Config::local(dir.path());
+    let wallet = Arc::new(config.dev_wallet(ledger.clone(), Arc::new(SystemClock)).await.unwrap());
+    let started = Arc::new(std::sync::Mutex::new(0));
+    let faulty = Arc::new(FaultyStore::new(ledger.clone()));
+    let outside = Arc::new(SqliteStore::open(&executions_file).unwrap());
+    faulty.set_hook(Some(Arc::new(Outside(outside, started.clone()))));
+    let steps = Steps::new(faulty, wallet, Arc::new(SystemClock), StepSettings::default());
+    let runner = LocalRunner::new(
+        PAYMENT_DEFINITION,
+        Arc::new(steps.clone()),
+        steps.clock().clone(),
+        executions.clone(),
+        Arc::new(RecordingSleeper::default()),
+    )
+    .unwrap()
+    .with_steps_writing_to_another_store();
+    for i in 1..=20 {
+        *started.lock().unwrap() = i;
+        let key = format!("elsewhere-{i}");
+        let record = runner.start(&key, execution_input(&key, AGENT, "1000")).await.unwrap();
+        assert_eq!(record.status, ExecutionStatus::Succeeded, "{record:?}");
+    }
+}
+
 /// A step invoked on its own (a Lambda handler, a local invocation) hands its output out of
 /// the process: the claim it answers with is committed by then, every time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

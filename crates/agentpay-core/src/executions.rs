@@ -105,8 +105,13 @@ pub struct ExecutionFilter {
 
 #[async_trait]
 pub trait ExecutionStore: Send + Sync {
-    /// Creates the record; `false` if an execution with that name exists already.
+    /// Creates the record; `false` if an execution with that name exists already. The store
+    /// may answer before the record is durable (the local SQLite store does): it is durable
+    /// before any later write of this store is acknowledged, and once `executions_durable`
+    /// returns.
     async fn create_execution(&self, record: &ExecutionRecord) -> Result<bool, PaymentError>;
+    /// Returns once every write this store has acknowledged is durable.
+    async fn executions_durable(&self) -> Result<(), PaymentError>;
     async fn update_execution(&self, record: &ExecutionRecord) -> Result<(), PaymentError>;
     /// By execution id or by name.
     async fn execution(&self, id_or_name: &str) -> Result<Option<ExecutionRecord>, PaymentError>;

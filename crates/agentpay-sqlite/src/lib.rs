@@ -1392,6 +1392,9 @@ impl IssuedProofs for SqliteStore {
 
 #[async_trait]
 impl ExecutionStore for SqliteStore {
+    async fn executions_durable(&self) -> Result<(), PaymentError> {
+        self.settle("make acknowledged writes durable").await
+    }
     async fn create_execution(&self, record: &ExecutionRecord) -> Result<bool, PaymentError> {
         let record = record.clone();
         let keys = vec![pending_key("execution", &record.execution_id), pending_key("execution", &record.name)];

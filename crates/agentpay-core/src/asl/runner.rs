@@ -252,6 +252,8 @@ pub struct LocalRunner {
     instance: String,
     /// Executions this runner is driving now.
     live: Arc<Mutex<HashSet<String>>>,
+    /// See `with_steps_writing_to_another_store`.
+    steps_write_elsewhere: bool,
 }
 
 enum StateResult {
@@ -455,7 +457,16 @@ impl LocalRunner {
             targets,
             instance,
             live: Default::default(),
+            steps_write_elsewhere: false,
         })
+    }
+
+    /// The steps keep the ledger in another store than the executions (the local runner over
+    /// DynamoDB): an execution's creation is then made durable before its first step runs, as
+    /// the steps' writes to their own store do not commit it.
+    pub fn with_steps_writing_to_another_store(mut self) -> Self {
+        self.steps_write_elsewhere = true;
+        self
     }
 
     /// Sends what `sns:publish` tasks publish to `notifier` (the default logs it).
@@ -511,6 +522,10 @@ impl LocalRunner {
         };
         if !self.executions.create_execution(&record).await? {
             return Err(RunnerError::ExecutionAlreadyExists(name.to_owned()));
+        }
+        if self.steps_write_elsewhere {
+            // Else a claim durable in the steps' store could outlive the execution it names.
+            self.executions.executions_durable().await?;
         }
         // Only once created: a refused duplicate start must not mark the running one dead.
         let _live = self.go_live(&record.execution_id);
