@@ -177,18 +177,19 @@ impl SqliteStore {
     fn start(connection: Connection, readers: Option<ReaderPool>) -> Result<Self, PaymentError> {
         let (requests, queue) = tokio::sync::mpsc::channel(MAX_QUEUED);
         let stats = Arc::new(Mutex::new(CommitStats::default()));
+        let lost: Arc<Mutex<Option<String>>> = Arc::default();
         let writer = std::thread::Builder::new()
             .name("agentpay-sqlite-writer".into())
             .spawn({
-                let stats = stats.clone();
-                move || write_loop(connection, queue, &stats)
+                let (stats, lost) = (stats.clone(), lost.clone());
+                move || write_loop(connection, queue, &stats, &lost)
             })
             .map_err(|e| PaymentError::store("start the store's writer", e))?;
         Ok(Self {
             requests: Some(requests),
             writer: Some(writer),
             stats,
-            lost: Arc::default(),
+            lost,
             unsettled: Arc::default(),
             pending: Arc::default(),
             readers,
@@ -496,11 +497,22 @@ fn writer_gone(operation: &'static str) -> PaymentError {
 
 /// The writer thread: takes the first waiting request, opens a batch, adds every request
 /// already queued behind it (up to `MAX_BATCH`), commits, answers the members, and again.
-/// Requests that arrive during a commit's fsync form the next batch.
-fn write_loop(connection: Connection, mut queue: tokio::sync::mpsc::Receiver<Request>, stats: &Mutex<CommitStats>) {
+/// Requests that arrive during a commit's fsync form the next batch. Once a write nobody
+/// waited on is `lost`, no batch is opened again: a write queued behind the hole (a claim
+/// behind its execution's lost creation) is answered "not run", never committed past it.
+fn write_loop(
+    connection: Connection,
+    mut queue: tokio::sync::mpsc::Receiver<Request>,
+    stats: &Mutex<CommitStats>,
+    lost: &Mutex<Option<String>>,
+) {
     while let Some(first) = queue.blocking_recv() {
         let mut settles = Vec::new();
-        let mut batch = Batch::open(&connection);
+        let refused = lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut batch = match refused {
+            Some(why) => Batch::refused(&why),
+            None => Batch::open(&connection),
+        };
         let mut next = Some(first);
         while let Some(request) = next.take() {
             match request {
@@ -537,6 +549,15 @@ impl Batch {
     fn open(connection: &Connection) -> Self {
         Batch {
             failed: execute(connection, "BEGIN IMMEDIATE").err(),
+            write_time: Duration::ZERO,
+            commit_time: Duration::ZERO,
+        }
+    }
+
+    /// A batch that runs nothing: the store lost a write (`write_loop`).
+    fn refused(why: &str) -> Self {
+        Batch {
+            failed: Some(format!("an earlier write was lost after its caller went on ({why})").into()),
             write_time: Duration::ZERO,
             commit_time: Duration::ZERO,
         }
@@ -1835,6 +1856,26 @@ mod tests {
         // Row 2 may be committed (it was in a batch that committed); 3 never was sent.
         let rows = committed_rows(&path);
         assert!(rows.contains(&"token-1".to_owned()) && !rows.contains(&"token-3".to_owned()), "{rows:?}");
+    }
+
+    /// Once a write was lost, the writer itself runs no more writes: one already queued when
+    /// the loss was recorded is answered "not run", never committed after the hole.
+    #[tokio::test]
+    async fn after_a_loss_the_writer_runs_no_queued_write() {
+        let (_dir, path, store) = file_store();
+        store.lost.lock().unwrap().replace("create execution: commit failed".into());
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let request = write_request(
+            |tx| insert(tx, 1),
+            move |(outcome, committed)| {
+                let _ = answer.send((outcome.is_some(), committed));
+            },
+        );
+        store.send("test", request).await.unwrap();
+        let (ran, committed) = answered.await.unwrap();
+        assert!(!ran, "the queued write was not run");
+        assert!(committed.unwrap_err().contains("an earlier write was lost"));
+        assert!(committed_rows(&path).is_empty());
     }
 
     /// An in-memory store reads on the writer's thread: a read sees every write answered before it.
