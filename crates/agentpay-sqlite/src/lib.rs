@@ -398,9 +398,7 @@ impl SqliteStore {
         match &*self.lost.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(why) => Err(PaymentError::store(
                 operation,
-                format!(
-                    "an earlier write was lost after its caller went on ({why}); this store takes no more writes: restart to resume from what is durable"
-                ),
+                format!("{}; this store takes no more writes: restart to resume from what is durable", lost_write(why)),
             )),
             None => Ok(()),
         }
@@ -491,6 +489,12 @@ fn adjust_pending(pending: &Mutex<HashMap<String, u32>>, keys: &[String], add: b
     }
 }
 
+/// Why a write is refused once the store lost one nobody waited on (`lost`): said the same way
+/// by callers and by the writer.
+fn lost_write(why: &str) -> String {
+    format!("an earlier write was lost after its caller went on ({why})")
+}
+
 fn writer_gone(operation: &'static str) -> PaymentError {
     PaymentError::store(operation, "the store's writer thread has stopped")
 }
@@ -556,11 +560,7 @@ impl Batch {
 
     /// A batch that runs nothing: the store lost a write (`write_loop`).
     fn refused(why: &str) -> Self {
-        Batch {
-            failed: Some(format!("an earlier write was lost after its caller went on ({why})").into()),
-            write_time: Duration::ZERO,
-            commit_time: Duration::ZERO,
-        }
+        Batch { failed: Some(lost_write(why).into()), write_time: Duration::ZERO, commit_time: Duration::ZERO }
     }
 
     /// Runs one write in its own savepoint; gives back how to answer its caller.
