@@ -141,6 +141,9 @@ enum Request {
 /// A write that ran: whether to keep it, and how to answer its caller once the batch ends.
 struct Written {
     keep: bool,
+    /// Set when the write failed and nobody waits to hear it (a deferred write): why. Its
+    /// batch then commits nothing (`Batch::run`).
+    hole: Option<String>,
     settle: Settle,
 }
 
@@ -240,7 +243,7 @@ impl SqliteStore {
         work: impl FnOnce(&Connection) -> SqlResult<T> + Send + 'static,
     ) -> Result<T, PaymentError> {
         let (answer, answered) = tokio::sync::oneshot::channel::<WriteAnswer<T>>();
-        let request = write_request(work, move |settled| {
+        let request = write_request(work, None, move |settled| {
             // The caller may have stopped waiting: nobody to tell.
             let _ = answer.send(settled);
         });
@@ -295,6 +298,7 @@ impl SqliteStore {
                 // Not run (its batch could not be opened): the caller hears why at its end.
                 return Written {
                     keep: false,
+                    hole: None,
                     settle: Box::new(move |committed| {
                         unsettled(None);
                         let _ = answer.send(Err(committed.err().unwrap_or_else(|| "no transaction".into())));
@@ -305,8 +309,10 @@ impl SqliteStore {
             let keep = matches!(outcome, Ok(Ok(_)));
             // The caller may have stopped waiting: the write still commits with its batch.
             let _ = answer.send(Ok(outcome));
+            // A failure is answered to the caller, who acts on it: not a hole.
             Written {
                 keep,
+                hole: None,
                 settle: Box::new(move |committed| {
                     unsettled(committed.err().filter(|_| keep).map(|why| format!("commit failed: {why}")));
                 }),
@@ -335,7 +341,7 @@ impl SqliteStore {
     ) -> Result<(), PaymentError> {
         self.refuse_after_loss(operation)?;
         let unsettled = self.unsettled(operation);
-        let request = write_request(work, move |(outcome, committed)| {
+        let request = write_request(work, Some(operation), move |(outcome, committed)| {
             unsettled(match (outcome, committed) {
                 (Some(Ok(Ok(()))), Ok(())) => None,
                 (Some(Ok(Ok(()))), Err(why)) => Some(format!("commit failed: {why}")),
@@ -454,15 +460,23 @@ impl Drop for SqliteStore {
 }
 
 /// A write for the writer thread: runs `work` (catching a panic), keeps it if it succeeded, and
-/// hands `settled` its outcome with the batch's commit.
+/// hands `settled` its outcome with the batch's commit. `unwaited` names the operation of a
+/// write nobody waits on: its failure is a hole its batch must not commit past.
 fn write_request<T: Send + 'static>(
     work: impl FnOnce(&Connection) -> SqlResult<T> + Send + 'static,
+    unwaited: Option<&'static str>,
     settled: impl FnOnce(WriteAnswer<T>) + Send + 'static,
 ) -> Request {
     Request::Write(Box::new(move |connection: Option<&Connection>| {
         let outcome = connection.map(|c| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(c))));
+        let hole = match (&outcome, unwaited) {
+            (Some(Ok(Err(error))), Some(operation)) => Some(format!("{operation}: {error}")),
+            (Some(Err(_)), Some(operation)) => Some(format!("{operation}: it panicked")),
+            _ => None,
+        };
         Written {
             keep: matches!(outcome, Some(Ok(Ok(_)))),
+            hole,
             settle: Box::new(move |committed| settled((outcome, committed))),
         }
     }))
@@ -528,6 +542,10 @@ fn write_loop(
             }
         }
         let committed = batch.close(&connection);
+        if let Some(hole) = batch.hole.take() {
+            // Recorded before any member hears of it, so every refusal names the hole itself.
+            lost.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(hole);
+        }
         {
             let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
             stats.writes += settles.len() as u64;
@@ -545,6 +563,8 @@ fn write_loop(
 struct Batch {
     /// Why the batch could not be opened (its writes are not run) or cannot be committed.
     failed: Option<Arc<str>>,
+    /// The failed write nobody waited on that made this batch fail, if one did.
+    hole: Option<String>,
     write_time: Duration,
     commit_time: Duration,
 }
@@ -553,6 +573,7 @@ impl Batch {
     fn open(connection: &Connection) -> Self {
         Batch {
             failed: execute(connection, "BEGIN IMMEDIATE").err(),
+            hole: None,
             write_time: Duration::ZERO,
             commit_time: Duration::ZERO,
         }
@@ -560,7 +581,12 @@ impl Batch {
 
     /// A batch that runs nothing: the store lost a write (`write_loop`).
     fn refused(why: &str) -> Self {
-        Batch { failed: Some(lost_write(why).into()), write_time: Duration::ZERO, commit_time: Duration::ZERO }
+        Batch {
+            failed: Some(lost_write(why).into()),
+            hole: None,
+            write_time: Duration::ZERO,
+            commit_time: Duration::ZERO,
+        }
     }
 
     /// Runs one write in its own savepoint; gives back how to answer its caller.
@@ -577,6 +603,13 @@ impl Batch {
                 if let Err(why) = undone.and_then(|()| execute(connection, "RELEASE member")) {
                     // A savepoint that cannot be closed leaves the batch untrustworthy.
                     self.failed = Some(why);
+                }
+                if let Some(hole) = written.hole {
+                    // Nobody will redo that write: committing the writes after it (an
+                    // execution's end after its lost history) would make the hole durable.
+                    // The whole batch is rolled back, as if the process had crashed before it.
+                    self.failed = Some(format!("a write nobody waits on failed in this batch ({hole})").into());
+                    self.hole.get_or_insert(hole);
                 }
                 written.settle
             }
@@ -1853,9 +1886,53 @@ mod tests {
         );
         let later = store.write_deferred("test", |tx| insert(tx, 3)).await.unwrap_err();
         assert!(later.chain_message().contains("takes no more writes"), "{}", later.chain_message());
-        // Row 2 may be committed (it was in a batch that committed); 3 never was sent.
+        // Row 1 may be committed (in an earlier batch), row 2 may not (it can share the failed
+        // write's batch); 3 never was sent.
         let rows = committed_rows(&path);
-        assert!(rows.contains(&"token-1".to_owned()) && !rows.contains(&"token-3".to_owned()), "{rows:?}");
+        assert!(!rows.contains(&"token-3".to_owned()), "{rows:?}");
+    }
+
+    /// A batch in which a deferred write fails commits nothing: neither the writes before the
+    /// hole (they may need the lost one) nor those after it (an execution's end after its lost
+    /// history), and every waiting caller is told its write is not recorded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_with_a_failed_deferred_write_commits_nothing() {
+        let (_dir, path, store) = file_store();
+        let store = Arc::new(store);
+        // The first write holds the writer inside its batch until the others are queued.
+        let (started, has_started) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let first = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write("first", move |tx| {
+                        started.send(()).unwrap();
+                        released.recv().unwrap();
+                        insert(tx, 1)
+                    })
+                    .await
+            }
+        });
+        tokio::task::spawn_blocking(move || has_started.recv().unwrap()).await.unwrap();
+        store.write_deferred("test", |tx| insert(tx, 2)).await.unwrap();
+        store.write_deferred("append history", |_| Err(rusqlite::Error::InvalidQuery)).await.unwrap();
+        let last = tokio::spawn({
+            let store = store.clone();
+            async move { store.write("finish execution", |tx| insert(tx, 3)).await }
+        });
+        // Let the last write reach the queue before the writer goes on.
+        while store.requests.as_ref().unwrap().capacity() > MAX_QUEUED - 3 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        for waited in [first.await.unwrap(), last.await.unwrap()] {
+            let message = waited.unwrap_err().chain_message();
+            assert!(message.contains("append history"), "{message}");
+        }
+        assert!(committed_rows(&path).is_empty(), "{:?}", committed_rows(&path));
+        let after = store.write("test", |tx| insert(tx, 4)).await.unwrap_err();
+        assert!(after.chain_message().contains("takes no more writes"), "{}", after.chain_message());
     }
 
     /// Once a write was lost, the writer itself runs no more writes: one already queued when
@@ -1867,6 +1944,7 @@ mod tests {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let request = write_request(
             |tx| insert(tx, 1),
+            None,
             move |(outcome, committed)| {
                 let _ = answer.send((outcome.is_some(), committed));
             },
