@@ -161,7 +161,40 @@ conformance!(
     settlement_reports_move_a_payment_forward_and_never_free_its_budget,
     only_the_chain_releases_an_expired_authorization,
     a_key_held_again_for_a_paid_claim_completes_with_its_payment,
+    agents_are_listed_a_page_at_a_time_and_the_sweep_keeps_its_place,
 );
+
+/// Agents with a policy, in id order, a page after a given agent at a time (agents that only
+/// paid nothing yet are listed; an agent without a policy is not), and the reconciliation
+/// sweep's cursor.
+async fn agents_are_listed_a_page_at_a_time_and_the_sweep_keeps_its_place(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let agents = ["agent-c", "agent-a", "agent-e", "agent-b", "agent-d"];
+    for agent in agents {
+        f.store.put_policy(agent, &policy("1", "10", 10)).await.unwrap();
+    }
+    // A second policy for an agent lists it once still.
+    f.store.put_policy("agent-b", &policy("2", "10", 10)).await.unwrap();
+    let page = |after: Option<&'static str>, limit: usize| {
+        let store = f.store.clone();
+        async move { store.agents_after(after, limit).await.unwrap() }
+    };
+    assert_eq!(page(None, 2).await, ["agent-a", "agent-b"]);
+    assert_eq!(page(Some("agent-b"), 2).await, ["agent-c", "agent-d"]);
+    assert_eq!(page(Some("agent-d"), 2).await, ["agent-e"]);
+    assert!(page(Some("agent-e"), 2).await.is_empty());
+    // After an id that is no agent's: where it would sort.
+    assert_eq!(page(Some("agent-bb"), 10).await, ["agent-c", "agent-d", "agent-e"]);
+    assert_eq!(f.store.agents().await.unwrap(), ["agent-a", "agent-b", "agent-c", "agent-d", "agent-e"]);
+
+    assert_eq!(f.store.sweep_cursor().await.unwrap(), None);
+    f.store.set_sweep_cursor("agent-c").await.unwrap();
+    assert_eq!(f.store.sweep_cursor().await.unwrap().as_deref(), Some("agent-c"));
+    f.store.set_sweep_cursor("agent-a").await.unwrap();
+    assert_eq!(f.store.sweep_cursor().await.unwrap().as_deref(), Some("agent-a"));
+    // The cursor is not an agent.
+    assert_eq!(f.store.agents().await.unwrap().len(), 5);
+}
 
 async fn claim_then_cached_result(backend: Backend) {
     let f = Fixture::with_policy(backend, "1.00", "5.00", 10).await;

@@ -312,3 +312,43 @@ async fn a_settlement_report_costs_three_requests() {
     eprintln!("a settlement report: {} requests, {cost:?}", requests.len());
     assert_eq!(cost.hot_write_units, 0, "nothing on the agent's hot partition");
 }
+
+/// Agents from a table made before the registry of agents (policy items, no registry entries)
+/// are entered by the first listing, once: none is left out of a sweep. Agents created later
+/// enter with their first policy.
+#[tokio::test]
+async fn agents_from_before_the_registry_are_entered_by_the_first_listing() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let store = dynamo_store().await;
+    for agent in ["old-b", "old-a"] {
+        store.put_policy(agent, &policy("1", "10", 10)).await.unwrap();
+    }
+    // As a table from before the registry: no entries, no mark that it is complete.
+    let (client, ledger) = (store.client().clone(), store.tables().ledger.clone());
+    let registry = || async {
+        let output = client
+            .query()
+            .table_name(&ledger)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", AttributeValue::S("AGENTS".into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap();
+        output.items().iter().map(|item| item["sk"].as_s().unwrap().clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(registry().await, ["AGENT#old-a", "AGENT#old-b"], "entered with the first policy");
+    for sk in registry().await {
+        let key = [("pk", "AGENTS"), ("sk", sk.as_str())].map(|(k, v)| (k.to_owned(), AttributeValue::S(v.into())));
+        client.delete_item().table_name(&ledger).set_key(Some(key.into())).send().await.unwrap();
+    }
+    assert!(registry().await.is_empty());
+
+    let upgraded = Arc::new(DynamoStore::new(client.clone(), store.tables().clone()));
+    assert_eq!(upgraded.agents().await.unwrap(), ["old-a", "old-b"]);
+    assert_eq!(registry().await, ["#LISTED", "AGENT#old-a", "AGENT#old-b"]);
+    upgraded.put_policy("new-c", &policy("1", "10", 10)).await.unwrap();
+    upgraded.put_policy("old-a", &policy("2", "10", 10)).await.unwrap();
+    assert_eq!(upgraded.agents_after(Some("old-a"), 5).await.unwrap(), ["old-b"]);
+    assert_eq!(upgraded.agents().await.unwrap(), ["new-c", "old-a", "old-b"]);
+}

@@ -505,6 +505,7 @@ async fn the_settlement_and_reconcile_functions_may_send_exactly_what_they_send(
     clock.advance(Duration::from_secs(2 * 24 * 3600));
     let function = ReconcileFunction {
         store: store.clone(),
+        agents_per_sweep: agentpay_lambda::reconcile::MAX_AGENTS_PER_SWEEP,
         reconciler: Reconciler::new(store.clone(), clock.clone(), Duration::from_secs(24 * 3600)),
         chain: Box::new(Unused),
         executions: Box::new(Ended),

@@ -306,3 +306,78 @@ async fn what_the_ledger_cannot_explain_is_listed_and_left_as_it_is() {
         h.app.store.reservations(AGENT).await.unwrap().iter().map(|r| r.status).collect();
     assert!(statuses.contains(&ReservationStatus::Reserved) && statuses.contains(&ReservationStatus::Settled));
 }
+
+/// The scheduled sweep with more agents than one sweep takes: each goes on after the last agent
+/// the one before reconciled, on from the first past the last, never one twice in a sweep, so
+/// every agent is reconciled once every ⌈agents / per sweep⌉ sweeps. A dry run and a sweep of
+/// one named agent leave the place where it is.
+#[tokio::test]
+async fn a_sweep_goes_on_where_the_last_one_stopped_and_leaves_no_agent_out() {
+    use agentpay::reconcile::{ExecutionFate, ExecutionLookup};
+    use agentpay::request::AgentId;
+    use agentpay_lambda::reconcile::{ReconcileFunction, ReconcileRequest};
+
+    /// No agent here has a payment: nothing to look up.
+    struct NoExecutions;
+    #[async_trait::async_trait]
+    impl ExecutionLookup for NoExecutions {
+        async fn fate(&self, id: &str) -> Result<ExecutionFate, agentpay::error::PaymentError> {
+            unreachable!("no payment, no execution {id}")
+        }
+        async fn ask_again(&self, id: &str) -> Result<String, agentpay::error::PaymentError> {
+            unreachable!("no payment, no execution {id}")
+        }
+    }
+
+    let f = crate::stores::Fixture::new(crate::stores::Backend::Sqlite).await;
+    let agents: Vec<String> = (1..=7).map(|i| format!("sweep-agent-{i}")).collect();
+    for agent in &agents {
+        f.store.put_policy(agent, &policy("1", "10", 10)).await.unwrap();
+    }
+    let function = ReconcileFunction {
+        store: f.store.clone(),
+        agents_per_sweep: 3,
+        reconciler: Reconciler::new(f.store.clone(), f.clock.clone(), Duration::from_secs(24 * 3600)),
+        chain: Box::new(NoChain),
+        executions: Box::new(NoExecutions),
+    };
+    let sweep = |request: ReconcileRequest| {
+        let function = &function;
+        async move {
+            let answer = function.sweep(&request).await.unwrap();
+            let swept: Vec<String> = answer["agents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["agentId"].as_str().unwrap().to_owned())
+                .collect();
+            (answer["wentOnAfter"].as_str().map(str::to_owned), swept)
+        }
+    };
+    let mut seen = Vec::new();
+    for round in 0..5 {
+        let (went_on_after, swept) = sweep(ReconcileRequest::default()).await;
+        assert_eq!(went_on_after, seen.last().cloned(), "round {round}");
+        let distinct: std::collections::BTreeSet<&String> = swept.iter().collect();
+        assert_eq!((swept.len(), distinct.len()), (3, 3), "round {round}: {swept:?}");
+        seen.extend(swept);
+        if round == 1 {
+            // A dry run and a sweep of one agent do not move the place.
+            let dry = ReconcileRequest { dry_run: true, ..Default::default() };
+            assert_eq!(sweep(dry).await.1, agents[6..].iter().chain(&agents[..2]).cloned().collect::<Vec<_>>());
+            let one =
+                ReconcileRequest { agent_id: Some(AgentId::parse("agentId", &agents[0]).unwrap()), dry_run: false };
+            assert_eq!(sweep(one).await.1, [agents[0].clone()]);
+        }
+    }
+    // Fifteen in the agents' order, round and round: each agent within every 7 in a row.
+    let expected: Vec<String> = agents.iter().cycle().take(15).cloned().collect();
+    assert_eq!(seen, expected);
+
+    // With no more agents than a sweep takes, every sweep takes them all.
+    let few = ReconcileFunction { agents_per_sweep: 10, ..function };
+    for _ in 0..2 {
+        let answer = few.sweep(&ReconcileRequest::default()).await.unwrap();
+        assert_eq!(answer["agents"].as_array().unwrap().len(), 7, "{answer}");
+    }
+}

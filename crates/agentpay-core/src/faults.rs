@@ -248,8 +248,14 @@ impl Store for FaultyStore {
     async fn put_trip_counters(&self, agent_id: &str, counters: &TripCounters) -> Result<bool, PaymentError> {
         self.inner.put_trip_counters(agent_id, counters).await
     }
-    async fn agents(&self) -> Result<Vec<String>, PaymentError> {
-        self.inner.agents().await
+    async fn agents_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, PaymentError> {
+        self.inner.agents_after(after, limit).await
+    }
+    async fn sweep_cursor(&self) -> Result<Option<String>, PaymentError> {
+        self.inner.sweep_cursor().await
+    }
+    async fn set_sweep_cursor(&self, last_reconciled: &str) -> Result<(), PaymentError> {
+        self.inner.set_sweep_cursor(last_reconciled).await
     }
     async fn reserve(
         &self,

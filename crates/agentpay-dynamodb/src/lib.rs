@@ -82,6 +82,8 @@ pub struct TableNames {
 pub struct DynamoStore {
     client: Client,
     tables: TableNames,
+    /// Set once the registry of agents is known to list every agent (`list_agents_once`).
+    agents_listed: std::sync::atomic::AtomicBool,
 }
 
 /// A DynamoDB error that retrying will not fix (missing table, bad request, access denied).
@@ -242,6 +244,19 @@ fn history_sk(day: u32) -> AttributeValue {
     s(format!("DAY#{day:06}"))
 }
 
+/// The registry of agents: one small item per agent with a policy (`AGENT#<id>`), written with
+/// its first policy, so that a sweep pages through agents with a Query instead of scanning the
+/// whole ledger. Written only when an agent is created: never hot. Beside them, sorted first,
+/// `#LISTED` (every agent from before the registry has been entered) and `#SWEEP` (where the
+/// reconciliation sweep goes on).
+const AGENTS_PK: &str = "AGENTS";
+const AGENTS_LISTED_SK: &str = "#LISTED";
+const SWEEP_CURSOR_SK: &str = "#SWEEP";
+
+fn registry_item(agent_id: &str) -> Item {
+    Item::from([("pk".to_owned(), s(AGENTS_PK)), ("sk".to_owned(), agent_pk(agent_id))])
+}
+
 fn window_key(agent_id: &str) -> Item {
     Item::from([("pk".to_owned(), agent_pk(agent_id)), ("sk".to_owned(), s(window_item::WINDOW_SK))])
 }
@@ -327,7 +342,7 @@ enum TxOutcome {
 
 impl DynamoStore {
     pub fn new(client: Client, tables: TableNames) -> Self {
-        Self { client, tables }
+        Self { client, tables, agents_listed: std::sync::atomic::AtomicBool::new(false) }
     }
 
     /// Builds the client from the standard AWS configuration chain (region, credentials,
@@ -378,6 +393,72 @@ impl DynamoStore {
             .await
             .map_err(|e| classify(operation, e))?;
         Ok(output.item)
+    }
+
+    /// One item of the registry of agents, read with a Query (the rights a sweep already has).
+    async fn registry_entry(&self, operation: &'static str, sk: &str) -> Result<Option<Item>, PaymentError> {
+        let output = self
+            .client
+            .query()
+            .table_name(&self.tables.ledger)
+            .key_condition_expression("pk = :pk AND sk = :sk")
+            .expression_attribute_values(":pk", s(AGENTS_PK))
+            .expression_attribute_values(":sk", s(sk))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(operation, e))?;
+        Ok(output.items.unwrap_or_default().into_iter().next())
+    }
+
+    /// Enters in the registry every agent that has a policy but no entry (agents created before
+    /// the registry existed), once per table: a Scan of the agents' STATE items, the way agents
+    /// were listed before, then `#LISTED`. Later agents enter with their first policy.
+    async fn list_agents_once(&self) -> Result<(), PaymentError> {
+        use std::sync::atomic::Ordering;
+        if self.agents_listed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if self.registry_entry("read the registry of agents", AGENTS_LISTED_SK).await?.is_none() {
+            let mut start: Option<Item> = None;
+            loop {
+                let output = self
+                    .client
+                    .scan()
+                    .table_name(&self.tables.ledger)
+                    .filter_expression("sk = :state")
+                    .expression_attribute_values(":state", s("STATE"))
+                    .projection_expression("pk")
+                    .set_exclusive_start_key(start.take())
+                    .send()
+                    .await
+                    .map_err(|e| classify("find agents from before the registry", e))?;
+                for item in output.items.unwrap_or_default() {
+                    if let Some(agent) = text(&item, "pk").and_then(|pk| pk.strip_prefix("AGENT#")) {
+                        self.put_registry_item("enter an agent in the registry", registry_item(agent)).await?;
+                    }
+                }
+                match output.last_evaluated_key {
+                    Some(key) if !key.is_empty() => start = Some(key),
+                    _ => break,
+                }
+            }
+            let listed = Item::from([("pk".to_owned(), s(AGENTS_PK)), ("sk".to_owned(), s(AGENTS_LISTED_SK))]);
+            self.put_registry_item("mark the registry of agents complete", listed).await?;
+        }
+        self.agents_listed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn put_registry_item(&self, operation: &'static str, item: Item) -> Result<(), PaymentError> {
+        self.client
+            .put_item()
+            .table_name(&self.tables.ledger)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| classify(operation, e))?;
+        Ok(())
     }
 
     /// Every item of the agent's cold partitions whose sort key starts with `prefix`.
@@ -863,11 +944,20 @@ impl Store for DynamoStore {
                 .condition_expression("attribute_not_exists(pk)")
                 .build()
                 .map_err(build_error)?;
-            let items = vec![
+            let mut items = vec![
                 TransactWriteItem::builder().put(state_put.build().map_err(build_error)?).build(),
                 window_write,
                 TransactWriteItem::builder().put(history_put).build(),
             ];
+            if state.is_none() {
+                // A new agent enters the registry with its first policy.
+                let registered = Put::builder()
+                    .table_name(&self.tables.ledger)
+                    .set_item(Some(registry_item(agent_id)))
+                    .build()
+                    .map_err(build_error)?;
+                items.push(TransactWriteItem::builder().put(registered).build());
+            }
             if let TxOutcome::Committed = self.transact("set policy", items).await? {
                 return Ok(PolicyEdited::Applied { version });
             }
@@ -979,23 +1069,27 @@ impl Store for DynamoStore {
         }
     }
 
-    async fn agents(&self) -> Result<Vec<String>, PaymentError> {
+    async fn agents_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, PaymentError> {
+        self.list_agents_once().await?;
+        let after = format!("AGENT#{}", after.unwrap_or_default());
         let mut agents = Vec::new();
         let mut start: Option<Item> = None;
-        loop {
+        while agents.len() < limit {
             let output = self
                 .client
-                .scan()
+                .query()
                 .table_name(&self.tables.ledger)
-                .filter_expression("sk = :state")
-                .expression_attribute_values(":state", s("STATE"))
-                .projection_expression("pk")
+                .key_condition_expression("pk = :pk AND sk > :after")
+                .expression_attribute_values(":pk", s(AGENTS_PK))
+                .expression_attribute_values(":after", s(after.as_str()))
+                .limit(i32::try_from(limit - agents.len()).unwrap_or(i32::MAX))
+                .consistent_read(true)
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
                 .map_err(|e| classify("list agents", e))?;
             for item in output.items.unwrap_or_default() {
-                if let Some(agent) = text(&item, "pk").and_then(|pk| pk.strip_prefix("AGENT#")) {
+                if let Some(agent) = text(&item, "sk").and_then(|sk| sk.strip_prefix("AGENT#")) {
                     agents.push(agent.to_owned());
                 }
             }
@@ -1004,8 +1098,22 @@ impl Store for DynamoStore {
                 _ => break,
             }
         }
-        agents.sort();
+        agents.truncate(limit);
         Ok(agents)
+    }
+
+    async fn sweep_cursor(&self) -> Result<Option<String>, PaymentError> {
+        let item = self.registry_entry("read the sweep's cursor", SWEEP_CURSOR_SK).await?;
+        Ok(item.as_ref().and_then(|item| text(item, "lastReconciled")).map(str::to_owned))
+    }
+
+    async fn set_sweep_cursor(&self, last_reconciled: &str) -> Result<(), PaymentError> {
+        let cursor = Item::from([
+            ("pk".to_owned(), s(AGENTS_PK)),
+            ("sk".to_owned(), s(SWEEP_CURSOR_SK)),
+            ("lastReconciled".to_owned(), s(last_reconciled)),
+        ]);
+        self.put_registry_item("record the sweep's cursor", cursor).await
     }
 
     async fn reserve(

@@ -22,8 +22,9 @@ const PROCESS_PAYMENT_STATE: &str = "ProcessPayment";
 /// resolved by the first that reaches the provider, so a few suffice.
 const MAX_FRESH_RUNS: u32 = 100;
 
-/// Agents one invocation reconciles: the sweep is bounded by Lambda's 15 minutes; more agents
-/// are reconciled by invoking it with `agentId`.
+/// Agents one scheduled sweep reconciles, bounded by Lambda's 15 minutes: with more agents,
+/// each sweep goes on after the last agent the one before reconciled (`Store::sweep_cursor`),
+/// so every agent is reconciled once every ⌈agents / this⌉ sweeps.
 pub const MAX_AGENTS_PER_SWEEP: usize = 1000;
 
 pub struct SfnExecutions {
@@ -109,6 +110,8 @@ impl ReconcileRequest {
 
 pub struct ReconcileFunction {
     pub store: Arc<dyn Store>,
+    /// `MAX_AGENTS_PER_SWEEP` in a Lambda.
+    pub agents_per_sweep: usize,
     pub reconciler: Reconciler,
     pub chain: Box<dyn ChainReader>,
     pub executions: Box<dyn ExecutionLookup>,
@@ -118,9 +121,9 @@ impl ReconcileFunction {
     /// One sweep: per agent, what changed, what was asked again and what looks wrong, counted
     /// in the logs and metrics (never a proof) and returned whole.
     pub async fn sweep(&self, request: &ReconcileRequest) -> Result<Value, PaymentError> {
-        let agents = match &request.agent_id {
-            Some(agent) => vec![agent.to_string()],
-            None => self.store.agents().await?.into_iter().take(MAX_AGENTS_PER_SWEEP).collect(),
+        let (went_on_after, agents) = match &request.agent_id {
+            Some(agent) => (None, vec![agent.to_string()]),
+            None => self.next_agents().await?,
         };
         let mut reports: Vec<AgentReconciliation> = Vec::new();
         for agent in &agents {
@@ -145,6 +148,32 @@ impl ReconcileFunction {
             }
             reports.push(report);
         }
-        Ok(json!({"dryRun": request.dry_run, "agents": reports}))
+        // Only a sweep over every agent moves on; a dry run changes nothing.
+        if let (None, false, Some(last)) = (&request.agent_id, request.dry_run, agents.last()) {
+            self.store.set_sweep_cursor(last).await?;
+        }
+        tracing::info!(
+            went_on_after = went_on_after.as_deref().unwrap_or(""),
+            agents = agents.len(),
+            last = agents.last().map_or("", String::as_str),
+            "swept"
+        );
+        Ok(json!({"dryRun": request.dry_run, "wentOnAfter": went_on_after, "agents": reports}))
+    }
+
+    /// The next `agents_per_sweep` agents after the last one the previous sweep reconciled,
+    /// on from the first agent once the last is passed, up to where this sweep began (never
+    /// one twice), with where it began.
+    async fn next_agents(&self) -> Result<(Option<String>, Vec<String>), PaymentError> {
+        let limit = self.agents_per_sweep;
+        let cursor = self.store.sweep_cursor().await?;
+        let mut agents = self.store.agents_after(cursor.as_deref(), limit).await?;
+        if let Some(cursor) = &cursor
+            && agents.len() < limit
+        {
+            let from_the_first = self.store.agents_after(None, limit - agents.len()).await?;
+            agents.extend(from_the_first.into_iter().filter(|agent| agent <= cursor));
+        }
+        Ok((cursor, agents))
     }
 }

@@ -62,6 +62,8 @@ CREATE TABLE IF NOT EXISTS executions (
     execution_id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, status TEXT NOT NULL, agent_id TEXT,
     started_at INTEGER NOT NULL, record TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS executions_by_start ON executions (started_at);
+CREATE TABLE IF NOT EXISTS sweep_cursor (
+    id INTEGER PRIMARY KEY CHECK (id = 1), last_reconciled TEXT NOT NULL);
 "#;
 
 /// An execution's history: one row per append, its events as a JSON array (`insert_history`).
@@ -1096,12 +1098,38 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn agents(&self) -> Result<Vec<String>, PaymentError> {
-        self.read("list agents", |c| {
-            let mut statement =
-                c.prepare_cached("SELECT agent_id FROM agents WHERE policy IS NOT NULL ORDER BY agent_id")?;
-            let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
+    async fn agents_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, PaymentError> {
+        // Agent ids are never empty: "" comes before every one.
+        let after = after.unwrap_or_default().to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read("list agents", move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT agent_id FROM agents WHERE policy IS NOT NULL AND agent_id > ?1 ORDER BY agent_id LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![after, limit], |row| row.get::<_, String>(0))?;
             rows.collect()
+        })
+        .await
+    }
+
+    async fn sweep_cursor(&self) -> Result<Option<String>, PaymentError> {
+        self.read("read the sweep's cursor", |c| {
+            c.prepare_cached("SELECT last_reconciled FROM sweep_cursor WHERE id = 1")?
+                .query_row([], |row| row.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn set_sweep_cursor(&self, last_reconciled: &str) -> Result<(), PaymentError> {
+        let last_reconciled = last_reconciled.to_owned();
+        self.write("record the sweep's cursor", move |tx| {
+            tx.prepare_cached(
+                "INSERT INTO sweep_cursor (id, last_reconciled) VALUES (1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET last_reconciled = excluded.last_reconciled",
+            )?
+            .execute([last_reconciled])
+            .map(drop)
         })
         .await
     }

@@ -9,7 +9,7 @@ use agentpay_core::clock::SystemClock;
 use agentpay_core::reconcile::Reconciler;
 use agentpay_lambda::StepError;
 use agentpay_lambda::config::LambdaConfig;
-use agentpay_lambda::reconcile::{ReconcileFunction, ReconcileRequest, SfnExecutions};
+use agentpay_lambda::reconcile::{MAX_AGENTS_PER_SWEEP, ReconcileFunction, ReconcileRequest, SfnExecutions};
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
 use serde_json::Value;
 
@@ -23,6 +23,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let function = ReconcileFunction {
         reconciler: Reconciler::new(store.clone(), Arc::new(SystemClock), config.settings.idempotency_ttl),
         store,
+        agents_per_sweep: MAX_AGENTS_PER_SWEEP,
         chain: Box::new(chain),
         executions: Box::new(SfnExecutions::new(aws_sdk_sfn::Client::new(&aws))),
     };

@@ -114,9 +114,17 @@ impl Store for CountingStore {
         self.count("put_trip_counters");
         self.inner.put_trip_counters(agent_id, counters).await
     }
-    async fn agents(&self) -> Result<Vec<String>, PaymentError> {
-        self.count("agents");
-        self.inner.agents().await
+    async fn agents_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, PaymentError> {
+        self.count("agents_after");
+        self.inner.agents_after(after, limit).await
+    }
+    async fn sweep_cursor(&self) -> Result<Option<String>, PaymentError> {
+        self.count("sweep_cursor");
+        self.inner.sweep_cursor().await
+    }
+    async fn set_sweep_cursor(&self, last_reconciled: &str) -> Result<(), PaymentError> {
+        self.count("set_sweep_cursor");
+        self.inner.set_sweep_cursor(last_reconciled).await
     }
     async fn reserve(
         &self,

@@ -555,6 +555,10 @@ pub struct ReleasedReservation {
     pub refund: Option<WindowWrite>,
 }
 
+/// Agents read at once when every agent is listed (`Store::agents`): a page of ids, small
+/// enough for one DynamoDB response.
+pub const AGENTS_PAGE: usize = 500;
+
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Writes `record` if no live record holds the key (absent, or past `expires_at`).
@@ -649,8 +653,30 @@ pub trait Store: Send + Sync {
     /// `false` if another write came first (read again and retry).
     async fn put_trip_counters(&self, agent_id: &str, counters: &TripCounters) -> Result<bool, PaymentError>;
 
-    /// Every agent with a policy (operators' `policy pause --all`), in id order.
-    async fn agents(&self) -> Result<Vec<String>, PaymentError>;
+    /// Agents with a policy, in id order: those after `after` (from the first when `None`), at
+    /// most `limit` — one page of a walk over every agent (the reconciliation sweep).
+    async fn agents_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, PaymentError>;
+
+    /// Every agent with a policy (operators' `policy pause --all`), in id order, read a page of
+    /// `AGENTS_PAGE` at a time.
+    async fn agents(&self) -> Result<Vec<String>, PaymentError> {
+        let mut agents: Vec<String> = Vec::new();
+        loop {
+            let page = self.agents_after(agents.last().map(String::as_str), AGENTS_PAGE).await?;
+            let full = page.len() == AGENTS_PAGE;
+            agents.extend(page);
+            if !full {
+                return Ok(agents);
+            }
+        }
+    }
+
+    /// The last agent the scheduled reconciliation sweep reconciled: the next sweep goes on
+    /// after it. `None` before the first sweep.
+    async fn sweep_cursor(&self) -> Result<Option<String>, PaymentError>;
+
+    /// Records where the next reconciliation sweep goes on after.
+    async fn set_sweep_cursor(&self, last_reconciled: &str) -> Result<(), PaymentError>;
 
     /// Atomically: apply `write` to the agent's window (if its conditions hold when it lands)
     /// and create the reservation if its id is new, while `fence` still holds the claim.
