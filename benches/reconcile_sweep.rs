@@ -133,7 +133,7 @@ async fn measure(label: &str, store: Arc<dyn Store>, proofs: Arc<dyn IssuedProof
     let mut replayed = 0;
     for i in 0..AGENTS {
         let since = Timestamp::from_millis(0);
-        let (requests, _) = agentpay::backtest::recorded_requests(store.as_ref(), &agent(i), since).await.unwrap();
+        let requests = agentpay::backtest::recorded_requests(store.as_ref(), &agent(i), since).await.unwrap().requests;
         replayed += agentpay::backtest::backtest(&agent(i), &draft, &requests).unwrap().recorded.requests;
     }
     println!(

@@ -692,10 +692,10 @@ async fn policy_command(ctx: &Context, command: &PolicyCommand, operator: &str) 
             let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
             let draft = serde_json::from_str::<SpendPolicy>(&text).map_err(|e| format!("{}: {e}", file.display()))?;
             let since = parse_since(since, SystemClock.now())?;
-            let (requests, not_replayable) =
-                agentpay::backtest::recorded_requests(store.as_ref(), agent, since).await?;
-            let mut report = agentpay::backtest::backtest(agent, &draft, &requests)?;
-            report.not_replayable = not_replayable;
+            let recorded = agentpay::backtest::recorded_requests(store.as_ref(), agent, since).await?;
+            let mut report = agentpay::backtest::backtest(agent, &draft, &recorded.requests)?;
+            report.not_replayable = recorded.not_replayable;
+            report.older_left_out = recorded.older_left_out;
             print_backtest(&report, ctx.json)?;
             return Ok(());
         }
@@ -748,6 +748,13 @@ fn print_backtest(report: &agentpay::backtest::BacktestReport, json: bool) -> Re
         "agent {}: {} requests replayed ({} shadow decisions among them); {} denials recorded before a payment was chosen cannot be replayed",
         report.agent_id, recorded.requests, report.shadow_requests, report.not_replayable
     );
+    if report.older_left_out > 0 {
+        println!(
+            "{} older requests were left out: a backtest replays the newest {} (give a later --since to replay every one)",
+            report.older_left_out,
+            agentpay::backtest::MAX_REQUESTS
+        );
+    }
     let mut table = new_table(&["", "allowed", "of which to a person", "denied", "allowed amount"]);
     for (side, tally) in [("recorded", recorded), ("draft", draft)] {
         table.add_row(vec![

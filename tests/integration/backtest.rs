@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentpay::asl::RecordingSleeper;
-use agentpay::backtest::{BacktestReport, backtest, recorded_requests};
+use agentpay::backtest::{BacktestReport, backtest, recorded_requests, recorded_requests_up_to};
 use agentpay::clock::{ManualClock, Timestamp};
 use agentpay::config::Config;
 use agentpay::executions::ExecutionStatus;
@@ -63,10 +63,9 @@ impl History {
     }
 
     async fn backtest(&self, agent: &str, draft: &SpendPolicy) -> BacktestReport {
-        let (requests, not_replayable) =
-            recorded_requests(self.app.store.as_ref(), agent, Timestamp::from_millis(0)).await.unwrap();
-        assert_eq!(not_replayable, 0);
-        backtest(agent, draft, &requests).unwrap()
+        let recorded = recorded_requests(self.app.store.as_ref(), agent, Timestamp::from_millis(0)).await.unwrap();
+        assert_eq!((recorded.not_replayable, recorded.older_left_out), (0, 0));
+        backtest(agent, draft, &recorded.requests).unwrap()
     }
 }
 
@@ -126,4 +125,19 @@ async fn a_stricter_draft_reports_exactly_the_payments_it_would_have_denied() {
     assert_eq!(report.newly_denied.allowed_atomic, over.iter().map(|a| u128::from(*a)).sum::<u128>());
     assert_eq!(report.newly_allowed.requests, 0);
     assert!(!over.is_empty(), "the seed's history has payments above 0.50 (seed {seed})");
+}
+
+/// Past the limit a backtest replays, the newest requests are kept and the older ones left out
+/// are counted, never dropped unsaid.
+#[tokio::test]
+async fn past_the_limit_the_newest_requests_are_replayed_and_the_rest_counted() {
+    let seed: u64 = rand::random();
+    let h = History::new().await;
+    h.make("bt-many", &policy("2.00", "1000.00", 1000), seed, 30).await;
+    let since = Timestamp::from_millis(0);
+    let all = recorded_requests(h.app.store.as_ref(), "bt-many", since).await.unwrap();
+    let newest = recorded_requests_up_to(h.app.store.as_ref(), "bt-many", since, 20).await.unwrap();
+    assert_eq!((all.requests.len(), all.older_left_out), (30, 0));
+    assert_eq!(newest.older_left_out, 10);
+    assert_eq!(newest.requests, all.requests[10..], "the newest 20, oldest first");
 }

@@ -20,8 +20,20 @@ use crate::store::{AuditKind, ReservationStatus, Store};
 use crate::window::SpendWindow;
 
 /// Requests one backtest replays at most: what a year of a busy agent records, and what the
-/// report's memory allows.
+/// report's memory allows. With more, the newest are replayed and the report says how many
+/// older ones were left out (`BacktestReport::older_left_out`).
 pub const MAX_REQUESTS: usize = 1_000_000;
+
+/// What an agent recorded since a time, ready to replay.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Oldest first, the newest `MAX_REQUESTS` at most.
+    pub requests: Vec<RecordedRequest>,
+    /// Denials recorded before a payment was selected (no amount or payee): not replayable.
+    pub not_replayable: usize,
+    /// The oldest requests past `MAX_REQUESTS`, left out.
+    pub older_left_out: usize,
+}
 
 /// One request as recorded, and what was decided then.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -47,11 +59,17 @@ pub struct RecordedRequest {
 /// The agent's requests since `since`, oldest first: its reservations (real and shadow) and
 /// its denials (which reserved nothing). Denials recorded before a payment was selected (no
 /// amount or payee) cannot be replayed and are counted apart.
-pub async fn recorded_requests(
+pub async fn recorded_requests(store: &dyn Store, agent: &str, since: Timestamp) -> Result<Recorded, PaymentError> {
+    recorded_requests_up_to(store, agent, since, MAX_REQUESTS).await
+}
+
+/// As `recorded_requests`, keeping the newest `limit`.
+pub async fn recorded_requests_up_to(
     store: &dyn Store,
     agent: &str,
     since: Timestamp,
-) -> Result<(Vec<RecordedRequest>, usize), PaymentError> {
+    limit: usize,
+) -> Result<Recorded, PaymentError> {
     let mut requests = Vec::new();
     for r in store.reservations(agent).await?.into_iter().filter(|r| r.created_at >= since) {
         let waits = r.approval.is_some();
@@ -97,8 +115,10 @@ pub async fn recorded_requests(
         });
     }
     requests.sort_by(|a, b| (a.at, &a.idempotency_key).cmp(&(b.at, &b.idempotency_key)));
-    requests.truncate(MAX_REQUESTS);
-    Ok((requests, unreplayable))
+    // The newest are what a draft is judged on; the report says how many older ones are out.
+    let older_left_out = requests.len().saturating_sub(limit);
+    requests.drain(..older_left_out);
+    Ok(Recorded { requests, not_replayable: unreplayable, older_left_out })
 }
 
 /// One request replayed.
@@ -170,6 +190,9 @@ pub struct BacktestReport {
     pub changes: Vec<Replayed>,
     /// Denials recorded without an amount or payee (refused before a payment was selected).
     pub not_replayable: usize,
+    /// Older requests left out: more were recorded than `MAX_REQUESTS` (a later `since` replays
+    /// them all).
+    pub older_left_out: usize,
 }
 
 /// Replays `requests` (oldest first) against `draft`.
@@ -191,6 +214,7 @@ pub fn backtest(
         days: BTreeMap::new(),
         changes: Vec::new(),
         not_replayable: 0,
+        older_left_out: 0,
     };
     for request in requests {
         let decided = sim.decide(agent, draft, request)?;
