@@ -748,6 +748,14 @@ fn print_backtest(report: &agentpay::backtest::BacktestReport, json: bool) -> Re
         "agent {}: {} requests replayed ({} shadow decisions among them); {} denials recorded before a payment was chosen cannot be replayed",
         report.agent_id, recorded.requests, report.shadow_requests, report.not_replayable
     );
+    if let Some(trip) = &report.paused_by_trip {
+        println!(
+            "the draft's automatic trip would have paused the agent at {} (key {}): {}; every later request is denied AgentPaused (nobody resumes it in a replay)",
+            trip.at.to_rfc3339(),
+            trip.idempotency_key,
+            trip.reason
+        );
+    }
     if report.older_left_out > 0 {
         println!(
             "{} older requests were left out: a backtest replays the newest {} (give a later --since to replay every one)",

@@ -15,7 +15,7 @@ use agentpay::policy::{PolicyMode, SpendPolicy};
 use agentpay::samples::execution_input;
 use agentpay::shadow::ShadowVerdict;
 use rand::{Rng, SeedableRng};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::helpers::policy;
 
@@ -140,4 +140,66 @@ async fn past_the_limit_the_newest_requests_are_replayed_and_the_rest_counted() 
     assert_eq!((all.requests.len(), all.older_left_out), (30, 0));
     assert_eq!(newest.older_left_out, 10);
     assert_eq!(newest.requests, all.requests[10..], "the newest 20, oldest first");
+}
+
+/// A draft's automatic trips are replayed as the workflow counts them: the request that trips
+/// is denied `KillSwitchTripped`, and every later one `AgentPaused` (nobody resumes the agent
+/// in a replay); before it, the draft decides as it would without the trip.
+#[tokio::test]
+async fn a_draft_that_would_trip_the_kill_switch_pauses_the_agent_for_the_rest_of_the_replay() {
+    let seed: u64 = rand::random();
+    let h = History::new().await;
+    let loose = policy("2.00", "1000.00", 1000);
+    h.make("bt-trips", &loose, seed, 80).await;
+    let auto_pause = |json: Value| Some(serde_json::from_value(json).unwrap());
+
+    // Deviation flags: the first flagged payment trips a draft that allows one flag an hour.
+    let mut deviating = loose.clone();
+    deviating.deviation =
+        Some(serde_json::from_value(json!({"multiplier": "1.5", "lookbackDays": 2, "minPayments": 3})).unwrap());
+    let flags_only = h.backtest("bt-trips", &deviating).await;
+    let first_flag = flags_only.changes.iter().find(|c| c.draft.deviation.is_some()).expect("a flagged payment");
+    let mut tripping = deviating.clone();
+    tripping.auto_pause = auto_pause(json!({"deviationFlagsPerHour": 1}));
+    let report = h.backtest("bt-trips", &tripping).await;
+    let trip = report.paused_by_trip.clone().unwrap_or_else(|| panic!("no trip (seed {seed})"));
+    assert_eq!(trip.idempotency_key, first_flag.request.idempotency_key, "seed {seed}");
+    assert!(trip.reason.contains("deviationFlagsPerHour is 1"), "{}", trip.reason);
+    assert_paused_after(&report, &trip, seed);
+    let before: Vec<_> = flags_only.changes.iter().take_while(|c| c.request.at < trip.at).collect();
+    assert!(before.is_empty(), "nothing changes before the first flag (seed {seed})");
+
+    // Velocity: a low spend-per-hour limit trips on the first payment that would pass it.
+    let mut fast = loose.clone();
+    fast.auto_pause = auto_pause(json!({"spendPerHourUsd": "1.50"}));
+    let report = h.backtest("bt-trips", &fast).await;
+    let trip = report.paused_by_trip.clone().unwrap_or_else(|| panic!("no velocity trip (seed {seed})"));
+    assert!(trip.reason.contains("above autoPause.spendPerHourUsd of 1.50 USD"), "{}", trip.reason);
+    assert_paused_after(&report, &trip, seed);
+
+    // The policy in force never trips: nothing reported.
+    assert_eq!(h.backtest("bt-trips", &loose).await.paused_by_trip, None);
+}
+
+/// The tripping request is denied `KillSwitchTripped`, every later one `AgentPaused`, and none
+/// before the trip changes.
+fn assert_paused_after(report: &BacktestReport, trip: &agentpay::backtest::DraftTrip, seed: u64) {
+    let mut after_trip = false;
+    for change in &report.changes {
+        let error = change.draft.error.as_deref();
+        if change.request.idempotency_key == trip.idempotency_key {
+            assert_eq!(error, Some("KillSwitchTripped"), "seed {seed}");
+            after_trip = true;
+        } else if after_trip {
+            assert_eq!(error, Some("AgentPaused"), "{:?} (seed {seed})", change.request.idempotency_key);
+        } else {
+            panic!("a change before the trip: {change:?} (seed {seed})");
+        }
+    }
+    assert!(after_trip, "the tripping request is among the changes (seed {seed})");
+    assert_eq!(
+        report.draft.denied,
+        report.changes.len() as u64,
+        "only the trip and what follows are denied (seed {seed})"
+    );
 }

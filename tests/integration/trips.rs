@@ -151,6 +151,13 @@ async fn deviation_flags_within_an_hour_pause_the_agent() {
     f.approvals().decide(&id, Decision::Approve, APPROVER).await.unwrap();
     let stopped = f.app.executions.execution(&first.execution_id).await.unwrap().unwrap();
     assert_eq!(error(&stopped).0, "AgentPaused");
+    // Flags while paused are not counted: they are denied as paused, and trip nothing again
+    // (no new policy version, no second alarm).
+    let versions = f.app.store.policy_history(AGENT).await.unwrap().len();
+    for _ in 0..3 {
+        assert_eq!(error(&f.pay("9000000").await).0, "AgentPaused");
+    }
+    assert_eq!(f.app.store.policy_history(AGENT).await.unwrap().len(), versions);
 }
 
 #[tokio::test]

@@ -1,9 +1,13 @@
 //! Policy backtest: the agent's recorded payment requests (paid, denied, waiting, and shadow
 //! decisions), replayed in time order against a draft policy with the very decision code the
 //! workflow runs (`decide`, the deviation check, the velocity check) over a simulated window
-//! and spend history. What it does not replay: who called (the caller check), the kill switch
-//! and automatic trips (a draft's `paused` applies throughout), and releases after the decision
-//! (a payment released later counted until then in the real window, for its whole life here).
+//! and spend history, and the draft's automatic trips of the kill switch (velocity, deviation
+//! flags per hour) as the workflow counts them: once the draft would have paused the agent,
+//! every later request is denied `AgentPaused`, since no person resumes it in a replay. What it
+//! does not replay: who called (the caller check), trips on a person's rejections (the draft's
+//! approvals were never asked), an operator's pauses (a draft's `paused` applies throughout),
+//! and releases after the decision (a payment released later counted until then in the real
+//! window, for its whole life here).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -17,6 +21,7 @@ use crate::payment::{Network, PaymentProtocol, PaymentRequirement, X402Version};
 use crate::policy::{AgentLedger, SpendPolicy, decide};
 use crate::shadow::{ShadowDecision, ShadowVerdict};
 use crate::store::{AuditKind, ReservationStatus, Store};
+use crate::trips::{TripCounters, TripEvent};
 use crate::window::SpendWindow;
 
 /// Requests one backtest replays at most: what a year of a busy agent records, and what the
@@ -193,6 +198,19 @@ pub struct BacktestReport {
     /// Older requests left out: more were recorded than `MAX_REQUESTS` (a later `since` replays
     /// them all).
     pub older_left_out: usize,
+    /// When and why the draft's automatic trip would have paused the agent, if it would have:
+    /// every later request is denied `AgentPaused`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused_by_trip: Option<DraftTrip>,
+}
+
+/// The draft's first automatic trip in a replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DraftTrip {
+    pub at: Timestamp,
+    pub idempotency_key: String,
+    pub reason: String,
 }
 
 /// Replays `requests` (oldest first) against `draft`.
@@ -201,7 +219,12 @@ pub fn backtest(
     draft: &SpendPolicy,
     requests: &[RecordedRequest],
 ) -> Result<BacktestReport, PaymentError> {
-    let mut sim = Simulation { window: SpendWindow::default(), history: HashMap::new() };
+    let mut sim = Simulation {
+        window: SpendWindow::default(),
+        history: HashMap::new(),
+        trips: TripCounters::default(),
+        paused_by_trip: None,
+    };
     let mut report = BacktestReport {
         agent_id: agent.to_owned(),
         shadow_requests: requests.iter().filter(|r| r.shadow).count() as u64,
@@ -215,6 +238,7 @@ pub fn backtest(
         changes: Vec::new(),
         not_replayable: 0,
         older_left_out: 0,
+        paused_by_trip: None,
     };
     for request in requests {
         let decided = sim.decide(agent, draft, request)?;
@@ -237,6 +261,7 @@ pub fn backtest(
             report.changes.push(Replayed { request: request.clone(), draft: decided, changed });
         }
     }
+    report.paused_by_trip = sim.paused_by_trip;
     Ok(report)
 }
 
@@ -245,6 +270,10 @@ struct Simulation {
     window: SpendWindow,
     /// (scope, day) → total and count.
     history: HashMap<(String, u32), SpendHistory>,
+    /// What the draft's deviation trip counts.
+    trips: TripCounters,
+    /// The draft's first trip: the agent is paused from then on.
+    paused_by_trip: Option<DraftTrip>,
 }
 
 impl Simulation {
@@ -255,7 +284,9 @@ impl Simulation {
         request: &RecordedRequest,
     ) -> Result<ShadowDecision, PaymentError> {
         let requirement = requirement(request)?;
-        let ledger = AgentLedger { policy: Some(draft.clone()), version: 1, window: self.window.clone() };
+        let mut policy = draft.clone();
+        policy.paused |= self.paused_by_trip.is_some();
+        let ledger = AgentLedger { policy: Some(policy), version: 1, window: self.window.clone() };
         let deviation = draft.deviation.as_ref().and_then(|policy| {
             let scope = checked_scope(policy, &request.payee, request.category.as_deref());
             let (first, last) = lookback(policy, request.at);
@@ -268,9 +299,22 @@ impl Simulation {
             }
             check(policy, scope, seen, request.amount)
         });
-        let decided = decide(agent, &ledger, &requirement, request.at)
-            .and_then(|d| crate::steps::with_deviation(d, deviation.as_ref(), agent, &requirement))
-            .and_then(|d| crate::steps::within_velocity(d, &ledger, agent, &requirement, request.at));
+        // As CheckSpend: a deviation flag is counted before the decision (unless the agent is
+        // paused), and a trip denies it.
+        let counted = match ledger.policy.as_ref().is_some_and(|p| p.paused) {
+            true => None,
+            false => self.count_deviation_flag(draft, deviation.is_some(), request),
+        };
+        let decided = match counted {
+            Some(reason) => Err(self.trip(agent, request, reason)),
+            None => decide(agent, &ledger, &requirement, request.at)
+                .and_then(|d| crate::steps::with_deviation(d, deviation.as_ref(), agent, &requirement))
+                .and_then(|d| crate::steps::within_velocity(d, &ledger, agent, &requirement, request.at))
+                .map_err(|denial| match denial {
+                    PaymentError::KillSwitchTripped { reason, .. } => self.trip(agent, request, reason),
+                    other => other,
+                }),
+        };
         let mut decision = match decided {
             Ok(spend) => {
                 self.window = self.window.apply(&spend.write).ok_or_else(|| {
@@ -297,6 +341,33 @@ impl Simulation {
             }
         }
         Ok(decision)
+    }
+
+    /// Counts a deviation flag where the draft trips on them; why it trips, if it does.
+    fn count_deviation_flag(
+        &mut self,
+        draft: &SpendPolicy,
+        flagged: bool,
+        request: &RecordedRequest,
+    ) -> Option<String> {
+        let auto = draft.auto_pause.as_ref().filter(|a| a.deviation_flags_per_hour.is_some() && flagged)?;
+        let event = TripEvent::DeviationFlagged { reservation_id: request.idempotency_key.clone() };
+        if let Some(next) = self.trips.after(&event, request.at) {
+            self.trips = next;
+        }
+        self.trips.tripped(auto)
+    }
+
+    /// The draft pauses the agent (its first trip is reported) and the counters start over, as
+    /// the workflow's trip does; the request is denied with the trip's reason.
+    fn trip(&mut self, agent: &str, request: &RecordedRequest, reason: String) -> PaymentError {
+        self.trips = self.trips.started_over();
+        self.paused_by_trip.get_or_insert_with(|| DraftTrip {
+            at: request.at,
+            idempotency_key: request.idempotency_key.clone(),
+            reason: reason.clone(),
+        });
+        PaymentError::KillSwitchTripped { agent: agent.to_owned(), reason }
     }
 }
 

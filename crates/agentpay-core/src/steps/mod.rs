@@ -514,7 +514,13 @@ impl Steps {
         // Read once: the history moves only with authorizations, and a payment decided on a
         // history a moment old is still decided on the agent's habits.
         let deviation = self.deviation(agent, &ledger, payment, request.context.category.as_deref()).await?;
-        if let Some(reason) = self.deviation_trip(agent, &ledger, deviation.as_ref(), reservation_id).await? {
+        // A paused agent is denied below; counting its flags would trip (and alarm) again.
+        let paused = ledger.policy.as_ref().is_some_and(|p| p.paused);
+        let tripped = match paused {
+            true => None,
+            false => self.deviation_trip(agent, &ledger, deviation.as_ref(), reservation_id).await?,
+        };
+        if let Some(reason) = tripped {
             if let Some(existing) = self.store.reservation(agent, reservation_id).await? {
                 return self.existing_reservation(existing, &fence, &request).await;
             }
