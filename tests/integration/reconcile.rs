@@ -381,3 +381,61 @@ async fn a_sweep_goes_on_where_the_last_one_stopped_and_leaves_no_agent_out() {
         assert_eq!(answer["agents"].as_array().unwrap().len(), 7, "{answer}");
     }
 }
+
+/// An agent the sweep cannot reconcile (its execution cannot be looked up) does not hold up the
+/// agents after it: the sweep goes on past it, moves its place, and then fails with that
+/// agent's error, so the function's error alarm still tells someone.
+#[tokio::test]
+async fn a_sweep_goes_on_past_an_agent_it_cannot_reconcile_then_fails() {
+    use agentpay::error::PaymentError;
+    use agentpay::reconcile::{ExecutionFate, ExecutionLookup};
+    use agentpay::steps::{CheckIdempotencyInput, CheckSpendInput};
+    use agentpay_lambda::reconcile::{ReconcileFunction, ReconcileRequest};
+
+    /// Every execution ended before ProcessPayment, but one cannot be looked up.
+    struct OneUnreachable;
+    #[async_trait::async_trait]
+    impl ExecutionLookup for OneUnreachable {
+        async fn fate(&self, id: &str) -> Result<ExecutionFate, PaymentError> {
+            match id {
+                "exec-broken" => Err(PaymentError::store("describe execution", "throttled, and again")),
+                _ => Ok(ExecutionFate::Ended { status: "FAILED".into(), entered_process_payment: false }),
+            }
+        }
+        async fn ask_again(&self, id: &str) -> Result<String, PaymentError> {
+            unreachable!("nothing is unknown here: {id}")
+        }
+    }
+
+    let f = crate::stores::Fixture::new(crate::stores::Backend::Sqlite).await;
+    // Each agent left a reservation behind an execution that died before paying; the second
+    // agent's execution cannot be looked up.
+    let agents = [("swept-1", "exec-1"), ("swept-2", "exec-broken"), ("swept-3", "exec-3")];
+    for (agent, execution) in agents {
+        f.store.put_policy(agent, &policy("1", "10", 10)).await.unwrap();
+        let request = execution_input(&format!("key-{agent}"), agent, "10000");
+        let claim = f
+            .steps
+            .check_idempotency(CheckIdempotencyInput { request: request.clone(), execution_id: execution.into() })
+            .await
+            .unwrap();
+        f.steps.check_spend(CheckSpendInput { request, execution_id: execution.into(), claim }).await.unwrap();
+    }
+    let function = ReconcileFunction {
+        store: f.store.clone(),
+        agents_per_sweep: 10,
+        reconciler: Reconciler::new(f.store.clone(), f.clock.clone(), Duration::from_secs(24 * 3600)),
+        chain: Box::new(NoChain),
+        executions: Box::new(OneUnreachable),
+    };
+    let error = function.sweep(&ReconcileRequest::default()).await.unwrap_err();
+    assert!(error.chain_message().contains("throttled, and again"), "{}", error.chain_message());
+    let status = |agent: &'static str| {
+        let store = f.store.clone();
+        async move { store.reservations(agent).await.unwrap()[0].status }
+    };
+    assert_eq!(status("swept-1").await, ReservationStatus::Released);
+    assert_eq!(status("swept-2").await, ReservationStatus::Reserved, "left counted: nothing is known of it");
+    assert_eq!(status("swept-3").await, ReservationStatus::Released, "the agent after the failure was reconciled");
+    assert_eq!(f.store.sweep_cursor().await.unwrap().as_deref(), Some("swept-3"));
+}

@@ -119,22 +119,33 @@ pub struct ReconcileFunction {
 
 impl ReconcileFunction {
     /// One sweep: per agent, what changed, what was asked again and what looks wrong, counted
-    /// in the logs and metrics (never a proof) and returned whole.
+    /// in the logs and metrics (never a proof) and returned whole. An agent that cannot be
+    /// reconciled does not hold up the others: the sweep goes on past it, then fails with its
+    /// error (the function's errors alarm), so one broken agent never starves the rest.
     pub async fn sweep(&self, request: &ReconcileRequest) -> Result<Value, PaymentError> {
         let (went_on_after, agents) = match &request.agent_id {
             Some(agent) => (None, vec![agent.to_string()]),
             None => self.next_agents().await?,
         };
         let mut reports: Vec<AgentReconciliation> = Vec::new();
+        let mut failed: Vec<PaymentError> = Vec::new();
         for agent in &agents {
-            let report = self
+            let reconciled = self
                 .reconciler
                 .agent(agent, self.chain.as_ref(), self.executions.as_ref(), request.dry_run)
                 .await
                 .map_err(|e| match e {
                     agentpay_core::settlements::SettlementError::Store(error) => error,
                     other => PaymentError::LedgerInconsistent(other.to_string()),
-                })?;
+                });
+            let report = match reconciled {
+                Ok(report) => report,
+                Err(error) => {
+                    tracing::error!(agent = agent.as_str(), error = %error, "could not reconcile the agent; going on with the next");
+                    failed.push(error);
+                    continue;
+                }
+            };
             tracing::info!(
                 agent = agent.as_str(),
                 changed = report.changes.len(),
@@ -155,9 +166,15 @@ impl ReconcileFunction {
         tracing::info!(
             went_on_after = went_on_after.as_deref().unwrap_or(""),
             agents = agents.len(),
+            failed = failed.len(),
             last = agents.last().map_or("", String::as_str),
             "swept"
         );
+        // The first failure, as it was (its type names the Lambda error); each is logged with
+        // its agent above.
+        if let Some(error) = failed.into_iter().next() {
+            return Err(error);
+        }
         Ok(json!({"dryRun": request.dry_run, "wentOnAfter": went_on_after, "agents": reports}))
     }
 
