@@ -103,6 +103,13 @@ async fn main() {
             latencies[latencies.len() - 1].as_secs_f64() * 1000.0,
             counting.total() as f64 / payments as f64,
         );
+        // Issue 14's target for the local runner on 2 cores.
+        let (rate, p99_ms) = (payments as f64 / elapsed.as_secs_f64(), pick(0.99).as_secs_f64() * 1000.0);
+        let met = rate >= 1000.0 && p99_ms <= 20.0;
+        println!(
+            "       target (at least 1,000 payments/s with p99 at most 20 ms): {}",
+            if met { "met" } else { "not met" }
+        );
         let stats = sqlite.commit_stats();
         let (writes, commits) = (stats.writes - commits_before.writes, stats.commits - commits_before.commits);
         let per_payment = |time: std::time::Duration| time.as_secs_f64() * 1000.0 / payments as f64;
