@@ -127,6 +127,7 @@ impl Approvals {
     /// Deciding again the same way (say, after a delivery failed) delivers it again.
     pub async fn decide(&self, id: &str, decision: Decision, approver: &str) -> Result<ApprovalRecord, ApprovalError> {
         let record = self.record(id).await?;
+        self.still_reserved(&record).await?;
         let principals = self.store.policy(&record.agent_id).await?.map(|p| p.principals).unwrap_or_default();
         let now = self.clock.now();
         let commit = match approval::decide(&record, &decision, approver, &principals, now) {
@@ -154,6 +155,22 @@ impl Approvals {
         }
         self.deliver(&commit.decided, &decision).await?;
         Ok(commit.decided.redacted())
+    }
+
+    /// A pending approval whose payment is no longer reserved waits for nobody: its execution
+    /// ended without an answer (stopped, or failed) and the payment was released (by
+    /// reconciliation). Deciding it would record a decision, and audit it, for a payment that
+    /// can no longer happen. (Past its time-out `approval::decide` says so instead.)
+    async fn still_reserved(&self, record: &ApprovalRecord) -> Result<(), ApprovalError> {
+        if record.status != crate::store::ApprovalStatus::Pending || record.expires_at <= self.clock.now() {
+            return Ok(());
+        }
+        match self.store.reservation(&record.agent_id, &record.reservation_id).await? {
+            Some(reservation) if reservation.status != crate::store::ReservationStatus::Reserved => {
+                Err(ApprovalError::PaymentEnded { id: record.id.clone(), status: reservation.status.as_str() })
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn deliver(&self, record: &ApprovalRecord, decision: &Decision) -> Result<(), ApprovalError> {

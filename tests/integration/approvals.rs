@@ -291,3 +291,37 @@ fn each_decision_is_counted_with_how_long_the_payment_waited() {
     assert_eq!(captured.decisions("ApprovalWaitSeconds", "Rejected"), [60.0]);
     assert_eq!(captured.decisions("ApprovalWaitSeconds", "TimedOut"), [7200.0]);
 }
+
+/// A payment whose execution stopped while waiting (as StopExecution does on AWS) is released
+/// by reconciliation; its approval then waits for nobody: deciding it is refused, and no
+/// decision is recorded or audited for a payment that can no longer happen.
+#[tokio::test]
+async fn an_approval_whose_execution_stopped_is_refused_and_nothing_is_recorded() {
+    use agentpay::client::PaymentClient;
+    use agentpay::client::local::LocalBackend;
+    use agentpay::client::reconcile::ClientExecutions;
+    use agentpay::reconcile::Reconciler;
+    use agentpay::settlements::NoChain;
+
+    let f = Fixture::new().await;
+    let waiting = f.pay("k-stopped", "1000000").await;
+    assert_eq!(waiting.status, ExecutionStatus::Running, "{waiting:?}");
+    let id = f.only_approval_id().await;
+    // Deciding works while the payment is reserved: it is the stop that changes it.
+    let mut stopped = f.current(&waiting).await;
+    stopped.status = ExecutionStatus::Failed;
+    stopped.owner = None;
+    f.app.executions.update_execution(&stopped).await.unwrap();
+    let client = PaymentClient::new(Box::new(LocalBackend::new(f.app.runner.clone(), f.app.executions.clone())));
+    let reconciler = Reconciler::new(f.app.store.clone(), f.clock.clone(), Duration::from_secs(24 * 3600));
+    reconciler.agent(AGENT, &NoChain, &ClientExecutions::new(&client), false).await.unwrap();
+    let reservations = f.app.store.reservations(AGENT).await.unwrap();
+    assert_eq!(reservations[0].status, ReservationStatus::Released, "{reservations:?}");
+
+    let refused = f.approvals().decide(&id, Decision::Approve, APPROVER).await.unwrap_err();
+    assert!(matches!(refused, ApprovalError::PaymentEnded { status: "RELEASED", .. }), "{refused}");
+    assert!(refused.to_string().contains("waits for nobody"), "{refused}");
+    assert_eq!(f.app.store.approval(&id).await.unwrap().unwrap().status, ApprovalStatus::Pending);
+    let audit = f.app.store.audit_events(AGENT).await.unwrap();
+    assert!(!audit.iter().any(|e| e.kind == AuditKind::ApprovalGranted), "{audit:?}");
+}

@@ -144,6 +144,10 @@ pub enum ApprovalError {
     #[error("reason: received {received} characters, expected 1 to {MAX_REASON_LEN}")]
     BadReason { received: usize },
     #[error(
+        "approval {id} waits for nobody: its payment was {status} after its execution ended without an answer (stopped, or failed), so no decision is recorded"
+    )]
+    PaymentEnded { id: String, status: &'static str },
+    #[error(
         "approval {id} is recorded as {status} but the execution is no longer waiting for it: {detail}. It timed out, or was answered before"
     )]
     NotWaiting { id: String, status: &'static str, detail: String },
