@@ -382,60 +382,86 @@ async fn a_sweep_goes_on_where_the_last_one_stopped_and_leaves_no_agent_out() {
     }
 }
 
-/// An agent the sweep cannot reconcile (its execution cannot be looked up) does not hold up the
-/// agents after it: the sweep goes on past it, moves its place, and then fails with that
-/// agent's error, so the function's error alarm still tells someone.
-#[tokio::test]
-async fn a_sweep_goes_on_past_an_agent_it_cannot_reconcile_then_fails() {
-    use agentpay::error::PaymentError;
-    use agentpay::reconcile::{ExecutionFate, ExecutionLookup};
+/// Every execution ended before ProcessPayment, except those named, which cannot be looked up.
+struct Unreachable(&'static [&'static str]);
+
+#[async_trait::async_trait]
+impl agentpay::reconcile::ExecutionLookup for Unreachable {
+    async fn fate(&self, id: &str) -> Result<agentpay::reconcile::ExecutionFate, agentpay::error::PaymentError> {
+        match self.0.contains(&id) {
+            true => Err(agentpay::error::PaymentError::store("describe execution", "throttled, and again")),
+            false => Ok(agentpay::reconcile::ExecutionFate::Ended {
+                status: "FAILED".into(),
+                entered_process_payment: false,
+            }),
+        }
+    }
+    async fn ask_again(&self, id: &str) -> Result<String, agentpay::error::PaymentError> {
+        unreachable!("nothing is unknown here: {id}")
+    }
+}
+
+/// `count` agents (`swept-1`, ...), each with a reservation left behind by an execution
+/// (`exec-N`) that died before paying; a sweep of them all with `executions`; the error it
+/// failed with, each agent's reservation status and the sweep's place after it.
+async fn sweep_with(
+    count: usize,
+    executions: Unreachable,
+) -> (agentpay::error::PaymentError, Vec<ReservationStatus>, Option<String>) {
     use agentpay::steps::{CheckIdempotencyInput, CheckSpendInput};
     use agentpay_lambda::reconcile::{ReconcileFunction, ReconcileRequest};
 
-    /// Every execution ended before ProcessPayment, but one cannot be looked up.
-    struct OneUnreachable;
-    #[async_trait::async_trait]
-    impl ExecutionLookup for OneUnreachable {
-        async fn fate(&self, id: &str) -> Result<ExecutionFate, PaymentError> {
-            match id {
-                "exec-broken" => Err(PaymentError::store("describe execution", "throttled, and again")),
-                _ => Ok(ExecutionFate::Ended { status: "FAILED".into(), entered_process_payment: false }),
-            }
-        }
-        async fn ask_again(&self, id: &str) -> Result<String, PaymentError> {
-            unreachable!("nothing is unknown here: {id}")
-        }
-    }
-
     let f = crate::stores::Fixture::new(crate::stores::Backend::Sqlite).await;
-    // Each agent left a reservation behind an execution that died before paying; the second
-    // agent's execution cannot be looked up.
-    let agents = [("swept-1", "exec-1"), ("swept-2", "exec-broken"), ("swept-3", "exec-3")];
-    for (agent, execution) in agents {
+    let agents: Vec<String> = (1..=count).map(|n| format!("swept-{n}")).collect();
+    for (n, agent) in agents.iter().enumerate() {
         f.store.put_policy(agent, &policy("1", "10", 10)).await.unwrap();
-        let request = execution_input(&format!("key-{agent}"), agent, "10000");
+        let (request, execution) =
+            (execution_input(&format!("key-{agent}"), agent, "10000"), format!("exec-{}", n + 1));
         let claim = f
             .steps
-            .check_idempotency(CheckIdempotencyInput { request: request.clone(), execution_id: execution.into() })
+            .check_idempotency(CheckIdempotencyInput { request: request.clone(), execution_id: execution.clone() })
             .await
             .unwrap();
-        f.steps.check_spend(CheckSpendInput { request, execution_id: execution.into(), claim }).await.unwrap();
+        f.steps.check_spend(CheckSpendInput { request, execution_id: execution, claim }).await.unwrap();
     }
     let function = ReconcileFunction {
         store: f.store.clone(),
         agents_per_sweep: 10,
         reconciler: Reconciler::new(f.store.clone(), f.clock.clone(), Duration::from_secs(24 * 3600)),
         chain: Box::new(NoChain),
-        executions: Box::new(OneUnreachable),
+        executions: Box::new(executions),
     };
     let error = function.sweep(&ReconcileRequest::default()).await.unwrap_err();
+    let mut statuses = Vec::new();
+    for agent in &agents {
+        statuses.push(f.store.reservations(agent).await.unwrap()[0].status);
+    }
+    (error, statuses, f.store.sweep_cursor().await.unwrap())
+}
+
+/// An agent the sweep cannot reconcile (its execution cannot be looked up) does not hold up the
+/// agents after it: the sweep goes on past it, moves its place, and then fails with that
+/// agent's error, so the function's error alarm still tells someone.
+#[tokio::test]
+async fn a_sweep_goes_on_past_an_agent_it_cannot_reconcile_then_fails() {
+    use ReservationStatus::{Released, Reserved};
+    let (error, statuses, place) = sweep_with(3, Unreachable(&["exec-2"])).await;
     assert!(error.chain_message().contains("throttled, and again"), "{}", error.chain_message());
-    let status = |agent: &'static str| {
-        let store = f.store.clone();
-        async move { store.reservations(agent).await.unwrap()[0].status }
-    };
-    assert_eq!(status("swept-1").await, ReservationStatus::Released);
-    assert_eq!(status("swept-2").await, ReservationStatus::Reserved, "left counted: nothing is known of it");
-    assert_eq!(status("swept-3").await, ReservationStatus::Released, "the agent after the failure was reconciled");
-    assert_eq!(f.store.sweep_cursor().await.unwrap().as_deref(), Some("swept-3"));
+    assert_eq!(statuses, [Released, Reserved, Released], "the second left counted, the third reconciled");
+    assert_eq!(place.as_deref(), Some("swept-3"));
+}
+
+/// Failures in a row say something outside the agents is down: after three the sweep stops,
+/// its place kept before them, so the agents it did not reach come first next time.
+#[tokio::test]
+async fn a_sweep_stops_after_three_agents_fail_in_a_row_and_keeps_its_place() {
+    use ReservationStatus::{Released, Reserved};
+    let (error, statuses, place) = sweep_with(6, Unreachable(&["exec-2", "exec-3", "exec-4"])).await;
+    assert!(error.chain_message().contains("throttled, and again"), "{}", error.chain_message());
+    assert_eq!(statuses, [Released, Reserved, Reserved, Reserved, Reserved, Reserved], "stopped at the third failure");
+    assert_eq!(place.as_deref(), Some("swept-1"), "the next sweep starts with the first that failed");
+    // Two in a row are gone past.
+    let (_, statuses, place) = sweep_with(4, Unreachable(&["exec-2", "exec-3"])).await;
+    assert_eq!(statuses, [Released, Reserved, Reserved, Released]);
+    assert_eq!(place.as_deref(), Some("swept-4"));
 }

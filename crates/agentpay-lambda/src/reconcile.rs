@@ -27,6 +27,11 @@ const MAX_FRESH_RUNS: u32 = 100;
 /// so every agent is reconciled once every ⌈agents / this⌉ sweeps.
 pub const MAX_AGENTS_PER_SWEEP: usize = 1000;
 
+/// Agents in a row a sweep may fail to reconcile before it stops: one broken agent is gone
+/// past, but a run of failures says something outside them is down (Step Functions, the
+/// chain), and the sweep keeps its place before them rather than skip a page for a cycle.
+pub const MAX_FAILURES_IN_A_ROW: usize = 3;
+
 pub struct SfnExecutions {
     sfn: aws_sdk_sfn::Client,
 }
@@ -121,7 +126,8 @@ impl ReconcileFunction {
     /// One sweep: per agent, what changed, what was asked again and what looks wrong, counted
     /// in the logs and metrics (never a proof) and returned whole. An agent that cannot be
     /// reconciled does not hold up the others: the sweep goes on past it, then fails with its
-    /// error (the function's errors alarm), so one broken agent never starves the rest.
+    /// error (the function's errors alarm), so one broken agent never starves the rest. After
+    /// `MAX_FAILURES_IN_A_ROW` failures in a row it stops, its place kept before them.
     pub async fn sweep(&self, request: &ReconcileRequest) -> Result<Value, PaymentError> {
         let (went_on_after, agents) = match &request.agent_id {
             Some(agent) => (None, vec![agent.to_string()]),
@@ -129,6 +135,9 @@ impl ReconcileFunction {
         };
         let mut reports: Vec<AgentReconciliation> = Vec::new();
         let mut failed: Vec<PaymentError> = Vec::new();
+        // Where the next sweep goes on after: the last agent reconciled, or gone past.
+        let mut place: Option<&String> = None;
+        let (mut in_a_row, mut before_the_run) = (0, None);
         for agent in &agents {
             let reconciled = self
                 .reconciler
@@ -141,11 +150,22 @@ impl ReconcileFunction {
             let report = match reconciled {
                 Ok(report) => report,
                 Err(error) => {
-                    tracing::error!(agent = agent.as_str(), error = %error, "could not reconcile the agent; going on with the next");
+                    tracing::error!(agent = agent.as_str(), error = %error, "could not reconcile the agent");
                     failed.push(error);
+                    if in_a_row == 0 {
+                        before_the_run = place;
+                    }
+                    in_a_row += 1;
+                    place = Some(agent);
+                    if in_a_row == MAX_FAILURES_IN_A_ROW {
+                        tracing::error!(failures = in_a_row, "stopping the sweep: too many agents failed in a row");
+                        place = before_the_run;
+                        break;
+                    }
                     continue;
                 }
             };
+            (in_a_row, place) = (0, Some(agent));
             tracing::info!(
                 agent = agent.as_str(),
                 changed = report.changes.len(),
@@ -160,14 +180,14 @@ impl ReconcileFunction {
             reports.push(report);
         }
         // Only a sweep over every agent moves on; a dry run changes nothing.
-        if let (None, false, Some(last)) = (&request.agent_id, request.dry_run, agents.last()) {
-            self.store.set_sweep_cursor(last).await?;
+        if let (None, false, Some(place)) = (&request.agent_id, request.dry_run, place) {
+            self.store.set_sweep_cursor(place).await?;
         }
         tracing::info!(
             went_on_after = went_on_after.as_deref().unwrap_or(""),
             agents = agents.len(),
             failed = failed.len(),
-            last = agents.last().map_or("", String::as_str),
+            place = place.map_or("", String::as_str),
             "swept"
         );
         // The first failure, as it was (its type names the Lambda error); each is logged with
