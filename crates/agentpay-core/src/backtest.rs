@@ -301,7 +301,7 @@ impl Simulation {
         });
         // As CheckSpend: a deviation flag is counted before the decision (unless the agent is
         // paused), and a trip denies it.
-        let counted = match ledger.policy.as_ref().is_some_and(|p| p.paused) {
+        let counted = match ledger.paused() {
             true => None,
             false => self.count_deviation_flag(draft, deviation.is_some(), request),
         };

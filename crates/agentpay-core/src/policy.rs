@@ -166,6 +166,14 @@ pub struct AgentLedger {
     pub window: SpendWindow,
 }
 
+impl AgentLedger {
+    /// The kill switch is on: every payment is denied (`decide`), and nothing is counted
+    /// toward a trip.
+    pub fn paused(&self) -> bool {
+        self.policy.as_ref().is_some_and(|p| p.paused)
+    }
+}
+
 /// Limits and spend at the moment of a reservation, kept for the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

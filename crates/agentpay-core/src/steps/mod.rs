@@ -515,8 +515,7 @@ impl Steps {
         // history a moment old is still decided on the agent's habits.
         let deviation = self.deviation(agent, &ledger, payment, request.context.category.as_deref()).await?;
         // A paused agent is denied below; counting its flags would trip (and alarm) again.
-        let paused = ledger.policy.as_ref().is_some_and(|p| p.paused);
-        let tripped = match paused {
+        let tripped = match ledger.paused() {
             true => None,
             false => self.deviation_trip(agent, &ledger, deviation.as_ref(), reservation_id).await?,
         };
